@@ -1,0 +1,271 @@
+"""One forward pass per batch, every requested hook written to the store as it goes.
+
+Batches are written by a background worker while the next batch runs through the model; a batch
+is marked done in the manifest only after all its arrays are written, so a rerun of the same
+command resumes where a crash left off.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from headstore.extract.data import DataRequest, TokenDataset, build_dataset
+from headstore.extract.models import PROCESSING, LoadedModel, load_model
+from headstore.extract.weights import collect_weights, effective_embedding, vocab_strings, weights_sha256
+from headstore.store_schema import (
+    FIELDS,
+    HeadstoreError,
+    Provenance,
+    StoreWriter,
+    create_store,
+    done_mask,
+    parse_fields,
+    read_provenance,
+)
+from headstore.store_schema.io import store_sizes
+from headstore.store_schema.layout import SCHEMA_VERSION, STORAGE_DTYPES
+
+
+@dataclass(frozen=True)
+class ExtractRequest:
+    model: str
+    data: str
+    out: str
+    fields: str = "default"
+    layers: str = "all"
+    seq_len: int | None = None
+    batch_size: int = 8
+    n_seq: int | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    seed: int = 0
+    prepend_bos: bool = True
+    shard: str = "0/1"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    path: str
+    n_sequences: int
+    written: int
+    skipped: int
+    seconds: float
+
+
+def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
+    """``all`` | ``0,3,5`` | ``2-5``."""
+    if spec in ("all", ""):
+        return tuple(range(n_layers))
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out.update(range(int(a), int(b) + 1))
+            else:
+                out.add(int(part))
+    except ValueError as e:
+        raise HeadstoreError(f"--layers {spec!r} is not 'all', a list like 0,3,5 or a range like 2-5") from e
+    bad = sorted(x for x in out if not 0 <= x < n_layers)
+    if bad:
+        raise HeadstoreError(f"--layers names {bad} but the model has layers 0..{n_layers - 1}")
+    return tuple(sorted(out))
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError as e:
+        raise HeadstoreError(f"--shard {spec!r} must look like i/N (e.g. 0/2)") from e
+    if n < 1 or not 0 <= i < n:
+        raise HeadstoreError(f"--shard {spec!r} needs 0 <= i < N")
+    return i, n
+
+
+def hook_names(fields: Sequence[str], layers: Sequence[int], n_layers: int, rotary: bool) -> dict[str, list[str]]:
+    """Field -> the hook names to read (one per layer for per-layer fields)."""
+    out: dict[str, list[str]] = {}
+    for name in fields:
+        hook = FIELDS[name].hook
+        if not hook:
+            continue
+        hook = hook.replace("{rot_}", "rot_" if rotary else "").replace("{last}", str(n_layers - 1))
+        out[name] = [hook.replace("{L}", str(L)) for L in layers] if "{L}" in hook else [hook]
+    return out
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("headstore", "torch", "transformer-lens", "transformers", "zarr", "numcodecs", "xarray", "numpy"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "?"
+    return out
+
+
+def _tokenizer_info(tok: Any) -> dict[str, Any]:
+    vocab = tok.get_vocab()
+    h = hashlib.sha256("\n".join(f"{k}\t{v}" for k, v in sorted(vocab.items(), key=lambda kv: kv[1])).encode())
+    return {
+        "name": str(getattr(tok, "name_or_path", "")).split("/")[-1],
+        "bos_token_id": tok.bos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "vocab_size": len(tok),
+        "vocab_sha256": h.hexdigest(),
+    }
+
+
+def _check_out(out: Path) -> Provenance | None:
+    """The existing store's provenance, None if nothing is there; refuse anything else."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise HeadstoreError(f"--out {out} is a file, not a store: choose a new path")
+    if not any(out.iterdir()):
+        raise HeadstoreError(f"--out {out} is an empty folder: remove it or choose a new path")
+    if not (out / "zarr.json").exists():
+        raise HeadstoreError(f"--out {out} is a folder that is not a Zarr v3 store: choose a new path")
+    return read_provenance(out)
+
+
+def extract(req: ExtractRequest) -> ExtractResult:
+    """Run ``req.model`` over ``req.data`` once and fill (or resume) the store at ``req.out``."""
+    import time
+
+    fields = parse_fields(req.fields)
+    if req.dtype not in STORAGE_DTYPES:
+        raise HeadstoreError(f"--dtype {req.dtype!r}: choose float32 or float16")
+    if req.batch_size <= 0:
+        raise HeadstoreError(f"--batch-size must be positive, got {req.batch_size}")
+    shard_i, shard_n = parse_shard(req.shard)
+    out = Path(req.out)
+    existing = _check_out(out)
+    model = load_model(req.model, req.device)
+    cfg = model.config_dict()
+    layers = parse_layers(req.layers, cfg["n_layers"])
+    data_req = DataRequest(req.data, req.n_seq, req.seq_len, req.seed, req.prepend_bos)
+    ds = build_dataset(data_req, model.tokenizer, cfg["n_ctx"])
+    seq_len = int(ds.tokens.shape[1])
+    weights = collect_weights(model, layers, seq_len)
+    prov = Provenance(
+        schema_version=SCHEMA_VERSION,
+        model={
+            "name": req.model,
+            "source": model.source,
+            "config": cfg,
+            "processing": dict(PROCESSING),
+            "weights_sha256": weights_sha256(weights),
+        },
+        tokenizer=_tokenizer_info(model.tokenizer),
+        dataset=ds.describe(),
+        prepend_bos=req.prepend_bos,
+        seq_len=seq_len,
+        storage_dtype=req.dtype,
+        fields=fields,
+        layers=layers,
+        batch_size=req.batch_size,
+        versions=_versions(),
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    )
+    if existing is not None:
+        existing.check_same_run(prov)
+    else:
+        _create(out, prov, ds, model, weights)
+    return _fill(out, model, ds, prov, shard_i, shard_n, req.progress, time.perf_counter())
+
+
+def _create(out: Path, prov: Provenance, ds: TokenDataset, model: LoadedModel, weights: dict[str, np.ndarray]) -> None:
+    weights = dict(weights)
+    if 0 in prov.layers:
+        weights["W_EE"] = effective_embedding(model)
+    weights["vocab"] = vocab_strings(model.tokenizer, prov.config["d_vocab"])
+    sizes = store_sizes(prov.config, prov, ds.tokens.shape[0])
+    try:
+        create_store(out, prov, sizes, ds.tokens, ds.columns, weights)
+    except HeadstoreError:
+        # Another shard process created it first: resume into it if it is the same run.
+        if not out.exists():
+            raise
+        read_provenance(out).check_same_run(prov)
+
+
+def _fill(
+    out: Path, model: LoadedModel, ds: TokenDataset, prov: Provenance, shard_i: int, shard_n: int, progress: bool, t0: float
+) -> ExtractResult:
+    import time
+
+    n = ds.tokens.shape[0]
+    bs = prov.batch_size
+    starts = list(range(0, n, bs))
+    per = -(-len(starts) // shard_n)
+    mine = starts[shard_i * per : (shard_i + 1) * per]
+    done = done_mask(out)
+    todo = [s for s in mine if not done[s : s + bs].all()]
+    hooks = hook_names(prov.fields, prov.layers, prov.config["n_layers"], model.rotary)
+    writer = StoreWriter(out)
+    bar = tqdm(
+        total=sum(min(bs, n - s) * prov.seq_len for s in todo),
+        unit="tok",
+        unit_scale=True,
+        desc=f"extract {out.name}",
+        disable=not progress,
+    )
+    pending: Future[None] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="headstore-writer") as pool:
+        for start in todo:
+            toks = ds.tokens[start : start + bs]
+            arrays = run_batch(model, toks, prov, hooks)
+            if pending is not None:
+                pending.result()  # at most one batch in flight: memory bounded by two batches
+            pending = pool.submit(writer.write_batch, start, arrays)
+            bar.update(toks.size)
+        if pending is not None:
+            pending.result()
+    bar.close()
+    return ExtractResult(str(out), n, len(todo), len(mine) - len(todo), time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def run_batch(model: LoadedModel, toks: np.ndarray, prov: Provenance, hooks: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """One forward pass; returns field -> numpy array in storage layout (host memory)."""
+    bridge = model.bridge
+    x = torch.as_tensor(toks, dtype=torch.long, device=bridge.cfg.device)
+    names = sorted({h for hs in hooks.values() for h in hs})
+    logits, cache = bridge.run_with_cache(x, names_filter=names)
+    arrays: dict[str, np.ndarray] = {}
+    for name, hs in hooks.items():
+        dims = FIELDS[name].dims
+        if name == "pattern":  # (batch, head, q, k) per layer
+            t = torch.stack([cache[h] for h in hs], dim=1)
+        elif FIELDS[name].per_layer:
+            t = torch.stack([cache[h] for h in hs], dim=1)
+            if name.endswith("_scale"):
+                t = t[..., 0]
+        else:
+            t = cache[hs[0]]
+            if name.endswith("_scale"):
+                t = t[..., 0]
+        want = FIELDS[name].dtype
+        dtype = torch.float16 if (want == "storage" and prov.storage_dtype == "float16") else torch.float32
+        arrays[name] = t.to(dtype).cpu().numpy()
+        assert arrays[name].ndim == len(dims), (name, arrays[name].shape, dims)
+    if "loss" in prov.fields:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        nll = -logp[:, :-1].gather(-1, x[:, 1:, None])[..., 0]
+        loss = torch.full(x.shape, float("nan"))
+        loss[:, :-1] = nll.cpu()
+        arrays["loss"] = loss.numpy()
+    return arrays

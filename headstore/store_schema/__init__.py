@@ -1,0 +1,33 @@
+"""The contract between extract and analyze: layout, dims, dtypes, provenance, validation."""
+
+from headstore.store_schema.errors import HeadstoreError
+from headstore.store_schema.io import (
+    StoreWriter,
+    ValidationReport,
+    create_store,
+    done_mask,
+    open_store,
+    provenance,
+    read_provenance,
+    validate,
+)
+from headstore.store_schema.layout import DEFAULT_FIELDS, FIELDS, SCHEMA_VERSION, WEIGHTS, parse_fields
+from headstore.store_schema.provenance import Provenance
+
+__all__ = [
+    "DEFAULT_FIELDS",
+    "FIELDS",
+    "SCHEMA_VERSION",
+    "WEIGHTS",
+    "HeadstoreError",
+    "Provenance",
+    "StoreWriter",
+    "ValidationReport",
+    "create_store",
+    "done_mask",
+    "open_store",
+    "parse_fields",
+    "provenance",
+    "read_provenance",
+    "validate",
+]

