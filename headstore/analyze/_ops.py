@@ -1,0 +1,64 @@
+"""Building blocks shared by analyzers: named-dim ops on a store's Dataset. No torch, no model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import xarray as xr
+
+from headstore.store_schema import HeadstoreError, provenance
+from headstore.store_schema.layout import FIELDS
+
+# The extract option that stores each variable (for error messages).
+EXTRACT_OPTION = {name: f"--fields default,{name}" for name in FIELDS}
+
+
+def require(ds: xr.Dataset, names: Iterable[str], analyzer: str) -> None:
+    """Refuse, naming the ``extract`` option that stores what is missing."""
+    missing = [n for n in names if n not in ds]
+    if missing:
+        hint = "; ".join(f"{n}: extract with {EXTRACT_OPTION.get(n, 'a newer headstore')}" for n in missing)
+        raise HeadstoreError(f"{analyzer} needs {', '.join(missing)}, which this store lacks ({hint})")
+
+
+def f32(da: xr.DataArray) -> xr.DataArray:
+    """Upcast before any contraction (float16 matmul on CPU is ~300x slower)."""
+    return da if da.dtype == np.float32 else da.astype(np.float32)
+
+
+def kv_index(ds: xr.Dataset) -> xr.DataArray:
+    """(head,) -> kv head read by each query head: ``h // (n_heads // n_kv_heads)``."""
+    cfg = provenance(ds).config
+    group = int(cfg["n_heads"]) // int(cfg["n_key_value_heads"])
+    return xr.DataArray(np.arange(int(cfg["n_heads"])) // group, dims="head")
+
+
+def per_head(da: xr.DataArray, ds: xr.Dataset) -> xr.DataArray:
+    """Map a ``kv_head`` array (v, k, W_V, W_K, b_V, b_K) onto query heads (dim ``head``)."""
+    return da.isel(kv_head=kv_index(ds))
+
+
+def normalize_final(resid: xr.DataArray, scale: xr.DataArray, ds: xr.Dataset) -> xr.DataArray:
+    """ln_final with folded weights: ``(resid - mean_d_model(resid)) / scale`` (LN) or ``resid / scale`` (RMS)."""
+    resid = f32(resid)
+    if provenance(ds).config["normalization_type"] == "LN":
+        resid = resid - resid.mean("d_model")
+    return resid / scale
+
+
+def logits(ds: xr.Dataset, resid: xr.DataArray | None = None) -> xr.DataArray:
+    """``logits[..., d_vocab] = normalize(resid_final) @ W_U + b_U`` with ln_final_scale frozen."""
+    resid = ds["resid_final"] if resid is None else resid
+    return xr.dot(normalize_final(resid, ds["ln_final_scale"], ds), f32(ds["W_U"]), dim="d_model") + ds["b_U"]
+
+
+def next_tokens(ds: xr.Dataset) -> xr.DataArray:
+    """(batch, pos) token at pos+1; -1 at the last position."""
+    nxt = ds["tokens"].shift(pos=-1, fill_value=-1)
+    return nxt.astype(np.int64)
+
+
+def bos_id(ds: xr.Dataset) -> int | None:
+    tid = provenance(ds).tokenizer.get("bos_token_id")
+    return None if tid is None else int(tid)

@@ -1,0 +1,69 @@
+"""Figures for analyzer outputs: a static PNG (matplotlib) and an interactive HTML (plotly) each."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import plotly.graph_objects as go
+import xarray as xr
+from plotly.subplots import make_subplots
+
+
+def save_html(fig: go.Figure, path: Path) -> Path:
+    """Self-contained HTML (plotly.js inlined: opens offline)."""
+    fig.write_html(path, include_plotlyjs=True, full_html=True)
+    return path
+
+
+def layer_head_heatmaps(
+    panels: Sequence[xr.DataArray], titles: Sequence[str], title: str, stem: Path, symmetric: bool = True
+) -> list[Path]:
+    """One (layer, head) heatmap per panel, side by side, as ``stem.png`` and ``stem.html``."""
+    mats = [p.transpose("layer", "head").values.astype(float) for p in panels]
+    layers = panels[0]["layer"].values if "layer" in panels[0].coords else np.arange(mats[0].shape[0])
+    vmax = max(float(np.nanmax(np.abs(m))) for m in mats) or 1.0
+    vmin = -vmax if symmetric else min(float(np.nanmin(m)) for m in mats)
+    fig, axes = plt.subplots(1, len(mats), figsize=(4.5 * len(mats) + 1, 4.5), squeeze=False)
+    for ax, m, t in zip(axes[0], mats, titles, strict=True):
+        im = ax.imshow(m, cmap="RdBu", vmin=vmin, vmax=vmax, aspect="auto")
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=6)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    png = stem.with_suffix(".png")
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    pfig = make_subplots(rows=1, cols=len(mats), subplot_titles=list(titles))
+    for i, m in enumerate(mats):
+        pfig.add_trace(
+            go.Heatmap(
+                z=m, y=[str(x) for x in layers], colorscale="RdBu", zmin=vmin, zmax=vmax,
+                showscale=i == 0, texttemplate="%{z:.2f}" if m.size <= 400 else None,
+            ),
+            row=1, col=i + 1,
+        )  # fmt: skip
+        pfig.update_xaxes(title_text="head", row=1, col=i + 1)
+        pfig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=i + 1)
+    pfig.update_layout(title=title, height=550, width=450 * len(mats) + 100)
+    return [png, save_html(pfig, stem.with_suffix(".html"))]
+
+
+def head_table(score: xr.DataArray, name: str, ascending: bool = True) -> pd.DataFrame:  # noqa: F821
+    """(layer, head) scores -> rows ``layer, head, name`` sorted (most extreme first)."""
+    import pandas as pd
+
+    s = score.transpose("layer", "head")
+    rows = [
+        {"layer": int(L), "head": int(h), name: float(s.sel(layer=L).isel(head=h))}
+        for L in s["layer"].values
+        for h in range(s.sizes["head"])
+    ]
+    return pd.DataFrame(rows).sort_values(name, ascending=ascending, kind="stable").reset_index(drop=True)

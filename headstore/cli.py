@@ -1,0 +1,206 @@
+"""``headstore`` command line: a thin layer over extract, open_store/validate and the analyzers."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from headstore.store_schema import HeadstoreError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Precomputed activation store for attention heads.")
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(e: BaseException) -> typer.Exit:
+    err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def extract(
+    model: Annotated[str, typer.Option(help="smollm2-135m, tiny-gpt2, tiny-llama, a HF id or a model folder")],
+    data: Annotated[str, typer.Option(help="ioi, ioi-abc, text[:PATHS], code-ifelse[:PATHS], tokens:FILE.npy")],
+    out: Annotated[Path, typer.Option(help="store folder to create (or resume)")],
+    fields: Annotated[str, typer.Option(help="comma list: default, all, or field names (q, k, result, resid_pre...)")] = "default",
+    layers: Annotated[str, typer.Option(help="all, 0,3,5 or 2-5")] = "all",
+    seq_len: Annotated[int | None, typer.Option(help="tokens per sequence (default: per dataset)")] = None,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass (= chunk along batch)")] = 8,
+    n_seq: Annotated[int | None, typer.Option(help="number of sequences")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1")] = "auto",
+    dtype: Annotated[str, typer.Option(help="storage dtype of activations: float32 or float16")] = "float32",
+    seed: Annotated[int, typer.Option(help="seed of generated datasets")] = 0,
+    prepend_bos: Annotated[bool, typer.Option(help="prepend BOS to each sequence")] = True,
+    shard: Annotated[str, typer.Option(help="i/N: fill the i-th of N disjoint batch ranges")] = "0/1",
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Run the model once over the data and write every per-head field into a Zarr store."""
+    try:
+        from headstore.extract import ExtractRequest
+        from headstore.extract import extract as run_extract
+
+        res = run_extract(
+            ExtractRequest(
+                model=model, data=data, out=str(out), fields=fields, layers=layers, seq_len=seq_len,
+                batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, seed=seed,
+                prepend_bos=prepend_bos, shard=shard, progress=progress,
+            )
+        )  # fmt: skip
+    except HeadstoreError as e:
+        raise _fail(e) from None
+    console.print(
+        f"{res.path}: {res.n_sequences} sequences; wrote {res.written} batches, "
+        f"{res.skipped} already done, {res.seconds:.1f} s"
+    )
+
+
+@app.command()
+def info(store: str, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Schema, model, dataset, fields, sizes on disk, bytes per token, completeness."""
+    try:
+        from headstore.store_schema.info import store_info
+
+        data = store_info(store)
+    except HeadstoreError as e:
+        raise _fail(e) from None
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    prov = data["provenance"]
+    console.print(f"[bold]{store}[/bold]  schema v{prov['schema_version']}")
+    m = prov["model"]
+    console.print(f"model      {m['name']}  ({m['config'].get('architecture', '')}, processing {m['processing']})")
+    console.print(f"weights    sha256 {m['weights_sha256'][:16]}...")
+    console.print(f"tokenizer  {prov['tokenizer']['name']}  vocab {prov['tokenizer']['vocab_size']}")
+    d = prov["dataset"]
+    console.print(f"dataset    {d['kind']} ({d['spec']})  {d['n_sequences']} sequences x {prov['seq_len']} tokens")
+    console.print(f"layers     {prov['layers']}  dtype {prov['storage_dtype']}  batch {prov['batch_size']}")
+    console.print(f"complete   {data['n_complete']}/{data['n_sequences']} sequences; done ranges {data['done_ranges']}")
+    t = Table("array", "MB on disk", "bytes/token")
+    for name, (nbytes, per_tok) in data["sizes"].items():
+        t.add_row(name, f"{nbytes / 1e6:.2f}", f"{per_tok:.1f}")
+    console.print(t)
+    console.print(f"total {data['total_bytes'] / 1e6:.2f} MB, {data['bytes_per_token']:.0f} bytes/token")
+
+
+@app.command()
+def validate(store: str) -> None:
+    """Check schema, shapes, dtypes, completeness and every chunk's checksum."""
+    try:
+        from headstore.store_schema import validate as run_validate
+
+        rep = run_validate(store)
+    except HeadstoreError as e:
+        raise _fail(e) from None
+    for p in rep.problems:
+        err.print(f"[red]problem:[/red] {p}", highlight=False)
+    console.print(f"{store}: {rep.n_complete}/{rep.n_sequences} sequences complete, {len(rep.problems)} problems")
+    if not rep.ok:
+        raise typer.Exit(code=1)
+
+
+def _coerce(value: str, annotation: Any, name: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        if value.lower() == "none":
+            return None
+        for a in args:
+            try:
+                return _coerce(value, a, name)
+            except HeadstoreError:
+                continue
+        raise HeadstoreError(f"--param {name}={value!r} fits none of {annotation}")
+    try:
+        if annotation is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if annotation is int:
+            return int(value)
+        if annotation is float:
+            return float(value)
+        if origin is typing.Literal:
+            if value not in typing.get_args(annotation):
+                raise ValueError(value)
+            return value
+    except ValueError:
+        raise HeadstoreError(f"--param {name}={value!r} is not a valid {annotation}") from None
+    return value
+
+
+def parse_params(func: Any, pairs: list[str]) -> dict[str, Any]:
+    """``["top_k=3", "heads=9.9,10.7"]`` -> kwargs, typed by ``func``'s signature."""
+    sig = inspect.signature(func)
+    hints = typing.get_type_hints(func)
+    params = list(sig.parameters)[1:]
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in params or sig.parameters[key].kind is inspect.Parameter.VAR_KEYWORD:
+            raise HeadstoreError(f"--param {pair!r}: expected key=value with key one of {', '.join(params)}")
+        out[key] = _coerce(value, hints.get(key, str), key)
+    return out
+
+
+@app.command()
+def analyze(
+    name: Annotated[str, typer.Argument(help="analyzer name (headstore analyzers lists them)")],
+    stores: Annotated[list[str], typer.Argument(help="store path(s) or URL(s)")],
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("headstore-out"),
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="analyzer option key=value")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="address of a dask.distributed scheduler")] = None,
+    partial: Annotated[bool, typer.Option(help="analyse only the completed part of an incomplete store")] = False,
+    top: Annotated[int, typer.Option(help="rows of the summary to print")] = 10,
+) -> None:
+    """Run one analyzer on a store: writes result.zarr, summary.csv, PNG and HTML plots under OUT/NAME."""
+    try:
+        from headstore.analyze._registry import analyzers
+        from headstore.analyze._run import run_analyzer
+
+        specs = analyzers()
+        if name not in specs:
+            raise HeadstoreError(f"unknown analyzer {name!r}: choose from {', '.join(specs)}")
+        spec = specs[name]
+        kwargs = parse_params(spec.func, param or [])
+        summary, paths = run_analyzer(spec, stores, out, kwargs, scheduler=scheduler, partial=partial)
+    except HeadstoreError as e:
+        raise _fail(e) from None
+    t = Table(*[str(c) for c in summary.columns], title=f"{name}: top {min(top, len(summary))}")
+    for row in summary.head(top).itertuples(index=False):
+        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    console.print(t)
+    for p in paths:
+        console.print(f"wrote {p}")
+
+
+@app.command("analyzers")
+def list_analyzers() -> None:
+    """List the analyzers and what each needs in the store."""
+    from headstore.analyze._registry import analyzers
+
+    t = Table("name", "needs", "about")
+    for spec in analyzers().values():
+        t.add_row(spec.name, ", ".join(spec.requires), spec.doc)
+    console.print(t)
+
+
+def main() -> None:
+    try:
+        app()
+    except HeadstoreError as e:  # pragma: no cover - commands catch their own
+        err.print(f"error: {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
