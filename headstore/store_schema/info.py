@@ -12,7 +12,7 @@ from headstore.store_schema.io import _is_local, array_nbytes_on_disk, done_mask
 def done_ranges(done: np.ndarray) -> list[tuple[int, int]]:
     """Half-open [start, stop) ranges of completed sequences."""
     out, start = [], None
-    for i, d in enumerate(list(done) + [False]):
+    for i, d in enumerate([*done.tolist(), False]):
         if d and start is None:
             start = i
         elif not d and start is not None:
