@@ -1,0 +1,129 @@
+"""Stores read over HTTP (a real http.server) and S3 (moto's standalone server) equal the local copy."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from headstore.store_schema import open_store
+
+
+def analysis(ds: xr.Dataset) -> dict[str, np.ndarray]:
+    """An analyzer's result (copy suppression when it exists) plus a reduction and the recomputed logits."""
+    from headstore.analyze._ops import logits
+
+    out = {
+        "pattern_sum": ds["pattern"].sum(["query_pos", "key_pos"]).values,
+        "logits": logits(ds).values,
+        "result": ds["result"].values,
+    }
+    try:
+        from headstore.analyze.copy_suppression import copy_suppression
+    except ImportError:
+        return out
+    res = copy_suppression(ds).compute()
+    out.update({f"cs_{k}": np.asarray(v.values) for k, v in res.data_vars.items()})
+    return out
+
+
+def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k], equal_nan=True), k
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    requests: ClassVar[list[str]] = []
+
+    def log_message(self, format: str, *args: object) -> None:
+        _QuietHandler.requests.append(f"{self.command} {self.path}")
+
+
+@pytest.fixture(scope="module")
+def tiny_store(make_store: Callable[..., Path]) -> Path:
+    return make_store("tiny-gpt2", "ioi")
+
+
+@pytest.fixture()
+def http_root(tiny_store: Path, tmp_path: Path) -> Iterator[str]:
+    shutil.copytree(tiny_store, tmp_path / "store.zarr")
+    handler = functools.partial(_QuietHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_http_store_equals_local(tiny_store: Path, http_root: str) -> None:
+    _QuietHandler.requests.clear()
+    remote = open_store(f"{http_root}/store.zarr")
+    local = open_store(tiny_store)
+    assert set(remote.data_vars) == set(local.data_vars)
+    assert remote.attrs == local.attrs
+    assert_same(analysis(remote), analysis(local))
+    # Consolidated metadata: a plain HTTP server cannot list folders, and nothing needed to.
+    assert _QuietHandler.requests
+    assert all(r.startswith(("GET", "HEAD")) for r in _QuietHandler.requests)
+
+
+def test_http_missing_store_is_a_clear_error(http_root: str) -> None:
+    from headstore.store_schema import HeadstoreError
+
+    with pytest.raises(HeadstoreError):
+        open_store(f"{http_root}/nothing.zarr")
+
+
+@pytest.fixture()
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    moto_server = pytest.importorskip("moto.server")
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_SESSION_TOKEN": "x",
+    }.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def test_s3_store_equals_local(tiny_store: Path, s3_endpoint: str) -> None:
+    import s3fs
+
+    opts = {"endpoint_url": s3_endpoint, "key": "x", "secret": "x"}
+    fs = s3fs.S3FileSystem(**opts)
+    fs.mkdir("headstore-test")
+    fs.put(str(tiny_store), "headstore-test/store.zarr", recursive=True)
+    n_local = sum(len(files) for _, _, files in os.walk(tiny_store))
+    assert len(fs.find("headstore-test/store.zarr")) == n_local
+    remote = open_store("s3://headstore-test/store.zarr", storage_options=opts)
+    local = open_store(tiny_store)
+    assert remote.attrs == local.attrs
+    assert_same(analysis(remote), analysis(local))
