@@ -183,6 +183,24 @@ def analyze(
         console.print(f"wrote {p}")
 
 
+@app.command("run")
+def run_main(
+    out: Annotated[Path, typer.Option(help="output folder for stores, analyses and reports")] = Path("headstore-out"),
+    model: Annotated[str, typer.Option(help="model to run")] = "smollm2-135m",
+    n_ioi: Annotated[int, typer.Option(help="IOI prompts (and as many ABC twins)")] = 16,
+    n_text: Annotated[int, typer.Option(help="text windows")] = 16,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
+) -> None:
+    """The main job: extract IOI, ABC and text stores, run every applicable analyzer, write reports."""
+    try:
+        from headstore.pipeline import MainJob, run_main_job
+
+        run_main_job(MainJob(out=out, model=model, n_ioi=n_ioi, n_text=n_text, device=device))
+    except HeadstoreError as e:
+        raise _fail(e) from None
+    console.print(f"done: everything is under {out}/")
+
+
 @app.command("analyzers")
 def list_analyzers() -> None:
     """List the analyzers and what each needs in the store."""
