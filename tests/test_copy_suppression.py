@@ -1,0 +1,188 @@
+"""copy-suppression against the seed's online method: hooks on the live bridge, one head at a time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from headstore import open_store
+from headstore.analyze._registry import analyzers
+from headstore.analyze.copy_suppression import SPEC, copy_suppression
+
+MODELS = ("tiny-gpt2", "tiny-llama")
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    assert got.shape == want.shape
+    assert np.isfinite(want).all() and np.isfinite(got).all()
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+# --- the seed's hook functions (000, Part 1), with return_new_loss=False -------------------------
+
+
+def hook_fn_cache_v(v: Any, hook: Any, ctx: dict[str, Any], kv_idx: int) -> None:
+    ctx["v"] = v[:, :, kv_idx]
+
+
+def hook_fn_cache_attn(pattern: Any, hook: Any, ctx: dict[str, Any], head_idx: int) -> None:
+    ctx["pattern"] = pattern[:, head_idx]
+
+
+def hook_fn_at_result(
+    result: Any, hook: Any, ctx: dict[str, Any], toks: Any, model: Any, layer: int, head_idx: int, only_neg: bool
+) -> None:
+    import einops
+
+    v = ctx.pop("v")
+    unembeddings = model.W_U.T[toks]
+    result_pre_attn = einops.einsum(
+        v, model.W_O[layer, head_idx], "batch seqK d_head, d_head d_model -> batch seqK d_model"
+    )
+    coeffs = einops.einsum(result_pre_attn, unembeddings, "batch seqK d_model, batch seqK d_model -> batch seqK")
+    if only_neg:
+        coeffs = coeffs * (coeffs < 0).float()
+    ctx["unembedding_coeffs"] = coeffs
+
+
+def hook_fn_at_scale(ln_scale: Any, hook: Any, ctx: dict[str, Any], toks: Any, bos: int) -> None:
+    import einops
+
+    coeffs = ctx.pop("unembedding_coeffs")
+    pattern = ctx.pop("pattern")
+    is_not_bos_2d = (toks != bos).float()
+    mask = einops.einsum(is_not_bos_2d, is_not_bos_2d, "batch seqQ, batch seqK -> batch seqQ seqK")
+    non_bos_attn = pattern * mask
+    non_bos_attn_per_src = einops.reduce(non_bos_attn, "batch seqQ seqK -> batch seqK", "sum")
+    per_src_and_dest = einops.einsum(coeffs, non_bos_attn, "batch seqK, batch seqQ seqK -> batch seqQ seqK") / ln_scale
+    per_src = einops.reduce(per_src_and_dest, "batch seqQ seqK -> batch seqK", "sum")
+    per_seq = einops.einsum(
+        per_src, non_bos_attn_per_src, "batch seqK, batch seqK -> batch"
+    ) / non_bos_attn_per_src.sum(dim=-1)
+    ctx["out"] = {"per_position": per_src, "per_sequence": per_seq}
+
+
+def online_copy_suppression(
+    bridge: Any, toks_np: np.ndarray, layer: int, head_idx: int, only_neg: bool
+) -> dict[str, np.ndarray]:
+    import torch
+
+    toks = torch.tensor(toks_np, dtype=torch.long)
+    cfg = bridge.cfg
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    kv_idx = head_idx // (cfg.n_heads // n_kv)
+    ctx: dict[str, Any] = {}
+    fwd_hooks = [
+        (f"blocks.{layer}.attn.hook_v", partial(hook_fn_cache_v, ctx=ctx, kv_idx=kv_idx)),
+        (f"blocks.{layer}.attn.hook_pattern", partial(hook_fn_cache_attn, ctx=ctx, head_idx=head_idx)),
+        (
+            f"blocks.{layer}.attn.hook_result",
+            partial(
+                hook_fn_at_result, ctx=ctx, toks=toks, model=bridge, layer=layer, head_idx=head_idx, only_neg=only_neg
+            ),
+        ),
+        ("ln_final.hook_scale", partial(hook_fn_at_scale, ctx=ctx, toks=toks, bos=bridge.tokenizer.bos_token_id)),
+    ]
+    with torch.no_grad():
+        bridge.run_with_hooks(toks, return_type="logits", fwd_hooks=fwd_hooks)
+    return {k: t.detach().cpu().numpy().astype(np.float64) for k, t in ctx["out"].items()}
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ioi_store(make_store: Callable[..., Path]) -> Callable[[str], Path]:
+    return lambda model: make_store(model, "ioi", n_seq=8, batch_size=4)
+
+
+@pytest.mark.parametrize("only_negative", [False, True])
+@pytest.mark.parametrize("model", MODELS)
+def test_matches_online_hooks(
+    model: str, only_negative: bool, ioi_store: Callable[[str], Path], live_model: Callable[[str], Any]
+) -> None:
+    ds = open_store(ioi_store(model))
+    toks = ds["tokens"].values
+    bos = ds.attrs["headstore"]["tokenizer"]["bos_token_id"]
+    # the BOS mask is exercised: BOS at 0 and right padding (pad == bos) in some rows
+    assert (toks[:, 0] == bos).all()
+    assert ((toks[:, 1:] == bos).sum(axis=1) > 0).any()
+
+    res = copy_suppression(ds, only_negative=only_negative).compute()
+    assert res["per_position"].dims == ("layer", "head", "batch", "pos")
+    assert res["per_sequence"].dims == ("layer", "head", "batch")
+    assert res["score"].dims == ("layer", "head")
+    bridge = live_model(model).bridge
+    for layer in ds["layer"].values:
+        for h in range(ds.sizes["head"]):
+            want = online_copy_suppression(bridge, toks, int(layer), h, only_negative)
+            got_pos = res["per_position"].sel(layer=layer).isel(head=h).values
+            got_seq = res["per_sequence"].sel(layer=layer).isel(head=h).values
+            assert rel_err(got_pos, want["per_position"]) <= 1e-4, (layer, h)
+            assert rel_err(got_seq, want["per_sequence"]) <= 1e-4, (layer, h)
+            score = float(res["score"].sel(layer=layer).isel(head=h))
+            assert abs(score - want["per_sequence"].mean()) <= 1e-4 * np.abs(want["per_sequence"]).max()
+            # masked positions (BOS / pad sources) carry nothing
+            assert np.all(got_pos[toks == bos] == 0)
+            if only_negative:
+                assert np.all(got_pos <= 0)
+
+
+def test_only_negative_differs_and_is_the_negative_part(ioi_store: Callable[[str], Path]) -> None:
+    ds = open_store(ioi_store("tiny-gpt2"))
+    full = copy_suppression(ds).compute()["per_position"].values
+    neg = copy_suppression(ds, only_negative=True).compute()["per_position"].values
+    # per_position = coef[k] * w[k] with w >= 0, so the negative-only variant is its negative part
+    np.testing.assert_allclose(neg, np.minimum(full, 0), rtol=1e-5, atol=1e-6 * np.abs(full).max())
+    assert (full > 0).any() and (full < 0).any()
+
+
+def test_spec_registered_summary_and_plot(ioi_store: Callable[[str], Path], tmp_path: Path) -> None:
+    assert analyzers()["copy-suppression"] is SPEC
+    ds = open_store(ioi_store("tiny-llama"))
+    res = copy_suppression(ds).compute()
+    table = SPEC.summary(res)
+    assert list(table.columns) == ["layer", "head", "score"]
+    assert len(table) == ds.sizes["layer"] * ds.sizes["head"]
+    assert table["score"].is_monotonic_increasing
+    first = table.iloc[0]
+    assert first["score"] == pytest.approx(float(res["score"].min()))
+    paths = SPEC.plot(res, tmp_path)
+    assert {p.suffix for p in paths} == {".png", ".html"}
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_missing_field_is_refused(ioi_store: Callable[[str], Path]) -> None:
+    from headstore.store_schema import HeadstoreError
+
+    ds = open_store(ioi_store("tiny-gpt2")).drop_vars("v")
+    with pytest.raises(HeadstoreError, match="v"):
+        copy_suppression(ds)
+
+
+def test_does_not_import_torch(ioi_store: Callable[[str], Path]) -> None:
+    path = ioi_store("tiny-gpt2")
+    code = (
+        "import sys, json\n"
+        "import headstore\n"
+        "from headstore.analyze.copy_suppression import copy_suppression\n"
+        f"res = copy_suppression(headstore.open_store({str(path)!r})).compute()\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'score': float(abs(res['score']).sum())}))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
+        env={**__import__("os").environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["torch"] is False
+    assert out["score"] > 0
