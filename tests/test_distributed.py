@@ -30,7 +30,7 @@ def analysis(ds: xr.Dataset) -> xr.Dataset:
                 "pattern_sum": ds["pattern"].sum(["query_pos", "key_pos"]),
                 "result_norm": (ds["result"].astype("float32") ** 2).sum("d_model"),
                 "logit_max": lg.max("d_vocab"),
-                "logit_lse": np.log(np.exp(lg).sum("d_vocab")),
+                "logit_lse": np.log(np.exp(lg).sum("d_vocab")),  # type: ignore[arg-type]
             }
         )
     return copy_suppression(ds)
@@ -40,9 +40,7 @@ def analysis(ds: xr.Dataset) -> xr.Dataset:
 def cluster() -> Iterator[object]:
     from distributed import LocalCluster
 
-    with LocalCluster(
-        processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None, host="127.0.0.1"
-    ) as c:
+    with LocalCluster(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None, host="127.0.0.1") as c:
         yield c
 
 
