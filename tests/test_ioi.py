@@ -1,0 +1,125 @@
+"""ioi / ioi_pair: logit diff and END->IO vs END->S1 attention recomputed from the store equal the live bridge."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from headstore.analyze._registry import analyzers
+from headstore.analyze._run import run_analyzer
+from headstore.analyze.ioi import PAIR_SPEC, ioi, ioi_pair, plot_pair, summary_pair
+from headstore.store_schema import HeadstoreError, open_store
+
+FIELDS = "default,resid_pre,k,q"
+KW: dict[str, Any] = {"fields": FIELDS, "n_seq": 12, "batch_size": 4, "seed": 0}
+
+
+def stores(make_store: Callable[..., Path], model: str) -> tuple[xr.Dataset, xr.Dataset]:
+    return open_store(make_store(model, "ioi", **KW)), open_store(make_store(model, "ioi-abc", **KW))
+
+
+def live_end_logit_diff(bridge: Any, tokens: np.ndarray, end: np.ndarray, io: np.ndarray, s: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        lg = bridge(torch.as_tensor(tokens, dtype=torch.long)).float()
+    rows = torch.arange(len(end))
+    at_end = lg[rows, torch.as_tensor(end)]
+    return (at_end[rows, torch.as_tensor(io)] - at_end[rows, torch.as_tensor(s)]).numpy()
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+def test_ioi_equals_live_model(make_store: Callable[..., Path], live_model: Callable[[str], Any], model: str) -> None:
+    ds, _ = stores(make_store, model)
+    r = ioi(ds).compute()
+    bridge = live_model(model).bridge
+    tokens = ds["tokens"].values
+    end, io_pos, s1_pos = (ds[c].values.astype(int) for c in ("end_pos", "io_pos", "s1_pos"))
+    want_ld = live_end_logit_diff(bridge, tokens, end, ds["io_token"].values, ds["s_token"].values)
+    assert r["logit_diff"].dims == ("batch",)
+    np.testing.assert_allclose(r["logit_diff"].values, want_ld, rtol=1e-4, atol=1e-5)
+    assert float(r["logit_diff_mean"]) == pytest.approx(float(want_ld.mean()), rel=1e-4, abs=1e-5)
+
+    n_layers = int(bridge.cfg.n_layers)
+    names = [f"blocks.{L}.attn.hook_pattern" for L in range(n_layers)]
+    with torch.inference_mode():
+        _, cache = bridge.run_with_cache(torch.as_tensor(tokens, dtype=torch.long), names_filter=names)
+    rows = np.arange(len(end))
+    want = np.stack(
+        [
+            (cache[n][rows, :, end, io_pos] - cache[n][rows, :, end, s1_pos]).numpy()  # (batch, head)
+            for n in names
+        ],
+        axis=1,
+    )  # (batch, layer, head)
+    got = r["attn_diff"].transpose("batch", "layer", "head").values
+    assert np.abs(want).max() > 0  # a real signal, not all zeros
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r["attn_diff_mean"].transpose("layer", "head").values, want.mean(0), atol=1e-6)
+    io_want = np.stack([cache[n][rows, :, end, io_pos].numpy() for n in names], axis=1).mean(0)
+    np.testing.assert_allclose(r["attn_io_mean"].transpose("layer", "head").values, io_want, atol=1e-6)
+
+
+def test_ioi_pair_scores_abc_with_ioi_names(make_store: Callable[..., Path], live_model: Callable[[str], Any]) -> None:
+    a, b = stores(make_store, "tiny-llama")
+    r = ioi_pair(a, b).compute()
+    single = ioi(a).compute()
+    np.testing.assert_array_equal(r["attn_diff_ioi"].values, single["attn_diff"].values)
+    np.testing.assert_array_equal(r["logit_diff_ioi"].values, single["logit_diff"].values)
+    bridge = live_model("tiny-llama").bridge
+    want = live_end_logit_diff(
+        bridge, b["tokens"].values, b["end_pos"].values, a["io_token"].values, a["s_token"].values
+    )
+    np.testing.assert_allclose(r["logit_diff_abc"].values, want, rtol=1e-4, atol=1e-5)
+    # The ABC prompt's tokens at IO/S1 are other names: its own columns differ from the IOI ones.
+    assert not np.array_equal(b["io_token"].values, a["io_token"].values)
+    # ioi(ds, abc) is the pair.
+    xr.testing.assert_equal(ioi(a, b).compute(), r)
+
+
+def test_ioi_summary_sorted_and_plots(make_store: Callable[..., Path], tmp_path: Path) -> None:
+    spec = analyzers()["ioi"]
+    assert spec.n_stores == 1
+    table, paths = run_analyzer(spec, [str(make_store("tiny-gpt2", "ioi", **KW))], tmp_path, {})
+    assert len(table) == 2 * 4
+    col = table["attn_end_io"].to_numpy()
+    assert (np.diff(col) <= 0).all()  # heads sorted by END->IO attention, highest first
+    np.testing.assert_allclose(table["attn_diff"], table["attn_end_io"] - table["attn_end_s1"], atol=1e-6)
+    names = {p.name for p in paths}
+    assert {"result.zarr", "summary.csv", "ioi_attn_diff.png", "ioi_attn_diff.html"} <= names
+    assert all(p.exists() and (p.is_dir() or p.stat().st_size > 0) for p in paths)
+    saved = xr.open_zarr(tmp_path / "ioi" / "result.zarr", zarr_format=3, consolidated=False)
+    assert saved["attn_diff"].dims == ("batch", "layer", "head")
+
+
+def test_ioi_pair_summary_and_plot(make_store: Callable[..., Path], tmp_path: Path) -> None:
+    a, b = stores(make_store, "tiny-gpt2")
+    r = ioi_pair(a, b).compute()
+    assert PAIR_SPEC.n_stores == 2 and PAIR_SPEC.name == "ioi-pair"
+    t = summary_pair(r)
+    assert (np.diff(t["attn_end_io_ioi"].to_numpy()) <= 0).all()
+    assert {"attn_end_io_abc", "attn_diff_ioi", "attn_diff_abc", "logit_diff_abc"} <= set(t.columns)
+    paths = plot_pair(r, tmp_path)
+    assert [p.suffix for p in paths] == [".png", ".html"] and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_ioi_refusals(make_store: Callable[..., Path]) -> None:
+    a, b = stores(make_store, "tiny-gpt2")
+    with pytest.raises(HeadstoreError, match=r"io_pos.*--data ioi"):
+        ioi(a.drop_vars("io_pos"))
+    with pytest.raises(HeadstoreError, match=r"resid_final.*--fields default,resid_final"):
+        ioi(a.drop_vars("resid_final"))
+    with pytest.raises(HeadstoreError, match="ioi-pair analyzer"):
+        ioi(a, "some/path.zarr")  # type: ignore[arg-type]
+    other, _ = stores(make_store, "tiny-llama")
+    with pytest.raises(HeadstoreError, match=r"differ in model\.name"):
+        ioi_pair(a, other)
+    with pytest.raises(HeadstoreError, match="batch size"):
+        ioi_pair(a, b.isel(batch=slice(0, 8)))
+    shifted = b.assign(s1_pos=b["s1_pos"] + 1)
+    with pytest.raises(HeadstoreError, match=r"s1_pos differ.*not aligned"):
+        ioi_pair(a, shifted)
