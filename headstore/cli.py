@@ -212,6 +212,28 @@ def list_analyzers() -> None:
     console.print(t)
 
 
+@app.command()
+def report(
+    stores: Annotated[list[str], typer.Argument(help="one store, or two (e.g. IOI and its ABC twin) for two-store analyzers")],
+    out: Annotated[Path, typer.Option(help="HTML file to write")] = Path("report.html"),
+    sequences: Annotated[str | None, typer.Option(help="sequences in the attention viewer, e.g. 0,1")] = None,
+    heads: Annotated[str | None, typer.Option(help="heads in the attention viewer, LAYER.HEAD list, e.g. 0.1,1.2")] = None,
+    partial: Annotated[bool, typer.Option(help="report on the completed part of an incomplete store")] = False,
+    scheduler: Annotated[str | None, typer.Option(help="address of a dask.distributed scheduler")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """One self-contained HTML page: provenance, every applicable analyzer, attention patterns."""
+    try:
+        from headstore.report import write_report
+
+        path = write_report(
+            stores, out, sequences=sequences, heads=heads, partial=partial, scheduler=scheduler, progress=progress
+        )
+    except HeadstoreError as e:
+        raise _fail(e) from None
+    console.print(f"wrote {path}")
+
+
 def main() -> None:
     try:
         app()
