@@ -1,0 +1,168 @@
+"""Change in loss from projecting each head's output onto the unembedding of its source tokens (seed 000).
+
+Per head ``(L, h)``: ``result_pre_attn[b, k] = v[b, L, k, kv(h)] @ W_O[L, h]`` is projected onto
+``u = W_U[:, tokens[b, k]]`` (``proj = (x.u / |u|^2) u``, kept only where the coefficient is negative
+with ``only_negative``), then moved by the head's pattern: ``result_new[b, q] = sum_k pattern[q, k] proj[k]``.
+With ``result_orig = result[b, L, q, h]`` and ``ln_final_scale`` frozen, the logits of the clean run
+change by
+
+- ``project``: ``((result_new - result_orig) / scale) @ W_U`` (keep only the projection)
+- ``perpendicular``: ``ablation - project = (-result_new / scale) @ W_U`` (keep only the rest)
+- ``ablation``: ``(-result_orig / scale) @ W_U`` (remove the head)
+
+and ``loss`` is the next-token cross-entropy of the changed logits. The vocabulary-sized work is done
+blockwise (one batch chunk x one layer at a time); only per-token losses leave a block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from headstore.analyze._ops import f32, logits, next_tokens, per_head, require
+from headstore.analyze._plots import layer_head_heatmaps
+from headstore.analyze._registry import AnalyzerSpec
+from headstore.analyze.copy_suppression import unembed_columns
+
+REQUIRES = ("tokens", "v", "pattern", "result", "ln_final_scale", "resid_final", "W_O", "W_U", "b_U")
+MODES = ("project", "perpendicular", "ablation")
+TITLES = ("Only keep projection", "Only keep perpendicular component", "Ablate entirely")
+
+
+def _lead(x: np.ndarray, n_core: int, n_loop: int = 2) -> np.ndarray:
+    """Give ``x`` exactly ``n_loop`` leading (loop) axes, adding size-1 ones in front."""
+    missing = n_loop - (x.ndim - n_core)
+    return x.reshape((1,) * missing + x.shape) if missing else x
+
+
+def _token_loss(lg: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+    """``lg`` (..., pos, d_vocab), ``nxt`` (..., pos) with -1 where there is no next token -> (..., pos)."""
+    m = lg.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(lg - m).sum(axis=-1)) + m[..., 0]
+    safe = np.where(nxt < 0, 0, nxt)
+    picked = np.take_along_axis(lg, safe[..., None], axis=-1)[..., 0]
+    return np.where(nxt < 0, np.nan, lse - picked).astype(np.float32)
+
+
+def _block_losses(
+    lg: np.ndarray,
+    nxt: np.ndarray,
+    scale: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    pattern: np.ndarray,
+    result: np.ndarray,
+    w_o: np.ndarray,
+    w_u: np.ndarray,
+    only_negative: bool,
+) -> np.ndarray:
+    """One (batch chunk, layer chunk) block -> losses (batch, layer, mode, head, pos).
+
+    Loop axes are (batch, layer); inputs without ``layer`` carry a size-1 axis there.
+    """
+    lg, nxt, scale = _lead(lg, 2)[:, 0], _lead(nxt, 1)[:, 0], _lead(scale, 1)[:, 0]
+    u = _lead(u, 2)[:, 0]  # batch, pos, d_model
+    v, pattern, result = _lead(v, 3), _lead(pattern, 3), _lead(result, 3)
+    w_o = _lead(w_o, 3)[0]  # layer, head, d_head, d_model
+    w_u = w_u.reshape(w_u.shape[-2:])
+    n_batch, n_layer, n_head, n_pos = v.shape[0], v.shape[1], v.shape[2], v.shape[3]
+    out = np.empty((n_batch, n_layer, len(MODES), n_head, n_pos), dtype=np.float32)
+    uu = (u * u).sum(-1)  # batch, pos
+    inv_scale = 1.0 / scale[..., None]
+    for li in range(n_layer):
+        for h in range(n_head):
+            pre = v[:, li, h] @ w_o[li, h]  # batch, key_pos, d_model
+            coeff = (pre * u).sum(-1) / uu
+            if only_negative:
+                coeff = np.where(coeff < 0, coeff, 0.0).astype(np.float32)
+            proj = coeff[..., None] * u
+            new = np.einsum("bqk,bkd->bqd", pattern[:, li, h], proj)
+            orig = result[:, li, h]  # batch, pos, d_model
+            deltas = (new - orig, -new, -orig)
+            for mi, delta in enumerate(deltas):
+                out[:, li, mi, h] = _token_loss(lg + (delta * inv_scale) @ w_u, nxt)
+    return out
+
+
+def projection_loss(ds: xr.Dataset, only_negative: bool = False) -> xr.Dataset:
+    """Per-token loss after keeping only the projection / only the perpendicular part / nothing, per head."""
+    require(ds, REQUIRES, "projection-loss")
+    clean = logits(ds).astype(np.float32)  # batch, pos, d_vocab (lazy, chunked along batch)
+    nxt = next_tokens(ds)
+    scale = ds["ln_final_scale"].astype(np.float32)
+    w_u = f32(ds["W_U"])
+    loss_original = xr.apply_ufunc(
+        _token_loss,
+        clean,
+        nxt,
+        input_core_dims=[["pos", "d_vocab"], ["pos"]],
+        output_core_dims=[["pos"]],
+        dask="parallelized",
+        output_dtypes=[np.float32],
+    )
+    v = per_head(f32(ds["v"]), ds)
+    loss = xr.apply_ufunc(
+        _block_losses,
+        clean,
+        nxt,
+        scale,
+        unembed_columns(ds),
+        v,
+        f32(ds["pattern"]),
+        f32(ds["result"]),
+        f32(ds["W_O"]),
+        w_u,
+        kwargs={"only_negative": only_negative},
+        input_core_dims=[
+            ["pos", "d_vocab"],
+            ["pos"],
+            ["pos"],
+            ["pos", "d_model"],
+            ["head", "pos", "d_head"],
+            ["head", "query_pos", "key_pos"],
+            ["head", "pos", "d_model"],
+            ["head", "d_head", "d_model"],
+            ["d_model", "d_vocab"],
+        ],
+        output_core_dims=[["mode", "head", "pos"]],
+        dask="parallelized",
+        output_dtypes=[np.float32],
+        dask_gufunc_kwargs={"allow_rechunk": True, "output_sizes": {"mode": len(MODES)}},
+    )
+    loss = loss.assign_coords(mode=list(MODES)).transpose("mode", "layer", "head", "batch", "pos")
+    loss_original = loss_original.transpose("batch", "pos")
+    mean_increase = (loss - loss_original).mean(["batch", "pos"])  # skips the last position (NaN)
+    out = xr.Dataset({"loss_original": loss_original, "loss": loss, "mean_increase": mean_increase})
+    out.attrs["only_negative"] = int(only_negative)
+    return out
+
+
+def summary(res: xr.Dataset) -> pd.DataFrame:
+    m = res["mean_increase"].transpose("mode", "layer", "head")
+    rows = [
+        {"layer": int(L), "head": int(h), **{md: float(m.sel(mode=md, layer=L).isel(head=h)) for md in MODES}}
+        for L in m["layer"].values
+        for h in range(m.sizes["head"])
+    ]
+    table = pd.DataFrame(rows, columns=["layer", "head", *MODES])
+    return table.sort_values("ablation", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def plot(res: xr.Dataset, folder: Path) -> list[Path]:
+    m = res["mean_increase"]
+    return layer_head_heatmaps(
+        [m.sel(mode=md) for md in MODES], list(TITLES), "Change in loss from projecting", folder / "projection_loss"
+    )
+
+
+SPEC = AnalyzerSpec(
+    name="projection-loss",
+    func=projection_loss,
+    requires=REQUIRES,
+    summary=summary,
+    plot=plot,
+    doc="Change in loss when each head keeps only its projection onto the source tokens' unembeddings (seed 000).",
+)

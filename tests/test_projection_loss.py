@@ -1,0 +1,204 @@
+"""projection-loss against the seed's online method ('Change in loss', return_new_loss=True)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from headstore import open_store
+from headstore.analyze._registry import analyzers
+from headstore.analyze.projection_loss import MODES, SPEC, projection_loss
+
+MODELS = ("tiny-gpt2", "tiny-llama")
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    assert got.shape == want.shape
+    assert np.isfinite(want).all() and np.isfinite(got).all()
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+# --- the seed's hook functions (000), with return_new_loss=True ----------------------------------
+
+
+def project(x: Any, dir: Any) -> tuple[Any, Any, Any]:
+    """The seed's ``project(x, dir, return_type="both")``: orthogonal projection of x onto dir (per row)."""
+    coeffs = (x * dir).sum(-1) / (dir * dir).sum(-1)
+    proj = coeffs[..., None] * dir
+    return proj, x - proj, coeffs
+
+
+def hook_fn_cache_v(v: Any, hook: Any, ctx: dict[str, Any], kv_idx: int) -> None:
+    ctx["v"] = v[:, :, kv_idx]
+
+
+def hook_fn_cache_attn(pattern: Any, hook: Any, ctx: dict[str, Any], head_idx: int) -> None:
+    ctx["pattern"] = pattern[:, head_idx]
+
+
+def hook_fn_at_result(
+    result: Any, hook: Any, ctx: dict[str, Any], toks: Any, model: Any, layer: int, head_idx: int, only_neg: bool
+) -> None:
+    import einops
+
+    v = ctx.pop("v")
+    unembeddings = model.W_U.T[toks]
+    result_pre_attn = einops.einsum(
+        v, model.W_O[layer, head_idx], "batch seqK d_head, d_head d_model -> batch seqK d_model"
+    )
+    pattern = ctx.pop("pattern")
+    projected, _perp, coeffs = project(result_pre_attn, unembeddings)
+    if only_neg:
+        projected = projected * (coeffs < 0).float()[..., None]
+    ctx["result_orig"] = result[:, :, head_idx]
+    ctx["result_new"] = einops.einsum(projected, pattern, "batch seqK d_model, batch seqQ seqK -> batch seqQ d_model")
+
+
+def hook_fn_at_scale(ln_scale: Any, hook: Any, ctx: dict[str, Any], model: Any) -> None:
+    import einops
+
+    result_orig = ctx.pop("result_orig") / ln_scale
+    result_new = ctx.pop("result_new") / ln_scale
+    proj = einops.einsum(result_new - result_orig, model.W_U, "batch seqQ d_model, d_model d_vocab -> batch seqQ d_vocab")
+    ablation = einops.einsum(-result_orig, model.W_U, "batch seqQ d_model, d_model d_vocab -> batch seqQ d_vocab")
+    ctx["logit_change_for_proj"] = proj
+    ctx["logit_change_for_perp"] = ablation - proj
+    ctx["logit_change_for_ablation"] = ablation
+
+
+def online_losses(
+    bridge: Any, toks_np: np.ndarray, layer: int, head_idx: int, only_neg: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """-> (clean per-token loss (batch, pos-1), losses (mode, batch, pos-1)) as the seed computes them."""
+    import torch
+    from transformer_lens.utilities import lm_cross_entropy_loss
+
+    toks = torch.tensor(toks_np, dtype=torch.long)
+    cfg = bridge.cfg
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    ctx: dict[str, Any] = {}
+    fwd_hooks = [
+        (f"blocks.{layer}.attn.hook_v", partial(hook_fn_cache_v, ctx=ctx, kv_idx=head_idx // (cfg.n_heads // n_kv))),
+        (f"blocks.{layer}.attn.hook_pattern", partial(hook_fn_cache_attn, ctx=ctx, head_idx=head_idx)),
+        (
+            f"blocks.{layer}.attn.hook_result",
+            partial(
+                hook_fn_at_result, ctx=ctx, toks=toks, model=bridge, layer=layer, head_idx=head_idx, only_neg=only_neg
+            ),
+        ),
+        ("ln_final.hook_scale", partial(hook_fn_at_scale, ctx=ctx, model=bridge)),
+    ]
+    with torch.no_grad():
+        logits = bridge.run_with_hooks(toks, return_type="logits", fwd_hooks=fwd_hooks)
+        clean = lm_cross_entropy_loss(logits, toks, per_token=True)
+        losses = [
+            lm_cross_entropy_loss(logits + ctx.pop(f"logit_change_for_{name}"), toks, per_token=True)
+            for name in ("proj", "perp", "ablation")
+        ]
+    return clean.numpy().astype(np.float64), torch.stack(losses).numpy().astype(np.float64)
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ioi_store(make_store: Callable[..., Path]) -> Callable[[str], Path]:
+    return lambda model: make_store(model, "ioi", n_seq=8, batch_size=4)
+
+
+@pytest.mark.parametrize("only_negative", [False, True])
+@pytest.mark.parametrize("model", MODELS)
+def test_matches_online_hooks(
+    model: str, only_negative: bool, ioi_store: Callable[[str], Path], live_model: Callable[[str], Any]
+) -> None:
+    ds = open_store(ioi_store(model))
+    toks = ds["tokens"].values
+    res = projection_loss(ds, only_negative=only_negative).compute()
+    assert res["loss"].dims == ("mode", "layer", "head", "batch", "pos")
+    assert list(res["mode"].values) == list(MODES)
+    assert res["loss_original"].dims == ("batch", "pos")
+    assert res["mean_increase"].dims == ("mode", "layer", "head")
+    # no next token at the last position
+    assert np.isnan(res["loss_original"].values[:, -1]).all() and np.isnan(res["loss"].values[..., -1]).all()
+    got_clean = res["loss_original"].values[:, :-1]
+    bridge = live_model(model).bridge
+    for layer in ds["layer"].values:
+        for h in range(ds.sizes["head"]):
+            clean, want = online_losses(bridge, toks, int(layer), h, only_negative)
+            # the clean loss recomputed from the store equals the bridge's own
+            assert rel_err(got_clean, clean) <= 1e-4
+            got = res["loss"].sel(layer=layer).isel(head=h).values[..., :-1]
+            assert rel_err(got, want) <= 1e-4, (layer, h)
+            # the changes themselves (small on random-init models) agree too, not only the totals
+            d_got, d_want = got - got_clean, want - clean
+            assert np.abs(d_want).max() > 1e-4
+            assert rel_err(d_got, d_want) <= 2e-3, (layer, h)
+            mean_inc = res["mean_increase"].sel(layer=layer).isel(head=h).values
+            np.testing.assert_allclose(mean_inc, d_want.mean(axis=(1, 2)), rtol=0, atol=2e-3 * np.abs(d_want).max())
+
+
+def test_loss_original_matches_stored_loss(ioi_store: Callable[[str], Path]) -> None:
+    ds = open_store(ioi_store("tiny-llama"))
+    res = projection_loss(ds).compute()
+    stored = ds["loss"].values
+    assert rel_err(res["loss_original"].values[:, :-1], stored[:, :-1]) <= 1e-5
+
+
+def test_projection_identities(ioi_store: Callable[[str], Path]) -> None:
+    """only_negative changes 'project'/'perpendicular' but never 'ablation' (which does not project)."""
+    ds = open_store(ioi_store("tiny-gpt2"))
+    full = projection_loss(ds).compute()["loss"]
+    neg = projection_loss(ds, only_negative=True).compute()["loss"]
+    np.testing.assert_array_equal(full.sel(mode="ablation").values, neg.sel(mode="ablation").values)
+    assert not np.allclose(full.sel(mode="project").values[..., :-1], neg.sel(mode="project").values[..., :-1])
+
+
+def test_spec_registered_summary_and_plot(ioi_store: Callable[[str], Path], tmp_path: Path) -> None:
+    assert analyzers()["projection-loss"] is SPEC
+    ds = open_store(ioi_store("tiny-llama"))
+    res = projection_loss(ds).compute()
+    table = SPEC.summary(res)
+    assert list(table.columns) == ["layer", "head", *MODES]
+    assert len(table) == ds.sizes["layer"] * ds.sizes["head"]
+    assert table["ablation"].is_monotonic_decreasing
+    assert table["ablation"].iloc[0] == pytest.approx(float(res["mean_increase"].sel(mode="ablation").max()))
+    paths = SPEC.plot(res, tmp_path)
+    assert {p.suffix for p in paths} == {".png", ".html"}
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_missing_field_is_refused(ioi_store: Callable[[str], Path]) -> None:
+    from headstore.store_schema import HeadstoreError
+
+    ds = open_store(ioi_store("tiny-gpt2")).drop_vars("resid_final")
+    with pytest.raises(HeadstoreError, match="resid_final"):
+        projection_loss(ds)
+
+
+def test_does_not_import_torch(ioi_store: Callable[[str], Path]) -> None:
+    path = ioi_store("tiny-gpt2")
+    code = (
+        "import sys, json\n"
+        "import headstore\n"
+        "from headstore.analyze.projection_loss import projection_loss\n"
+        f"res = projection_loss(headstore.open_store({str(path)!r})).compute()\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'm': float(abs(res['mean_increase']).sum())}))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["torch"] is False
+    assert out["m"] > 0
