@@ -1,0 +1,255 @@
+"""``circuits``: where token pairs rank in each head's OV and QK circuits, from the weights only.
+
+Following the seed notebook (``Interpreting If Else``), per layer ``L`` and query head ``h``
+(``kv(h)`` its kv head), with ``E`` the embedding (``W_E``, or ``W_EE``, the effective embedding)::
+
+    C_OV[src, out] = ln_final(ln1(E[src]) @ W_V[L, kv(h)] @ W_O[L, h]) @ W_U[:, out]
+    C_QK[q, k]     = (ln1(E[q]) @ W_Q[L, h]) . (ln1(E[k]) @ W_K[L, kv(h)])
+
+LayerNorm is folded (compatibility mode), so ``ln1`` and ``ln_final`` are plain normalisations,
+``(x - mean) / sqrt(var + eps)`` (LN) or ``x / sqrt(mean(x^2) + eps)`` (RMS), applied row by row.
+Biases are left out, as in the seed (positions and rotary too: token-only circuits).
+
+Ranks count the entries strictly above the target (0 = top); ``percentile = 1 - rank / d_vocab``.
+
+- ``ov_rank``: rank of ``src`` among all sources in the column ``C_OV[:, out]`` (which source
+  tokens most promote ``out``);
+- ``ov_rank_reverse``: rank of ``out`` among all outputs in the row ``C_OV[src, :] - b_U`` (what
+  ``src`` promotes; the seed subtracts ``b_U`` there, ``subtract_b_U=False`` leaves it);
+- ``qk_rank``: rank of ``key`` among all keys in the row ``C_QK[query, :]``;
+- ``qk_rank_reverse``: rank of ``query`` among all queries in the column ``C_QK[:, key]``.
+
+Memory: a ``d_vocab x d_vocab`` matrix is never formed. Each (layer, head) needs one column or row
+of a circuit, computed from the ``(d_vocab, d_model)`` normalised embedding through ``d_head``-wide
+factors: ``ln1(E) @ W_V`` is ``(d_vocab, d_head)``, its image through ``W_O`` and ``ln_final`` is
+``(d_vocab, d_model)``, and the result a ``(d_vocab,)`` vector, so peak memory is
+O(d_vocab x d_model) (a few copies of the embedding) whatever the number of heads; time is
+O(n_layers x n_heads x d_vocab x d_model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from headstore.analyze._ops import kv_index, require
+from headstore.analyze._plots import head_table, layer_head_heatmaps
+from headstore.analyze._registry import AnalyzerSpec
+from headstore.store_schema import HeadstoreError, provenance
+
+NEEDS = ("W_Q", "W_K", "W_V", "W_O", "W_U", "b_U", "vocab")
+EMBEDDINGS = ("W_E", "W_EE")
+
+
+def vocab_strings(ds: xr.Dataset) -> np.ndarray:
+    """``vocab`` as a fixed-width unicode array (the store may hold numpy's variable-width StringDType)."""
+    return np.array(ds["vocab"].values.tolist(), dtype=str)
+
+
+def token_id(ds: xr.Dataset, token: str | int) -> int:
+    """A token id from its string in ``vocab`` (the first match), or an id as is."""
+    vocab = vocab_strings(ds)
+    if isinstance(token, int | np.integer):
+        if not 0 <= int(token) < len(vocab):
+            raise HeadstoreError(f"token id {token} is outside the vocabulary of {len(vocab)}")
+        return int(token)
+    hits = np.flatnonzero(vocab == token)
+    if not len(hits):
+        raise HeadstoreError(f"token {token!r} is not one token of this model's vocabulary: give another string")
+    return int(hits[0])
+
+
+def _normalize(x: np.ndarray, ds: xr.Dataset) -> np.ndarray:
+    """Folded ln1 / ln_final along the last axis (float64 for the variance)."""
+    cfg = provenance(ds).config
+    eps = float(cfg["eps"])
+    if cfg["normalization_type"] == "LN":
+        x = x - x.mean(-1, keepdims=True)
+    return (x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps)).astype(np.float32)
+
+
+def _embedding(ds: xr.Dataset, embedding: str) -> np.ndarray:
+    if embedding not in EMBEDDINGS:
+        raise HeadstoreError(f"embedding {embedding!r}: choose W_E or W_EE")
+    require(ds, (embedding, *NEEDS), "circuits")
+    return np.asarray(ds[embedding].values, dtype=np.float32)
+
+
+def _heads(ds: xr.Dataset) -> list[tuple[int, int, int]]:
+    """(layer index in the store, head, kv head) for every head."""
+    kv = kv_index(ds).values
+    return [(i, h, int(kv[h])) for i in range(ds.sizes["layer"]) for h in range(ds.sizes["head"])]
+
+
+def _w(ds: xr.Dataset, name: str) -> np.ndarray:
+    return np.asarray(ds[name].values, dtype=np.float32)
+
+
+def _ranked(ds: xr.Dataset, scores: np.ndarray, target: int, prefix: str, top_k: int) -> xr.Dataset:
+    """scores (layer, head, d_vocab) -> rank/percentile of ``target`` and the top_k entries."""
+    n = scores.shape[-1]
+    rank = (scores > scores[..., target : target + 1]).sum(-1)
+    k = min(top_k, n)
+    top = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+    coords = {"layer": ds["layer"].values}
+    vocab = vocab_strings(ds)
+    dims3 = ("layer", "head", "top")
+    return xr.Dataset(
+        {
+            f"{prefix}_rank": (("layer", "head"), rank.astype(np.int64)),
+            f"{prefix}_percentile": (("layer", "head"), 1.0 - rank / n),
+            f"{prefix}_value": (("layer", "head"), scores[..., target]),
+            f"{prefix}_top_id": (dims3, top.astype(np.int64)),
+            f"{prefix}_top_token": (dims3, vocab[top]),
+            f"{prefix}_top_value": (dims3, np.take_along_axis(scores, top, -1)),
+        },
+        coords=coords,
+    )
+
+
+def ov_column(ds: xr.Dataset, out: int, embedding: str = "W_E") -> np.ndarray:
+    """(layer, head, d_vocab): ``C_OV[:, out]`` for every head, one head at a time."""
+    x = _normalize(_embedding(ds, embedding), ds)
+    W_V, W_O, u = _w(ds, "W_V"), _w(ds, "W_O"), _w(ds, "W_U")[:, out]
+    res = np.zeros((ds.sizes["layer"], ds.sizes["head"], x.shape[0]), np.float32)
+    for L, h, g in _heads(ds):
+        y = (x @ W_V[L, g]) @ W_O[L, h]  # (d_vocab, d_model)
+        res[L, h] = _normalize(y, ds) @ u
+    return res
+
+
+def ov_row(ds: xr.Dataset, src: int, embedding: str = "W_E") -> np.ndarray:
+    """(layer, head, d_vocab): ``C_OV[src, :]`` for every head."""
+    x = _normalize(_embedding(ds, embedding)[src], ds)
+    W_V, W_O, W_U = _w(ds, "W_V"), _w(ds, "W_O"), _w(ds, "W_U")
+    res = np.zeros((ds.sizes["layer"], ds.sizes["head"], W_U.shape[1]), np.float32)
+    for L, h, g in _heads(ds):
+        res[L, h] = _normalize((x @ W_V[L, g]) @ W_O[L, h], ds) @ W_U
+    return res
+
+
+def qk_row(ds: xr.Dataset, query: int, embedding: str = "W_E") -> np.ndarray:
+    """(layer, head, d_vocab): ``C_QK[query, :]`` (scores of every key) for every head."""
+    x = _normalize(_embedding(ds, embedding), ds)
+    W_Q, W_K = _w(ds, "W_Q"), _w(ds, "W_K")
+    res = np.zeros((ds.sizes["layer"], ds.sizes["head"], x.shape[0]), np.float32)
+    for L, h, g in _heads(ds):
+        res[L, h] = (x @ W_K[L, g]) @ (x[query] @ W_Q[L, h])
+    return res
+
+
+def qk_column(ds: xr.Dataset, key: int, embedding: str = "W_E") -> np.ndarray:
+    """(layer, head, d_vocab): ``C_QK[:, key]`` (scores from every query) for every head."""
+    x = _normalize(_embedding(ds, embedding), ds)
+    W_Q, W_K = _w(ds, "W_Q"), _w(ds, "W_K")
+    res = np.zeros((ds.sizes["layer"], ds.sizes["head"], x.shape[0]), np.float32)
+    for L, h, g in _heads(ds):
+        res[L, h] = (x @ W_Q[L, h]) @ (x[key] @ W_K[L, g])
+    return res
+
+
+def ov_rank(
+    ds: xr.Dataset, out_token: str | int, src_token: str | int, embedding: str = "W_E", top_k: int = 10
+) -> xr.Dataset:
+    """Rank of ``src`` among all sources for output ``out`` (``ov_*``), and the top sources."""
+    out, src = token_id(ds, out_token), token_id(ds, src_token)
+    return _ranked(ds, ov_column(ds, out, embedding), src, "ov", top_k)
+
+
+def ov_rank_reverse(
+    ds: xr.Dataset,
+    out_token: str | int,
+    src_token: str | int,
+    embedding: str = "W_E",
+    top_k: int = 10,
+    subtract_b_U: bool = True,
+) -> xr.Dataset:
+    """Rank of ``out`` among all outputs of source ``src`` (``ov_rev_*``), and the top outputs."""
+    out, src = token_id(ds, out_token), token_id(ds, src_token)
+    row = ov_row(ds, src, embedding)
+    if subtract_b_U:
+        row = row - _w(ds, "b_U")
+    return _ranked(ds, row, out, "ov_rev", top_k)
+
+
+def qk_rank(
+    ds: xr.Dataset, query_token: str | int, key_token: str | int, embedding: str = "W_E", top_k: int = 10
+) -> xr.Dataset:
+    """Rank of ``key`` among all keys for query ``query`` (``qk_*``), and the top keys."""
+    q, k = token_id(ds, query_token), token_id(ds, key_token)
+    return _ranked(ds, qk_row(ds, q, embedding), k, "qk", top_k)
+
+
+def qk_rank_reverse(
+    ds: xr.Dataset, query_token: str | int, key_token: str | int, embedding: str = "W_E", top_k: int = 10
+) -> xr.Dataset:
+    """Rank of ``query`` among all queries attending to ``key`` (``qk_rev_*``), and the top queries."""
+    q, k = token_id(ds, query_token), token_id(ds, key_token)
+    return _ranked(ds, qk_column(ds, k, embedding), q, "qk_rev", top_k)
+
+
+def circuits(
+    ds: xr.Dataset,
+    out_token: str = " else",
+    src_token: str = " if",
+    query_token: str = ")",
+    key_token: str = " if",
+    embedding: str = "W_E",
+    top_k: int = 10,
+) -> xr.Dataset:
+    """All four ranks (``ov``, ``ov_rev``, ``qk``, ``qk_rev``) per (layer, head), with top-k lists."""
+    res = xr.merge(
+        [
+            ov_rank(ds, out_token, src_token, embedding, top_k),
+            ov_rank_reverse(ds, out_token, src_token, embedding, top_k),
+            qk_rank(ds, query_token, key_token, embedding, top_k),
+            qk_rank_reverse(ds, query_token, key_token, embedding, top_k),
+        ]
+    )
+    res.attrs = {
+        "out_token": out_token,
+        "src_token": src_token,
+        "query_token": query_token,
+        "key_token": key_token,
+        "embedding": embedding,
+        "d_vocab": int(ds.sizes["d_vocab"]),
+    }
+    return res
+
+
+def _summary(res: xr.Dataset) -> pd.DataFrame:
+    table = head_table(res["ov_percentile"], "ov_percentile", ascending=False)
+    for name in ("ov_rev", "qk", "qk_rev"):
+        other = head_table(res[f"{name}_percentile"], f"{name}_percentile")
+        table = table.merge(other, on=["layer", "head"])
+    for name in ("ov", "ov_rev", "qk", "qk_rev"):
+        ranks = head_table(res[f"{name}_rank"], f"{name}_rank")
+        table = table.merge(ranks, on=["layer", "head"])
+    return table
+
+
+def _plot(res: xr.Dataset, folder: Path) -> list[Path]:
+    a = res.attrs
+    titles = [
+        f"OV: {a.get('src_token', 'src')!r} among sources of {a.get('out_token', 'out')!r}",
+        f"OV reverse: {a.get('out_token', 'out')!r} among outputs of {a.get('src_token', 'src')!r}",
+        f"QK: {a.get('key_token', 'key')!r} among keys of {a.get('query_token', 'query')!r}",
+        f"QK reverse: {a.get('query_token', 'query')!r} among queries of {a.get('key_token', 'key')!r}",
+    ]
+    panels = [res[f"{n}_percentile"] for n in ("ov", "ov_rev", "qk", "qk_rev")]
+    return layer_head_heatmaps(
+        panels, titles, "circuit percentiles (1 = top of the vocabulary)", folder / "circuits", symmetric=False
+    )
+
+
+SPEC = AnalyzerSpec(
+    name="circuits",
+    func=circuits,
+    requires=("W_E", *NEEDS),
+    summary=_summary,
+    plot=_plot,
+    doc="OV/QK circuit ranks of token pairs per head, from the weights only (seed: if/else circuits)",
+)
