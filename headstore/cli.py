@@ -188,7 +188,7 @@ def run_main(
     out: Annotated[Path, typer.Option(help="output folder for stores, analyses and reports")] = Path("headstore-out"),
     model: Annotated[str, typer.Option(help="model to run")] = "smollm2-135m",
     n_ioi: Annotated[int, typer.Option(help="IOI prompts (and as many ABC twins)")] = 16,
-    n_text: Annotated[int, typer.Option(help="text windows")] = 16,
+    n_text: Annotated[int, typer.Option(help="text windows")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
 ) -> None:
     """The main job: extract IOI, ABC and text stores, run every applicable analyzer, write reports."""

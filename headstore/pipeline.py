@@ -19,7 +19,7 @@ class MainJob:
     out: Path
     model: str = "smollm2-135m"
     n_ioi: int = 16
-    n_text: int = 16
+    n_text: int = 8
     text_seq_len: int = 64
     batch_size: int = 8
     device: str = "auto"
@@ -65,10 +65,13 @@ def run_main_job(job: MainJob) -> list[Path]:
                 continue
             console.print(f"[green]analyzed[/green] {spec.name} on {store_name}")
             outputs.extend(paths)
-    try:
-        from headstore.report import write_report
-    except ImportError:
-        return outputs
+    pair = analyzers().get("ioi-pair")
+    if pair is not None:
+        _summary, paths = run_analyzer(pair, [str(stores["ioi"]), str(stores["ioi-abc"])], job.out / "ioi-vs-abc", {})
+        console.print("[green]analyzed[/green] ioi-pair on ioi, ioi-abc")
+        outputs.extend(paths)
+    from headstore.report import write_report
+
     for store_name in ("ioi", "text"):
         report = job.out / f"report-{store_name}.html"
         write_report([str(stores[store_name])], report)
