@@ -1,0 +1,245 @@
+"""The HTML report: rendered from a real tiny store, then opened in headless Chromium to check that the
+plots actually drew (DOM has plotly's SVGs and the token strings; the screenshot is not blank)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from headstore.report import (
+    display_token,
+    parse_heads,
+    parse_sequences,
+    plotly_figures_in_html,
+    render_report,
+    sequence_length,
+    token_strings,
+    write_report,
+)
+from headstore.store_schema import HeadstoreError, open_store
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def _find_chromium() -> str | None:
+    for name in CHROMIUM_NAMES:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of a Chromium binary; installs Debian's ``chromium`` with apt when missing (CI does it too)."""
+    found = _find_chromium()
+    if found:
+        return found
+    if shutil.which("apt-get") is None:
+        pytest.skip("chromium is not installed and apt-get is unavailable: install chromium to run the browser checks")
+    prefix = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
+    if prefix is None:
+        pytest.skip("chromium is not installed and we are not root (no sudo) to apt-get install it")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    log = []
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
+        try:
+            p = subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=900, env=env)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            pytest.skip(f"cannot install chromium ({' '.join(cmd)}: {e})")
+        log.append(p.stdout[-500:] + p.stderr[-500:])
+        if p.returncode != 0:
+            pytest.skip(f"cannot install chromium ({' '.join(cmd)} exited {p.returncode}): {log[-1]}")
+    found = _find_chromium()
+    if not found:
+        pytest.skip(f"apt-get installed chromium but no binary was found: {log[-1]}")
+    return found
+
+
+def _chromium(binary: str, tmp: Path, url: str, *extra: str) -> subprocess.CompletedProcess[bytes]:
+    profile = tmp / "chromium-profile"
+    profile.mkdir(exist_ok=True)
+    cmd = [
+        binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}", "--virtual-time-budget=15000", *extra, url,
+    ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, timeout=300, cwd=tmp)
+
+
+@pytest.fixture(scope="module")
+def ioi_store(make_store: Callable[..., Path]) -> Path:
+    return make_store("tiny-gpt2", "ioi", n_seq=8)
+
+
+@pytest.fixture(scope="module")
+def report_html(ioi_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The report written through the CLI, with an explicit viewer selection."""
+    from headstore.cli import app
+
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    res = CliRunner().invoke(
+        app, ["report", str(ioi_store), "--out", str(out), "--sequences", "0,1", "--heads", "0.1,1.2", "--no-progress"]
+    )
+    assert res.exit_code == 0, res.output
+    assert out.is_file()
+    return out
+
+
+def test_page_is_self_contained(report_html: Path) -> None:
+    page = report_html.read_text(encoding="utf-8")
+    # plotly.js inlined exactly once; no external scripts, styles or images
+    assert len(re.findall(r"plotly\.js v\d", page)) == 1
+    assert not re.search(r"<script[^>]+src=", page)
+    assert not re.search(r"<link[^>]+href=", page)
+    assert not re.search(r"<img[^>]+src=\"(?!data:)", page)
+    # every figure is a div with its own newPlot call
+    divs = re.findall(r'<div id="(hs-fig-\d+)" class="hs-plot">', page)
+    assert len(divs) == len(set(divs)) >= 3
+    for fid in divs:
+        assert f'Plotly.newPlot("{fid}"' in page
+
+
+def test_page_content(report_html: Path, ioi_store: Path) -> None:
+    from headstore.analyze._registry import analyzers
+    from headstore.store_schema.info import store_info
+
+    page = report_html.read_text(encoding="utf-8")
+    info = store_info(str(ioi_store))
+    prov = info["provenance"]
+    assert prov["model"]["weights_sha256"] in page
+    assert prov["tokenizer"]["name"] in page
+    assert "ioi" in page and "fold_ln" in page and "8/8 sequences complete" in page
+    # every analyzer appears in the status table; one-store analyzers that fit the store ran
+    status = page[page.index("hs-analyzer-status") : page.index("</table>", page.index("hs-analyzer-status"))]
+    ds = open_store(ioi_store)
+    for spec in analyzers().values():
+        assert f">{spec.name}<" in status
+        if spec.n_stores == 2:
+            row = status[status.index(f">{spec.name}<") :].split("</tr>")[0]
+            assert "not applicable" in row and "takes 2 store(s)" in row
+        elif spec.n_stores == 1 and all(r in ds for r in spec.requires):
+            row = status[status.index(f">{spec.name}<") :].split("</tr>")[0]
+            assert "ran" in row or "skipped" in row or "failed" in row
+    # the attention viewer: one figure per chosen sequence, a dropdown over the chosen heads
+    assert "store: sequence 0 " in page and "store: sequence 1 " in page
+    assert "head 0.1" in page and "head 1.2" in page
+
+
+def test_rendered_in_chromium(report_html: Path, ioi_store: Path, chromium: str, tmp_path: Path) -> None:
+    url = report_html.resolve().as_uri()
+    dom = _chromium(chromium, tmp_path, url, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr.decode(errors="replace")[-2000:]
+    text = dom.stdout.decode("utf-8", errors="replace")
+    n_plots = len(re.findall(r'class="hs-plot[ "]', text))
+    assert n_plots >= 3
+    # plotly drew every figure: each plot div became a js-plotly-plot holding its main-svg layers
+    assert text.count("js-plotly-plot") >= n_plots
+    assert text.count("main-svg") >= 2 * n_plots
+    # the heatmaps' axes carry the token strings of the chosen sequences (as SVG tick text)
+    ds = open_store(ioi_store)
+    for b in (0, 1):
+        toks = token_strings(ds, b, sequence_length(ds, b))
+        words = [display_token(t) for t in toks if t.strip() and t.strip().isalpha()]
+        assert words
+        ticks = re.findall(r'class="[xy]tick"><text[^>]*>([^<]*)</text>', text)
+        for w in words:
+            assert w in ticks, f"token {w!r} of sequence {b} is not on an axis"
+    shot = tmp_path / "shot.png"
+    res = _chromium(chromium, tmp_path, url, f"--screenshot={shot}", "--window-size=1400,3000")
+    assert res.returncode == 0 and shot.is_file(), res.stderr.decode(errors="replace")[-2000:]
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[:2] == (3000, 1400)
+    assert float(img.std()) > 10.0  # not a blank page
+    colours = np.unique(img.reshape(-1, 3), axis=0)
+    assert len(colours) > 200  # heatmap colour ramps, not just text on white
+    # plotly's heatmaps paint the RdBu/Blues ramps: many saturated blue-ish pixels
+    r, bl = img[..., 0].astype(int), img[..., 2].astype(int)
+    assert int(((bl - r) > 60).sum()) > 2000
+
+
+def test_plotly_figures_roundtrip(tmp_path: Path) -> None:
+    import plotly.graph_objects as go
+
+    from headstore.analyze._plots import save_html
+
+    fig = go.Figure(go.Heatmap(z=[[1, 2], [3, 4]], x=["a", "</script>"]), layout={"title": {"text": "t"}})
+    path = save_html(fig, tmp_path / "f.html")
+    found = plotly_figures_in_html(path.read_text())
+    assert len(found) == 1
+    data, layout, config = found[0]
+    assert data[0]["type"] == "heatmap" and data[0]["x"] == ["a", "</script>"]
+    assert layout["title"]["text"] == "t"
+    assert isinstance(config, dict)
+
+
+def test_selection_parsing() -> None:
+    assert parse_sequences(None, 5) == [0, 1]
+    assert parse_sequences(None, 1) == [0]
+    assert parse_sequences("3, 0,3", 5) == [3, 0]
+    with pytest.raises(HeadstoreError, match="out of range"):
+        parse_sequences("5", 5)
+    with pytest.raises(HeadstoreError, match="not an integer"):
+        parse_sequences("a", 5)
+    assert parse_heads("0.1,1.2", [0, 1], 4) == [(0, 1), (1, 2)]
+    assert parse_heads(None, [0, 1], 4) == []
+    with pytest.raises(HeadstoreError, match="layer 3"):
+        parse_heads("3.0", [0, 1], 4)
+    with pytest.raises(HeadstoreError, match="head 4"):
+        parse_heads("1.4", [0, 1], 4)
+    with pytest.raises(HeadstoreError, match=r"LAYER\.HEAD"):
+        parse_heads("1", [0, 1], 4)
+    assert display_token(" Mary") == "␣Mary" and display_token("\n") == "\\n" and display_token("") == "∅"
+
+
+def test_bad_selection_fails_before_analyzers(ioi_store: Path, tmp_path: Path) -> None:
+    from headstore.cli import app
+
+    res = CliRunner().invoke(app, ["report", str(ioi_store), "--out", str(tmp_path / "r.html"), "--heads", "9.0"])
+    assert res.exit_code == 2
+    assert "layer 9 is not in the store" in res.output
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_two_stores_pair(make_store: Callable[..., Path], tmp_path: Path) -> None:
+    """IOI + ABC twin: one-store analyzers are not applicable; pair analyzers that need parameters
+    the report cannot guess are listed as skipped with the analyzer's own reason."""
+    from headstore.analyze._registry import analyzers
+
+    a = make_store("tiny-gpt2", "ioi", n_seq=8, fields="default,k,resid_pre")
+    b = make_store("tiny-gpt2", "ioi-abc", n_seq=8, fields="default,k,resid_pre")
+    out = write_report([str(a), str(b)], tmp_path / "pair.html", sequences="0", progress=False)
+    page = out.read_text(encoding="utf-8")
+    status = page[page.index("hs-analyzer-status") : page.index("</table>", page.index("hs-analyzer-status"))]
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"<tr><td>(?:<a [^>]*>)?([^<]+)(?:</a>)?</td>.*?</tr>", status)}
+    specs = analyzers()
+    assert set(rows) == set(specs)
+    for name, spec in specs.items():
+        if spec.n_stores == 1:
+            assert "not applicable" in rows[name]
+    if "path-patch-query" in specs:
+        assert "skipped" in rows["path-patch-query"] and "receiver" in rows["path-patch-query"]
+    # provenance of both stores, an attention viewer for each
+    assert "store 1:" in page and "store 2:" in page
+    assert "store 1: sequence 0" in page and "store 2: sequence 0" in page
+    with pytest.raises(HeadstoreError, match="one store or two"):
+        render_report([str(a), str(b), str(a)], progress=False)
+
+
+def test_report_imports_no_torch() -> None:
+    code = "import sys, json, headstore.report; print(json.dumps('torch' in sys.modules))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1]) is False
