@@ -177,7 +177,7 @@ def plot_pair(result: xr.Dataset, folder: Path) -> list[Path]:
 SPEC = AnalyzerSpec(
     name="ioi",
     func=ioi,
-    requires=NEEDS,
+    requires=(*NEEDS, *IOI_COLUMNS),
     summary=summary,
     plot=plot,
     doc="IOI logit diff IO-S at END, and each head's attention END->IO minus END->S1",
@@ -188,7 +188,7 @@ SPEC = AnalyzerSpec(
 PAIR_SPEC = AnalyzerSpec(
     name="ioi-pair",
     func=ioi_pair,
-    requires=NEEDS,
+    requires=(*NEEDS, *IOI_COLUMNS),
     summary=summary_pair,
     plot=plot_pair,
     n_stores=2,

@@ -243,7 +243,7 @@ def plot(result: xr.Dataset, folder: Path) -> list[Path]:
 SPEC = AnalyzerSpec(
     name=NAME,
     func=path_patch_query,
-    requires=NEEDS,
+    requires=(*NEEDS, *POSITIONS),
     summary=summary,
     plot=plot,
     n_stores=2,
