@@ -73,7 +73,7 @@ class Provenance:
             raise HeadstoreError(f"store attr storage_dtype must be one of {STORAGE_DTYPES}")
         _expect(kwargs, "fields", list)
         _expect(kwargs, "layers", list)
-        unknown = [f for f in kwargs["fields"] if f not in FIELDS]
+        unknown = [f for f in kwargs["fields"] if not isinstance(f, str) or f not in FIELDS]
         if unknown:
             raise HeadstoreError(f"store attrs name unknown fields {unknown}: the store is damaged")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in kwargs["layers"]):
