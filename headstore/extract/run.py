@@ -141,6 +141,13 @@ def _check_out(out: Path) -> Provenance | None:
     return read_provenance(out)
 
 
+def _quiet_hf_loading() -> None:
+    """transformers' "Loading weights" bars go to stderr and would bury a one-line error: silence them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def extract(req: ExtractRequest) -> ExtractResult:
     """Run ``req.model`` over ``req.data`` once and fill (or resume) the store at ``req.out``."""
     import time
@@ -153,6 +160,7 @@ def extract(req: ExtractRequest) -> ExtractResult:
     shard_i, shard_n = parse_shard(req.shard)
     out = Path(req.out)
     existing = _check_out(out)
+    _quiet_hf_loading()
     model = load_model(req.model, req.device)
     cfg = model.config_dict()
     layers = parse_layers(req.layers, cfg["n_layers"])
