@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,26 @@ from headstore.store_schema.layout import ATTRS_KEY, FIELDS, MANIFEST, WEIGHTS
 from headstore.store_schema.provenance import Provenance
 
 ZSTD_LEVEL = 1
+
+
+# Test-only crash injection (tests/test_reliability.py). When the environment variable is set to
+# "create:before_rename", "batch:N:after_field:NAME" or "batch:N:torn_field:NAME" (N = batch index,
+# NAME a field or "batch_done"), the process SIGKILLs itself at that point; "torn_field" first cuts
+# the batch's first chunk file of NAME in half and leaves a stray ".partial" file beside it, as a
+# crash in the middle of a chunk write would. Unset in normal use: costs one dict lookup.
+TEST_KILL_ENV = "HEADSTORE_TEST_KILL_AT"
+
+
+def _test_kill(point: str, chunk_dir: Path | None = None) -> None:
+    want = os.environ.get(TEST_KILL_ENV)
+    if not want or want.replace(":torn_field:", ":after_field:") != point:
+        return
+    if ":torn_field:" in want and chunk_dir is not None:
+        files = [chunk_dir] if chunk_dir.is_file() else sorted(p for p in chunk_dir.rglob("*") if p.is_file())
+        data = files[0].read_bytes()
+        files[0].write_bytes(data[: len(data) // 2])
+        files[0].with_suffix(".0123.partial").write_bytes(data[: len(data) // 3])
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _codecs() -> list[Any]:
@@ -90,7 +111,13 @@ def create_store(
             )  # fmt: skip
             a[...] = value
         zarr.consolidate_metadata(str(tmp))
-        os.rename(tmp, path)
+        _test_kill("create:before_rename")
+        try:
+            os.rename(tmp, path)
+        except OSError as e:  # another process (a concurrent shard) renamed its copy into place first
+            if path.exists():
+                raise HeadstoreError(f"{path} already exists (created concurrently by another process)") from e
+            raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -156,15 +183,18 @@ class StoreWriter:
         if start % self.prov.batch_size:
             raise HeadstoreError(f"batch start {start} is not a multiple of batch_size {self.prov.batch_size}")
         stop = None
+        ib = start // self.prov.batch_size
         for name, value in arrays.items():
             arr = self.root[name]
             assert isinstance(arr, zarr.Array)
             stop = start + value.shape[0]
             arr[start:stop] = value.astype(arr.dtype, copy=False)
+            _test_kill(f"batch:{ib}:after_field:{name}", Path(self.path) / name / "c" / str(ib))
         if stop is not None:
             manifest = self.root[MANIFEST]
             assert isinstance(manifest, zarr.Array)
             manifest[start:stop] = 1
+            _test_kill(f"batch:{ib}:after_field:{MANIFEST}", Path(self.path) / MANIFEST / "c" / str(ib))
 
 
 def open_store(
@@ -187,6 +217,7 @@ def open_store(
     missing = [name for name in prov.fields if name not in ds]
     if missing:
         raise HeadstoreError(f"store lacks {', '.join(missing)} that its attrs list: the store is damaged")
+    ds = _guard_reads(ds, _open_group(path, storage_options), prov.fields, str(path))
     ds = ds.assign_coords(layer=("layer", np.asarray(prov.layers, dtype=np.int64)))
     if "result" not in ds and "z" in ds and "W_O" in ds:
         ds["result"] = derived_result(ds["z"], ds["W_O"])
@@ -198,6 +229,40 @@ def open_store(
             )
         ds = ds.isel(batch=np.flatnonzero(done))
     ds.attrs[ATTRS_KEY] = prov.to_dict()
+    return ds
+
+
+class _GuardedArray:
+    """Array-like over one zarr array: a failed chunk read becomes a HeadstoreError naming the array."""
+
+    def __init__(self, arr: zarr.Array, name: str, path: str):
+        self.arr, self.name, self.path = arr, name, path
+        self.shape, self.dtype, self.ndim = tuple(arr.shape), arr.dtype, arr.ndim
+
+    def __getitem__(self, key: Any) -> Any:
+        try:
+            return self.arr[key]
+        except Exception as e:
+            k0 = key[0] if isinstance(key, tuple) and key else None
+            where = f" (sequences {k0.start}-{k0.stop})" if isinstance(k0, slice) else ""
+            first = (str(e).splitlines() or [""])[0][:100]
+            raise HeadstoreError(
+                f"{self.path}: array {self.name!r} has a damaged chunk{where}: {type(e).__name__}: {first}; "
+                "run headstore validate to list damaged chunks, then re-extract"
+            ) from e
+
+
+def _guard_reads(ds: xr.Dataset, root: zarr.Group, names: tuple[str, ...], path: str) -> xr.Dataset:
+    """Re-point each dask-backed field at a ``_GuardedArray`` (same chunks, same dtype)."""
+    import dask.array as da
+
+    for name in names:
+        var, arr = ds[name], root[name]
+        if not isinstance(arr, zarr.Array) or var.chunks is None or var.dtype != arr.dtype or var.shape != arr.shape:
+            continue
+        guarded = _GuardedArray(arr, name, path)
+        data = da.from_array(guarded, chunks=var.data.chunks, name=False, meta=np.empty((0,) * arr.ndim, arr.dtype))
+        ds[name] = var.copy(data=data)
     return ds
 
 
