@@ -1,0 +1,220 @@
+"""``ifelse-detector``: Mahalanobis anomaly detectors on per-head logit attribution (seed: if/else).
+
+Meant for ``code-ifelse`` stores (columns ``split`` trusted/anomalous and ``subset`` train/test).
+At the last position of each prompt, every head's output is attributed to the effect token ``t``
+(default `` else``), source position by source position::
+
+    contrib[b, L, h, k] = pattern[b, L, h, last, k] * (v[b, L, k, kv(h)] @ W_O[L, h] @ u) / ln_final_scale[b, last]
+
+with ``u = W_U[:, t]``, centred over ``d_model`` on LN models (``(x - mean x) . u = x . (u - mean u)``:
+exactly the head's share of the ``t`` logit through the folded ln_final, ``b_O`` left out).
+
+Detectors (each a Gaussian with Ledoit-Wolf shrunk covariance, fitted on ``trusted`` & ``train``,
+features standardised by the training mean and standard deviation first; score = squared
+Mahalanobis distance; AUROC of trusted-vs-anomalous on the ``test`` subset):
+
+- ``per_head``: ``sum_k contrib`` per (layer, head): n_layers x n_heads features;
+- ``per_head_token``: per head, the contributions summed by source token id, for the
+  ``max_tokens`` source tokens most frequent in the training prompts (ties by id; the seed's
+  per-(head, source token) idea on a vocabulary restricted to tokens seen in training) plus one
+  ``other`` bucket for the rest: n_layers x n_heads x (max_tokens + 1) features;
+- ``resid_final``: baseline, ``resid_final`` at the last position (d_model features).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import xarray as xr
+from plotly.subplots import make_subplots
+
+from headstore.analyze._ops import f32, per_head, require
+from headstore.analyze._plots import head_table, save_html
+from headstore.analyze._registry import AnalyzerSpec
+from headstore.analyze.circuits import token_id
+from headstore.store_schema import HeadstoreError, provenance
+
+NEEDS = ("pattern", "v", "ln_final_scale", "resid_final", "tokens", "W_O", "W_U", "split", "subset")
+DETECTORS = ("per_head", "per_head_token", "resid_final")
+
+
+def fit_score(train: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance of rows of ``x`` under a Ledoit-Wolf Gaussian fitted on ``train``.
+
+    Features are standardised by the training mean and std (std floored at 1e-12 x its max) first.
+    """
+    from sklearn.covariance import LedoitWolf
+
+    train = np.asarray(train, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    if train.ndim != 2 or train.shape[0] < 2:
+        raise HeadstoreError(f"a detector needs at least 2 training rows, got {train.shape[0]}")
+    mu, sd = train.mean(0), train.std(0)
+    sd = np.where(sd > 1e-12 * max(float(sd.max()), 1e-30), sd, 1.0)
+    lw = LedoitWolf().fit((train - mu) / sd)
+    return np.asarray(lw.mahalanobis((x - mu) / sd))
+
+
+def auroc(scores: np.ndarray, anomalous: np.ndarray) -> float:
+    """AUROC of ``scores`` for anomalous (1) vs trusted (0); NaN without both classes."""
+    from sklearn.metrics import roc_auc_score
+
+    anomalous = np.asarray(anomalous, dtype=bool)
+    if anomalous.all() or not anomalous.any():
+        return float("nan")
+    return float(roc_auc_score(anomalous, scores))
+
+
+def head_contributions(ds: xr.Dataset, effect_token: str | int = " else") -> xr.DataArray:
+    """(batch, layer, head, key_pos) ``contrib`` above (lazy)."""
+    t = token_id(ds, effect_token)
+    u = f32(ds["W_U"]).isel(d_vocab=t)
+    if provenance(ds).config["normalization_type"] == "LN":
+        u = u - u.mean("d_model")
+    w = xr.dot(f32(ds["W_O"]), u, dim="d_model")  # (layer, head, d_head)
+    last = _last_pos(ds)
+    v = per_head(f32(ds["v"]), ds)  # (batch, layer, pos, head, d_head)
+    through = xr.dot(v, w, dim="d_head").rename(pos="key_pos")  # (batch, layer, key_pos, head)
+    pat = f32(ds["pattern"]).isel(query_pos=last)  # (batch, layer, head, key_pos)
+    scale = ds["ln_final_scale"].isel(pos=last)
+    contrib = pat * through / scale
+    return contrib.transpose("batch", "layer", "head", "key_pos").drop_vars(
+        [c for c in ("query_pos", "pos") if c in contrib.coords]
+    )
+
+
+def _last_pos(ds: xr.Dataset) -> xr.DataArray:
+    if "last_pos" in ds:
+        return ds["last_pos"].astype(np.int64).compute()
+    return xr.DataArray(np.full(ds.sizes["batch"], ds.sizes["pos"] - 1), dims="batch")
+
+
+def _labels(ds: xr.Dataset, name: str) -> np.ndarray:
+    return np.array(ds[name].values.tolist(), dtype=str)
+
+
+def token_features(contrib: np.ndarray, tokens: np.ndarray, vocab_ids: np.ndarray) -> np.ndarray:
+    """(batch, layer, head, key_pos) contributions summed by source token -> (batch, layer, head, len(ids) + 1).
+
+    Bucket ``j`` sums the positions holding ``vocab_ids[j]``; the last bucket sums every other token.
+    """
+    onehot = tokens[:, :, None] == vocab_ids[None, None, :]  # (batch, key_pos, n_ids)
+    onehot = np.concatenate([onehot, ~onehot.any(-1, keepdims=True)], axis=-1).astype(contrib.dtype)
+    return np.einsum("blhk,bkj->blhj", contrib, onehot)
+
+
+def ifelse_detector(ds: xr.Dataset, effect_token: str = " else", max_tokens: int = 16) -> xr.Dataset:
+    """Scores per prompt for each detector, AUROC per detector, per-head AUROCs and counts per split."""
+    require(ds, NEEDS, "ifelse-detector")
+    split, subset = _labels(ds, "split"), _labels(ds, "subset")
+    trusted, anomalous = split == "trusted", split == "anomalous"
+    train = trusted & (subset == "train")
+    test = subset == "test"
+    if train.sum() < 2:
+        raise HeadstoreError(
+            "ifelse-detector needs at least 2 trusted prompts with subset 'train': use code-ifelse data"
+        )
+    if not (test & anomalous).any() or not (test & trusted).any():
+        raise HeadstoreError("ifelse-detector needs trusted and anomalous prompts in subset 'test'")
+    contrib = head_contributions(ds, effect_token).values.astype(np.float64)
+    n, n_layers, n_heads, _ = contrib.shape
+    per_head_feat = contrib.sum(-1)  # (batch, layer, head)
+    tokens = np.asarray(ds["tokens"].values)
+    seen, counts = np.unique(tokens[train], return_counts=True)
+    keep = np.lexsort((seen, -counts))[:max_tokens]
+    vocab_ids = np.sort(seen[keep])
+    tok_feat = token_features(contrib, tokens, vocab_ids)
+    last = _last_pos(ds)
+    resid = f32(ds["resid_final"]).isel(pos=last).values.astype(np.float64)
+    features = {
+        "per_head": per_head_feat.reshape(n, -1),
+        "per_head_token": tok_feat.reshape(n, -1),
+        "resid_final": resid.reshape(n, -1),
+    }
+    scores = np.stack([fit_score(f[train], f) for f in features.values()])
+    is_anom = anomalous[test]
+    aurocs = [auroc(s[test], is_anom) for s in scores]
+    head_auc = np.array([[auroc(per_head_feat[test, L, h], is_anom) for h in range(n_heads)] for L in range(n_layers)])
+    groups = ["trusted_train", "trusted_test", "anomalous_train", "anomalous_test"]
+    masks = [train, trusted & test, anomalous & ~test, anomalous & test]
+    res = xr.Dataset(
+        {
+            "score": (("detector", "batch"), scores),
+            "auroc": (("detector",), np.array(aurocs)),
+            "n_features": (("detector",), np.array([f.shape[1] for f in features.values()])),
+            "head_feature": (("batch", "layer", "head"), per_head_feat),
+            "head_auroc": (("layer", "head"), head_auc),
+            "token_bucket_id": (("token_bucket",), np.append(vocab_ids, -1)),
+            "count": (("group",), np.array([int(m.sum()) for m in masks])),
+        },
+        coords={
+            "detector": list(DETECTORS),
+            "layer": ds["layer"].values,
+            "group": groups,
+            "split": ("batch", split),
+            "subset": ("batch", subset),
+        },
+    )
+    res.attrs = {"effect_token": effect_token, "effect_token_id": token_id(ds, effect_token), "max_tokens": max_tokens}
+    return res
+
+
+def _summary(res: xr.Dataset) -> pd.DataFrame:
+    """Per head: AUROC of that head's total attribution alone, and its mean on each test split."""
+    table = head_table(res["head_auroc"], "head_auroc", ascending=False)
+    test = res["subset"] == "test"
+    for name in ("trusted", "anomalous"):
+        mean = res["head_feature"].where(test & (res["split"] == name)).mean("batch")
+        table = table.merge(head_table(mean, f"mean_attr_{name}_test"), on=["layer", "head"])
+    return table
+
+
+def _plot(res: xr.Dataset, folder: Path) -> list[Path]:
+    """Score histograms per split (trusted train / trusted test / anomalous test) for each detector."""
+    dets = [str(d) for d in res["detector"].values]
+    split = np.asarray(res["split"].values).astype(str)
+    subset = np.asarray(res["subset"].values).astype(str)
+    groups = {
+        "trusted train": (split == "trusted") & (subset == "train"),
+        "trusted test": (split == "trusted") & (subset == "test"),
+        "anomalous test": (split == "anomalous") & (subset == "test"),
+    }
+    fig, axes = plt.subplots(1, len(dets), figsize=(4.5 * len(dets), 3.8), squeeze=False)
+    pfig = make_subplots(rows=1, cols=len(dets), subplot_titles=[
+        f"{d} (AUROC {float(res['auroc'].sel(detector=d)):.3f})" for d in dets
+    ])  # fmt: skip
+    for i, d in enumerate(dets):
+        s = np.log10(np.maximum(res["score"].sel(detector=d).values.astype(float), 1e-12))
+        bins = np.histogram_bin_edges(s[np.isfinite(s)], bins=30)
+        ax = axes[0][i]
+        for j, (name, mask) in enumerate(groups.items()):
+            ax.hist(s[mask], bins=bins, alpha=0.5, label=name)
+            pfig.add_trace(
+                go.Histogram(x=s[mask], name=name, opacity=0.5, legendgroup=name, showlegend=i == 0,
+                             marker_color=["#1f77b4", "#2ca02c", "#d62728"][j]),
+                row=1, col=i + 1,
+            )  # fmt: skip
+        ax.set_title(f"{d} (AUROC {float(res['auroc'].sel(detector=d)):.3f})", fontsize=9)
+        ax.set_xlabel("log10 Mahalanobis^2")
+        ax.legend(fontsize=7)
+    title = f"if/else anomaly scores (effect token {res.attrs.get('effect_token', '')!r})"
+    fig.suptitle(title, fontsize=10)
+    png = folder / "ifelse_detector.png"
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    pfig.update_layout(title=title, barmode="overlay", height=450, width=450 * len(dets) + 100)
+    return [png, save_html(pfig, folder / "ifelse_detector.html")]
+
+
+SPEC = AnalyzerSpec(
+    name="ifelse-detector",
+    func=ifelse_detector,
+    requires=NEEDS,
+    summary=_summary,
+    plot=_plot,
+    doc="Mahalanobis detectors on per-head logit attribution to ' else' (seed: if/else anomaly detection)",
+)
