@@ -68,7 +68,9 @@ def hook_fn_at_scale(ln_scale: Any, hook: Any, ctx: dict[str, Any], model: Any) 
 
     result_orig = ctx.pop("result_orig") / ln_scale
     result_new = ctx.pop("result_new") / ln_scale
-    proj = einops.einsum(result_new - result_orig, model.W_U, "batch seqQ d_model, d_model d_vocab -> batch seqQ d_vocab")
+    proj = einops.einsum(
+        result_new - result_orig, model.W_U, "batch seqQ d_model, d_model d_vocab -> batch seqQ d_vocab"
+    )
     ablation = einops.einsum(-result_orig, model.W_U, "batch seqQ d_model, d_model d_vocab -> batch seqQ d_vocab")
     ctx["logit_change_for_proj"] = proj
     ctx["logit_change_for_perp"] = ablation - proj

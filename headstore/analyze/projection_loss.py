@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import xarray as xr
+from threadpoolctl import threadpool_limits
 
 from headstore.analyze._ops import f32, logits, next_tokens, per_head, require
 from headstore.analyze._plots import layer_head_heatmaps
@@ -61,8 +62,26 @@ def _block_losses(
 ) -> np.ndarray:
     """One (batch chunk, layer chunk) block -> losses (batch, layer, mode, head, pos).
 
-    Loop axes are (batch, layer); inputs without ``layer`` carry a size-1 axis there.
+    Loop axes are (batch, layer); inputs without ``layer`` carry a size-1 axis there. BLAS runs
+    single-threaded here: dask already runs one block per core, and nested BLAS threads on small
+    blocks cost ~100x (thread hand-off dominates the tiny matmuls).
     """
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _block_losses_1(lg, nxt, scale, u, v, pattern, result, w_o, w_u, only_negative)
+
+
+def _block_losses_1(
+    lg: np.ndarray,
+    nxt: np.ndarray,
+    scale: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    pattern: np.ndarray,
+    result: np.ndarray,
+    w_o: np.ndarray,
+    w_u: np.ndarray,
+    only_negative: bool,
+) -> np.ndarray:
     lg, nxt, scale = _lead(lg, 2)[:, 0], _lead(nxt, 1)[:, 0], _lead(scale, 1)[:, 0]
     u = _lead(u, 2)[:, 0]  # batch, pos, d_model
     v, pattern, result = _lead(v, 3), _lead(pattern, 3), _lead(result, 3)
@@ -103,17 +122,17 @@ def projection_loss(ds: xr.Dataset, only_negative: bool = False) -> xr.Dataset:
         dask="parallelized",
         output_dtypes=[np.float32],
     )
+    # one block = the store's batch chunk x one layer, whole along every other dim
+    batch_chunks = ds["tokens"].chunksizes.get("batch", ds.sizes["batch"])
+
+    def block(x: xr.DataArray) -> xr.DataArray:
+        return x.chunk({d: (batch_chunks if d == "batch" else 1 if d == "layer" else -1) for d in x.dims})
+
     v = per_head(f32(ds["v"]), ds)
     loss = xr.apply_ufunc(
         _block_losses,
-        clean,
-        nxt,
-        scale,
-        unembed_columns(ds),
-        v,
-        f32(ds["pattern"]),
-        f32(ds["result"]),
-        f32(ds["W_O"]),
+        *(block(x) for x in (clean, nxt, scale, unembed_columns(ds), v, f32(ds["pattern"]), f32(ds["result"]))),
+        block(f32(ds["W_O"])),
         w_u,
         kwargs={"only_negative": only_negative},
         input_core_dims=[
