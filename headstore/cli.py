@@ -137,11 +137,11 @@ def _coerce(value: str, annotation: Any, name: str) -> Any:
     return value
 
 
-def parse_params(func: Any, pairs: list[str]) -> dict[str, Any]:
-    """``["top_k=3", "heads=9.9,10.7"]`` -> kwargs, typed by ``func``'s signature."""
+def parse_params(func: Any, pairs: list[str], n_stores: int = 1) -> dict[str, Any]:
+    """``["top_k=3", "heads=9.9,10.7"]`` -> kwargs, typed by ``func``'s signature (stores excluded)."""
     sig = inspect.signature(func)
     hints = typing.get_type_hints(func)
-    params = list(sig.parameters)[1:]
+    params = list(sig.parameters)[n_stores:]
     out: dict[str, Any] = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
@@ -171,7 +171,7 @@ def analyze(
         if name not in specs:
             raise HeadstoreError(f"unknown analyzer {name!r}: choose from {', '.join(specs)}")
         spec = specs[name]
-        kwargs = parse_params(spec.func, param or [])
+        kwargs = parse_params(spec.func, param or [], spec.n_stores)
         summary, paths = run_analyzer(spec, stores, out, kwargs, scheduler=scheduler, partial=partial)
     except HeadstoreError as e:
         raise _fail(e) from None
@@ -235,11 +235,26 @@ def report(
 
 
 def main() -> None:
+    try:  # typer >= 0.2x vendors click as typer._click
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    except ImportError:  # pragma: no cover
+        from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[assignment]
+
     try:
-        app()
+        rv = app(standalone_mode=False)
     except HeadstoreError as e:  # pragma: no cover - commands catch their own
-        err.print(f"error: {e}")
+        err.print(f"error: {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except NoArgsIsHelpError as e:  # bare `headstore` / `headstore CMD`: show help
+        print(e.ctx.get_help() if e.ctx else "")
+        sys.exit(0)
+    except ClickException as e:  # bad option/value: one line, not a usage box
+        msg = " ".join(e.format_message().split())
+        err.print(f"error: {msg} (see --help)", highlight=False, soft_wrap=True, markup=False)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":
