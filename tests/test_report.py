@@ -243,3 +243,29 @@ def test_report_imports_no_torch() -> None:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1]) is False
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_schema_doc_lists_every_variable() -> None:
+    from headstore.store_schema.layout import FIELDS, MANIFEST, WEIGHTS
+
+    text = (DOCS / "schema.md").read_text(encoding="utf-8")
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| ([^|]+) \|", text, flags=re.M)}
+    for name, f in FIELDS.items():
+        assert rows.get(name, "").strip() == ", ".join(f.dims), f"docs/schema.md: {name} row missing or wrong dims"
+        if f.hook:
+            assert f"`{f.hook}`" in text, f"docs/schema.md: hook of {name} missing"
+    for name, w in WEIGHTS.items():
+        assert rows.get(name, "").strip() == ", ".join(w.dims), f"docs/schema.md: {name} row missing or wrong dims"
+    assert MANIFEST in rows and "vocab" in rows
+
+
+def test_analyzers_doc_covers_every_analyzer() -> None:
+    from headstore.analyze._registry import analyzers
+
+    headings = re.findall(r"^## (.+)$", (DOCS / "analyzers.md").read_text(encoding="utf-8"), flags=re.M)
+    names = {n.strip() for h in headings for n in h.split("(")[0].split(",")}
+    for name in analyzers():
+        assert name in names, f"docs/analyzers.md has no section for the analyzer {name!r}"
