@@ -65,7 +65,7 @@ def _assert_same_arrays(a: Path, b: Path) -> None:
         else:
             assert np.array_equal(xv, yv), name
     # Provenance: identical except the creation time and library versions.
-    pa, pb = dict(ga.attrs["headstore"]), dict(gb.attrs["headstore"])  # type: ignore[call-overload]
+    pa, pb = dict(ga.attrs["headstore"]), dict(gb.attrs["headstore"])  # type: ignore[arg-type]
     for key in ("created", "versions"):
         pa.pop(key, None)
         pb.pop(key, None)
