@@ -247,7 +247,7 @@ def main() -> None:
         sys.exit(2)
     except NoArgsIsHelpError as e:  # bare `headstore` / `headstore CMD`: show help
         print(e.ctx.get_help() if e.ctx else "")
-        sys.exit(0)
+        sys.exit(e.exit_code)
     except ClickException as e:  # bad option/value: one line, not a usage box
         msg = " ".join(e.format_message().split())
         err.print(f"error: {msg} (see --help)", highlight=False, soft_wrap=True, markup=False)
