@@ -186,3 +186,14 @@ def test_does_not_import_torch(ioi_store: Callable[[str], Path]) -> None:
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["torch"] is False
     assert out["score"] > 0
+
+
+def test_float16_store_is_upcast(make_store: Callable[..., Path], ioi_store: Callable[[str], Path]) -> None:
+    ds32 = open_store(ioi_store("tiny-llama"))
+    ds16 = open_store(make_store("tiny-llama", "ioi", n_seq=8, batch_size=4, dtype="float16"))
+    assert ds16["v"].dtype == np.float16 and ds16["pattern"].dtype == np.float16
+    np.testing.assert_array_equal(ds16["tokens"].values, ds32["tokens"].values)
+    r16 = copy_suppression(ds16).compute()
+    r32 = copy_suppression(ds32).compute()
+    assert r16["per_position"].dtype == np.float32
+    assert rel_err(r16["per_position"].values, r32["per_position"].values) <= 1e-2
