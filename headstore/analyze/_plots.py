@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import xarray as xr
 from plotly.subplots import make_subplots
@@ -56,10 +57,8 @@ def layer_head_heatmaps(
     return [png, save_html(pfig, stem.with_suffix(".html"))]
 
 
-def head_table(score: xr.DataArray, name: str, ascending: bool = True) -> pd.DataFrame:  # noqa: F821
+def head_table(score: xr.DataArray, name: str, ascending: bool = True) -> pd.DataFrame:
     """(layer, head) scores -> rows ``layer, head, name`` sorted (most extreme first)."""
-    import pandas as pd
-
     s = score.transpose("layer", "head")
     rows = [
         {"layer": int(L), "head": int(h), name: float(s.sel(layer=L).isel(head=h))}

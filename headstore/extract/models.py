@@ -65,6 +65,7 @@ def cache_dir() -> Path:
 def load_model(name: str, device: str = "auto") -> LoadedModel:
     """Boot ``name`` as a bridge with ``enable_compatibility_mode`` and ``use_attn_result``."""
     dev = resolve_device(device)
+    folder: Path | None
     if name in TINY:
         folder = _tiny_folder(name)
         source = {"kind": "random-init", "folder_sha256": _folder_sha(folder)}
@@ -153,7 +154,7 @@ def _smollm2_folder() -> Path:
     build.mkdir(parents=True)
     tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
     hf = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    hf.hf_quantizer = None
+    hf.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
     hf.save_pretrained(build)

@@ -92,21 +92,23 @@ def create_store(
             dtype = field_dtype(name, prov.storage_dtype)
             _create(root, name, f.dims, dtype, sizes, prov.batch_size)
         _create(root, MANIFEST, ("batch",), "uint8", sizes, prov.batch_size)
-        root["tokens"][:] = tokens.astype(np.int32)
+        tok_arr = root["tokens"]
+        assert isinstance(tok_arr, zarr.Array)
+        tok_arr[:] = tokens.astype(np.int32)
         for col, values in columns.items():
             arr = np.asarray(values)
-            dtype: Any = str if arr.dtype.kind in "UO" else arr.dtype
+            col_dtype: Any = str if arr.dtype.kind in "UO" else arr.dtype
             a = root.create_array(
-                col, shape=(n,), chunks=(n,), dtype=dtype, dimension_names=("batch",),
+                col, shape=(n,), chunks=(n,), dtype=col_dtype, dimension_names=("batch",),
                 compressors=_codecs(), config={"write_empty_chunks": True},
             )  # fmt: skip
             a[:] = arr
         for wname, value in weights.items():
             dims = WEIGHTS[wname].dims if wname in WEIGHTS else ("d_vocab",)
             chunks = tuple(1 if d == "layer" else s for d, s in zip(dims, value.shape, strict=True))
-            dtype = str if value.dtype.kind in "UO" else value.dtype
+            w_dtype: Any = str if value.dtype.kind in "UO" else value.dtype
             a = root.create_array(
-                wname, shape=value.shape, chunks=chunks, dtype=dtype, dimension_names=dims,
+                wname, shape=value.shape, chunks=chunks, dtype=w_dtype, dimension_names=dims,
                 compressors=_codecs(), config={"write_empty_chunks": True},
             )  # fmt: skip
             a[...] = value
