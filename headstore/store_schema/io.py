@@ -271,7 +271,10 @@ def _guard_reads(ds: xr.Dataset, root: zarr.Group, names: tuple[str, ...], path:
 def derived_result(z: xr.DataArray, W_O: xr.DataArray) -> xr.DataArray:
     """``result[batch, layer, pos, head, d_model] = sum_d_head z * W_O`` (float32)."""
     out = xr.dot(z.astype("float32"), W_O.astype("float32"), dim="d_head")
-    return out.transpose("batch", "layer", "pos", "head", "d_model")
+    out = out.transpose("batch", "layer", "pos", "head", "d_model")
+    if z.chunks is not None:  # keep z's chunking (dask's einsum may split it further)
+        out = out.chunk({d: z.chunksizes[d] for d in ("batch", "layer", "pos", "head")} | {"d_model": -1})
+    return out
 
 
 def provenance(ds: xr.Dataset) -> Provenance:
