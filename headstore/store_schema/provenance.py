@@ -109,7 +109,8 @@ class Provenance:
     def check_same_run(self, other: Provenance) -> None:
         """Refuse resuming/appending with anything different, naming the first difference."""
         mine, theirs = self.identity(), other.identity()
-        for key in mine:
+        # the weights hash follows from model and layers: name what the user changed first
+        for key in sorted(mine, key=lambda k: k == "model.weights_sha256"):
             if mine[key] != theirs[key]:
                 raise HeadstoreError(
                     f"the store was made with a different {key} ({_short(mine[key])} vs {_short(theirs[key])}): "
