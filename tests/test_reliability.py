@@ -1,0 +1,317 @@
+"""Crash-safe resume, integrity checks, provenance refusals and read-only/no-pickle safety.
+
+The crash tests run the real CLI in a subprocess and SIGKILL it at chosen points through the
+test-only hook ``HEADSTORE_TEST_KILL_AT`` (see ``headstore/store_schema/io.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from headstore.cli import app
+from headstore.store_schema import HeadstoreError, Provenance, done_mask, open_store, read_provenance, validate
+from headstore.store_schema.layout import ATTRS_KEY, MANIFEST
+
+ROOT = Path(__file__).resolve().parents[1]
+N_SEQ, BS = 24, 4
+ARGS = ["--model", "tiny-gpt2", "--data", "ioi", "--n-seq", str(N_SEQ), "--batch-size", str(BS), "--device", "cpu"]
+
+
+def run_cli(out: Path, kill_at: str | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("HEADSTORE_TEST_KILL_AT", None)
+    if kill_at:
+        env["HEADSTORE_TEST_KILL_AT"] = kill_at
+    cmd = [sys.executable, "-m", "headstore.cli", "extract", *ARGS, "--out", str(out), "--no-progress", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def assert_killed(res: subprocess.CompletedProcess[str]) -> None:
+    assert res.returncode == -signal.SIGKILL, (res.returncode, res.stderr[-2000:])
+
+
+def arrays_of(path: Path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(path), mode="r")
+    return {name: np.asarray(a[...]) for name, a in root.arrays()}
+
+
+def assert_same_arrays(got: Path, want: Path) -> None:
+    a, b = arrays_of(got), arrays_of(want)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert a[name].shape == b[name].shape, name
+        equal_nan = a[name].dtype.kind == "f"
+        assert np.array_equal(a[name], b[name], equal_nan=equal_nan), f"{name} differs"
+
+
+def tree_state(path: Path) -> dict[str, tuple[int, str]]:
+    """Every file under path -> (mtime_ns, sha256): to prove a refused command changed nothing."""
+    if path.is_file():
+        return {path.name: (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())}
+    return {
+        str(p.relative_to(path)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def batches_done(path: Path) -> list[int]:
+    done = done_mask(path)
+    return [i // BS for i in range(0, N_SEQ, BS) if done[i : i + BS].all()]
+
+
+@pytest.fixture(scope="module")
+def reference(make_store: Callable[..., Path]) -> Path:
+    return make_store("tiny-gpt2", "ioi", n_seq=N_SEQ, batch_size=BS)
+
+
+# --- 1. crash-safe resume ------------------------------------------------------------------------
+
+
+def test_kill_at_many_points_then_resume_equals_uninterrupted(tmp_path: Path, reference: Path) -> None:
+    out = tmp_path / "s.zarr"
+
+    # Killed during creation, before the rename: nothing at --out.
+    assert_killed(run_cli(out, "create:before_rename"))
+    assert not out.exists()
+
+    # Killed after some fields of batch 1 (z written, the rest and the manifest not).
+    assert_killed(run_cli(out, "batch:1:after_field:z"))
+    assert batches_done(out) == [0]
+    with pytest.raises(HeadstoreError, match=r"incomplete \(4 of 24 sequences written\)") as ei:
+        open_store(out)
+    assert "\n" not in str(ei.value)
+    ds = open_store(out, partial=True)
+    assert ds.sizes["batch"] == 4
+    ref = open_store(reference)
+    np.testing.assert_array_equal(ds["z"].values, ref["z"].isel(batch=slice(0, 4)).values)
+    np.testing.assert_array_equal(ds["tokens"].values, ref["tokens"].isel(batch=slice(0, 4)).values)
+
+    # Resumed, then killed in the middle of writing a chunk of pattern for batch 3 (torn chunk).
+    assert_killed(run_cli(out, "batch:3:torn_field:pattern"))
+    assert batches_done(out) == [0, 1, 2]
+    assert list(out.glob("pattern/c/3/**/*.partial")), "the hook should have left a torn write behind"
+    ds = open_store(out, partial=True)
+    assert ds.sizes["batch"] == 12
+    np.testing.assert_array_equal(ds["pattern"].values, ref["pattern"].isel(batch=slice(0, 12)).values)
+    rep = validate(out)  # checks completed batches only: the torn chunk belongs to an unfinished one
+    assert rep.problems == () and rep.n_complete == 12 and not rep.ok
+
+    # Killed while writing the manifest chunk of batch 4 (torn manifest: batch 4 must count as not done).
+    assert_killed(run_cli(out, "batch:4:torn_field:batch_done"))
+    assert batches_done(out) == [0, 1, 2, 3]
+
+    # Killed just after batch 4 is marked done: batch 4 must not be redone.
+    assert_killed(run_cli(out, "batch:4:after_field:batch_done"))
+    assert batches_done(out) == [0, 1, 2, 3, 4]
+
+    res = run_cli(out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "wrote 1 batches, 5 already done" in res.stdout  # nothing lost, nothing written twice
+    assert_same_arrays(out, reference)
+    assert validate(out).ok
+    full = open_store(out)
+    assert full.sizes["batch"] == N_SEQ
+    np.testing.assert_array_equal(full["loss"].values, ref["loss"].values)  # NaN positions included
+
+    # A second rerun of a finished store writes nothing.
+    res = run_cli(out)
+    assert res.returncode == 0 and "wrote 0 batches, 6 already done" in res.stdout
+
+
+def test_open_store_refuses_incomplete_with_one_line(tmp_path: Path, reference: Path) -> None:
+    out = tmp_path / "inc.zarr"
+    shutil.copytree(reference, out)
+    root = zarr.open_group(str(out), mode="r+")
+    root[MANIFEST][8:12] = 0
+    with pytest.raises(HeadstoreError) as ei:
+        open_store(out)
+    msg = str(ei.value)
+    assert "incomplete (20 of 24" in msg and "\n" not in msg
+    ds = open_store(out, partial=True)
+    assert ds.sizes["batch"] == 20
+    ref = open_store(reference)
+    keep = [i for i in range(N_SEQ) if not 8 <= i < 12]
+    np.testing.assert_array_equal(ds["v"].values, ref["v"].isel(batch=keep).values)
+    np.testing.assert_array_equal(ds["io_pos"].values, ref["io_pos"].isel(batch=keep).values)
+
+
+# --- 2. integrity --------------------------------------------------------------------------------
+
+
+def _damaged_copy(reference: Path, tmp_path: Path) -> tuple[Path, Path]:
+    out = tmp_path / "dmg.zarr"
+    shutil.copytree(reference, out)
+    chunk = out / "z" / "c" / "2" / "1" / "0" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    return out, chunk
+
+
+def test_validate_names_flipped_byte_and_deleted_chunk(tmp_path: Path, reference: Path) -> None:
+    out, _ = _damaged_copy(reference, tmp_path)
+    (out / "pattern" / "c" / "1" / "0" / "0" / "0" / "0").unlink()
+    rep = validate(out)
+    assert not rep.ok
+    assert "z: chunk 2.1.0.0.0 is damaged (ValueError)" in rep.problems
+    assert "pattern: chunk 1.0.0.0.0 is missing" in rep.problems
+    assert len(rep.problems) == 2
+
+    res = CliRunner().invoke(app, ["validate", str(out)])
+    assert res.exit_code == 1
+    assert "z: chunk 2.1.0.0.0 is damaged" in res.output
+    assert "pattern: chunk 1.0.0.0.0 is missing" in res.output
+
+    res = CliRunner().invoke(app, ["validate", str(reference)])
+    assert res.exit_code == 0, res.output
+
+
+def test_reading_a_damaged_chunk_fails_naming_the_array(tmp_path: Path, reference: Path) -> None:
+    out, _ = _damaged_copy(reference, tmp_path)
+    ds = open_store(out)  # lazy: opening works
+    ds["pattern"].compute()  # undamaged arrays still read
+    with pytest.raises(HeadstoreError, match=r"\bz\b.*damaged"):
+        ds["z"].compute()
+    with pytest.raises(HeadstoreError, match=r"\bz\b.*damaged"):
+        ds["result"].compute()  # derived from z
+
+
+def test_missing_chunk_reads_as_nan_not_data(tmp_path: Path, reference: Path) -> None:
+    out = tmp_path / "gone.zarr"
+    shutil.copytree(reference, out)
+    (out / "v" / "c" / "0" / "0" / "0" / "0" / "0").unlink()
+    v = open_store(out)["v"].values
+    assert np.isnan(v[0:4, 0]).all()
+    assert not np.isnan(v[4:]).any()
+
+
+# --- 3. provenance -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "what"),
+    [
+        (["--model", "tiny-llama"], "model.name"),
+        (["--seed", "1"], "dataset"),
+        (["--n-seq", "20"], "dataset"),
+        (["--fields", "default,q"], "fields"),
+        (["--dtype", "float16"], "storage_dtype"),
+        (["--layers", "0"], "layers"),
+        (["--batch-size", "2"], "batch_size"),
+    ],
+)
+def test_resume_with_different_run_is_refused(tmp_path: Path, reference: Path, extra: list[str], what: str) -> None:
+    out = tmp_path / "s.zarr"
+    shutil.copytree(reference, out)
+    before = tree_state(out)
+    args = dict(zip(ARGS[::2], ARGS[1::2], strict=True))
+    args.update(dict(zip(extra[::2], extra[1::2], strict=True)))
+    argv = ["extract", *[x for kv in args.items() for x in kv], "--out", str(out), "--no-progress"]
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert f"different {what}" in lines[0]
+    assert tree_state(out) == before
+
+
+def test_future_schema_version_is_refused_naming_both(tmp_path: Path, reference: Path) -> None:
+    out = tmp_path / "v99.zarr"
+    shutil.copytree(reference, out)
+    for meta in (out / "zarr.json",):
+        text = meta.read_text()
+        assert '"schema_version": 1' in text
+        meta.write_text(text.replace('"schema_version": 1', '"schema_version": 99'))
+    for call in (read_provenance, open_store, validate):
+        with pytest.raises(HeadstoreError, match=r"schema version 99.*up to 1"):
+            call(out)
+    res = CliRunner().invoke(app, ["info", str(out)])
+    assert res.exit_code == 2 and "schema version 99" in res.stderr and "up to 1" in res.stderr
+
+
+def test_pairing_stores_of_different_models_is_refused(make_store: Callable[..., Path], reference: Path) -> None:
+    other = make_store("tiny-llama", "ioi", n_seq=12, batch_size=4)
+    a, b = read_provenance(reference), read_provenance(other)
+    a.check_same_model(a)
+    with pytest.raises(HeadstoreError, match=r"differ in model\.name \('tiny-gpt2' vs 'tiny-llama'\)"):
+        a.check_same_model(b)
+    d = a.to_dict()
+    d["model"] = {**d["model"], "weights_sha256": "0" * 64}
+    with pytest.raises(HeadstoreError, match=r"model\.weights_sha256"):
+        a.check_same_model(Provenance.from_dict(d))
+
+
+# --- 5. safety -----------------------------------------------------------------------------------
+
+UNSAFE = [
+    (re.compile(r"\bpickle\.loads?\s*\("), "pickle.load"),
+    (re.compile(r"\b(?:c?[Pp]ickle|dill|joblib)\b.*\bload"), "unpickling load"),
+    (re.compile(r"\btorch\.load\s*\("), "torch.load"),
+    (re.compile(r"allow_pickle\s*=\s*True"), "np.load(allow_pickle=True)"),
+]
+
+
+def test_no_module_unpickles() -> None:
+    hits = []
+    for py in sorted((ROOT / "headstore").rglob("*.py")):
+        for i, line in enumerate(py.read_text(encoding="utf-8").splitlines(), 1):
+            for pat, what in UNSAFE:
+                if pat.search(line):
+                    hits.append(f"{py.relative_to(ROOT)}:{i}: {what}: {line.strip()}")
+    assert hits == []
+    # the grep itself finds what it is meant to find
+    assert all(
+        pat.search(s)
+        for (pat, _), s in zip(
+            UNSAFE,
+            ["pickle.loads(b)", "import pickle; pickle.load(f)", "torch.load(p)", "np.load(p, allow_pickle = True)"],
+            strict=True,
+        )
+    )
+
+
+def test_every_read_path_opens_zarr_read_only() -> None:
+    src = (ROOT / "headstore" / "store_schema" / "io.py").read_text()
+    calls = re.findall(r"zarr\.open_group\((.*?)\)\n", src, flags=re.S)
+    modes = [re.search(r"mode=\"([^\"]+)\"", c) for c in calls]
+    assert all(m for m in modes), calls
+    # only the creator ("w-") and the batch writer ("r+") may write; everything else is "r"
+    assert sorted(m.group(1) for m in modes if m) == ["r", "r+", "w-"]
+    assert re.search(r"xr\.open_zarr\(", src) and "mode=" not in re.search(r"xr\.open_zarr\((.*?)\)", src).group(1)  # type: ignore[union-attr]
+
+
+def test_open_store_is_read_only(tmp_path: Path, reference: Path) -> None:
+    out = tmp_path / "ro.zarr"
+    shutil.copytree(reference, out)
+    before = tree_state(out)
+    ds = open_store(out)
+    # writing into the in-memory view never reaches the files
+    ds["z"].values  # noqa: B018
+    ds.attrs[ATTRS_KEY]["seq_len"] = 1
+    ds["tokens"][0, 0] = 7  # touches only a loaded copy
+    # the zarr group behind the readers refuses writes
+    from headstore.store_schema.io import _open_group
+
+    root = _open_group(out)
+    assert root.read_only
+    with pytest.raises(Exception, match=r"(?i)read.only|read-only|mode"):
+        root["tokens"][0, 0] = 7
+    with pytest.raises(Exception, match=r"(?i)read.only|read-only|mode"):
+        root.attrs["x"] = 1
+    assert tree_state(out) == before
+    assert read_provenance(out).seq_len != 1
