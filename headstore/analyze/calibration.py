@@ -1,0 +1,300 @@
+"""Calibration of next-token predictions, and how it changes when one head's direct effect is removed.
+
+Seed 003 (``measure_calibration`` / ``measure_calibration_minus_heads``), offline:
+
+- logits at positions ``0..seq-2`` are recomputed from ``resid_final`` with ``ln_final_scale``
+  frozen (``_ops.logits``); ``probs = softmax``; the top-k probabilities and their indices are
+  taken; a top-k entry is *correct* when its index is the next token;
+- bins are ``[i/n, (i+1)/n)`` (edges in float32, as the seed's ``t.arange(n + 1) / n``), so a
+  probability of exactly 1.0 falls in no bin, as in the seed;
+- ``bucket_frequency`` / ``bucket_correct_frequency`` are counts summed over every batch;
+  ``accuracy = correct / frequency``; ``variance = p_mid (1 - p_mid) / frequency`` (both NaN in an
+  empty bin, where the seed's variance would be inf);
+- for head ``(L, h)`` the same is done on ``logits - (result[b, L, q, h] / ln_final_scale) @ W_U``
+  (the seed's direct-effect removal: the head's output is taken out through the frozen scale, and
+  not centred, exactly as in the seed).
+
+Counts are accumulated blockwise: one dask task per ``batch`` chunk, which holds that chunk's
+baseline logits and one head's ablated logits at a time (never all heads' ``tokens x d_vocab``).
+
+``overconfidence(accuracy)`` is the seed's ``calculate_overconfidence``: with
+``perfect = (arange(n) + 0.5) / n``, ``f = accuracy - perfect`` and ``x = 0.5 - perfect`` it is
+``sum(f x) / sum(x x)``, except that empty bins (NaN accuracy; the seed would return NaN) are
+left out of *both* sums; the number of empty bins is reported beside it.
+
+Note on the seed's docstring: it says ``t.linspace(-5, 5, 100).sigmoid()`` scores "about -0.7",
+but the seed's own formula gives **-0.3157** for that curve. No curve with accuracies in ``[0, 1]`` can
+go below -0.5 (reached by the step: accuracy 0 below p = 0.5 and 1 above it; the seed's "-1" would
+need accuracy ``2p - 0.5``, negative for p < 0.25), so the docstring is a slip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as dsa
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import xarray as xr
+
+from headstore.analyze._ops import f32, logits, require
+from headstore.analyze._plots import head_table, layer_head_heatmaps, save_html
+from headstore.analyze._registry import AnalyzerSpec
+from headstore.store_schema import HeadstoreError
+
+REQUIRES = ("tokens", "resid_final", "ln_final_scale", "result", "W_U", "b_U")
+
+
+def perfect_calibration_line(n_bins: int) -> np.ndarray:
+    return (np.arange(n_bins) + 0.5) / n_bins
+
+
+def _overconfidence_last_axis(accuracy: np.ndarray) -> np.ndarray:
+    acc = np.asarray(accuracy, dtype=np.float64)
+    n = acc.shape[-1]
+    perfect = perfect_calibration_line(n)
+    valid = ~np.isnan(acc)
+    f = np.where(valid, acc - perfect, 0.0)
+    x = np.where(valid, 0.5 - perfect, 0.0)
+    num = (f * x).sum(-1)
+    den = (x * x).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def overconfidence(accuracy: Any) -> float:
+    """Seed ``calculate_overconfidence`` with empty (NaN) bins left out of both sums.
+
+    0 for a perfectly calibrated curve, 1 for the constant 0.5 curve, -0.5 (the minimum for
+    accuracies in [0, 1]) for the step curve 0 below p = 0.5 and 1 above; NaN when every bin is empty.
+    """
+    acc = np.asarray(accuracy, dtype=np.float64)
+    if acc.ndim != 1:
+        raise HeadstoreError(f"overconfidence takes a 1-d accuracy curve, got shape {acc.shape}")
+    return float(_overconfidence_last_axis(acc))
+
+
+def n_empty_bins(accuracy: Any) -> int:
+    return int(np.isnan(np.asarray(accuracy, dtype=np.float64)).sum())
+
+
+def parse_heads(spec: str, layers: np.ndarray, n_heads: int) -> list[tuple[int, int]]:
+    """``"all"`` or ``"9.9,10.7"`` (model layer . head) -> [(layer, head)]."""
+    if spec.strip() in ("all", ""):
+        return [(int(L), h) for L in layers for h in range(n_heads)]
+    out: list[tuple[int, int]] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        try:
+            a, b = item.split(".")
+            L, h = int(a), int(b)
+        except ValueError as e:
+            raise HeadstoreError(f"heads {spec!r}: each head is LAYER.HEAD, e.g. '9.9,10.7', or 'all'") from e
+        if L not in set(int(x) for x in layers):
+            raise HeadstoreError(f"head {item}: layer {L} is not in this store (layers {list(map(int, layers))})")
+        if not 0 <= h < n_heads:
+            raise HeadstoreError(f"head {item}: head index out of range 0..{n_heads - 1}")
+        if (L, h) not in out:
+            out.append((L, h))
+    if not out:
+        raise HeadstoreError("heads: no head given (use 'all' or e.g. '9.9,10.7')")
+    return out
+
+
+def _bin_counts(logit_rows: np.ndarray, nxt: np.ndarray, top_k: int, edges: np.ndarray) -> np.ndarray:
+    """(tokens, d_vocab) float32 logits, (tokens,) next ids -> (2, n_bins): [frequency, correct]."""
+    n_bins = edges.size - 1
+    x = logit_rows - logit_rows.max(-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(-1, keepdims=True)
+    k = min(top_k, x.shape[-1])
+    idx = np.argpartition(-x, k - 1, axis=-1)[:, :k]
+    vals = np.take_along_axis(x, idx, -1)
+    correct = idx == nxt[:, None]
+    b = np.searchsorted(edges, vals, side="right") - 1  # vals in [edges[b], edges[b+1])
+    ok = (b >= 0) & (b < n_bins)
+    freq = np.bincount(b[ok], minlength=n_bins)
+    corr = np.bincount(b[ok & correct], minlength=n_bins)
+    return np.stack([freq, corr]).astype(np.int64)
+
+
+def _block_counts(
+    lg: np.ndarray,
+    result: np.ndarray,
+    scale: np.ndarray,
+    nxt: np.ndarray,
+    W_U: np.ndarray,
+    head_idx: list[tuple[int, int]],
+    top_k: int,
+    edges: np.ndarray,
+) -> np.ndarray:
+    """One batch chunk -> (1 + n_selected_heads, 2, n_bins) counts.
+
+    ``lg`` (b, q, d_vocab), ``result`` (b, layer, q, head, d_model), ``scale`` (b, q), ``nxt`` (b, q).
+    """
+    n_tok = lg.shape[0] * lg.shape[1]
+    lg2 = np.ascontiguousarray(lg, dtype=np.float32).reshape(n_tok, -1)
+    nxt1 = nxt.reshape(n_tok)
+    out = np.zeros((1 + len(head_idx), 2, edges.size - 1), np.int64)
+    buf = np.empty_like(lg2)
+    np.copyto(buf, lg2)
+    out[0] = _bin_counts(buf, nxt1, top_k, edges)
+    inv = (1.0 / scale.astype(np.float32)).reshape(n_tok, 1)
+    for i, (li, h) in enumerate(head_idx):
+        r = result[:, li, :, h, :].astype(np.float32).reshape(n_tok, -1) * inv
+        np.matmul(r, W_U, out=buf)
+        np.subtract(lg2, buf, out=buf)
+        out[1 + i] = _bin_counts(buf, nxt1, top_k, edges)
+    return out
+
+
+def calibration(ds: xr.Dataset, top_k: int = 3, n_bins: int = 50, heads: str = "all") -> xr.Dataset:
+    """Calibration curve and overconfidence, baseline and with each head's direct effect removed."""
+    require(ds, REQUIRES, "calibration")
+    if n_bins < 1 or top_k < 1:
+        raise HeadstoreError("calibration needs n_bins >= 1 and top_k >= 1")
+    n_pos = ds.sizes["pos"]
+    if n_pos < 2:
+        raise HeadstoreError("calibration needs sequences of at least 2 tokens")
+    layers = ds["layer"].values
+    n_heads = ds.sizes["head"]
+    selected = parse_heads(heads, layers, n_heads)
+    layer_pos = {int(L): i for i, L in enumerate(layers)}
+    head_idx = [(layer_pos[L], h) for L, h in selected]
+
+    q = slice(0, n_pos - 1)
+    lg = logits(ds).isel(pos=q).transpose("batch", "pos", "d_vocab")
+    batch_chunks = lg.chunks[0] if lg.chunks else (ds.sizes["batch"],)
+    res = ds["result"].isel(pos=q).transpose("batch", "layer", "pos", "head", "d_model").data
+    scale = f32(ds["ln_final_scale"]).isel(pos=q).transpose("batch", "pos").data
+    nxt = ds["tokens"].shift(pos=-1, fill_value=-1).astype(np.int64).isel(pos=q).transpose("batch", "pos").data
+    lg_d = dsa.asarray(lg.data).rechunk({0: batch_chunks, 1: -1, 2: -1})
+    res = dsa.asarray(res).rechunk({0: batch_chunks, 1: -1, 2: -1, 3: -1, 4: -1})
+    scale = dsa.asarray(scale).rechunk({0: batch_chunks, 1: -1})
+    nxt = dsa.asarray(nxt).rechunk({0: batch_chunks, 1: -1})
+    W_U = dask.delayed(np.ascontiguousarray)(f32(ds["W_U"]).transpose("d_model", "d_vocab").data)
+    edges = np.arange(n_bins + 1, dtype=np.float32) / np.float32(n_bins)
+
+    n_var = 1 + len(head_idx)
+    parts = []
+    for i in range(len(batch_chunks)):
+        task = dask.delayed(_block_counts, pure=True)(
+            lg_d.blocks[i, 0, 0], res.blocks[i, 0, 0, 0, 0], scale.blocks[i, 0], nxt.blocks[i, 0],
+            W_U, head_idx, top_k, edges,
+        )  # fmt: skip
+        parts.append(dsa.from_delayed(task, shape=(n_var, 2, n_bins), dtype=np.int64))
+    counts = dsa.stack(parts).sum(0)  # (variant, 2, bin)
+
+    bins = np.arange(n_bins)
+    p_mid = perfect_calibration_line(n_bins)
+    c = xr.DataArray(counts, dims=("variant", "kind", "bin"), coords={"bin": bins})
+    freq, corr = c.isel(kind=0), c.isel(kind=1)
+    accuracy = (corr / freq.where(freq > 0)).astype(np.float64)
+    variance = xr.DataArray(p_mid * (1 - p_mid), dims="bin", coords={"bin": bins}) / freq.where(freq > 0)
+    over = xr.apply_ufunc(
+        _overconfidence_last_axis, accuracy, input_core_dims=[["bin"]], dask="parallelized", output_dtypes=[np.float64]
+    )
+    empty = (freq == 0).sum("bin")
+
+    out = xr.Dataset(
+        {
+            "p_mid": ("bin", p_mid),
+            "bucket_frequency": freq.isel(variant=0, drop=True),
+            "bucket_correct_frequency": corr.isel(variant=0, drop=True),
+            "accuracy": accuracy.isel(variant=0, drop=True),
+            "variance": variance.isel(variant=0, drop=True),
+            "overconfidence": over.isel(variant=0, drop=True),
+            "n_empty_bins": empty.isel(variant=0, drop=True),
+        },
+        coords={"bin": bins},
+    )
+
+    # Per head: scatter the selected variants onto a full (layer, head) grid (NaN / -1 elsewhere).
+    flat = np.full(len(layers) * n_heads, len(head_idx) + 1)  # index of an all-missing pad variant
+    for i, (li, h) in enumerate(head_idx):
+        flat[li * n_heads + h] = 1 + i
+
+    def grid(var: xr.DataArray, fill: float) -> xr.DataArray:
+        padded = xr.concat([var, xr.full_like(var.isel(variant=[0]), fill)], "variant")
+        g = padded.isel(variant=xr.DataArray(flat.reshape(len(layers), n_heads), dims=("layer", "head")))
+        return g.assign_coords(layer=layers)
+
+    out["head_bucket_frequency"] = grid(freq, -1).transpose("layer", "head", "bin")
+    out["head_bucket_correct_frequency"] = grid(corr, -1).transpose("layer", "head", "bin")
+    out["head_accuracy"] = grid(accuracy, np.nan).transpose("layer", "head", "bin")
+    out["head_variance"] = grid(variance, np.nan).transpose("layer", "head", "bin")
+    out["head_overconfidence"] = grid(over, np.nan).transpose("layer", "head")
+    out["head_n_empty_bins"] = grid(empty, -1).transpose("layer", "head")
+    out["overconfidence_change"] = out["head_overconfidence"] - out["overconfidence"]
+    out["overconfidence_ratio"] = out["head_overconfidence"] / out["overconfidence"] - 1
+    out["selected"] = xr.DataArray((flat <= len(head_idx)).reshape(len(layers), n_heads), dims=("layer", "head"))
+    out.attrs.update({"analyzer": "calibration", "top_k": int(top_k), "n_bins": int(n_bins), "heads": heads})
+    return out
+
+
+def summary(res: xr.Dataset) -> pd.DataFrame:
+    df = head_table(res["overconfidence_change"], "overconfidence_change", ascending=False)
+    over = res["head_overconfidence"]
+    ratio = res["overconfidence_ratio"]
+    df["overconfidence"] = [float(over.sel(layer=L).isel(head=h)) for L, h in zip(df["layer"], df["head"])]
+    df["overconfidence_ratio"] = [float(ratio.sel(layer=L).isel(head=h)) for L, h in zip(df["layer"], df["head"])]
+    df["baseline"] = float(res["overconfidence"])
+    return df.dropna(subset=["overconfidence_change"]).reset_index(drop=True)
+
+
+def plot(res: xr.Dataset, folder: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    acc = res["accuracy"].values.astype(float)
+    sd = np.sqrt(res["variance"].values.astype(float))
+    x = res["p_mid"].values
+    base = float(res["overconfidence"])
+    title = f"Calibration curve (top-{res.attrs.get('top_k')}), overconfidence = {base:.4f}"
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.plot(x, acc, color=(0, 100 / 255, 80 / 255))
+    ax.fill_between(x, acc - sd, acc + sd, color=(0, 100 / 255, 80 / 255), alpha=0.2, linewidth=0)
+    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("predicted probability (bin middle)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    png = folder / "calibration_curve.png"
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    xs = x.tolist()
+    pfig = go.Figure(
+        [
+            go.Scatter(x=xs, y=acc.tolist(), line={"color": "rgb(0,100,80)"}, mode="lines", name="accuracy"),
+            go.Scatter(
+                x=xs + xs[::-1], y=(acc + sd).tolist() + (acc - sd).tolist()[::-1], fill="toself",
+                fillcolor="rgba(0,100,80,0.2)", line={"color": "rgba(255,255,255,0)"}, hoverinfo="skip",
+                showlegend=False,
+            ),
+        ]
+    )  # fmt: skip
+    pfig.update_layout(width=800, height=600, showlegend=False, title=title, xaxis_range=[0, 1], yaxis_range=[0, 1])
+    html = save_html(pfig, folder / "calibration_curve.html")
+    change = res["overconfidence_change"]
+    heat = layer_head_heatmaps(
+        [change * (change > 0)],
+        ["change in overconfidence (positive part)"],
+        f"Change in overconfidence from removing direct effect<br>Baseline (no ablation) = {base:.4f}",
+        folder / "overconfidence_change",
+        symmetric=True,
+    )
+    return [png, html, *heat]
+
+
+SPEC = AnalyzerSpec(
+    name="calibration",
+    func=calibration,
+    requires=REQUIRES,
+    summary=summary,
+    plot=plot,
+    doc="Calibration curve and overconfidence; change when each head's direct effect is removed (seed 003).",
+)

@@ -1,0 +1,169 @@
+"""calibration: counts and overconfidence against the seed's online computation on the live bridge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from headstore import open_store
+from headstore.analyze._registry import analyzers
+from headstore.analyze.calibration import calibration, n_empty_bins, overconfidence, parse_heads
+from headstore.store_schema import HeadstoreError
+
+STORE_KW = {"n_seq": 8, "batch_size": 4, "seq_len": 24}
+
+
+def seed_overconfidence(accuracy: torch.Tensor) -> float:
+    """Seed 003 ``calculate_overconfidence`` (verbatim arithmetic, empty bins dropped first)."""
+    acc = accuracy.double()
+    n = len(acc)
+    perfect = (torch.arange(n) + 0.5) / n
+    keep = ~torch.isnan(acc)
+    f = acc[keep] - perfect[keep]
+    x = torch.full((n,), 0.5)[keep] - perfect[keep]
+    return float((f * x).sum() / (x * x).sum())
+
+
+def oracle(bridge, tokens: torch.Tensor, heads: list[tuple[int, int]], top_k: int, n_bins: int):
+    """Seed ``measure_calibration_minus_heads`` on one batch of tokens, on the live model."""
+    next_toks = tokens[:, 1:].unsqueeze(-1).expand(-1, -1, top_k)
+    with torch.no_grad():
+        logits, cache = bridge.run_with_cache(
+            tokens, names_filter=lambda n: n.endswith("hook_result") or n == "ln_final.hook_scale", return_type="logits"
+        )
+    logits = logits[:, :-1]
+    scale = cache["ln_final.hook_scale"][:, :-1]
+    W_U = bridge.W_U
+    freq = torch.zeros(len(heads) + 1, n_bins)
+    corr = torch.zeros(len(heads) + 1, n_bins)
+    for i, head in enumerate([None, *heads]):
+        if head is None:
+            new_logits = logits
+        else:
+            layer, h = head
+            result = cache[f"blocks.{layer}.attn.hook_result"][:, :-1, h] / scale
+            new_logits = logits - torch.einsum("bsd,dv->bsv", result, W_U)
+        top = new_logits.softmax(-1).topk(k=top_k, dim=-1)
+        is_correct = (top.indices - next_toks) == 0
+        edges = (torch.arange(n_bins + 1) / n_bins).view(1, 1, 1, -1)
+        in_bin = (top.values.unsqueeze(-1) >= edges[..., :-1]) & (top.values.unsqueeze(-1) < edges[..., 1:])
+        freq[i] += in_bin.sum((0, 1, 2))
+        corr[i] += (in_bin & is_correct.unsqueeze(-1)).sum((0, 1, 2))
+    return freq, corr
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize(("top_k", "n_bins"), [(3, 50), (5, 20000)])
+def test_matches_live_seed(make_store, live_model, model: str, top_k: int, n_bins: int) -> None:
+    fields = "default,result" if model == "tiny-llama" else "default"  # stored and derived result
+    ds = open_store(make_store(model, "text", fields=fields, **STORE_KW))
+    res = calibration(ds, top_k=top_k, n_bins=n_bins).compute()
+    lm = live_model(model)
+    heads = [(int(L), h) for L in ds["layer"].values for h in range(ds.sizes["head"])]
+    tokens = torch.as_tensor(ds["tokens"].values.astype(np.int64))
+    freq, corr = oracle(lm.bridge, tokens, heads, top_k, n_bins)
+
+    # Exact counts, baseline and every head.
+    np.testing.assert_array_equal(res["bucket_frequency"].values, freq[0].numpy().astype(np.int64))
+    np.testing.assert_array_equal(res["bucket_correct_frequency"].values, corr[0].numpy().astype(np.int64))
+    assert int(res["bucket_frequency"].sum()) == tokens.shape[0] * (tokens.shape[1] - 1) * top_k
+    for i, (L, h) in enumerate(heads, start=1):
+        np.testing.assert_array_equal(res["head_bucket_frequency"].sel(layer=L).isel(head=h).values, freq[i].numpy())
+        np.testing.assert_array_equal(
+            res["head_bucket_correct_frequency"].sel(layer=L).isel(head=h).values, corr[i].numpy()
+        )
+    # The large-bin run spreads tiny random-model probabilities over many bins: the check is not vacuous.
+    if n_bins == 20000:
+        assert int((freq[0] > 0).sum()) > 5
+        assert int((freq[1:] != freq[0]).any(-1).sum()) > 0  # some head ablation changes the histogram
+
+    base = seed_overconfidence(corr[0] / freq[0])
+    assert float(res["overconfidence"]) == pytest.approx(base, rel=1e-4)
+    assert int(res["n_empty_bins"]) == int((freq[0] == 0).sum())
+    for i, (L, h) in enumerate(heads, start=1):
+        o = seed_overconfidence(corr[i] / freq[i])
+        got = res.sel(layer=L).isel(head=h)
+        assert float(got["head_overconfidence"]) == pytest.approx(o, rel=1e-4)
+        assert float(got["overconfidence_change"]) == pytest.approx(o - base, rel=1e-4, abs=1e-9)
+        assert float(got["overconfidence_ratio"]) == pytest.approx(o / base - 1, rel=1e-4, abs=1e-9)
+    acc = res["accuracy"].values
+    p = res["p_mid"].values
+    fr = res["bucket_frequency"].values
+    ne = fr > 0
+    np.testing.assert_allclose(res["variance"].values[ne], p[ne] * (1 - p[ne]) / fr[ne])
+    np.testing.assert_allclose(acc[ne], res["bucket_correct_frequency"].values[ne] / fr[ne])
+    # Empty bins: NaN accuracy and variance (the seed's variance would be inf there).
+    assert np.isnan(acc[~ne]).all() and np.isnan(res["variance"].values[~ne]).all()
+
+
+def test_selected_heads_and_dims(make_store) -> None:
+    ds = open_store(make_store("tiny-gpt2", "text", **STORE_KW))
+    full = calibration(ds, n_bins=400).compute()
+    part = calibration(ds, n_bins=400, heads="1.2, 0.0").compute()
+    assert part["head_accuracy"].dims == ("layer", "head", "bin")
+    assert part["accuracy"].dims == ("bin",)
+    assert part["selected"].values.sum() == 2
+    for L, h in [(1, 2), (0, 0)]:
+        np.testing.assert_array_equal(
+            part["head_bucket_frequency"].sel(layer=L).isel(head=h).values,
+            full["head_bucket_frequency"].sel(layer=L).isel(head=h).values,
+        )
+    assert np.isnan(float(part["head_overconfidence"].sel(layer=0).isel(head=1)))
+    np.testing.assert_array_equal(part["bucket_frequency"].values, full["bucket_frequency"].values)
+    with pytest.raises(HeadstoreError):
+        calibration(ds, heads="7.0")
+    with pytest.raises(HeadstoreError):
+        calibration(ds, heads="1-2")
+
+
+def test_blockwise_graph(make_store) -> None:
+    """One counting task per batch chunk; results independent of the chunking."""
+    ds = open_store(make_store("tiny-gpt2", "text", **STORE_KW))
+    res = calibration(ds, n_bins=300)
+    names = [k for k in dict(res["bucket_frequency"].data.dask) if "_block_counts" in str(k)]
+    assert len({n if isinstance(n, str) else n[0] for n in names}) == len(ds["resid_final"].chunksizes["batch"]) == 2
+    one = calibration(ds.chunk(batch=-1), n_bins=300).compute()
+    np.testing.assert_array_equal(one["head_bucket_frequency"].values, res["head_bucket_frequency"].values)
+
+
+def test_overconfidence_edge_cases() -> None:
+    n = 100
+    perfect = (np.arange(n) + 0.5) / n
+    assert overconfidence(perfect) == pytest.approx(0.0, abs=1e-12)
+    assert overconfidence(np.full(n, 0.5)) == pytest.approx(1.0)
+    step = np.where(perfect < 0.5, 0.0, 1.0)  # the most underconfident curve in [0, 1]
+    assert overconfidence(step) == pytest.approx(-0.5, abs=1e-3)
+    rng = np.random.default_rng(0)
+    assert min(overconfidence(np.sort(rng.random(n))) for _ in range(200)) > -0.5
+    sig = torch.linspace(-5, 5, 100).sigmoid().numpy()
+    assert round(overconfidence(sig), 4) == -0.3157  # not "about -0.7" as the seed docstring says
+    # Empty bins are left out of both sums.
+    acc = np.full(n, 0.5)
+    acc[[3, 50, 97]] = np.nan
+    assert overconfidence(acc) == pytest.approx(1.0)
+    assert n_empty_bins(acc) == 3
+    acc2 = perfect.copy()
+    acc2[10:20] = np.nan
+    acc2[60] = 0.9
+    keep = ~np.isnan(acc2)
+    f, x = acc2[keep] - perfect[keep], 0.5 - perfect[keep]
+    assert overconfidence(acc2) == pytest.approx(float((f * x).sum() / (x * x).sum()))
+    assert np.isnan(overconfidence(np.full(4, np.nan)))
+
+
+def test_parse_heads() -> None:
+    assert parse_heads("all", np.array([0, 1]), 2) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert parse_heads("9.9,10.7", np.arange(12), 12) == [(9, 9), (10, 7)]
+
+
+def test_cli_outputs(make_store, tmp_path: Path) -> None:
+    from headstore.analyze._run import run_analyzer
+
+    spec = analyzers()["calibration"]
+    summary, paths = run_analyzer(spec, [str(make_store("tiny-gpt2", "text", **STORE_KW))], tmp_path, {"n_bins": 200})
+    assert len(summary) == 8 and {"layer", "head", "overconfidence_change"} <= set(summary.columns)
+    assert all(p.exists() for p in paths)
+    assert {p.suffix for p in paths} >= {".png", ".html", ".csv"}
