@@ -1,0 +1,169 @@
+"""logit-attribution: per-head per-source terms against the live bridge, and exact reconstruction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from headstore import open_store
+from headstore.analyze._registry import analyzers
+from headstore.analyze.logit_attribution import logit_attribution
+from headstore.store_schema import HeadstoreError
+
+STORE_KW = {"n_seq": 8, "batch_size": 4, "seq_len": 24}
+
+
+def live_terms(bridge, tokens: torch.Tensor, dest: np.ndarray, target: np.ndarray, n_heads: int, n_kv: int):
+    """Oracle from hooks: contrib (b, L, h, k), head result projection (b, L, h), model logit (b,)."""
+    names = ("hook_pattern", "hook_v", "hook_result", "ln_final.hook_scale")
+    with torch.no_grad():
+        logits, cache = bridge.run_with_cache(tokens, names_filter=lambda n: n.endswith(names), return_type="logits")
+        return _terms(bridge, logits, cache, tokens, dest, target, n_heads, n_kv)
+
+
+@torch.no_grad()
+def _terms(bridge, logits, cache, tokens, dest, target, n_heads: int, n_kv: int):
+    b = torch.arange(tokens.shape[0])
+    d = torch.as_tensor(dest)
+    t = torch.as_tensor(target)
+    W_U_t = bridge.W_U[:, t]  # (d_model, batch)
+    scale = cache["ln_final.hook_scale"][b, d].reshape(-1)  # (batch,)
+    group = n_heads // n_kv
+    contrib, from_result = [], []
+    for L in range(bridge.cfg.n_layers):
+        pat = cache[f"blocks.{L}.attn.hook_pattern"][b, :, d]  # (batch, head, key)
+        v = cache[f"blocks.{L}.attn.hook_v"]  # (batch, key, kv_head, d_head)
+        W_O = bridge.W_O[L]  # (head, d_head, d_model)
+        rows = []
+        for h in range(n_heads):
+            ov = v[:, :, h // group] @ W_O[h]  # (batch, key, d_model)
+            proj = torch.einsum("bkd,db->bk", ov, W_U_t)
+            rows.append(pat[:, h] * proj / scale[:, None])
+        contrib.append(torch.stack(rows, 1))
+        res = cache[f"blocks.{L}.attn.hook_result"][b, d]  # (batch, head, d_model)
+        from_result.append(torch.einsum("bhd,db->bh", res, W_U_t) / scale[:, None])
+    return torch.stack(contrib, 1).numpy(), torch.stack(from_result, 1).numpy(), logits[b, d, t].numpy()
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize(("data", "target", "dest"), [("text", "next", -1), ("ioi", "io_token", -1), ("text", "7", 9)])
+def test_matches_live_bridge(make_store, live_model, model: str, data: str, target: str, dest: int) -> None:
+    ds = open_store(make_store(model, data, **STORE_KW))
+    res = logit_attribution(ds, target=target, dest=dest).compute()
+    n_seq, seq_len = ds.sizes["batch"], ds.sizes["pos"]
+    toks = ds["tokens"].values
+    if target == "next":
+        want_dest = np.full(n_seq, seq_len - 2)  # no end_pos: last position that has a next token
+        want_t = toks[np.arange(n_seq), want_dest + 1]
+    elif target == "io_token":
+        want_dest, want_t = ds["end_pos"].values, ds["io_token"].values
+    else:
+        want_dest, want_t = np.full(n_seq, dest), np.full(n_seq, int(target))
+    np.testing.assert_array_equal(res["dest"].values, want_dest)
+    np.testing.assert_array_equal(res["target"].values, want_t)
+
+    # The model folds value biases: the stored b_V is zero, the bias lives in b_O.
+    assert res.attrs["b_V_folded"] == 1 and float(abs(ds["b_V"]).max()) == 0.0
+
+    lm = live_model(model)
+    cfg = ds.attrs["headstore"]["model"]["config"]
+    contrib, from_result, logit = live_terms(
+        lm.bridge, torch.as_tensor(toks.astype(np.int64)), res["dest"].values, res["target"].values,
+        cfg["n_heads"], cfg["n_key_value_heads"],
+    )  # fmt: skip
+    got = res["contrib"].transpose("batch", "layer", "head", "key_pos").values
+    scale = float(np.abs(contrib).max())
+    np.testing.assert_allclose(got, contrib, rtol=1e-4, atol=1e-6 * scale)
+    # Causal: nothing from sources after dest.
+    after = np.arange(seq_len)[None, :] > res["dest"].values[:, None]
+    assert np.abs(got.transpose(0, 3, 1, 2)[after]).max() == 0.0
+    # sum over sources == the head's own hook_result projected the same way.
+    np.testing.assert_allclose(res["per_head"].values, from_result, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(res["per_head"].values, res["per_head_from_result"].values, rtol=1e-4, atol=1e-6)
+    # heads + everything else + b_U == the model's actual logit from the bridge forward.
+    total = res["per_head"].sum(["layer", "head"]) + res["residual_other"] + res["b_U_term"]
+    np.testing.assert_allclose(total.values, logit, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(res["logit"].values, logit, rtol=1e-4, atol=1e-5)
+    assert float(abs(res["reconstruction_error"]).max()) < 1e-5
+    # Heads carry a real share of the logit (the decomposition is not trivially "all in other").
+    assert float(abs(res["per_head"]).max()) > 1e-3
+
+
+def test_ln_centring_of_unembed(make_store) -> None:
+    """LN: normalize subtracts the mean over d_model, so a per-column constant added to W_U changes nothing.
+
+    (fold_ln already centres W_U over d_model on this model; the analyzer centres it again so the
+    decomposition does not depend on that.)
+    """
+    ds = open_store(make_store("tiny-gpt2", "text", **STORE_KW))
+    assert float(abs(ds["W_U"].mean("d_model")).max()) < 1e-6
+    base = logit_attribution(ds, target="next").compute()
+    shift = np.random.default_rng(1).normal(size=ds.sizes["d_vocab"]).astype(np.float32)
+    res = logit_attribution(ds.assign(W_U=ds["W_U"] + xr.DataArray(shift, dims="d_vocab")), target="next").compute()
+    for name in ("contrib", "per_head", "logit", "residual_other"):
+        np.testing.assert_allclose(res[name].values, base[name].values, rtol=1e-4, atol=1e-5)
+    assert float(abs(res["reconstruction_error"]).max()) < 1e-5
+
+
+def test_unfolded_value_bias_goes_to_other(make_store) -> None:
+    """A store with a non-zero b_V (bias not folded) gives the same head terms; the bias moves to other."""
+    ds = open_store(make_store("tiny-llama", "text", **STORE_KW))
+    base = logit_attribution(ds, target="next").compute()
+    rng = np.random.default_rng(0)
+    b_V = xr.DataArray(rng.normal(size=ds["b_V"].shape).astype(np.float32), dims=ds["b_V"].dims)
+    kv = xr.DataArray(np.arange(4) // 2, dims="head")
+    bvo = xr.dot(b_V.isel(kv_head=kv), ds["W_O"], dim="d_head")  # (layer, head, d_model)
+    ds2 = ds.assign(
+        b_V=b_V,
+        v=ds["v"] + b_V,
+        result=ds["result"] + bvo,
+        resid_final=ds["resid_final"] + bvo.sum(["layer", "head"]),
+    )
+    res = logit_attribution(ds2, target="next").compute()
+    assert res.attrs["b_V_folded"] == 0
+    np.testing.assert_allclose(res["contrib"].values, base["contrib"].values, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(res["per_head"].values, res["per_head_from_result"].values, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(res["residual_other"].values, base["residual_other"].values, atol=1e-3)
+    assert float(abs(res["reconstruction_error"]).max()) < 1e-4
+
+
+def test_targets_and_errors(make_store) -> None:
+    ds = open_store(make_store("tiny-gpt2", "ioi", **STORE_KW))
+    vocab = [str(x) for x in np.asarray(ds["vocab"].values).tolist()]
+    tid = int(ds["io_token"].values[0])
+    by_str = logit_attribution(ds, target=vocab[tid], dest=5).compute()
+    by_id = logit_attribution(ds, target=str(tid), dest=5).compute()
+    assert (by_str["target"].values == tid).all()
+    np.testing.assert_array_equal(by_str["contrib"].values, by_id["contrib"].values)
+    assert by_str["target_str"].values[0] == vocab[tid]
+    assert list(by_str["key_token_str"].values[:2]) == [vocab[int(t)] for t in ds["tokens"].values[0, :2]]
+    with pytest.raises(HeadstoreError, match="not in this store's vocab"):
+        logit_attribution(ds, target="no such token string")
+    dup = np.array([*vocab[:-1], vocab[tid]], dtype=object)
+    with pytest.raises(HeadstoreError, match="ambiguous"):
+        logit_attribution(ds.assign(vocab=("d_vocab", dup)), target=vocab[tid])
+    with pytest.raises(HeadstoreError, match="outside the vocabulary"):
+        logit_attribution(ds, target=str(ds.sizes["d_vocab"]))
+    with pytest.raises(HeadstoreError, match="needs a token after dest"):
+        logit_attribution(ds, target="next", dest=ds.sizes["pos"] - 1)
+    with pytest.raises(HeadstoreError, match="outside the sequence"):
+        logit_attribution(ds, target="5", dest=ds.sizes["pos"])
+    # 'next' on IOI with end_pos: the token after end_pos (padding after the prompt).
+    nxt = logit_attribution(ds, target="next").compute()
+    end = ds["end_pos"].values
+    np.testing.assert_array_equal(nxt["target"].values, ds["tokens"].values[np.arange(end.size), end + 1])
+
+
+def test_cli_outputs(make_store, tmp_path: Path) -> None:
+    from headstore.analyze._run import run_analyzer
+
+    spec = analyzers()["logit-attribution"]
+    store = str(make_store("tiny-llama", "ioi", **STORE_KW))
+    summary, paths = run_analyzer(spec, [store], tmp_path, {"target": "io_token"})
+    assert len(summary) == 8 and {"layer", "head", "mean_contribution"} <= set(summary.columns)
+    assert all(p.exists() for p in paths)
+    assert {p.name for p in paths} >= {"sources_seq0.png", "sources_seq0.html", "per_head.png", "summary.csv"}
