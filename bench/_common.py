@@ -55,7 +55,9 @@ def machine() -> str:
     acc = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (CPU only)"
     return (
         f"{cpu}, {len(os.sched_getaffinity(0))} usable cores{mem}, {acc}; Python {platform.python_version()}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); load average {os.getloadavg()[0]:.1f} at "
+        "the end of the run (the machine was shared with other jobs: absolute times are inflated, ratios are "
+        "side by side)"
     )
 
 
