@@ -7,14 +7,21 @@ same result, speed-up.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C
+# This script's own name would shadow the ``distributed`` package: drop its folder from sys.path
+# and load _common by file path instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+_spec = importlib.util.spec_from_file_location("_common", _HERE / "_common.py")
+assert _spec is not None and _spec.loader is not None
+C = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(C)
 
 
 def main() -> None:
