@@ -81,9 +81,9 @@ def test_cli_analyze_on_cluster(tiny_store: Path, cluster: object, tmp_path: Pat
     from headstore.analyze._registry import analyzers
 
     specs = analyzers()
-    if "copy_suppression" not in specs:
+    if "copy-suppression" not in specs:
         pytest.skip("no copy_suppression analyzer yet")
-    spec = specs["copy_suppression"]
+    spec = specs["copy-suppression"]
     addr = cluster.scheduler_address  # type: ignore[attr-defined]
     outs = {}
     for label, extra in (("threads", []), ("cluster", ["--scheduler", addr])):
