@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -14,7 +15,7 @@ from headstore.store_schema import HeadstoreError, open_store
 console = Console()
 
 # On IOI prompts the token after END is padding: attribute the answer (the IO name) instead.
-STORE_PARAMS: dict[tuple[str, str], dict[str, object]] = {
+STORE_PARAMS: dict[tuple[str, str], dict[str, Any]] = {
     ("ioi", "logit-attribution"): {"target": "io_token"},
     ("ioi-abc", "logit-attribution"): {"target": "io_token"},
 }
@@ -64,9 +65,9 @@ def run_main_job(job: MainJob) -> list[Path]:
             needs_args = [p.name for p in params if p.default is inspect.Parameter.empty]
             if spec.n_stores != 1 or needs_args or any(r not in ds for r in spec.requires):
                 continue
-            params = STORE_PARAMS.get((store_name, spec.name), {})
+            kwargs = STORE_PARAMS.get((store_name, spec.name), {})
             try:
-                _summary, paths = run_analyzer(spec, [str(path)], job.out / store_name, params)
+                _summary, paths = run_analyzer(spec, [str(path)], job.out / store_name, kwargs)
             except HeadstoreError as e:
                 console.print(f"[yellow]skip[/yellow] {spec.name} on {store_name}: {e}")
                 continue
