@@ -80,10 +80,7 @@ def test_unreachable_scheduler_is_a_clear_error() -> None:
 def test_cli_analyze_on_cluster(tiny_store: Path, cluster: object, tmp_path: Path) -> None:
     from headstore.analyze._registry import analyzers
 
-    specs = analyzers()
-    if "copy-suppression" not in specs:
-        pytest.skip("no copy_suppression analyzer yet")
-    spec = specs["copy-suppression"]
+    spec = analyzers()["copy-suppression"]
     addr = cluster.scheduler_address  # type: ignore[attr-defined]
     outs = {}
     for label, extra in (("threads", []), ("cluster", ["--scheduler", addr])):
