@@ -62,3 +62,11 @@ def next_tokens(ds: xr.Dataset) -> xr.DataArray:
 def bos_id(ds: xr.Dataset) -> int | None:
     tid = provenance(ds).tokenizer.get("bos_token_id")
     return None if tid is None else int(tid)
+
+
+def strings(ds: xr.Dataset, name: str = "vocab") -> np.ndarray:
+    """A string variable (``vocab``, ``split``...) as a fixed-width unicode array.
+
+    The store may hand back numpy's variable-width StringDType, on which ``.astype(str)`` fails.
+    """
+    return np.array(ds[name].values.tolist(), dtype=str)

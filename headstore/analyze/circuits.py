@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from headstore.analyze._ops import kv_index, require
+from headstore.analyze._ops import kv_index, require, strings
 from headstore.analyze._plots import head_table, layer_head_heatmaps
 from headstore.analyze._registry import AnalyzerSpec
 from headstore.store_schema import HeadstoreError, provenance
@@ -45,8 +45,8 @@ EMBEDDINGS = ("W_E", "W_EE")
 
 
 def vocab_strings(ds: xr.Dataset) -> np.ndarray:
-    """``vocab`` as a fixed-width unicode array (the store may hold numpy's variable-width StringDType)."""
-    return np.array(ds["vocab"].values.tolist(), dtype=str)
+    """``vocab`` as a fixed-width unicode array."""
+    return strings(ds, "vocab")
 
 
 def token_id(ds: xr.Dataset, token: str | int) -> int:

@@ -32,7 +32,7 @@ import plotly.graph_objects as go
 import xarray as xr
 from plotly.subplots import make_subplots
 
-from headstore.analyze._ops import f32, per_head, require
+from headstore.analyze._ops import f32, per_head, require, strings
 from headstore.analyze._plots import head_table, save_html
 from headstore.analyze._registry import AnalyzerSpec
 from headstore.analyze.circuits import token_id
@@ -94,7 +94,7 @@ def _last_pos(ds: xr.Dataset) -> xr.DataArray:
 
 
 def _labels(ds: xr.Dataset, name: str) -> np.ndarray:
-    return np.array(ds[name].values.tolist(), dtype=str)
+    return strings(ds, name)
 
 
 def token_features(contrib: np.ndarray, tokens: np.ndarray, vocab_ids: np.ndarray) -> np.ndarray:
