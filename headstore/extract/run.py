@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from headstore.extract.compact import check_pattern_derivable, derives_pattern
 from headstore.extract.data import DataRequest, TokenDataset, build_dataset
 from headstore.extract.models import PROCESSING, LoadedModel, load_model
 from headstore.extract.weights import collect_weights, effective_embedding, vocab_strings, weights_sha256
@@ -191,6 +192,8 @@ def extract(req: ExtractRequest) -> ExtractResult:
     if existing is not None:
         existing.check_same_run(prov)
     else:
+        if derives_pattern(fields):  # compact store: refuse a model whose pattern open_store cannot derive
+            check_pattern_derivable(model, ds.tokens, layers)
         _create(out, prov, ds, model, weights)
     return _fill(out, model, ds, prov, shard_i, shard_n, req.progress, time.perf_counter())
 

@@ -131,23 +131,47 @@ WEIGHTS: dict[str, Weight] = {
 }
 
 
+PRESETS: dict[str, tuple[str, ...]] = {
+    "default": DEFAULT_FIELDS,
+    "all": tuple(FIELDS),
+    # pattern (batch, layer, head, query_pos, key_pos) grows with seq_len**2: store q and k instead and
+    # let open_store derive pattern from them (store_schema.io.derived_pattern).
+    "compact": (*(n for n in DEFAULT_FIELDS if n != "pattern"), "q", "k"),
+}
+
+
 def parse_fields(spec: str) -> tuple[str, ...]:
-    """``"default,q,k"`` -> field names in schema order; ``"all"`` for every field."""
+    """A comma list of presets, field names and ``-name`` removals -> field names in schema order.
+
+    ``"default,q,k"`` adds q and k to the default set; ``"default,-pattern,q,k"`` (= ``"compact"``)
+    also drops ``pattern``. Removals apply after every addition, so their place in the list does not
+    matter; removing a field that nothing selected, or ``tokens``, is refused. Presets: ``default``,
+    ``all``, ``compact``. ``tokens`` is always kept.
+    """
     from headstore.store_schema.errors import HeadstoreError
 
+    choices = f"choose from {', '.join(FIELDS)}, a preset ({', '.join(PRESETS)}) or -NAME to drop a field"
     wanted: set[str] = set()
+    dropped: list[str] = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
-        if item == "default":
-            wanted.update(DEFAULT_FIELDS)
-        elif item == "all":
-            wanted.update(FIELDS)
+        if item.startswith("-"):
+            name = item[1:].strip()
+            if name not in FIELDS:
+                raise HeadstoreError(f"--fields {spec!r}: cannot drop unknown field {name!r}: {choices}")
+            if name == "tokens":
+                raise HeadstoreError(f"--fields {spec!r}: tokens is always stored and cannot be dropped")
+            dropped.append(name)
+        elif item in PRESETS:
+            wanted.update(PRESETS[item])
         elif item in FIELDS:
             wanted.add(item)
         else:
-            raise HeadstoreError(
-                f"unknown field {item!r}: choose from {', '.join(FIELDS)} (or 'default', 'all')"
-            )
+            raise HeadstoreError(f"--fields {spec!r}: unknown field {item!r}: {choices}")
+    for name in dropped:
+        if name not in wanted:
+            raise HeadstoreError(f"--fields {spec!r}: -{name} drops {name}, which no other item selects")
+    wanted.difference_update(dropped)
     wanted.add("tokens")
     return tuple(name for name in FIELDS if name in wanted)
