@@ -221,13 +221,23 @@ def report(
     partial: Annotated[bool, typer.Option(help="report on the completed part of an incomplete store")] = False,
     scheduler: Annotated[str | None, typer.Option(help="address of a dask.distributed scheduler")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    results: Annotated[
+        Path | None, typer.Option(help="folder of analyzer outputs (analyze --out): reuse them, save the missing ones")
+    ] = None,
 ) -> None:
     """One self-contained HTML page: provenance, every applicable analyzer, attention patterns."""
     try:
         from headstore.report import write_report
 
         path = write_report(
-            stores, out, sequences=sequences, heads=heads, partial=partial, scheduler=scheduler, progress=progress
+            stores,
+            out,
+            sequences=sequences,
+            heads=heads,
+            partial=partial,
+            scheduler=scheduler,
+            progress=progress,
+            results=results,
         )
     except HeadstoreError as e:
         raise _fail(e) from None

@@ -1,14 +1,23 @@
 """The main job on the embedded default: SmolLM2 over IOI (+ its ABC twin) and text, every
-applicable analyzer, and the HTML report, all under one output folder."""
+applicable analyzer, and the HTML reports, all under one output folder.
+
+Rerunning resumes: finished stores are reused (extraction skips the batches already written),
+and so are finished analyzer outputs (``OUT/GROUP/NAME/``, written under a temporary name and
+renamed into place by ``run_analyzer``, so one that exists is complete). The reports read the
+analyzer outputs back instead of computing them again.
+"""
 
 from __future__ import annotations
 
-import inspect
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 from headstore.store_schema import HeadstoreError, open_store
 
@@ -32,57 +41,91 @@ class MainJob:
     device: str = "auto"
 
 
-def _extract(job: MainJob, data: str, name: str, fields: str, **kw: object) -> Path:
+class Stages:
+    """Prints each stage as it starts and ends, with its wall time; ``table()`` sums them up."""
+
+    def __init__(self) -> None:
+        self.times: list[tuple[str, float, str]] = []
+        self.t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        console.print(f"[bold cyan]>[/bold cyan] {name}", highlight=False)
+        t0 = time.perf_counter()
+        status = "failed"
+        try:
+            yield
+            status = "done"
+        finally:
+            dt = time.perf_counter() - t0
+            self.times.append((name, dt, status))
+            colour = "green" if status == "done" else "red"
+            console.print(f"[{colour}]{status}[/{colour}] {name} in {dt:.1f} s", highlight=False)
+
+    def skip(self, name: str, why: str) -> None:
+        console.print(f"[dim]= {name}: {why}[/dim]", highlight=False)
+        self.times.append((name, 0.0, why))
+
+    def table(self) -> Table:
+        t = Table("stage", "seconds", "status", title=f"main job: {time.perf_counter() - self.t0:.1f} s in all")
+        for name, dt, status in self.times:
+            t.add_row(name, f"{dt:.1f}", status)
+        return t
+
+
+def _extract(job: MainJob, stage: Stages, data: str, fields: str, **kw: object) -> Path:
     from headstore.extract import ExtractRequest, extract
 
-    path = job.out / "stores" / f"{name}.zarr"
+    path = job.out / "stores" / f"{data}.zarr"
     path.parent.mkdir(parents=True, exist_ok=True)
-    res = extract(
-        ExtractRequest(
-            model=job.model, data=data, out=str(path), fields=fields, batch_size=job.batch_size,
-            device=job.device, **kw,  # type: ignore[arg-type]
-        )
-    )  # fmt: skip
-    console.print(f"[green]store[/green] {path}: {res.n_sequences} sequences ({res.skipped} batches already done)")
+    with stage(f"extract {data}"):
+        res = extract(
+            ExtractRequest(
+                model=job.model, data=data, out=str(path), fields=fields, batch_size=job.batch_size,
+                device=job.device, **kw,  # type: ignore[arg-type]
+            )
+        )  # fmt: skip
+        console.print(f"  {path}: {res.n_sequences} sequences ({res.skipped} batches already done)", highlight=False)
     return path
 
 
 def run_main_job(job: MainJob) -> list[Path]:
-    """Extract, analyze, report. Rerunning resumes: finished stores are reused."""
+    """Extract, analyze, report. Rerunning resumes: finished stores and analyzer outputs are reused."""
     from headstore.analyze._registry import analyzers
-    from headstore.analyze._run import run_analyzer
+    from headstore.analyze._run import run_analyzer, saved_output
+    from headstore.report import plan, write_report
 
-    stores = {
-        "ioi": _extract(job, "ioi", "ioi", "default,k,resid_pre", n_seq=job.n_ioi),
-        "ioi-abc": _extract(job, "ioi-abc", "ioi-abc", "default,k,resid_pre", n_seq=job.n_ioi),
-        "text": _extract(job, "text", "text", "default", n_seq=job.n_text, seq_len=job.text_seq_len),
-    }
+    stage = Stages()
+    ioi = _extract(job, stage, "ioi", "default,k,resid_pre", n_seq=job.n_ioi)
+    abc = _extract(job, stage, "ioi-abc", "default,k,resid_pre", n_seq=job.n_ioi)
+    text = _extract(job, stage, "text", "default", n_seq=job.n_text, seq_len=job.text_seq_len)
+    # Each group of stores gets a folder of analyzer outputs and a report built from them.
+    groups = {"ioi": [ioi], "ioi-abc": [abc], "text": [text], "ioi-vs-abc": [ioi, abc]}
     outputs: list[Path] = []
-    for store_name, path in stores.items():
-        ds = open_store(path)
-        for spec in analyzers().values():
-            params = list(inspect.signature(spec.func).parameters.values())[spec.n_stores :]
-            needs_args = [p.name for p in params if p.default is inspect.Parameter.empty]
-            if spec.n_stores != 1 or needs_args or any(r not in ds for r in spec.requires):
+    for group, paths in groups.items():
+        stores = [str(p) for p in paths]
+        to_run, _not_applicable = plan(analyzers(), [open_store(s) for s in stores])
+        for spec in to_run:
+            name = f"{spec.name} on {group}"
+            saved = saved_output(spec, job.out / group)
+            if saved is not None:
+                stage.skip(name, "reused")
+                outputs.extend(saved[1])
                 continue
-            kwargs = STORE_PARAMS.get((store_name, spec.name), {})
             try:
-                _summary, paths = run_analyzer(spec, [str(path)], job.out / store_name, kwargs)
+                with stage(name):
+                    _summary, written = run_analyzer(
+                        spec, stores, job.out / group, STORE_PARAMS.get((group, spec.name), {})
+                    )
             except HeadstoreError as e:
-                console.print(f"[yellow]skip[/yellow] {spec.name} on {store_name}: {e}")
+                console.print(f"  [yellow]skip[/yellow] {name}: {e}", highlight=False)
                 continue
-            console.print(f"[green]analyzed[/green] {spec.name} on {store_name}")
-            outputs.extend(paths)
-    pair = analyzers().get("ioi-pair")
-    if pair is not None:
-        _summary, paths = run_analyzer(pair, [str(stores["ioi"]), str(stores["ioi-abc"])], job.out / "ioi-vs-abc", {})
-        console.print("[green]analyzed[/green] ioi-pair on ioi, ioi-abc")
-        outputs.extend(paths)
-    from headstore.report import write_report
-
-    for store_name in ("ioi", "text"):
-        report = job.out / f"report-{store_name}.html"
-        write_report([str(stores[store_name])], report)
-        console.print(f"[green]report[/green] {report}")
+            outputs.extend(written)
+    for group, paths in groups.items():
+        report = job.out / f"report-{group}.html"
+        with stage(f"report {group}"):
+            write_report([str(p) for p in paths], report, results=job.out / group, progress=False)
+        console.print(f"  [green]report[/green] {report}", highlight=False)
         outputs.append(report)
+    console.print(stage.table())
     return outputs

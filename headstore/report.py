@@ -5,12 +5,15 @@ The page needs no network: plotly.js is inlined once in ``<head>``, every figure
 plus a ``Plotly.newPlot`` call with its JSON inlined, and static images are base64 data URIs.
 Analyzers are taken from ``analyzers()`` at run time and run through ``run_analyzer`` (the same
 path as ``headstore analyze``); their figures are read back from the HTML files their ``plot``
-writes (the JSON passed to ``Plotly.newPlot``), so no analyzer module is touched. No torch here.
+writes (the JSON passed to ``Plotly.newPlot``), so no analyzer module is touched. With a results
+folder (``results=``, ``--results``) analyzer outputs already there (``headstore analyze --out``,
+the main job) are reused, and the missing ones are computed into it. No torch here.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as _dt
 import html
 import inspect
@@ -253,7 +256,7 @@ def run_analyzers(
 ) -> list[AnalyzerOutcome]:
     from tqdm.auto import tqdm
 
-    from headstore.analyze._run import run_analyzer
+    from headstore.analyze._run import run_analyzer, saved_output
 
     try:
         from headstore.analyze._registry import analyzers
@@ -267,7 +270,10 @@ def run_analyzers(
         bar.set_postfix_str(spec.name)
         doc = str(getattr(spec, "doc", "") or "")
         try:
-            summary, paths = run_analyzer(spec, list(stores), workdir, {}, scheduler=scheduler, partial=partial)
+            saved = saved_output(spec, workdir)
+            summary, paths = saved or run_analyzer(
+                spec, list(stores), workdir, {}, scheduler=scheduler, partial=partial
+            )
         except HeadstoreError as e:
             outcomes.append(AnalyzerOutcome(spec.name, "skipped", str(e), doc))
             continue
@@ -280,7 +286,15 @@ def run_analyzers(
             outcomes.append(AnalyzerOutcome(spec.name, "failed", f"rendering: {type(e).__name__}: {e}", doc))
             continue
         outcomes.append(
-            AnalyzerOutcome(spec.name, "ran", "", doc, summary, body, _top_heads(summary, MAX_DEFAULT_HEADS))
+            AnalyzerOutcome(
+                spec.name,
+                "ran",
+                "saved output reused" if saved else "",
+                doc,
+                summary,
+                body,
+                _top_heads(summary, MAX_DEFAULT_HEADS),
+            )
         )
     order = {name: i for i, name in enumerate(specs)}
     return sorted(outcomes, key=lambda o: order.get(o.name, -1))
@@ -482,6 +496,7 @@ def render_report(
     scheduler: str | None = None,
     progress: bool = True,
     top: int = TOP_ROWS,
+    results: str | Path | None = None,
 ) -> str:
     """The report page as a string (see ``write_report``)."""
     import plotly.offline
@@ -495,9 +510,20 @@ def render_report(
         parse_sequences(sequences, int(ds.sizes["batch"]))
         parse_heads(heads, [int(x) for x in ds["layer"].values], int(ds.sizes["head"]))
     figs = _Figures()
-    with tempfile.TemporaryDirectory(prefix="headstore-report-") as tmp:
+    with (
+        contextlib.nullcontext(str(results))
+        if results is not None
+        else tempfile.TemporaryDirectory(prefix="headstore-report-")
+    ) as workdir:
         outcomes = run_analyzers(
-            stores, datasets, figs, workdir=Path(tmp), partial=partial, scheduler=scheduler, progress=progress, top=top
+            stores,
+            datasets,
+            figs,
+            workdir=Path(workdir),
+            partial=partial,
+            scheduler=scheduler,
+            progress=progress,
+            top=top,
         )
     labels = [f"store {i + 1}" if len(stores) > 1 else "store" for i in range(len(stores))]
 
@@ -562,14 +588,27 @@ def write_report(
     scheduler: str | None = None,
     progress: bool = True,
     top: int = TOP_ROWS,
+    results: str | Path | None = None,
 ) -> Path:
     """Render the report for one store (or a pair, for two-store analyzers) into the HTML file ``out``.
 
     ``sequences`` (``"0,1"``) and ``heads`` (``"0.1,1.2"``) choose what the attention viewer shows;
     by default the first two sequences and the top heads of the analyzers that ran.
+
+    ``results``: a folder of analyzer outputs for these stores (``OUT`` of ``headstore analyze
+    --out OUT``, or a store's folder of the main job). Outputs found there (``NAME/``) are reused,
+    not recomputed; the missing ones are computed and saved there. Without it, everything is
+    computed in a temporary folder.
     """
     page = render_report(
-        stores, sequences=sequences, heads=heads, partial=partial, scheduler=scheduler, progress=progress, top=top
+        stores,
+        sequences=sequences,
+        heads=heads,
+        partial=partial,
+        scheduler=scheduler,
+        progress=progress,
+        top=top,
+        results=results,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

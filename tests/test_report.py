@@ -3,6 +3,9 @@ plots actually drew (DOM has plotly's SVGs and the token strings; the screenshot
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
 import json
 import os
 import re
@@ -11,8 +14,10 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -236,6 +241,102 @@ def test_two_stores_pair(make_store: Callable[..., Path], tmp_path: Path) -> Non
     assert "store 1: sequence 0" in page and "store 2: sequence 0" in page
     with pytest.raises(HeadstoreError, match="one store or two"):
         render_report([str(a), str(b), str(a)], progress=False)
+
+
+def _count_analyzer_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
+    """Every registered analyzer's function, wrapped to count its calls (signature kept for ``plan``)."""
+    from headstore.analyze import _registry
+
+    calls: collections.Counter[str] = collections.Counter()
+    real = _registry.analyzers()
+
+    def counted(spec: Any) -> Any:
+        @functools.wraps(spec.func)
+        def func(*args: Any, **kwargs: Any) -> Any:
+            calls[spec.name] += 1
+            return spec.func(*args, **kwargs)
+
+        return dataclasses.replace(spec, func=func)
+
+    wrapped = {name: counted(spec) for name, spec in real.items()}
+    monkeypatch.setattr(_registry, "analyzers", lambda: dict(wrapped))
+    return calls
+
+
+def _without_timestamp(page: str) -> str:
+    return re.sub(r"Generated [^.<]*UTC\.", "Generated.", page)
+
+
+def test_report_reuses_saved_outputs(ioi_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a results folder the report computes each analyzer once and saves it there; a second
+    report (through the CLI's --results) reads the outputs back: no analyzer runs again, same page."""
+    from headstore.cli import app
+
+    calls = _count_analyzer_calls(monkeypatch)
+    results = tmp_path / "results"
+    computed = render_report([str(ioi_store)], progress=False, results=results)
+    assert calls and all(n == 1 for n in calls.values())
+    ran = sorted(p.name for p in results.iterdir())  # the analyzers that did not stop with a HeadstoreError
+    assert "copy-suppression" in ran and "ioi" in ran
+    for name in ran:  # saved complete, nothing half-written left behind
+        assert {"result.zarr", "summary.csv", "plots.txt"} <= {p.name for p in (results / name).iterdir()}
+
+    calls.clear()
+    out = tmp_path / "reused.html"
+    res = CliRunner().invoke(
+        app, ["report", str(ioi_store), "--out", str(out), "--results", str(results), "--no-progress"]
+    )
+    assert res.exit_code == 0, res.output
+    assert not set(calls) & set(ran), f"analyzers ran again: {dict(calls)}"
+    reused = out.read_text(encoding="utf-8")
+    status = reused[reused.index("hs-analyzer-status") : reused.index("</table>", reused.index("hs-analyzer-status"))]
+    for name in ran:
+        row = status[status.index(f">{name}<") :].split("</tr>")[0]
+        assert "saved output reused" in row
+    # the same tables and figures as the report that computed them
+    assert _without_timestamp(reused).replace("saved output reused", "") == _without_timestamp(computed)
+
+
+def test_run_analyzer_leaves_no_half_output(ioi_store: Path, tmp_path: Path) -> None:
+    from headstore.analyze._registry import analyzers
+    from headstore.analyze._run import run_analyzer, saved_output
+
+    spec = analyzers()["copy-suppression"]
+
+    def broken_plot(result: Any, folder: Path) -> list[Path]:
+        raise RuntimeError("crash while plotting")
+
+    with pytest.raises(RuntimeError, match="crash while plotting"):
+        run_analyzer(dataclasses.replace(spec, plot=broken_plot), [str(ioi_store)], tmp_path, {})
+    assert saved_output(spec, tmp_path) is None
+    assert list(tmp_path.iterdir()) == []
+    summary, paths = run_analyzer(spec, [str(ioi_store)], tmp_path, {})
+    saved = saved_output(spec, tmp_path)
+    assert saved is not None and saved[1] == paths
+    pd.testing.assert_frame_equal(saved[0], summary, check_dtype=False)
+
+
+def test_main_job_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main job on the tiny model: a rerun extracts nothing and runs no analyzer; it writes a
+    report per store and one for the IOI/ABC pair, with the pair analysis in it."""
+    from headstore.pipeline import MainJob, run_main_job
+
+    calls = _count_analyzer_calls(monkeypatch)
+    job = MainJob(
+        out=tmp_path / "job", model="tiny-gpt2", n_ioi=4, n_text=2, text_seq_len=16, batch_size=2, device="cpu"
+    )
+    first = run_main_job(job)
+    assert calls["ioi-pair"] == 1 and calls["copy-suppression"] == 3  # ioi, ioi-abc, text
+    saved = {p.parent.name for p in job.out.glob("*/*/summary.csv")}
+    assert {"copy-suppression", "ioi", "ioi-pair"} <= saved
+    calls.clear()
+    second = run_main_job(job)
+    assert not set(calls) & saved, f"analyzers ran again: {dict(calls)}"
+    assert sorted(second) == sorted(first)
+    for group in ("ioi", "ioi-abc", "text", "ioi-vs-abc"):
+        assert (job.out / f"report-{group}.html").is_file()
+    pair = (job.out / "report-ioi-vs-abc.html").read_text(encoding="utf-8")
+    assert "id='an-ioi-pair'" in pair and "saved output reused" in pair
 
 
 def test_report_imports_no_torch() -> None:

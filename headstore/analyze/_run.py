@@ -1,8 +1,15 @@
-"""Run an analyzer for the CLI: open stores, compute (optionally on a dask cluster), write outputs."""
+"""Run an analyzer for the CLI: open stores, compute (optionally on a dask cluster), write outputs.
+
+An analyzer's outputs live in ``OUT/NAME/`` (``result.zarr``, ``summary.csv``, plots listed in ``plots.txt``). They are
+written under a temporary name and renamed into place, so an existing ``OUT/NAME/`` is always
+complete: ``saved_output`` reads it back instead of computing again (main job resume, report).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +19,8 @@ import xarray as xr
 
 from headstore.analyze._registry import AnalyzerSpec
 from headstore.store_schema import HeadstoreError, open_store
+
+PLOTS = "plots.txt"  # the plot files, in the order ``spec.plot`` returned them
 
 
 @contextlib.contextmanager
@@ -47,16 +56,40 @@ def run_analyzer(
     scheduler: str | None = None,
     partial: bool = False,
 ) -> tuple[pd.DataFrame, list[Path]]:
+    """Compute ``spec`` on the stores and write ``out/NAME/``, replacing what was there."""
     if len(stores) != spec.n_stores:
         raise HeadstoreError(f"{spec.name} takes {spec.n_stores} store(s), got {len(stores)}")
     datasets = [open_store(s, partial=partial) for s in stores]
     folder = safe_child(out, spec.name)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     with dask_scheduler(scheduler):
         result: xr.Dataset = spec.func(*datasets, **params).compute()
     result.attrs = {k: v for k, v in result.attrs.items() if isinstance(v, str | int | float)}
-    result.to_zarr(folder / "result.zarr", mode="w", consolidated=False, zarr_format=3)
-    summary = spec.summary(result)
-    summary.to_csv(folder / "summary.csv", index=False)
-    paths = [folder / "result.zarr", folder / "summary.csv", *spec.plot(result, folder)]
-    return summary, paths
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        result.to_zarr(tmp / "result.zarr", mode="w", consolidated=False, zarr_format=3)
+        summary = spec.summary(result)
+        summary.to_csv(tmp / "summary.csv", index=False)
+        plots = [p.relative_to(tmp) for p in spec.plot(result, tmp)]
+        (tmp / PLOTS).write_text("".join(f"{p.as_posix()}\n" for p in plots), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():  # replace: move the old one aside first, so the rename below is atomic
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        folder.rename(old)
+        shutil.rmtree(old)
+    tmp.rename(folder)
+    return summary, [folder / "result.zarr", folder / "summary.csv", *(folder / p for p in plots)]
+
+
+def saved_output(spec: AnalyzerSpec, out: Path) -> tuple[pd.DataFrame, list[Path]] | None:
+    """What ``run_analyzer(spec, ..., out, ...)`` returned when it last ran, read back from
+    ``out/NAME/``; None when that folder is not there (or not complete)."""
+    folder = safe_child(out, spec.name)
+    if not all((folder / f).is_file() for f in ("result.zarr/zarr.json", "summary.csv", PLOTS)):
+        return None
+    plots = [folder / line for line in (folder / PLOTS).read_text(encoding="utf-8").splitlines() if line]
+    return pd.read_csv(folder / "summary.csv"), [folder / "result.zarr", folder / "summary.csv", *plots]
