@@ -96,6 +96,14 @@ def plain_forward(bridge: Any, toks: np.ndarray, batch_size: int) -> None:
             bridge(x, return_type="logits")
 
 
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so wall times cover it."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section ``name`` of docs/benchmarks.md."""
     text = DOC.read_text() if DOC.exists() else HEADER

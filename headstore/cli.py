@@ -30,7 +30,7 @@ def extract(
     model: Annotated[str, typer.Option(help="smollm2-135m, tiny-gpt2, tiny-llama, a HF id or a model folder")],
     data: Annotated[str, typer.Option(help="ioi, ioi-abc, text[:PATHS], code-ifelse[:PATHS], tokens:FILE.npy")],
     out: Annotated[Path, typer.Option(help="store folder to create (or resume)")],
-    fields: Annotated[str, typer.Option(help="comma list: default, all, or field names (q, k, result, resid_pre...)")] = "default",
+    fields: Annotated[str, typer.Option(help="comma list: presets default, all, compact (= default,-pattern,q,k), field names (q, k, result...), -NAME drops one")] = "default",
     layers: Annotated[str, typer.Option(help="all, 0,3,5 or 2-5")] = "all",
     seq_len: Annotated[int | None, typer.Option(help="tokens per sequence (default: per dataset)")] = None,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass (= chunk along batch)")] = 8,
@@ -58,7 +58,8 @@ def extract(
         raise _fail(e) from None
     console.print(
         f"{res.path}: {res.n_sequences} sequences; wrote {res.written} batches, "
-        f"{res.skipped} already done, {res.seconds:.1f} s"
+        f"{res.skipped} already done, {res.seconds:.1f} s (set-up {res.setup_seconds:.1f} s, "
+        f"{res.n_tokens_written / max(res.fill_seconds, 1e-9):.0f} tokens/s while filling)"
     )
 
 

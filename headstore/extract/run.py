@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import importlib.metadata
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,11 +59,27 @@ class ExtractRequest:
 
 @dataclass(frozen=True)
 class ExtractResult:
+    """What one ``extract`` call did; times in wall seconds.
+
+    ``setup_seconds``: model load, dataset, weights and store creation (once per store);
+    ``fill_seconds``: the batch loop (forward passes, overlapped writes); ``write_wait_seconds``:
+    the part of it the forward loop spent waiting for the background writer; ``fill_cpu_seconds``:
+    the process's CPU time over the batch loop, every thread included.
+    """
+
     path: str
     n_sequences: int
     written: int
     skipped: int
-    seconds: float
+    setup_seconds: float
+    fill_seconds: float
+    write_wait_seconds: float
+    fill_cpu_seconds: float
+    n_tokens_written: int
+
+    @property
+    def seconds(self) -> float:
+        return self.setup_seconds + self.fill_seconds
 
 
 def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
@@ -151,8 +168,7 @@ def _quiet_hf_loading() -> None:
 
 def extract(req: ExtractRequest) -> ExtractResult:
     """Run ``req.model`` over ``req.data`` once and fill (or resume) the store at ``req.out``."""
-    import time
-
+    t0 = time.perf_counter()
     fields = parse_fields(req.fields)
     if req.dtype not in STORAGE_DTYPES:
         raise HeadstoreError(f"--dtype {req.dtype!r}: choose float32 or float16")
@@ -195,7 +211,7 @@ def extract(req: ExtractRequest) -> ExtractResult:
         if derives_pattern(fields):  # compact store: refuse a model whose pattern open_store cannot derive
             check_pattern_derivable(model, ds.tokens, layers)
         _create(out, prov, ds, model, weights)
-    return _fill(out, model, ds, prov, shard_i, shard_n, req.progress, time.perf_counter())
+    return _fill(out, model, ds, prov, shard_i, shard_n, req.progress, time.perf_counter() - t0)
 
 
 def _create(out: Path, prov: Provenance, ds: TokenDataset, model: LoadedModel, weights: dict[str, np.ndarray]) -> None:
@@ -214,10 +230,16 @@ def _create(out: Path, prov: Provenance, ds: TokenDataset, model: LoadedModel, w
 
 
 def _fill(
-    out: Path, model: LoadedModel, ds: TokenDataset, prov: Provenance, shard_i: int, shard_n: int, progress: bool, t0: float
+    out: Path,
+    model: LoadedModel,
+    ds: TokenDataset,
+    prov: Provenance,
+    shard_i: int,
+    shard_n: int,
+    progress: bool,
+    setup_seconds: float,
 ) -> ExtractResult:
-    import time
-
+    t0, c0 = time.perf_counter(), time.process_time()
     n = ds.tokens.shape[0]
     bs = prov.batch_size
     starts = list(range(0, n, bs))
@@ -235,18 +257,27 @@ def _fill(
         disable=not progress,
     )
     pending: Future[None] | None = None
+    waited, n_tok = 0.0, 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="headstore-writer") as pool:
         for start in todo:
             toks = ds.tokens[start : start + bs]
             arrays = run_batch(model, toks, prov, hooks)
             if pending is not None:
+                tw = time.perf_counter()
                 pending.result()  # at most one batch in flight: memory bounded by two batches
+                waited += time.perf_counter() - tw
             pending = pool.submit(writer.write_batch, start, arrays)
             bar.update(toks.size)
+            n_tok += toks.size
         if pending is not None:
+            tw = time.perf_counter()
             pending.result()
+            waited += time.perf_counter() - tw
     bar.close()
-    return ExtractResult(str(out), n, len(todo), len(mine) - len(todo), time.perf_counter() - t0)
+    return ExtractResult(
+        str(out), n, len(todo), len(mine) - len(todo), setup_seconds, time.perf_counter() - t0, waited,
+        time.process_time() - c0, n_tok,
+    )  # fmt: skip
 
 
 @torch.inference_mode()
