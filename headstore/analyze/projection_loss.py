@@ -48,6 +48,12 @@ def _token_loss(lg: np.ndarray, nxt: np.ndarray) -> np.ndarray:
     return np.where(nxt < 0, np.nan, lse - picked).astype(np.float32)
 
 
+def _unembed(x: np.ndarray, w_u: np.ndarray) -> np.ndarray:
+    """(..., d_model) @ (d_model, d_vocab) as one 2-D matmul (numpy loops over the leading axes of a
+    stacked one: half the speed)."""
+    return (x.reshape(-1, x.shape[-1]) @ w_u).reshape(*x.shape[:-1], w_u.shape[-1])
+
+
 def _block_losses(
     lg: np.ndarray,
     nxt: np.ndarray,
@@ -100,9 +106,10 @@ def _block_losses_1(
             proj = coeff[..., None] * u
             new = np.einsum("bqk,bkd->bqd", pattern[:, li, h], proj)
             orig = result[:, li, h]  # batch, pos, d_model
-            deltas = (new - orig, -new, -orig)
-            for mi, delta in enumerate(deltas):
-                out[:, li, mi, h] = _token_loss(lg + (delta * inv_scale) @ w_u, nxt)
+            # the three deltas (new - orig, -new, -orig) are linear in two products: 2 matmuls, not 3
+            d_new, d_orig = _unembed(new * inv_scale, w_u), _unembed(orig * inv_scale, w_u)  # batch, pos, d_vocab
+            for mi, changed in enumerate((lg + d_new - d_orig, lg - d_new, lg - d_orig)):
+                out[:, li, mi, h] = _token_loss(changed, nxt)
     return out
 
 
