@@ -99,8 +99,8 @@ def run_main_job(job: MainJob) -> list[Path]:
     ioi = _extract(job, stage, "ioi", "default,k,resid_pre", n_seq=job.n_ioi)
     abc = _extract(job, stage, "ioi-abc", "default,k,resid_pre", n_seq=job.n_ioi)
     text = _extract(job, stage, "text", "default", n_seq=job.n_text, seq_len=job.text_seq_len)
-    # Each group of stores gets a folder of analyzer outputs and a report built from them.
-    groups = {"ioi": [ioi], "ioi-abc": [abc], "text": [text], "ioi-vs-abc": [ioi, abc]}
+    # Each group of stores gets a folder of analyzer outputs, then a report built from them.
+    groups = {"ioi": [ioi], "ioi-abc": [abc], "ioi-vs-abc": [ioi, abc], "text": [text]}
     outputs: list[Path] = []
     for group, paths in groups.items():
         stores = [str(p) for p in paths]
@@ -121,10 +121,9 @@ def run_main_job(job: MainJob) -> list[Path]:
                 console.print(f"  [yellow]skip[/yellow] {name}: {e}", highlight=False)
                 continue
             outputs.extend(written)
-    for group, paths in groups.items():
         report = job.out / f"report-{group}.html"
         with stage(f"report {group}"):
-            write_report([str(p) for p in paths], report, results=job.out / group, progress=False)
+            write_report(stores, report, results=job.out / group, progress=False)
         console.print(f"  [green]report[/green] {report}", highlight=False)
         outputs.append(report)
     console.print(stage.table())
