@@ -56,7 +56,8 @@ def collect_weights(m: LoadedModel, layers: Sequence[int], seq_len: int) -> dict
 def rotary_tables(m: LoadedModel, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin (pos, d_head) as the model applies them, read from ``blocks.0.attn.hook_cos/sin``."""
     toks = torch.zeros((1, seq_len), dtype=torch.long, device=m.bridge.cfg.device)
-    _, cache = m.bridge.run_with_cache(toks, names_filter=["blocks.0.attn.hook_cos", "blocks.0.attn.hook_sin"])
+    names = ["blocks.0.attn.hook_cos", "blocks.0.attn.hook_sin"]
+    _, cache = m.bridge.run_with_cache(toks, names_filter=names, stop_at_layer=1)  # block 0 is enough
     cos, sin = cache["blocks.0.attn.hook_cos"], cache["blocks.0.attn.hook_sin"]
     return _np(cos.reshape(-1, cos.shape[-1])[-seq_len:]), _np(sin.reshape(-1, sin.shape[-1])[-seq_len:])
 
