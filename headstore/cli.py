@@ -162,6 +162,7 @@ def analyze(
     scheduler: Annotated[str | None, typer.Option(help="address of a dask.distributed scheduler")] = None,
     partial: Annotated[bool, typer.Option(help="analyse only the completed part of an incomplete store")] = False,
     top: Annotated[int, typer.Option(help="rows of the summary to print")] = 10,
+    progress: Annotated[bool, typer.Option(help="show a progress bar for computations over 1 s")] = True,
 ) -> None:
     """Run one analyzer on a store: writes result.zarr, summary.csv, PNG and HTML plots under OUT/NAME."""
     try:
@@ -173,7 +174,9 @@ def analyze(
             raise HeadstoreError(f"unknown analyzer {name!r}: choose from {', '.join(specs)}")
         spec = specs[name]
         kwargs = parse_params(spec.func, param or [], spec.n_stores)
-        summary, paths = run_analyzer(spec, stores, out, kwargs, scheduler=scheduler, partial=partial)
+        summary, paths = run_analyzer(
+            spec, stores, out, kwargs, scheduler=scheduler, partial=partial, progress=progress
+        )
     except HeadstoreError as e:
         raise _fail(e) from None
     t = Table(*[str(c) for c in summary.columns], title=f"{name}: top {min(top, len(summary))}")

@@ -39,6 +39,18 @@ def dask_scheduler(address: str | None) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def progress_bar(show: bool) -> Iterator[None]:
+    """dask's text progress bar over every computation inside (threaded scheduler; a cluster has its dashboard)."""
+    if not show:
+        yield
+        return
+    from dask.diagnostics import ProgressBar
+
+    with ProgressBar(minimum=1.0, dt=0.5):
+        yield
+
+
 def safe_child(out: Path, name: str) -> Path:
     """``out/name``, refusing any name that would escape ``out``."""
     base = out.resolve()
@@ -55,6 +67,7 @@ def run_analyzer(
     params: dict[str, Any],
     scheduler: str | None = None,
     partial: bool = False,
+    progress: bool = False,
 ) -> tuple[pd.DataFrame, list[Path]]:
     """Compute ``spec`` on the stores and write ``out/NAME/``, replacing what was there."""
     if len(stores) != spec.n_stores:
@@ -62,7 +75,7 @@ def run_analyzer(
     datasets = [open_store(s, partial=partial) for s in stores]
     folder = safe_child(out, spec.name)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with dask_scheduler(scheduler):
+    with dask_scheduler(scheduler), progress_bar(progress and scheduler is None):
         result: xr.Dataset = spec.func(*datasets, **params).compute()
     result.attrs = {k: v for k, v in result.attrs.items() if isinstance(v, str | int | float)}
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
