@@ -1,13 +1,18 @@
 """(c) Storage: bytes per token per field and for the default set, compression ratio, and read times
 of "one head across all tokens" and "all heads for a few sequences", float32 vs float16 stores.
+Then compact mode (``--fields compact``: q and k stored, pattern derived on open) against the default
+set at a longer context: bytes per token of pattern vs q + k, and read times derived vs stored.
 
-    python bench/storage.py [--quick]
+    python bench/storage.py [--quick] [--compact-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +36,15 @@ def read_times(ds: Any) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--compact-only", action="store_true", help="only the compact-mode section")
     ap.add_argument("--model", default="smollm2-135m")
     args = ap.parse_args()
+    if not args.compact_only:
+        storage(args)
+    compact(args)
+
+
+def storage(args: argparse.Namespace) -> None:
     n_seq = 8 if args.quick else 16
     seq_len, bs = 128, 8
 
@@ -102,6 +114,101 @@ layer for `batch_size` sequences), so it costs about 1/n_layers of the field; "a
 sequences" reads one batch chunk per layer.
 """
     C.write_section("storage", body)
+
+
+def best(fn: Any, repeat: int = 5) -> float:
+    """Fastest wall seconds of ``fn()`` over ``repeat`` runs after one warm-up."""
+    fn()
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return min(out)
+
+
+def compact(args: argparse.Namespace) -> None:
+    """Default store (pattern stored) vs compact store (q, k stored, pattern derived) on the same tokens."""
+    import numpy as np
+
+    from headstore import open_store
+    from headstore.store_schema.io import array_nbytes_on_disk
+
+    n_seq, bs, seq_len = (2, 2, 256) if args.quick else (4, 2, 512)
+    spec = {"full": ("default", "float32"), "compact": ("compact", "float32"), "compact16": ("compact", "float16")}
+    paths = {k: C.store(args.model, "text", n_seq, bs, fields=f, dtype=dt, seq_len=seq_len) for k, (f, dt) in spec.items()}
+    ds = {k: open_store(p) for k, p in paths.items()}
+    disk = {k: array_nbytes_on_disk(p) for k, p in paths.items()}
+    n_tok = ds["full"].sizes["batch"] * ds["full"].sizes["pos"]
+    assert (ds["full"]["tokens"].values == ds["compact"]["tokens"].values).all()
+
+    def raw(k: str, name: str) -> int:
+        return int(ds[k][name].dtype.itemsize * ds[k][name].size)
+
+    def acts(k: str) -> int:
+        return sum(disk[k][f] for f in ds[k].attrs["headstore"]["fields"])
+
+    pat_disk, qk_disk = disk["full"]["pattern"], disk["compact"]["q"] + disk["compact"]["k"]
+    size_rows = [
+        ["`pattern` (default set, f32)", raw("full", "pattern") // n_tok, pat_disk // n_tok],
+        ["`q` + `k` (compact, f32)", (raw("compact", "q") + raw("compact", "k")) // n_tok, qk_disk // n_tok],
+        ["`q` + `k` (compact, f16)", (raw("compact16", "q") + raw("compact16", "k")) // n_tok,
+         (disk["compact16"]["q"] + disk["compact16"]["k"]) // n_tok],
+        ["all activations, default set (f32)", "", acts("full") // n_tok],
+        ["all activations, compact set (f32)", "", acts("compact") // n_tok],
+        ["all activations, compact set (f16)", "", acts("compact16") // n_tok],
+    ]  # fmt: skip
+    cfg = ds["full"].attrs["headstore"]["model"]["config"]
+    n_h, n_kv, d_head = cfg["n_heads"], cfg["n_key_value_heads"], cfg["d_head"]
+    even = (n_h + n_kv) * d_head / n_h  # raw break-even seq_len: n_h * seq_len == (n_h + n_kv) * d_head
+    L, h = ds["full"].sizes["layer"] // 2, 0
+    reads = {
+        "pattern, one head, all tokens": lambda d: d["pattern"].isel(layer=L, head=h).values,
+        "pattern, one layer, all heads, all tokens": lambda d: d["pattern"].isel(layer=L).values,
+        "pattern, all heads, 1 sequence": lambda d: d["pattern"].isel(batch=slice(0, 1)).values,
+    }
+    times = {r: [best(partial(f, ds[k])) for k in spec] for r, f in reads.items()}
+    errs = [0.0, 0.0]  # max |derived - stored|, one layer at a time (a whole pattern is ~1 GB here)
+    for li in range(ds["full"].sizes["layer"]):
+        stored = ds["full"]["pattern"].isel(layer=li).values
+        for i, k in enumerate(("compact", "compact16")):
+            errs[i] = max(errs[i], float(np.abs(ds[k]["pattern"].isel(layer=li).values - stored).max()))
+    for r, t in times.items():
+        print(r, [f"{x * 1e3:.0f} ms" for x in t])
+    codecs = "; ".join(
+        f"{name}: {' + '.join(c['name'] for c in json.loads((paths[k] / name / 'zarr.json').read_text())['codecs'][1:])}"
+        for k, name in (("full", "pattern"), ("compact", "q"), ("compact", "k"))
+    )
+    print("pattern B/token", pat_disk / n_tok, "q+k", qk_disk / n_tok, "activations", acts("full") / acts("compact"))
+    print("max |derived - stored|", errs)
+    cmd = "python bench/storage.py --compact-only" + (" --quick" if args.quick else "")
+    body = f"""## (c2) Compact mode: pattern derived from q, k vs stored
+
+Command: `{cmd}` — machine: {C.machine()}.
+Model `{args.model}` ({cfg["n_layers"]} layers, {n_h} heads, {n_kv} kv heads, d_head {d_head}), data `text`, {n_seq} sequences x {seq_len} tokens = {n_tok} tokens, batch (chunk) {bs}.
+Stores: `--fields default` (pattern stored), `--fields compact` (= `default,-pattern,q,k`: pattern derived by
+`open_store` as `softmax(q . k / sqrt(d_head))`, causal, GQA-mapped), float32 and float16. Bytes per token
+with the store's codecs ({codecs}); "raw" = uncompressed bytes of the stored dtype:
+
+{C.table(["stored", "raw B/token", "disk B/token"], size_rows)}
+
+At {seq_len} tokens `pattern` takes {pat_disk / qk_disk:.1f}x the disk of `q` + `k`, and the whole activation
+set shrinks {acts("full") / acts("compact"):.2f}x (float32). Per token, `pattern` holds `n_layers * n_heads * seq_len`
+values (about half of them causal zeros, which the compressor removes) and grows with the context; `q` + `k` hold
+`n_layers * (n_heads + n_kv_heads) * d_head`, whatever the context: the raw sizes cross at
+`seq_len = (n_heads + n_kv_heads) * d_head / n_heads` = {even:.0f} here, about twice that on disk.
+
+Read times (fastest of 5 after a warm-up, warm page cache, threaded dask; the fastest rather than the median
+because the shared machine's load swings; ms), layer {L}:
+
+{C.table(["read", "stored (default, f32)", "derived (compact, f32)", "derived (compact, f16)"],
+          [[r, *(round(x * 1e3) for x in t)] for r, t in times.items()])}
+
+A derived read computes whole (batch chunk, layer) blocks, all heads: one head costs the same as
+its layer's heads. Max |derived - stored| over every position, layer and head: {errs[0]:.2g} (float32
+compact store), {errs[1]:.2g} (float16 compact store: q and k rounded to float16, derivation in float32).
+"""
+    C.write_section("storage-compact", body)
 
 
 if __name__ == "__main__":
