@@ -85,13 +85,16 @@ def reference(make_store: Callable[..., Path]) -> Path:
 def test_kill_at_many_points_then_resume_equals_uninterrupted(tmp_path: Path, reference: Path) -> None:
     out = tmp_path / "s.zarr"
 
-    # Killed during creation, before the rename: nothing at --out.
+    # Killed during creation, before the rename: nothing at --out, only the creation folder beside it.
     assert_killed(run_cli(out, "create:before_rename"))
     assert not out.exists()
+    assert len(list(tmp_path.glob(".s.zarr.tmp-*"))) == 1
 
-    # Killed after some fields of batch 1 (z written, the rest and the manifest not).
+    # Killed after some fields of batch 1 (z written, the rest and the manifest not). Creating the
+    # store again removed the dead process's creation folder.
     assert_killed(run_cli(out, "batch:1:after_field:z"))
     assert batches_done(out) == [0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
     with pytest.raises(HeadstoreError, match=r"incomplete \(4 of 24 sequences written\)") as ei:
         open_store(out)
     assert "\n" not in str(ei.value)

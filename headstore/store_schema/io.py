@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -94,7 +95,8 @@ def create_store(
     path = Path(path)
     if path.exists():
         raise HeadstoreError(f"{path} already exists: choose a new --out or resume with the same command")
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    _remove_dead_tmp(path)
+    tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
         root.attrs[ATTRS_KEY] = prov.to_dict()
@@ -135,6 +137,26 @@ def create_store(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-{socket.gethostname()}-"
+
+
+def _remove_dead_tmp(path: Path) -> None:
+    """Delete creation folders left beside ``path`` by killed processes of this host (a live one,
+    e.g. a concurrent shard creating the same store, keeps its folder)."""
+    prefix = _tmp_prefix(path)
+    for tmp in path.parent.glob(f"{prefix}*"):
+        pid = tmp.name[len(prefix) :].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _create(
