@@ -125,6 +125,7 @@ def test_kill_at_many_points_then_resume_equals_uninterrupted(tmp_path: Path, re
     res = run_cli(out)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "wrote 1 batches, 5 already done" in res.stdout  # nothing lost, nothing written twice
+    assert not list(out.rglob("*.partial")), "rewriting a batch removes its torn writes"
     assert_same_arrays(out, reference)
     assert validate(out).ok
     full = open_store(out)

@@ -220,6 +220,7 @@ class StoreWriter:
             raise HeadstoreError(f"batch start {start} is not a multiple of batch_size {self.prov.batch_size}")
         stop = None
         ib = start // self.prov.batch_size
+        self._remove_torn_writes(ib, [*arrays, MANIFEST])
         for name, value in arrays.items():
             arr = self.root[name]
             assert isinstance(arr, zarr.Array)
@@ -231,6 +232,17 @@ class StoreWriter:
             assert isinstance(manifest, zarr.Array)
             manifest[start:stop] = 1
             _test_kill(f"batch:{ib}:after_field:{MANIFEST}", Path(self.path) / MANIFEST / "c" / str(ib))
+
+
+    def _remove_torn_writes(self, ib: int, names: list[str]) -> None:
+        """Delete the ``*.partial`` temp files that a writer killed mid-chunk left in batch ``ib``'s
+        chunks (local stores; this writer owns those chunks, so none is a live write)."""
+        if not _is_local(self.path):
+            return
+        for name in names:
+            c = Path(self.path) / name / "c"
+            for p in [*c.glob(f"{ib}.*.partial"), *(c / str(ib)).rglob("*.partial")]:
+                p.unlink(missing_ok=True)
 
 
 def open_store(
