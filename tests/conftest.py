@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,3 +54,23 @@ def make_store(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def run_without_torch() -> Callable[[str], dict[str, Any]]:
+    """``run_without_torch(code)`` runs ``code`` in a fresh interpreter; ``code`` fills a dict ``out``
+    with JSON values. Asserts the run never imported torch, and returns ``out``."""
+    root = Path(__file__).resolve().parents[1]
+
+    def run(code: str) -> dict[str, Any]:
+        tail = "\nimport sys as _s, json as _j\nout['torch'] = 'torch' in _s.modules\nprint(_j.dumps(out))\n"
+        proc = subprocess.run(
+            [sys.executable, "-c", "out = {}\n" + code + tail], capture_output=True, text=True, timeout=300,
+            cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert out.pop("torch") is False, "torch was imported"
+        return out
+
+    return run

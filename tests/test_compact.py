@@ -6,10 +6,6 @@ extraction of the same tokens; analyzers must give the same numbers on both kind
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -165,24 +161,16 @@ def test_analyzers_same_on_compact_and_full(model_name: str, make_store: Callabl
         np.testing.assert_allclose(ia[name].values, ib[name].values, rtol=1e-5, atol=1e-7, err_msg=str(name))
 
 
-def test_open_and_analyze_compact_store_without_torch(make_store: Callable[..., Path]) -> None:
+def test_open_and_analyze_compact_store_without_torch(
+    make_store: Callable[..., Path], run_without_torch: Callable[[str], dict]
+) -> None:
     path = make_store("tiny-llama", "ioi", fields="compact", **KW)
-    code = (
-        "import sys, json\n"
+    out = run_without_torch(
         "import headstore\n"
         "from headstore.analyze.copy_suppression import copy_suppression\n"
         f"ds = headstore.open_store({str(path)!r})\n"
-        "s = float(ds['pattern'].sum()); res = copy_suppression(ds).compute()\n"
-        "print(json.dumps({'torch': 'torch' in sys.modules, 'sum': s}))\n"
+        "out['sum'] = float(ds['pattern'].sum()); res = copy_suppression(ds).compute()\n"
     )
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["torch"] is False
     # every query row sums to 1: batch * layers * heads * positions
     ds = headstore.open_store(path)
     assert out["sum"] == pytest.approx(ds.sizes["batch"] * ds.sizes["layer"] * ds.sizes["head"] * ds.sizes["pos"], rel=1e-5)
