@@ -82,7 +82,7 @@ def run_analyzer(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        result.to_zarr(tmp / "result.zarr", mode="w", consolidated=False, zarr_format=3)
+        _portable_strings(result).to_zarr(tmp / "result.zarr", mode="w", consolidated=False, zarr_format=3)
         summary = spec.summary(result)
         summary.to_csv(tmp / "summary.csv", index=False)
         plots = [p.relative_to(tmp) for p in spec.plot(result, tmp)]
@@ -96,6 +96,14 @@ def run_analyzer(
         shutil.rmtree(old)
     tmp.rename(folder)
     return summary, [folder / "result.zarr", folder / "summary.csv", *(folder / p for p in plots)]
+
+
+def _portable_strings(ds: xr.Dataset) -> xr.Dataset:
+    """Fixed-width numpy strings as objects, so zarr writes its variable-length UTF-8 string dtype
+    (which has a Zarr v3 spec) instead of FixedLengthUTF32 (which has none, and warns)."""
+    fixed = {k: v.astype(object) for k, v in ds.variables.items() if v.dtype.kind == "U"}
+    coords = {k: v for k, v in fixed.items() if k in ds.coords}
+    return ds.assign_coords(coords).assign({k: v for k, v in fixed.items() if k not in coords})
 
 
 def saved_output(spec: AnalyzerSpec, out: Path) -> tuple[pd.DataFrame, list[Path]] | None:
