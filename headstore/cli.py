@@ -32,6 +32,7 @@ def extract(
     out: Annotated[Path, typer.Option(help="store folder to create (or resume)")],
     fields: Annotated[str, typer.Option(help="comma list: presets default, all, compact (= default,-pattern,q,k), field names (q, k, result...), -NAME drops one")] = "default",
     layers: Annotated[str, typer.Option(help="all, 0,3,5 or 2-5")] = "all",
+    pattern_layers: Annotated[str, typer.Option(help="extracted layers whose pattern is stored (others read as NaN): all, 0,3,5 or 2-5")] = "all",
     seq_len: Annotated[int | None, typer.Option(help="tokens per sequence (default: per dataset)")] = None,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass (= chunk along batch)")] = 8,
     n_seq: Annotated[int | None, typer.Option(help="number of sequences")] = None,
@@ -49,7 +50,8 @@ def extract(
 
         res = run_extract(
             ExtractRequest(
-                model=model, data=data, out=str(out), fields=fields, layers=layers, seq_len=seq_len,
+                model=model, data=data, out=str(out), fields=fields, layers=layers,
+                pattern_layers=pattern_layers, seq_len=seq_len,
                 batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, seed=seed,
                 prepend_bos=prepend_bos, shard=shard, progress=progress,
             )
@@ -84,6 +86,10 @@ def info(store: str, as_json: Annotated[bool, typer.Option("--json", help="print
     d = prov["dataset"]
     console.print(f"dataset    {d['kind']} ({d['spec']})  {d['n_sequences']} sequences x {prov['seq_len']} tokens")
     console.print(f"layers     {prov['layers']}  dtype {prov['storage_dtype']}  batch {prov['batch_size']}")
+    if "pattern" in prov["fields"]:
+        pl = prov.get("pattern_layers")
+        rest = "" if pl in (None, prov["layers"]) else " (the other layers are not stored: NaN)"
+        console.print(f"pattern    layers {prov['layers'] if pl is None else pl}{rest}")
     console.print(f"complete   {data['n_complete']}/{data['n_sequences']} sequences; done ranges {data['done_ranges']}")
     t = Table("array", "MB on disk", "bytes/token")
     for name, (nbytes, per_tok) in data["sizes"].items():

@@ -43,7 +43,7 @@ json_value = st.recursive(
 )
 KEYS = [
     "schema_version", "model", "tokenizer", "dataset", "prepend_bos", "seq_len", "storage_dtype",
-    "fields", "layers", "batch_size", "versions", "created",
+    "fields", "layers", "batch_size", "versions", "created", "pattern_layers",
 ]  # fmt: skip
 
 

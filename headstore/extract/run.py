@@ -46,6 +46,7 @@ class ExtractRequest:
     out: str
     fields: str = "default"
     layers: str = "all"
+    pattern_layers: str = "all"
     seq_len: int | None = None
     batch_size: int = 8
     n_seq: int | None = None
@@ -82,8 +83,8 @@ class ExtractResult:
         return self.setup_seconds + self.fill_seconds
 
 
-def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
-    """``all`` | ``0,3,5`` | ``2-5``."""
+def parse_layers(spec: str, n_layers: int, option: str = "--layers") -> tuple[int, ...]:
+    """``all`` | ``0,3,5`` | ``2-5``; ``option`` names the flag in errors."""
     if spec in ("all", ""):
         return tuple(range(n_layers))
     out: set[int] = set()
@@ -95,10 +96,10 @@ def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
             else:
                 out.add(int(part))
     except ValueError as e:
-        raise HeadstoreError(f"--layers {spec!r} is not 'all', a list like 0,3,5 or a range like 2-5") from e
+        raise HeadstoreError(f"{option} {spec!r} is not 'all', a list like 0,3,5 or a range like 2-5") from e
     bad = sorted(x for x in out if not 0 <= x < n_layers)
     if bad:
-        raise HeadstoreError(f"--layers names {bad} but the model has layers 0..{n_layers - 1}")
+        raise HeadstoreError(f"{option} names {bad} but the model has layers 0..{n_layers - 1}")
     return tuple(sorted(out))
 
 
@@ -112,15 +113,23 @@ def parse_shard(spec: str) -> tuple[int, int]:
     return i, n
 
 
-def hook_names(fields: Sequence[str], layers: Sequence[int], n_layers: int, rotary: bool) -> dict[str, list[str]]:
-    """Field -> the hook names to read (one per layer for per-layer fields)."""
+def hook_names(
+    fields: Sequence[str],
+    layers: Sequence[int],
+    n_layers: int,
+    rotary: bool,
+    pattern_layers: Sequence[int] | None = None,
+) -> dict[str, list[str]]:
+    """Field -> the hook names to read (one per layer for per-layer fields; ``pattern`` only for
+    ``pattern_layers`` when given)."""
     out: dict[str, list[str]] = {}
     for name in fields:
         hook = FIELDS[name].hook
         if not hook:
             continue
         hook = hook.replace("{rot_}", "rot_" if rotary else "").replace("{last}", str(n_layers - 1))
-        out[name] = [hook.replace("{L}", str(L)) for L in layers] if "{L}" in hook else [hook]
+        per = pattern_layers if name == "pattern" and pattern_layers is not None else layers
+        out[name] = [hook.replace("{L}", str(L)) for L in per] if "{L}" in hook else [hook]
     return out
 
 
@@ -181,6 +190,7 @@ def extract(req: ExtractRequest) -> ExtractResult:
     model = load_model(req.model, req.device)
     cfg = model.config_dict()
     layers = parse_layers(req.layers, cfg["n_layers"])
+    pattern_layers = _parse_pattern_layers(req.pattern_layers, cfg["n_layers"], layers, fields)
     data_req = DataRequest(req.data, req.n_seq, req.seq_len, req.seed, req.prepend_bos)
     ds = build_dataset(data_req, model.tokenizer, cfg["n_ctx"])
     seq_len = int(ds.tokens.shape[1])
@@ -202,6 +212,7 @@ def extract(req: ExtractRequest) -> ExtractResult:
         fields=fields,
         layers=layers,
         batch_size=req.batch_size,
+        pattern_layers=pattern_layers,
         versions=_versions(),
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     )
@@ -212,6 +223,21 @@ def extract(req: ExtractRequest) -> ExtractResult:
             check_pattern_derivable(model, ds.tokens, layers)
         _create(out, prov, ds, model, weights)
     return _fill(out, model, ds, prov, shard_i, shard_n, req.progress, time.perf_counter() - t0)
+
+
+def _parse_pattern_layers(
+    spec: str, n_layers: int, layers: tuple[int, ...], fields: tuple[str, ...]
+) -> tuple[int, ...] | None:
+    """``--pattern-layers``: the extracted layers whose pattern is stored (None without a pattern)."""
+    chosen = layers if spec in ("all", "") else parse_layers(spec, n_layers, "--pattern-layers")
+    if "pattern" not in fields:
+        if chosen != layers:
+            raise HeadstoreError(f"--pattern-layers {spec!r} needs pattern among the --fields")
+        return None
+    extra = sorted(set(chosen) - set(layers))
+    if extra:
+        raise HeadstoreError(f"--pattern-layers names {extra} but --layers extracts only {list(layers)}")
+    return chosen
 
 
 def _create(out: Path, prov: Provenance, ds: TokenDataset, model: LoadedModel, weights: dict[str, np.ndarray]) -> None:
@@ -247,7 +273,7 @@ def _fill(
     mine = starts[shard_i * per : (shard_i + 1) * per]
     done = done_mask(out)
     todo = [s for s in mine if not done[s : s + bs].all()]
-    hooks = hook_names(prov.fields, prov.layers, prov.config["n_layers"], model.rotary)
+    hooks = hook_names(prov.fields, prov.layers, prov.config["n_layers"], model.rotary, prov.pattern_layers)
     writer = StoreWriter(out)
     bar = tqdm(
         total=sum(min(bs, n - s) * prov.seq_len for s in todo),

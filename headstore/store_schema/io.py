@@ -207,6 +207,12 @@ def done_mask(path: str | os.PathLike[str], storage_options: dict[str, Any] | No
     return out
 
 
+def pattern_layer_index(prov: Provenance) -> list[int]:
+    """Positions along ``layer`` (not model layer numbers) whose ``pattern`` chunks are written."""
+    stored = set(prov.stored_pattern_layers)
+    return [i for i, L in enumerate(prov.layers) if L in stored]
+
+
 class StoreWriter:
     """Writes whole batches into a preallocated store; marks each done only after all its arrays."""
 
@@ -225,7 +231,12 @@ class StoreWriter:
             arr = self.root[name]
             assert isinstance(arr, zarr.Array)
             stop = start + value.shape[0]
-            arr[start:stop] = value.astype(arr.dtype, copy=False)
+            if name == "pattern" and len(self.prov.stored_pattern_layers) < len(self.prov.layers):
+                # value holds the chosen layers only; the other layers' chunks are never written (NaN)
+                for j, i in enumerate(pattern_layer_index(self.prov)):
+                    arr[start:stop, i] = value[:, j].astype(arr.dtype, copy=False)
+            else:
+                arr[start:stop] = value.astype(arr.dtype, copy=False)
             _test_kill(f"batch:{ib}:after_field:{name}", Path(self.path) / name / "c" / str(ib))
         if stop is not None:
             manifest = self.root[MANIFEST]
@@ -255,8 +266,10 @@ def open_store(
 
     Checks the schema; adds the ``layer`` coordinate, the derived ``result = z @ W_O`` when
     ``result`` was not materialised, and the derived ``pattern = softmax(q . k / sqrt(d_head))``
-    (causal) when ``pattern`` was not stored but ``q`` and ``k`` were (``--fields compact``). An
-    incomplete store is refused unless ``partial=True``, which keeps only the completed sequences.
+    (causal) when ``pattern`` was not stored but ``q`` and ``k`` were (``--fields compact``). With
+    ``--pattern-layers``, the layers whose pattern was not stored read as NaN, or are derived the same
+    way when ``q`` and ``k`` were stored (the whole ``pattern`` is then float32). An incomplete store
+    is refused unless ``partial=True``, which keeps only the completed sequences.
     """
     prov = read_provenance(path, storage_options)
     done = done_mask(path, storage_options)
@@ -272,6 +285,8 @@ def open_store(
         ds["result"] = derived_result(ds["z"], ds["W_O"])
     if "pattern" not in ds and "q" in ds and "k" in ds:
         ds["pattern"] = derived_pattern(ds["q"], ds["k"])
+    elif "pattern" in ds and "q" in ds and "k" in ds and len(prov.stored_pattern_layers) < len(prov.layers):
+        ds["pattern"] = _fill_unstored_pattern(ds, pattern_layer_index(prov))
     if not done.all():
         if not partial:
             raise HeadstoreError(
@@ -281,6 +296,17 @@ def open_store(
         ds = ds.isel(batch=np.flatnonzero(done))
     ds.attrs[ATTRS_KEY] = prov.to_dict()
     return ds
+
+
+def _fill_unstored_pattern(ds: xr.Dataset, stored: list[int]) -> xr.DataArray:
+    """``pattern`` with the layers not stored (``--pattern-layers``) derived from ``q``, ``k`` (float32)."""
+    missing = [i for i in range(ds.sizes["layer"]) if i not in stored]
+    derived = derived_pattern(ds["q"].isel(layer=missing), ds["k"].isel(layer=missing))
+    pat = ds["pattern"].astype("float32")
+    parts = [
+        pat.isel(layer=[i]) if i in stored else derived.isel(layer=[missing.index(i)]) for i in range(ds.sizes["layer"])
+    ]
+    return xr.concat(parts, dim="layer")
 
 
 class _GuardedArray:
@@ -414,7 +440,9 @@ def validate(path: str | os.PathLike[str], storage_options: dict[str, Any] | Non
         if arr.dtype != want_dtype:
             problems.append(f"{name}: dtype {arr.dtype}, expected {want_dtype}")
             continue
-        problems.extend(_check_chunks(arr, name, done))
+        # --pattern-layers: chunks of the other layers are never written, so not "missing"
+        layer_ok = pattern_layer_index(prov) if name == "pattern" else None
+        problems.extend(_check_chunks(arr, name, done, layer_ok))
     for wname in WEIGHTS:
         if wname in root:
             arr = root[wname]
@@ -423,10 +451,13 @@ def validate(path: str | os.PathLike[str], storage_options: dict[str, Any] | Non
     return ValidationReport(str(path), n, int(done.sum()), tuple(problems))
 
 
-def _check_chunks(arr: zarr.Array, name: str, done: np.ndarray | None) -> list[str]:
+def _check_chunks(arr: zarr.Array, name: str, done: np.ndarray | None, layers: list[int] | None = None) -> list[str]:
+    """Read every chunk of completed batches; ``layers``: only these chunk indices along dim 1 (layer)."""
     problems = []
     grid = arr.cdata_shape
     for idx in np.ndindex(*grid):
+        if layers is not None and idx[1] not in layers:
+            continue
         if done is not None:
             b0 = idx[0] * arr.chunks[0]
             if not done[b0 : b0 + arr.chunks[0]].all():

@@ -31,12 +31,23 @@ class Provenance:
     batch_size: int
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
+    # model layers whose ``pattern`` chunks are written (``--pattern-layers``); None = every extracted
+    # layer (and what stores made before the option read as). The others are never written: NaN.
+    pattern_layers: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["fields"] = list(self.fields)
         d["layers"] = list(self.layers)
+        d["pattern_layers"] = None if self.pattern_layers is None else list(self.pattern_layers)
         return d
+
+    @property
+    def stored_pattern_layers(self) -> tuple[int, ...]:
+        """Model layers whose pattern is on disk: () without a stored pattern, all layers by default."""
+        if "pattern" not in self.fields:
+            return ()
+        return self.layers if self.pattern_layers is None else self.pattern_layers
 
     @classmethod
     def from_dict(cls, d: Any) -> Provenance:
@@ -56,7 +67,7 @@ class Provenance:
                 f"store has schema version {version}, older than {SCHEMA_VERSION}: re-extract it"
             )
         names = {f.name for f in fields(cls)}
-        missing = sorted(n for n in names - set(d) if n not in ("versions", "created"))
+        missing = sorted(n for n in names - set(d) if n not in ("versions", "created", "pattern_layers"))
         if missing:
             raise HeadstoreError(f"store attrs lack {', '.join(missing)}: the store is damaged; re-extract it")
         kwargs = {k: d[k] for k in names if k in d}
@@ -83,6 +94,7 @@ class Provenance:
             raise HeadstoreError(f"store attr model.config must hold {', '.join(MODEL_CONFIG_KEYS)}")
         kwargs["fields"] = tuple(kwargs["fields"])
         kwargs["layers"] = tuple(kwargs["layers"])
+        kwargs["pattern_layers"] = _pattern_layers(kwargs.get("pattern_layers"), kwargs["layers"], kwargs["fields"])
         return cls(**kwargs)
 
     @property
@@ -103,6 +115,7 @@ class Provenance:
             "storage_dtype": self.storage_dtype,
             "fields": list(self.fields),
             "layers": list(self.layers),
+            "pattern_layers": list(self.stored_pattern_layers),
             "batch_size": self.batch_size,
         }
 
@@ -125,6 +138,21 @@ class Provenance:
                 raise HeadstoreError(
                     f"the two stores differ in {key} ({_short(a)} vs {_short(b)}): pair stores of the same model"
                 )
+
+
+def _pattern_layers(value: Any, layers: tuple[int, ...], fields: tuple[str, ...]) -> tuple[int, ...] | None:
+    """Check attr ``pattern_layers``: None, or a non-empty sorted list of extracted layers (pattern stored)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        raise HeadstoreError("store attr pattern_layers must be null or a list of integers")
+    if "pattern" not in fields:
+        raise HeadstoreError("store attr pattern_layers is set but pattern is not among the fields: store damaged")
+    if not value or value != sorted(set(value)) or not set(value) <= set(layers):
+        raise HeadstoreError(
+            f"store attr pattern_layers {_short(value)} must be a sorted, non-empty subset of layers {list(layers)}"
+        )
+    return tuple(value)
 
 
 def _expect(d: dict[str, Any], key: str, typ: type) -> None:
