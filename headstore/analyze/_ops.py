@@ -35,8 +35,12 @@ def kv_index(ds: xr.Dataset) -> xr.DataArray:
 
 
 def per_head(da: xr.DataArray, ds: xr.Dataset) -> xr.DataArray:
-    """Map a ``kv_head`` array (v, k, W_V, W_K, b_V, b_K) onto query heads (dim ``head``)."""
-    return da.isel(kv_head=kv_index(ds))
+    """Map a ``kv_head`` array (v, k, W_V, W_K, b_V, b_K) onto query heads (dim ``head``).
+
+    One dask chunk along ``head`` (the gather would otherwise split it per kv head, multiplying the
+    tasks of everything downstream)."""
+    out = da.isel(kv_head=kv_index(ds))
+    return out.chunk({"head": -1}) if out.chunks is not None else out
 
 
 def normalize_final(resid: xr.DataArray, scale: xr.DataArray, ds: xr.Dataset) -> xr.DataArray:
