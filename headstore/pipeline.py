@@ -56,10 +56,13 @@ class Stages:
         try:
             yield
             status = "done"
+        except HeadstoreError:  # the analyzer refuses this input (e.g. needs parameters): not a crash
+            status = "skipped"
+            raise
         finally:
             dt = time.perf_counter() - t0
             self.times.append((name, dt, status))
-            colour = "green" if status == "done" else "red"
+            colour = {"done": "green", "skipped": "yellow"}.get(status, "red")
             console.print(f"[{colour}]{status}[/{colour}] {name} in {dt:.1f} s", highlight=False)
 
     def skip(self, name: str, why: str) -> None:
@@ -118,7 +121,7 @@ def run_main_job(job: MainJob) -> list[Path]:
                         spec, stores, job.out / group, STORE_PARAMS.get((group, spec.name), {})
                     )
             except HeadstoreError as e:
-                console.print(f"  [yellow]skip[/yellow] {name}: {e}", highlight=False)
+                console.print(f"  {e}", highlight=False)
                 continue
             outputs.extend(written)
         report = job.out / f"report-{group}.html"
