@@ -4,22 +4,30 @@ applicable analyzer, and the HTML reports, all under one output folder.
 Rerunning resumes: finished stores are reused (extraction skips the batches already written),
 and so are finished analyzer outputs (``OUT/GROUP/NAME/``, written under a temporary name and
 renamed into place by ``run_analyzer``, so one that exists is complete). The reports read the
-analyzer outputs back instead of computing them again.
+analyzer outputs back instead of computing them again. An analyzer that reads weights only
+(circuits) runs once per model: the other stores of the same weights get a copy of its output.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import xarray as xr
 from rich.console import Console
 from rich.table import Table
 
+from headstore.analyze._registry import AnalyzerSpec
 from headstore.store_schema import HeadstoreError, open_store
+from headstore.store_schema.layout import FIELDS, WEIGHTS
 
 console = Console()
 
@@ -92,10 +100,33 @@ def _extract(job: MainJob, stage: Stages, data: str, fields: str, **kw: object) 
     return path
 
 
+def _weights_key(spec: AnalyzerSpec, datasets: list[xr.Dataset], params: dict[str, Any]) -> tuple[str, ...] | None:
+    """For an analyzer that reads weights only (circuits), what its result depends on; else None."""
+    if len(datasets) != 1 or any(r in FIELDS for r in spec.requires):
+        return None
+    ds = datasets[0]
+    # Every stored weight (it may read optional ones, like W_EE), but the positional tables cut to
+    # the store's seq_len unless it asks for them: stores of one model then share the key.
+    positional = {w for w in WEIGHTS if "pos" in WEIGHTS[w].dims} - set(spec.requires)
+    h = hashlib.sha256()
+    for name in sorted(n for n in [*WEIGHTS, "vocab"] if n in ds and n not in positional):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(ds[name].values).tobytes())
+    return (spec.name, h.hexdigest(), repr(ds["layer"].values.tolist()), repr(sorted(params.items())))
+
+
+def _copy_output(src: Path, dst: Path) -> None:
+    """Copy a finished analyzer folder, complete or not at all (copied aside, then renamed)."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    tmp.rename(dst)
+
+
 def run_main_job(job: MainJob) -> list[Path]:
     """Extract, analyze, report. Rerunning resumes: finished stores and analyzer outputs are reused."""
     from headstore.analyze._registry import analyzers
-    from headstore.analyze._run import run_analyzer, saved_output
+    from headstore.analyze._run import run_analyzer, safe_child, saved_output
     from headstore.report import plan, write_report
 
     stage = Stages()
@@ -105,25 +136,33 @@ def run_main_job(job: MainJob) -> list[Path]:
     # Each group of stores gets a folder of analyzer outputs, then a report built from them.
     groups = {"ioi": [ioi], "ioi-abc": [abc], "ioi-vs-abc": [ioi, abc], "text": [text]}
     outputs: list[Path] = []
+    by_weights: dict[tuple[str, ...], Path] = {}  # weights-only analyzer + weights -> its output folder
     for group, paths in groups.items():
         stores = [str(p) for p in paths]
-        to_run, _not_applicable = plan(analyzers(), [open_store(s) for s in stores])
+        datasets = [open_store(s) for s in stores]
+        to_run, _not_applicable = plan(analyzers(), datasets)
         for spec in to_run:
             name = f"{spec.name} on {group}"
-            saved = saved_output(spec, job.out / group)
+            params = STORE_PARAMS.get((group, spec.name), {})
+            folder = safe_child(job.out / group, spec.name)
+            key = _weights_key(spec, datasets, params)
+            saved, why = saved_output(spec, job.out / group), "reused"
+            if saved is None and key in by_weights:
+                _copy_output(by_weights[key], folder)
+                saved, why = saved_output(spec, job.out / group), f"same weights as {by_weights[key].parent.name}: copied"
             if saved is not None:
-                stage.skip(name, "reused")
+                stage.skip(name, why)
                 outputs.extend(saved[1])
-                continue
-            try:
-                with stage(name):
-                    _summary, written = run_analyzer(
-                        spec, stores, job.out / group, STORE_PARAMS.get((group, spec.name), {})
-                    )
-            except HeadstoreError as e:
-                console.print(f"  {e}", highlight=False)
-                continue
-            outputs.extend(written)
+            else:
+                try:
+                    with stage(name):
+                        _summary, written = run_analyzer(spec, stores, job.out / group, params)
+                except HeadstoreError as e:
+                    console.print(f"  {e}", highlight=False)
+                    continue
+                outputs.extend(written)
+            if key is not None:
+                by_weights.setdefault(key, folder)
         report = job.out / f"report-{group}.html"
         with stage(f"report {group}"):
             write_report(stores, report, results=job.out / group, progress=False)

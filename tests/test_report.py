@@ -327,6 +327,10 @@ def test_main_job_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     )
     first = run_main_job(job)
     assert calls["ioi-pair"] == 1 and calls["copy-suppression"] == 3  # ioi, ioi-abc, text
+    assert calls["circuits"] == 1  # weights only: computed on ioi, copied to ioi-abc and text
+    for group in ("ioi-abc", "text"):
+        for f in ("summary.csv", "plots.txt"):
+            assert (job.out / group / "circuits" / f).read_bytes() == (job.out / "ioi" / "circuits" / f).read_bytes()
     saved = {p.parent.name for p in job.out.glob("*/*/summary.csv")}
     assert {"copy-suppression", "ioi", "ioi-pair"} <= saved
     calls.clear()
