@@ -43,6 +43,15 @@ def per_head(da: xr.DataArray, ds: xr.Dataset) -> xr.DataArray:
     return out.chunk({"head": -1}) if out.chunks is not None else out
 
 
+def lead_axes(x: np.ndarray, n_core: int, n_loop: int = 2) -> np.ndarray:
+    """Give ``x`` exactly ``n_loop`` leading (loop) axes, adding size-1 ones in front.
+
+    Inside ``xr.apply_ufunc`` an input lacking a loop dim gets a size-1 axis for it, except for
+    the leading ones: this adds those, so every block sees the same (batch, layer) axes."""
+    missing = n_loop - (x.ndim - n_core)
+    return x.reshape((1,) * missing + x.shape) if missing else x
+
+
 def normalize_final(resid: xr.DataArray, scale: xr.DataArray, ds: xr.Dataset) -> xr.DataArray:
     """ln_final with folded weights: ``(resid - mean_d_model(resid)) / scale`` (LN) or ``resid / scale`` (RMS)."""
     resid = f32(resid)

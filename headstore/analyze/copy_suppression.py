@@ -21,35 +21,37 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from headstore.analyze._ops import bos_id, f32, per_head, require
+from headstore.analyze._ops import bos_id, f32, lead_axes, per_head, require
 from headstore.analyze._plots import head_table, layer_head_heatmaps
 from headstore.analyze._registry import AnalyzerSpec
 
 REQUIRES = ("tokens", "v", "pattern", "ln_final_scale", "W_O", "W_U")
 
 
-def _take_columns(tokens: np.ndarray, w_u: np.ndarray) -> np.ndarray:
-    # tokens (..., pos), w_u (..., d_model, d_vocab) -> (..., pos, d_model)
-    w = w_u.reshape(w_u.shape[-2:])
+def _take_columns(tokens: np.ndarray, w_u: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """tokens (batch, pos), w_u (d_model, d_vocab) or its one block in a list -> (batch, pos, d_model)."""
+    (w,) = w_u if isinstance(w_u, list) else [w_u]
     return np.moveaxis(w[:, tokens], 0, -1).astype(np.float32, copy=False)
 
 
 def unembed_columns(ds: xr.Dataset) -> xr.DataArray:
     """``(batch, pos, d_model)``: the unembedding column of each token, ``W_U[:, tokens[b, p]]``.
 
-    Gathered blockwise along ``batch`` (never a ``(tokens, d_vocab)`` product).
+    Gathered blockwise along ``batch`` (never a ``(tokens, d_vocab)`` product); each block reads the
+    one ``W_U`` chunk in place (``concatenate=False``: no copy of the vocabulary per block).
     """
-    w_u = f32(ds["W_U"])
-    return xr.apply_ufunc(
-        _take_columns,
-        ds["tokens"],
-        w_u,
-        input_core_dims=[["pos"], ["d_model", "d_vocab"]],
-        output_core_dims=[["pos", "d_model"]],
-        dask="parallelized",
-        output_dtypes=[np.float32],
-        dask_gufunc_kwargs={"allow_rechunk": True, "output_sizes": {"d_model": w_u.sizes["d_model"]}},
-    )
+    tokens, w_u = ds["tokens"].transpose("batch", "pos"), f32(ds["W_U"]).transpose("d_model", "d_vocab")
+    dims = ("batch", "pos", "d_model")
+    if tokens.chunks is None or w_u.chunks is None:
+        return xr.DataArray(_take_columns(tokens.values, w_u.values), dims=dims)
+    import dask.array as da
+
+    w = w_u.data.rechunk({1: -1})
+    data = da.blockwise(
+        _take_columns, "bpm", tokens.data, "bp", w, "mv", dtype=np.float32, concatenate=False,
+        meta=np.empty((0, 0, 0), np.float32),
+    )  # fmt: skip
+    return xr.DataArray(data, dims=dims, coords={c: tokens.coords[c] for c in ("batch",) if c in tokens.coords})
 
 
 def not_bos(ds: xr.Dataset) -> xr.DataArray:
@@ -71,16 +73,70 @@ def source_coefficients(ds: xr.Dataset, only_negative: bool = False) -> xr.DataA
     return coef.rename(pos="key_pos").transpose("batch", "layer", "head", "key_pos")
 
 
+def _block(
+    v: np.ndarray,
+    pattern: np.ndarray,
+    w_o: np.ndarray,
+    u: np.ndarray,
+    keep: np.ndarray,
+    inv_scale: np.ndarray,
+    only_negative: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One (batch chunk, layer) block, every head: ``(per_position, attn_per_src)``, each (batch, layer, head, key_pos).
+
+    ``v`` (b, l, head, pos, d_head), ``pattern`` (b, l, head, q, k), ``w_o`` (l, head, d_head, d_model),
+    ``u`` (b, pos, d_model), ``keep`` / ``inv_scale`` (b, pos). Same sums as ``source_coefficients``
+    and ``copy_suppression``'s formulas, in one task instead of a few dozen.
+    """
+    v, pattern = lead_axes(v, 3), lead_axes(pattern, 3)
+    w_o, u = lead_axes(w_o, 3)[0], lead_axes(u, 2)[:, 0]
+    keep, inv_scale = lead_axes(keep, 1)[:, 0], lead_axes(inv_scale, 1)[:, 0]
+    n_b, n_l, n_h, n_k, n_d = v.shape
+    # (v @ W_O) . u as two BLAS products: W_O[l, h] @ u[b, k] for every (l, h, d_head) x (b, k) at once
+    w_ou = w_o.reshape(n_l * n_h * n_d, -1) @ u.reshape(n_b * n_k, -1).T  # (l h d), (b k)
+    w_ou = w_ou.reshape(n_l, n_h, n_d, n_b, n_k).transpose(3, 0, 1, 4, 2)  # b, l, h, k, d
+    coef = (v * w_ou).sum(-1)  # b, l, h, k
+    if only_negative:
+        coef = np.where(coef < 0, coef, np.float32(0.0))
+    a = pattern * (keep[:, None, None, :, None] * keep[:, None, None, None, :])
+    per_position = coef * np.matmul(inv_scale[:, None, None, None, :], a)[..., 0, :]
+    return per_position.astype(np.float32, copy=False), a.sum(axis=3, dtype=np.float32)
+
+
 def copy_suppression(ds: xr.Dataset, only_negative: bool = False) -> xr.Dataset:
-    """Per-position, per-sequence and mean source-suppression scores of every head."""
+    """Per-position, per-sequence and mean source-suppression scores of every head.
+
+    ``per_position[b, L, h, k] = coef[b, L, h, k] * sum_q a[b, L, h, q, k] / ln_final_scale[b, q]``,
+    ``per_sequence[b, L, h] = sum_k per_position * attn / sum_k attn`` with ``attn = sum_q a``,
+    ``score[L, h] = mean_b per_sequence``; ``coef`` as in ``source_coefficients``.
+    """
     require(ds, REQUIRES, "copy-suppression")
-    coef = source_coefficients(ds, only_negative)
-    keep = not_bos(ds)
-    mask = keep.rename(pos="query_pos") * keep.rename(pos="key_pos")
-    a = f32(ds["pattern"]) * mask  # batch, layer, head, query_pos, key_pos
-    inv_scale = 1.0 / ds["ln_final_scale"].astype(np.float32).rename(pos="query_pos")
-    per_position = coef * xr.dot(a, inv_scale, dim="query_pos")
-    attn_per_src = a.sum("query_pos")
+    batch_chunks = ds["tokens"].chunksizes.get("batch", ds.sizes["batch"])
+
+    def block(x: xr.DataArray) -> xr.DataArray:  # the store's batch chunk x one layer, whole elsewhere
+        return x.chunk({d: (batch_chunks if d == "batch" else 1 if d == "layer" else -1) for d in x.dims})
+
+    per_position, attn_per_src = xr.apply_ufunc(
+        _block,
+        block(per_head(f32(ds["v"]), ds)),
+        block(f32(ds["pattern"])),
+        block(f32(ds["W_O"])),
+        block(unembed_columns(ds)),
+        block(not_bos(ds)),
+        block(1.0 / ds["ln_final_scale"].astype(np.float32)),
+        kwargs={"only_negative": only_negative},
+        input_core_dims=[
+            ["head", "pos", "d_head"],
+            ["head", "query_pos", "key_pos"],
+            ["head", "d_head", "d_model"],
+            ["pos", "d_model"],
+            ["pos"],
+            ["pos"],
+        ],
+        output_core_dims=[["head", "key_pos"], ["head", "key_pos"]],
+        dask="parallelized",
+        output_dtypes=[np.float32, np.float32],
+    )
     per_sequence = (per_position * attn_per_src).sum("key_pos") / attn_per_src.sum("key_pos")
     score = per_sequence.mean("batch")
     out = xr.Dataset(

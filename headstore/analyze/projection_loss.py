@@ -23,7 +23,7 @@ import pandas as pd
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
-from headstore.analyze._ops import f32, logits, next_tokens, per_head, require
+from headstore.analyze._ops import f32, lead_axes, logits, next_tokens, per_head, require
 from headstore.analyze._plots import layer_head_heatmaps
 from headstore.analyze._registry import AnalyzerSpec
 from headstore.analyze.copy_suppression import unembed_columns
@@ -31,12 +31,6 @@ from headstore.analyze.copy_suppression import unembed_columns
 REQUIRES = ("tokens", "v", "pattern", "result", "ln_final_scale", "resid_final", "W_O", "W_U", "b_U")
 MODES = ("project", "perpendicular", "ablation")
 TITLES = ("Only keep projection", "Only keep perpendicular component", "Ablate entirely")
-
-
-def _lead(x: np.ndarray, n_core: int, n_loop: int = 2) -> np.ndarray:
-    """Give ``x`` exactly ``n_loop`` leading (loop) axes, adding size-1 ones in front."""
-    missing = n_loop - (x.ndim - n_core)
-    return x.reshape((1,) * missing + x.shape) if missing else x
 
 
 def _token_loss(lg: np.ndarray, nxt: np.ndarray) -> np.ndarray:
@@ -88,10 +82,10 @@ def _block_losses_1(
     w_u: np.ndarray,
     only_negative: bool,
 ) -> np.ndarray:
-    lg, nxt, scale = _lead(lg, 2)[:, 0], _lead(nxt, 1)[:, 0], _lead(scale, 1)[:, 0]
-    u = _lead(u, 2)[:, 0]  # batch, pos, d_model
-    v, pattern, result = _lead(v, 3), _lead(pattern, 3), _lead(result, 3)
-    w_o = _lead(w_o, 3)[0]  # layer, head, d_head, d_model
+    lg, nxt, scale = lead_axes(lg, 2)[:, 0], lead_axes(nxt, 1)[:, 0], lead_axes(scale, 1)[:, 0]
+    u = lead_axes(u, 2)[:, 0]  # batch, pos, d_model
+    v, pattern, result = lead_axes(v, 3), lead_axes(pattern, 3), lead_axes(result, 3)
+    w_o = lead_axes(w_o, 3)[0]  # layer, head, d_head, d_model
     w_u = w_u.reshape(w_u.shape[-2:])
     n_batch, n_layer, n_head, n_pos = v.shape[0], v.shape[1], v.shape[2], v.shape[3]
     out = np.empty((n_batch, n_layer, len(MODES), n_head, n_pos), dtype=np.float32)
