@@ -63,16 +63,6 @@ def not_bos(ds: xr.Dataset) -> xr.DataArray:
     return (tokens != bos).astype(np.float32)
 
 
-def source_coefficients(ds: xr.Dataset, only_negative: bool = False) -> xr.DataArray:
-    """``coef[batch, layer, head, key_pos] = (v @ W_O[L, h]) . W_U[:, tokens[b, k]]``."""
-    v = per_head(f32(ds["v"]), ds)  # batch, layer, pos, head, d_head
-    w_ou = xr.dot(f32(ds["W_O"]), unembed_columns(ds), dim="d_model")  # layer, head, d_head, batch, pos
-    coef = xr.dot(v, w_ou, dim="d_head")
-    if only_negative:
-        coef = coef.where(coef < 0, 0.0)
-    return coef.rename(pos="key_pos").transpose("batch", "layer", "head", "key_pos")
-
-
 def _block(
     v: np.ndarray,
     pattern: np.ndarray,
@@ -85,8 +75,8 @@ def _block(
     """One (batch chunk, layer) block, every head: ``(per_position, attn_per_src)``, each (batch, layer, head, key_pos).
 
     ``v`` (b, l, head, pos, d_head), ``pattern`` (b, l, head, q, k), ``w_o`` (l, head, d_head, d_model),
-    ``u`` (b, pos, d_model), ``keep`` / ``inv_scale`` (b, pos). Same sums as ``source_coefficients``
-    and ``copy_suppression``'s formulas, in one task instead of a few dozen.
+    ``u`` (b, pos, d_model), ``keep`` / ``inv_scale`` (b, pos): the module docstring's sums, with
+    ``coef[b, l, h, k] = (v[b, l, h, k] @ W_O[l, h]) . u[b, k]``.
     """
     v, pattern = lead_axes(v, 3), lead_axes(pattern, 3)
     w_o, u = lead_axes(w_o, 3)[0], lead_axes(u, 2)[:, 0]
@@ -108,7 +98,7 @@ def copy_suppression(ds: xr.Dataset, only_negative: bool = False) -> xr.Dataset:
 
     ``per_position[b, L, h, k] = coef[b, L, h, k] * sum_q a[b, L, h, q, k] / ln_final_scale[b, q]``,
     ``per_sequence[b, L, h] = sum_k per_position * attn / sum_k attn`` with ``attn = sum_q a``,
-    ``score[L, h] = mean_b per_sequence``; ``coef`` as in ``source_coefficients``.
+    ``score[L, h] = mean_b per_sequence``; ``coef[b, L, h, k] = (v @ W_O[L, h]) . W_U[:, tokens[b, k]]``.
     """
     require(ds, REQUIRES, "copy-suppression")
     batch_chunks = ds["tokens"].chunksizes.get("batch", ds.sizes["batch"])
