@@ -56,9 +56,11 @@ def machine() -> str:
     return (
         f"{cpu}, {len(os.sched_getaffinity(0))} usable cores{mem}, {acc}; Python {platform.python_version()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); load average {os.getloadavg()[0]:.1f} at "
-        "the end of the run (the machine was shared with other jobs: absolute times are inflated, ratios are "
-        "side by side)"
+        "the end of the run" + (SHARED if os.getloadavg()[0] > len(os.sched_getaffinity(0)) + 0.5 else "")
     )
+
+
+SHARED = " (other jobs shared the machine: absolute times are inflated, ratios are side by side)"
 
 
 def timeit(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> float:
