@@ -63,8 +63,11 @@ def machine() -> str:
 SHARED = " (other jobs shared the machine: absolute times are inflated, ratios are side by side)"
 
 
-def timeit(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> float:
-    """Median wall seconds of ``fn()`` over ``repeat`` runs after ``warmup`` runs."""
+def timeit(
+    fn: Callable[[], Any], repeat: int = 3, warmup: int = 1, stat: Callable[[list[float]], float] = statistics.median
+) -> float:
+    """``stat`` (median; ``min`` for the fastest) of the wall seconds of ``fn()`` over ``repeat`` runs after
+    ``warmup`` runs."""
     for _ in range(warmup):
         fn()
     times = []
@@ -72,7 +75,7 @@ def timeit(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return stat(times)
 
 
 def store(model: str, data: str, n_seq: int, batch_size: int, *, fields: str = "default", dtype: str = "float32",

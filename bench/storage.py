@@ -122,6 +122,11 @@ sequences" reads one batch chunk per layer.
     C.write_section("storage", body)
 
 
+def _best(fn: Any, repeat: int = 5) -> float:
+    """Fastest wall seconds of ``fn()`` over ``repeat`` runs after one warm-up."""
+    return C.timeit(fn, repeat=repeat, stat=min)
+
+
 def choices(args: argparse.Namespace) -> None:
     """Codecs and pattern chunk layout, measured on the float32 store's own chunks."""
     import tempfile
@@ -143,8 +148,8 @@ def choices(args: argparse.Namespace) -> None:
     for name, x in chunk.items():
         for cname, codec in cands.items():
             enc = codec.encode(x)
-            t_enc = best(lambda c=codec, x=x: c.encode(x), repeat=3)
-            t_dec = best(lambda c=codec, e=enc: c.decode(e), repeat=3)
+            t_enc = _best(lambda c=codec, x=x: c.encode(x), repeat=3)
+            t_dec = _best(lambda c=codec, e=enc: c.decode(e), repeat=3)
             rows.append([name, cname, x.nbytes / len(enc), x.nbytes / t_enc / 1e6, x.nbytes / t_dec / 1e6])
     pattern = np.asarray(root["pattern"][:])  # type: ignore[index]
     shape, n_heads = pattern.shape, pattern.shape[2]
@@ -163,8 +168,8 @@ def choices(args: argparse.Namespace) -> None:
             c0, w0 = time.process_time(), time.perf_counter()
             arr[:] = pattern
             cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-            one_head = best(lambda a=arr: a[:, L, 0], repeat=3)
-            two_seq = best(lambda a=arr: a[:2], repeat=3)
+            one_head = _best(lambda a=arr: a[:, L, 0], repeat=3)
+            two_seq = _best(lambda a=arr: a[:2], repeat=3)
             disk = sum(f.stat().st_size for f in Path(f"{tmp}/{len(lay_rows)}.zarr").rglob("*") if f.is_file())
             n_files = sum(1 for f in Path(f"{tmp}/{len(lay_rows)}.zarr").rglob("*") if f.is_file())
             lay_rows.append([label, disk / pattern.nbytes, n_files, cpu, wall, one_head * 1e3, two_seq * 1e3])
@@ -195,17 +200,6 @@ analyzer reads all heads of a layer, a one-head read already costs only 1/n_laye
 extractor writes one whole chunk per (batch chunk, layer), so concurrent shard writers never share one.
 """
     C.write_section("storage-choices", body)
-
-
-def best(fn: Any, repeat: int = 5) -> float:
-    """Fastest wall seconds of ``fn()`` over ``repeat`` runs after one warm-up."""
-    fn()
-    out = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return min(out)
 
 
 def compact(args: argparse.Namespace) -> None:
@@ -248,7 +242,7 @@ def compact(args: argparse.Namespace) -> None:
         "pattern, one layer, all heads, all tokens": lambda d: d["pattern"].isel(layer=L).values,
         "pattern, all heads, 1 sequence": lambda d: d["pattern"].isel(batch=slice(0, 1)).values,
     }
-    times = {r: [best(partial(f, ds[k])) for k in spec] for r, f in reads.items()}
+    times = {r: [_best(partial(f, ds[k])) for k in spec] for r, f in reads.items()}
     errs = [0.0, 0.0]  # max |derived - stored|, one layer at a time (a whole pattern is ~1 GB here)
     for li in range(ds["full"].sizes["layer"]):
         stored = ds["full"]["pattern"].isel(layer=li).values
