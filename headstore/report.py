@@ -32,6 +32,7 @@ from headstore.store_schema import HeadstoreError, open_store
 from headstore.store_schema.info import store_info
 
 TOP_ROWS = 10
+PAGE_WIDTH = 1260  # px inside the page's 1300 px column
 MAX_DEFAULT_HEADS = 4
 MAX_DEFAULT_SEQUENCES = 2
 
@@ -98,6 +99,8 @@ class _Figures:
         self.n += 1
         fid = f"hs-fig-{self.n}"
         cfg = {"responsive": True, "displaylogo": False, **(config if isinstance(config, dict) else {})}
+        if isinstance(layout, dict) and layout.get("width", 0) > PAGE_WIDTH:  # wider than the page: fit it
+            layout = {k: v for k, v in layout.items() if k != "width"} | {"autosize": True}
         return (
             f'<div id="{fid}" class="hs-plot"></div>\n'
             f"<script>Plotly.newPlot({_js_json(fid)}, {_js_json(data)}, {_js_json(layout)}, {_js_json(cfg)});</script>\n"

@@ -374,3 +374,14 @@ def test_analyzers_doc_covers_every_analyzer() -> None:
     names = {n.strip() for h in headings for n in h.split("(")[0].split(",")}
     for name in analyzers():
         assert name in names, f"docs/analyzers.md has no section for the analyzer {name!r}"
+
+
+def test_figures_wider_than_the_page_are_fitted() -> None:
+    from headstore.report import PAGE_WIDTH, _Figures, plotly_figures_in_html
+
+    figs = _Figures()
+    wide = figs.div([{"type": "heatmap", "z": [[1]]}], {"width": PAGE_WIDTH + 500, "height": 400})
+    narrow = figs.div([{"type": "heatmap", "z": [[1]]}], {"width": 500, "height": 400})
+    (_, wide_layout, _), (_, narrow_layout, _) = plotly_figures_in_html(wide + narrow)
+    assert "width" not in wide_layout and wide_layout["autosize"] is True and wide_layout["height"] == 400
+    assert narrow_layout["width"] == 500
