@@ -385,3 +385,19 @@ def test_figures_wider_than_the_page_are_fitted() -> None:
     (_, wide_layout, _), (_, narrow_layout, _) = plotly_figures_in_html(wide + narrow)
     assert "width" not in wide_layout and wide_layout["autosize"] is True and wide_layout["height"] == 400
     assert narrow_layout["width"] == 500
+
+
+def test_titles_wider_than_their_figure_wrap(tmp_path: Path) -> None:
+    import plotly.graph_objects as go
+
+    from headstore.analyze._plots import TITLE_CHAR_PX, save_html
+    from headstore.report import plotly_figures_in_html
+
+    long = "Direct logit contribution of each head to target 'io_token' (mean over sequences)"
+    for width, title in [(550, long), (550, "short<br>two lines"), (1600, long)]:
+        path = save_html(go.Figure(go.Heatmap(z=[[1]]), layout={"title": title, "width": width}), tmp_path / "f.html")
+        ((_, layout, _),) = plotly_figures_in_html(path.read_text(encoding="utf-8"))
+        lines = layout["title"]["text"].split("<br>")
+        assert " ".join(lines) == " ".join(title.split("<br>")), "wrapping must keep every word"
+        assert all(len(line) * TITLE_CHAR_PX <= width - 80 for line in lines)
+        assert len(lines) == (2 if title != long or width == 550 else 1)

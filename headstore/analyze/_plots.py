@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,10 +16,25 @@ import plotly.graph_objects as go
 import xarray as xr
 from plotly.subplots import make_subplots
 
+TITLE_CHAR_PX = 9.5  # mean glyph width of plotly's default 17 px title font
+DEFAULT_WIDTH = 700  # plotly's width when a figure sets none
+
+
+def fit_title(fig: go.Figure) -> go.Figure:
+    """Wrap a title wider than its figure onto lines (plotly clips it otherwise), growing the top margin."""
+    text = fig.layout.title.text
+    if not text:
+        return fig
+    chars = max(30, int(((fig.layout.width or DEFAULT_WIDTH) - 80) / TITLE_CHAR_PX))
+    lines = [w for line in text.split("<br>") for w in textwrap.wrap(line, chars) or [""]]
+    if len(lines) > len(text.split("<br>")):
+        fig.update_layout(title_text="<br>".join(lines), margin_t=60 + 24 * len(lines))
+    return fig
+
 
 def save_html(fig: go.Figure, path: Path) -> Path:
-    """Self-contained HTML (plotly.js inlined: opens offline)."""
-    fig.write_html(path, include_plotlyjs=True, full_html=True)
+    """Self-contained HTML (plotly.js inlined: opens offline); titles wider than the figure wrap."""
+    fit_title(fig).write_html(path, include_plotlyjs=True, full_html=True)
     return path
 
 

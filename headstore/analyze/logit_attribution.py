@@ -215,8 +215,14 @@ def plot(res: xr.Dataset, folder: Path) -> list[Path]:
     fig.savefig(png, dpi=110, bbox_inches="tight")
     plt.close(fig)
     pfig = go.Figure(go.Heatmap(z=mat, x=cols, y=rows, colorscale="RdBu", zmin=-vmax, zmax=vmax))
-    pfig.update_layout(title=title, xaxis_title="source position", yaxis_title="layer.head")
-    pfig.update_yaxes(autorange="reversed")
+    pfig.update_layout(
+        title=title,
+        xaxis_title="source position",
+        yaxis_title="layer.head",
+        height=min(1600, max(450, 6 * len(rows) + 250)),
+    )
+    pfig.update_yaxes(autorange="reversed", type="category")  # "L.h" labels are names, not numbers
+    pfig.update_xaxes(type="category")
     return [*paths, png, save_html(pfig, folder / "sources_seq0.html")]
 
 
