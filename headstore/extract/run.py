@@ -8,6 +8,7 @@ command resumes where a crash left off.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import importlib.metadata
 import time
@@ -287,12 +288,12 @@ def _fill(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="headstore-writer") as pool:
         for start in todo:
             toks = ds.tokens[start : start + bs]
-            arrays = run_batch(model, toks, prov, hooks)
+            batch = run_batch(model, toks, prov, hooks)
             if pending is not None:
                 tw = time.perf_counter()
                 pending.result()  # at most one batch in flight: memory bounded by two batches
                 waited += time.perf_counter() - tw
-            pending = pool.submit(writer.write_batch, start, arrays)
+            pending = pool.submit(lambda s, b: writer.write_batch(s, b.arrays()), start, batch)
             bar.update(toks.size)
             n_tok += toks.size
         if pending is not None:
@@ -306,14 +307,50 @@ def _fill(
     )  # fmt: skip
 
 
+class HostBatch:
+    """One batch's fields on their way to host memory; ``arrays()`` waits for the copies to land.
+
+    On CUDA the device-to-host copies are issued on a side stream into pinned memory, so the next
+    batch's forward pass runs while they complete; the writer thread waits on ``done``. On CPU the
+    tensors are host tensors already and ``done`` is None.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], dev: torch.device) -> None:
+        self.done: torch.cuda.Event | None = None
+        if dev.type != "cuda":
+            self.tensors = tensors
+            return
+        side = _copy_stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))  # the copies start after the forward that made them
+        self.tensors = {}
+        with torch.cuda.stream(side):
+            for name, t in tensors.items():
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                t.record_stream(side)  # the caching allocator must not reuse t's memory before the copy ran
+                self.tensors[name] = host
+            self.done = torch.cuda.Event()
+            self.done.record(side)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self.done is not None:
+            self.done.synchronize()
+        return {name: t.numpy() for name, t in self.tensors.items()}
+
+
+@functools.cache
+def _copy_stream(dev: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(dev)
+
+
 @torch.inference_mode()
-def run_batch(model: LoadedModel, toks: np.ndarray, prov: Provenance, hooks: dict[str, list[str]]) -> dict[str, np.ndarray]:
-    """One forward pass; returns field -> numpy array in storage layout (host memory)."""
+def run_batch(model: LoadedModel, toks: np.ndarray, prov: Provenance, hooks: dict[str, list[str]]) -> HostBatch:
+    """One forward pass; returns its fields in storage layout, copying to host (see HostBatch)."""
     bridge = model.bridge
     x = torch.as_tensor(toks, dtype=torch.long, device=bridge.cfg.device)
     names = sorted({h for hs in hooks.values() for h in hs})
     logits, cache = bridge.run_with_cache(x, names_filter=names)
-    arrays: dict[str, np.ndarray] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for name, hs in hooks.items():
         dims = FIELDS[name].dims
         if name == "pattern":  # (batch, head, q, k) per layer
@@ -328,12 +365,12 @@ def run_batch(model: LoadedModel, toks: np.ndarray, prov: Provenance, hooks: dic
                 t = t[..., 0]
         want = FIELDS[name].dtype
         dtype = torch.float16 if (want == "storage" and prov.storage_dtype == "float16") else torch.float32
-        arrays[name] = t.to(dtype).cpu().numpy()
-        assert arrays[name].ndim == len(dims), (name, arrays[name].shape, dims)
+        tensors[name] = t.to(dtype).contiguous()
+        assert tensors[name].ndim == len(dims), (name, tensors[name].shape, dims)
     if "loss" in prov.fields:
         logp = torch.log_softmax(logits.float(), dim=-1)
         nll = -logp[:, :-1].gather(-1, x[:, 1:, None])[..., 0]
-        loss = torch.full(x.shape, float("nan"))
-        loss[:, :-1] = nll.cpu()
-        arrays["loss"] = loss.numpy()
-    return arrays
+        loss = torch.full(x.shape, float("nan"), device=nll.device)
+        loss[:, :-1] = nll
+        tensors["loss"] = loss
+    return HostBatch(tensors, x.device)
