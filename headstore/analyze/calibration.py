@@ -105,15 +105,38 @@ def parse_heads(spec: str, layers: np.ndarray, n_heads: int) -> list[tuple[int, 
     return out
 
 
+ARGMAX_TOP_K = 16  # up to this k, k argmax passes beat one argpartition over d_vocab (~15x at k = 3)
+
+
+def _top_k(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, d_vocab) values >= 0 -> (indices, values) of the k largest per row. Overwrites ``x``."""
+    if k > ARGMAX_TOP_K:
+        idx = np.argpartition(x, x.shape[-1] - k, axis=-1)[:, -k:]
+        return idx, np.take_along_axis(x, idx, -1)
+    rows = np.arange(x.shape[0])
+    idx = np.empty((x.shape[0], k), np.int64)
+    vals = np.empty((x.shape[0], k), x.dtype)
+    for j in range(k):
+        idx[:, j] = x.argmax(-1)
+        vals[:, j] = x[rows, idx[:, j]]
+        x[rows, idx[:, j]] = -np.inf
+    return idx, vals
+
+
 def _bin_counts(logit_rows: np.ndarray, nxt: np.ndarray, top_k: int, edges: np.ndarray) -> np.ndarray:
-    """(tokens, d_vocab) float32 logits, (tokens,) next ids -> (2, n_bins): [frequency, correct]."""
+    """(tokens, d_vocab) float32 logits, (tokens,) next ids -> (2, n_bins): [frequency, correct].
+
+    The top-k probabilities are the top-k logits' ``exp(logit - max) / sum(exp(logits - max))``.
+    Overwrites ``logit_rows``.
+    """
     n_bins = edges.size - 1
-    x = logit_rows - logit_rows.max(-1, keepdims=True)
+    x = logit_rows
+    x -= x.max(-1, keepdims=True)
     np.exp(x, out=x)
-    x /= x.sum(-1, keepdims=True)
+    total = x.sum(-1, keepdims=True)
     k = min(top_k, x.shape[-1])
-    idx = np.argpartition(-x, k - 1, axis=-1)[:, :k]
-    vals = np.take_along_axis(x, idx, -1)
+    idx, vals = _top_k(x, k)
+    vals /= total
     correct = idx == nxt[:, None]
     b = np.searchsorted(edges, vals, side="right") - 1  # vals in [edges[b], edges[b+1])
     ok = (b >= 0) & (b < n_bins)
