@@ -113,11 +113,20 @@ def ioi_store(make_store: Callable[..., Path]) -> Callable[[str], Path]:
     return lambda model: make_store(model, "ioi", n_seq=8, batch_size=4)
 
 
-@pytest.mark.parametrize("only_negative", [False, True])
+@pytest.mark.parametrize(("only_negative", "gram"), [(False, True), (True, True), (False, False)])
 @pytest.mark.parametrize("model", MODELS)
 def test_matches_online_hooks(
-    model: str, only_negative: bool, ioi_store: Callable[[str], Path], live_model: Callable[[str], Any]
+    model: str,
+    only_negative: bool,
+    gram: bool,
+    ioi_store: Callable[[str], Path],
+    live_model: Callable[[str], Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """``gram``: the source tokens' unembedding shared by all heads (short sequences), else per head."""
+    import headstore.analyze.projection_loss as pl
+
+    monkeypatch.setattr(pl, "GRAM_MAX_POS_PER_D_MODEL", 1e9 if gram else 0.0)
     ds = open_store(ioi_store(model))
     toks = ds["tokens"].values
     res = projection_loss(ds, only_negative=only_negative).compute()

@@ -52,6 +52,19 @@ def lead_axes(x: np.ndarray, n_core: int, n_loop: int = 2) -> np.ndarray:
     return x.reshape((1,) * missing + x.shape) if missing else x
 
 
+def head_unembed(x: np.ndarray, w_o: np.ndarray, w_u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``x @ W_O[L, h] @ W_U``: (n, d_head) -> (n, d_vocab), multiplied in the cheaper order.
+
+    ``(x @ W_O) @ W_U`` costs ``n d_model (d_head + d_vocab)`` flops, ``x @ (W_O @ W_U)`` costs
+    ``d_head d_vocab (d_model + n)``: the second wins once ``n`` is above about ``d_head``.
+    """
+    n, d_head = x.shape
+    d_model, d_vocab = w_u.shape
+    if d_head * d_vocab * (d_model + n) < n * d_model * (d_head + d_vocab):
+        return np.matmul(x, w_o @ w_u, out=out)
+    return np.matmul(x @ w_o, w_u, out=out)
+
+
 def normalize_final(resid: xr.DataArray, scale: xr.DataArray, ds: xr.Dataset) -> xr.DataArray:
     """ln_final with folded weights: ``(resid - mean_d_model(resid)) / scale`` (LN) or ``resid / scale`` (RMS)."""
     resid = f32(resid)

@@ -12,7 +12,8 @@ Seed 003 (``measure_calibration`` / ``measure_calibration_minus_heads``), offlin
   empty bin, where the seed's variance would be inf);
 - for head ``(L, h)`` the same is done on ``logits - (result[b, L, q, h] / ln_final_scale) @ W_U``
   (the seed's direct-effect removal: the head's output is taken out through the frozen scale, and
-  not centred, exactly as in the seed).
+  not centred, exactly as in the seed), with ``result = z @ W_O[L, h]`` multiplied in the cheaper
+  order (``_ops.head_unembed``).
 
 Counts are accumulated blockwise: one dask task per ``batch`` chunk, which holds that chunk's
 baseline logits and one head's ablated logits at a time (never all heads' ``tokens x d_vocab``).
@@ -40,12 +41,12 @@ import pandas as pd
 import plotly.graph_objects as go
 import xarray as xr
 
-from headstore.analyze._ops import f32, logits, require
+from headstore.analyze._ops import f32, head_unembed, logits, require
 from headstore.analyze._plots import head_table, layer_head_heatmaps, save_html
 from headstore.analyze._registry import AnalyzerSpec
 from headstore.store_schema import HeadstoreError
 
-REQUIRES = ("tokens", "resid_final", "ln_final_scale", "result", "W_U", "b_U")
+REQUIRES = ("tokens", "resid_final", "ln_final_scale", "z", "W_O", "W_U", "b_U")
 
 
 def perfect_calibration_line(n_bins: int) -> np.ndarray:
@@ -147,9 +148,10 @@ def _bin_counts(logit_rows: np.ndarray, nxt: np.ndarray, top_k: int, edges: np.n
 
 def _block_counts(
     lg: np.ndarray,
-    result: np.ndarray,
+    z: np.ndarray,
     scale: np.ndarray,
     nxt: np.ndarray,
+    W_O: np.ndarray,
     W_U: np.ndarray,
     head_idx: list[tuple[int, int]],
     top_k: int,
@@ -157,7 +159,8 @@ def _block_counts(
 ) -> np.ndarray:
     """One batch chunk -> (1 + n_selected_heads, 2, n_bins) counts.
 
-    ``lg`` (b, q, d_vocab), ``result`` (b, layer, q, head, d_model), ``scale`` (b, q), ``nxt`` (b, q).
+    ``lg`` (b, q, d_vocab), ``z`` (b, layer, q, head, d_head), ``scale`` (b, q), ``nxt`` (b, q),
+    ``W_O`` (layer, head, d_head, d_model), ``W_U`` (d_model, d_vocab).
     """
     n_tok = lg.shape[0] * lg.shape[1]
     lg2 = np.ascontiguousarray(lg, dtype=np.float32).reshape(n_tok, -1)
@@ -168,8 +171,8 @@ def _block_counts(
     out[0] = _bin_counts(buf, nxt1, top_k, edges)
     inv = (1.0 / scale.astype(np.float32)).reshape(n_tok, 1)
     for i, (li, h) in enumerate(head_idx):
-        r = result[:, li, :, h, :].astype(np.float32).reshape(n_tok, -1) * inv
-        np.matmul(r, W_U, out=buf)
+        zh = z[:, li, :, h, :].astype(np.float32).reshape(n_tok, -1) * inv
+        head_unembed(zh, W_O[li, h], W_U, out=buf)
         np.subtract(lg2, buf, out=buf)
         out[1 + i] = _bin_counts(buf, nxt1, top_k, edges)
     return out
@@ -192,22 +195,23 @@ def calibration(ds: xr.Dataset, top_k: int = 3, n_bins: int = 50, heads: str = "
     q = slice(0, n_pos - 1)
     lg = logits(ds).isel(pos=q).transpose("batch", "pos", "d_vocab")
     batch_chunks = lg.chunks[0] if lg.chunks else (ds.sizes["batch"],)
-    res = ds["result"].isel(pos=q).transpose("batch", "layer", "pos", "head", "d_model").data
+    z = ds["z"].isel(pos=q).transpose("batch", "layer", "pos", "head", "d_head").data
     scale = f32(ds["ln_final_scale"]).isel(pos=q).transpose("batch", "pos").data
     nxt = ds["tokens"].shift(pos=-1, fill_value=-1).astype(np.int64).isel(pos=q).transpose("batch", "pos").data
     lg_d = dsa.asarray(lg.data).rechunk({0: batch_chunks, 1: -1, 2: -1})
-    res = dsa.asarray(res).rechunk({0: batch_chunks, 1: -1, 2: -1, 3: -1, 4: -1})
+    z = dsa.asarray(z).rechunk({0: batch_chunks, 1: -1, 2: -1, 3: -1, 4: -1})
     scale = dsa.asarray(scale).rechunk({0: batch_chunks, 1: -1})
     nxt = dsa.asarray(nxt).rechunk({0: batch_chunks, 1: -1})
     W_U = dask.delayed(np.ascontiguousarray)(f32(ds["W_U"]).transpose("d_model", "d_vocab").data)
+    W_O = dask.delayed(np.ascontiguousarray)(f32(ds["W_O"]).transpose("layer", "head", "d_head", "d_model").data)
     edges = np.arange(n_bins + 1, dtype=np.float32) / np.float32(n_bins)
 
     n_var = 1 + len(head_idx)
     parts = []
     for i in range(len(batch_chunks)):
         task = dask.delayed(_block_counts, pure=True)(
-            lg_d.blocks[i, 0, 0], res.blocks[i, 0, 0, 0, 0], scale.blocks[i, 0], nxt.blocks[i, 0],
-            W_U, head_idx, top_k, edges,
+            lg_d.blocks[i, 0, 0], z.blocks[i, 0, 0, 0, 0], scale.blocks[i, 0], nxt.blocks[i, 0],
+            W_O, W_U, head_idx, top_k, edges,
         )  # fmt: skip
         parts.append(dsa.from_delayed(task, shape=(n_var, 2, n_bins), dtype=np.int64))
     counts = dsa.stack(parts).sum(0)  # (variant, 2, bin)

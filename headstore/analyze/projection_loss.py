@@ -3,7 +3,7 @@
 Per head ``(L, h)``: ``result_pre_attn[b, k] = v[b, L, k, kv(h)] @ W_O[L, h]`` is projected onto
 ``u = W_U[:, tokens[b, k]]`` (``proj = (x.u / |u|^2) u``, kept only where the coefficient is negative
 with ``only_negative``), then moved by the head's pattern: ``result_new[b, q] = sum_k pattern[q, k] proj[k]``.
-With ``result_orig = result[b, L, q, h]`` and ``ln_final_scale`` frozen, the logits of the clean run
+With ``result_orig = result[b, L, q, h] = z[b, L, q, h] @ W_O[L, h]`` and ``ln_final_scale`` frozen, the logits of the clean run
 change by
 
 - ``project``: ``((result_new - result_orig) / scale) @ W_U`` (keep only the projection)
@@ -23,22 +23,30 @@ import pandas as pd
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
-from headstore.analyze._ops import f32, lead_axes, logits, next_tokens, per_head, require
+from headstore.analyze._ops import f32, head_unembed, lead_axes, logits, next_tokens, per_head, require
 from headstore.analyze._plots import layer_head_heatmaps
 from headstore.analyze._registry import AnalyzerSpec
 from headstore.analyze.copy_suppression import unembed_columns
 
-REQUIRES = ("tokens", "v", "pattern", "result", "ln_final_scale", "resid_final", "W_O", "W_U", "b_U")
+REQUIRES = ("tokens", "v", "pattern", "z", "ln_final_scale", "resid_final", "W_O", "W_U", "b_U")
 MODES = ("project", "perpendicular", "ablation")
 TITLES = ("Only keep projection", "Only keep perpendicular component", "Ablate entirely")
+GRAM_MAX_POS_PER_D_MODEL = 1.0  # unembed the source tokens once per block while seq_len < d_model (fewer flops)
 
 
 def _token_loss(lg: np.ndarray, nxt: np.ndarray) -> np.ndarray:
     """``lg`` (..., pos, d_vocab), ``nxt`` (..., pos) with -1 where there is no next token -> (..., pos)."""
-    m = lg.max(axis=-1, keepdims=True)
-    lse = np.log(np.exp(lg - m).sum(axis=-1)) + m[..., 0]
+    return _token_loss_inplace(np.array(lg, dtype=np.float32), nxt)
+
+
+def _token_loss_inplace(lg: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+    """``_token_loss`` that uses ``lg`` as its scratch space (one pass fewer, no d_vocab-sized allocation)."""
     safe = np.where(nxt < 0, 0, nxt)
     picked = np.take_along_axis(lg, safe[..., None], axis=-1)[..., 0]
+    m = lg.max(axis=-1, keepdims=True)
+    lg -= m
+    np.exp(lg, out=lg)
+    lse = np.log(lg.sum(axis=-1)) + m[..., 0]
     return np.where(nxt < 0, np.nan, lse - picked).astype(np.float32)
 
 
@@ -55,7 +63,7 @@ def _block_losses(
     u: np.ndarray,
     v: np.ndarray,
     pattern: np.ndarray,
-    result: np.ndarray,
+    z: np.ndarray,
     w_o: np.ndarray,
     w_u: np.ndarray,
     only_negative: bool,
@@ -67,7 +75,7 @@ def _block_losses(
     blocks cost ~100x (thread hand-off dominates the tiny matmuls).
     """
     with threadpool_limits(limits=1, user_api="blas"):
-        return _block_losses_1(lg, nxt, scale, u, v, pattern, result, w_o, w_u, only_negative)
+        return _block_losses_1(lg, nxt, scale, u, v, pattern, z, w_o, w_u, only_negative)
 
 
 def _block_losses_1(
@@ -77,33 +85,45 @@ def _block_losses_1(
     u: np.ndarray,
     v: np.ndarray,
     pattern: np.ndarray,
-    result: np.ndarray,
+    z: np.ndarray,
     w_o: np.ndarray,
     w_u: np.ndarray,
     only_negative: bool,
 ) -> np.ndarray:
     lg, nxt, scale = lead_axes(lg, 2)[:, 0], lead_axes(nxt, 1)[:, 0], lead_axes(scale, 1)[:, 0]
     u = lead_axes(u, 2)[:, 0]  # batch, pos, d_model
-    v, pattern, result = lead_axes(v, 3), lead_axes(pattern, 3), lead_axes(result, 3)
+    v, pattern, z = lead_axes(v, 3), lead_axes(pattern, 3), lead_axes(z, 3)
     w_o = lead_axes(w_o, 3)[0]  # layer, head, d_head, d_model
     w_u = w_u.reshape(w_u.shape[-2:])
     n_batch, n_layer, n_head, n_pos = v.shape[0], v.shape[1], v.shape[2], v.shape[3]
     out = np.empty((n_batch, n_layer, len(MODES), n_head, n_pos), dtype=np.float32)
     uu = (u * u).sum(-1)  # batch, pos
+    buf = np.empty(lg.shape, np.float32)  # batch, pos, d_vocab: the changed logits of one mode at a time
     inv_scale = 1.0 / scale[..., None]
+    # new[b, q] = sum_k a[b, q, k] u[b, k], so new @ W_U = a @ (u @ W_U): one unembedding of the source
+    # tokens shared by every head, then seq-long sums per head instead of a d_model-long matmul
+    uw = _unembed(u, w_u) if n_pos < u.shape[-1] * GRAM_MAX_POS_PER_D_MODEL else None  # batch, key_pos, d_vocab
     for li in range(n_layer):
         for h in range(n_head):
             pre = v[:, li, h] @ w_o[li, h]  # batch, key_pos, d_model
             coeff = (pre * u).sum(-1) / uu
             if only_negative:
                 coeff = np.where(coeff < 0, coeff, 0.0).astype(np.float32)
-            proj = coeff[..., None] * u
-            new = np.einsum("bqk,bkd->bqd", pattern[:, li, h], proj)
-            orig = result[:, li, h]  # batch, pos, d_model
-            # the three deltas (new - orig, -new, -orig) are linear in two products: 2 matmuls, not 3
-            d_new, d_orig = _unembed(new * inv_scale, w_u), _unembed(orig * inv_scale, w_u)  # batch, pos, d_vocab
-            for mi, changed in enumerate((lg + d_new - d_orig, lg - d_new, lg - d_orig)):
-                out[:, li, mi, h] = _token_loss(changed, nxt)
+            a = pattern[:, li, h] * coeff[:, None, :]  # batch, query_pos, key_pos
+            if uw is not None:
+                d_new = (a @ uw) * inv_scale  # batch, pos, d_vocab
+            else:
+                d_new = _unembed(np.einsum("bqk,bkd->bqd", a, u) * inv_scale, w_u)
+            # the three deltas (new - orig, -new, -orig) are linear in these two products
+            zs = (z[:, li, h] * inv_scale).reshape(-1, z.shape[-1])  # (batch pos), d_head
+            d_orig = head_unembed(zs, w_o[li, h], w_u).reshape(n_batch, n_pos, -1)  # result_orig / scale @ W_U
+            np.add(lg, d_new, out=buf)
+            buf -= d_orig
+            out[:, li, 0, h] = _token_loss_inplace(buf, nxt)  # project
+            np.subtract(lg, d_new, out=buf)
+            out[:, li, 1, h] = _token_loss_inplace(buf, nxt)  # perpendicular
+            np.subtract(lg, d_orig, out=buf)
+            out[:, li, 2, h] = _token_loss_inplace(buf, nxt)  # ablation
     return out
 
 
@@ -132,7 +152,7 @@ def projection_loss(ds: xr.Dataset, only_negative: bool = False) -> xr.Dataset:
     v = per_head(f32(ds["v"]), ds)
     loss = xr.apply_ufunc(
         _block_losses,
-        *(block(x) for x in (clean, nxt, scale, unembed_columns(ds), v, f32(ds["pattern"]), f32(ds["result"]))),
+        *(block(x) for x in (clean, nxt, scale, unembed_columns(ds), v, f32(ds["pattern"]), f32(ds["z"]))),
         block(f32(ds["W_O"])),
         w_u,
         kwargs={"only_negative": only_negative},
@@ -143,7 +163,7 @@ def projection_loss(ds: xr.Dataset, only_negative: bool = False) -> xr.Dataset:
             ["pos", "d_model"],
             ["head", "pos", "d_head"],
             ["head", "query_pos", "key_pos"],
-            ["head", "pos", "d_model"],
+            ["head", "pos", "d_head"],
             ["head", "d_head", "d_model"],
             ["d_model", "d_vocab"],
         ],
