@@ -126,10 +126,10 @@ Model `{args.model}` ({n_layers} layers x {n_heads} heads = {all_heads} heads), 
 {C.table(["method", "seconds", "x plain forward"], big_rows)}
 
 - Projection loss from the store takes {t_proj:.1f} s ({t_proj / t_plain:.1f}x a plain forward pass):
-  it does the seed's vocabulary-sized work (three `d_model x d_vocab` unembeddings and log-softmaxes
-  per head and token), minus the forward passes, so it beats the seed's at least
-  {t_seed_all / t_proj:.1f}x (a lower bound: one hooked forward pass per head, as the seed runs, without
-  the seed's own unembedding work).
+  it still needs three log-softmaxes over the vocabulary per head and token (one per mode), and a
+  `d_head x d_vocab` product per head and token (`z @ (W_O @ W_U)`, docs/analyzers.md), but no forward
+  pass; it beats the seed's at least {t_seed_all / t_proj:.1f}x (a lower bound: one hooked forward pass
+  per head, as the seed runs, without the seed's own unembedding work).
 - Extraction is paid once: after it, store analysis breaks even with the seed's method as soon as
   {t_extract_total / max(t_seed_all - t_store, 1e-9):.2f} all-heads analyses have run.
   Model load alone takes {t_load:.1f} s (not in the per-head or forward figures).
