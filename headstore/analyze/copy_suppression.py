@@ -127,7 +127,8 @@ def copy_suppression(ds: xr.Dataset, only_negative: bool = False) -> xr.Dataset:
         dask="parallelized",
         output_dtypes=[np.float32, np.float32],
     )
-    per_sequence = (per_position * attn_per_src).sum("key_pos") / attn_per_src.sum("key_pos")
+    # skipna=False: a layer without a stored pattern stays NaN (a skipping sum would give 0 / 0)
+    per_sequence = (per_position * attn_per_src).sum("key_pos", skipna=False) / attn_per_src.sum("key_pos", skipna=False)
     score = per_sequence.mean("batch")
     out = xr.Dataset(
         {
