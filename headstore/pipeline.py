@@ -18,23 +18,22 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import xarray as xr
 from rich.console import Console
 from rich.table import Table
 
-from headstore.analyze._registry import AnalyzerSpec
+from headstore.cli.registry import AnalyzerSpec
 from headstore.store_schema import HeadstoreError, open_store
 from headstore.store_schema.layout import FIELDS, WEIGHTS
 
 console = Console()
 
 # On IOI prompts the token after END is padding: attribute the answer (the IO name) instead.
-STORE_PARAMS: dict[tuple[str, str], dict[str, Any]] = {
-    ("ioi", "logit-attribution"): {"target": "io_token"},
-    ("ioi-abc", "logit-attribution"): {"target": "io_token"},
+STORE_PARAMS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("ioi", "logit-attribution"): ("target=io_token",),
+    ("ioi-abc", "logit-attribution"): ("target=io_token",),
 }
 
 
@@ -100,7 +99,7 @@ def _extract(job: MainJob, stage: Stages, data: str, fields: str, **kw: object) 
     return path
 
 
-def _weights_key(spec: AnalyzerSpec, datasets: list[xr.Dataset], params: dict[str, Any]) -> tuple[str, ...] | None:
+def _weights_key(spec: AnalyzerSpec, datasets: list[xr.Dataset], params: tuple[str, ...]) -> tuple[str, ...] | None:
     """For an analyzer that reads weights only (circuits), what its result depends on; else None."""
     if len(datasets) != 1 or any(r in FIELDS for r in spec.requires):
         return None
@@ -112,7 +111,7 @@ def _weights_key(spec: AnalyzerSpec, datasets: list[xr.Dataset], params: dict[st
     for name in sorted(n for n in [*WEIGHTS, "vocab"] if n in ds and n not in positional):
         h.update(name.encode())
         h.update(np.ascontiguousarray(ds[name].values).tobytes())
-    return (spec.name, h.hexdigest(), repr(ds["layer"].values.tolist()), repr(sorted(params.items())))
+    return (spec.name, h.hexdigest(), repr(ds["layer"].values.tolist()), repr(sorted(params)))
 
 
 def _copy_output(src: Path, dst: Path) -> None:
@@ -125,9 +124,9 @@ def _copy_output(src: Path, dst: Path) -> None:
 
 def run_main_job(job: MainJob) -> list[Path]:
     """Extract, analyze, report. Rerunning resumes: finished stores and analyzer outputs are reused."""
-    from headstore.analyze._registry import analyzers
-    from headstore.analyze._run import run_analyzer, safe_child, saved_output
-    from headstore.report import plan, write_report
+    from headstore.cli.registry import analyzers
+    from headstore.cli.report import plan, write_report
+    from headstore.cli.run import run_analyzer, safe_child, saved_output
 
     stage = Stages()
     ioi = _extract(job, stage, "ioi", "default,k,resid_pre", n_seq=job.n_ioi)
@@ -143,7 +142,7 @@ def run_main_job(job: MainJob) -> list[Path]:
         to_run, _not_applicable = plan(analyzers(), datasets)
         for spec in to_run:
             name = f"{spec.name} on {group}"
-            params = STORE_PARAMS.get((group, spec.name), {})
+            params = STORE_PARAMS.get((group, spec.name), ())
             folder = safe_child(job.out / group, spec.name)
             key = _weights_key(spec, datasets, params)
             saved, why = saved_output(spec, job.out / group), "reused"
@@ -156,7 +155,7 @@ def run_main_job(job: MainJob) -> list[Path]:
             else:
                 try:
                     with stage(name):
-                        _summary, written = run_analyzer(spec, stores, job.out / group, params)
+                        _summary, written = run_analyzer(spec, stores, job.out / group, param_strings=params)
                 except HeadstoreError as e:
                     console.print(f"  {e}", highlight=False)
                     continue

@@ -1,28 +1,38 @@
-"""Analyzers: each a function from a store's ``xarray.Dataset`` to an ``xarray.Dataset``.
+"""Analyzers: each a function from a store's ``xarray.Dataset`` (or two) to an ``xarray.Dataset``.
 
-They read only the store (no torch, no model, no tokenizer) and run lazily with dask. Public
-functions are re-exported lazily here: ``from headstore.analyze import copy_suppression``.
+They read only the store (no torch, no model, no tokenizer) and run lazily with dask::
+
+    import headstore
+    from headstore.analyze import copy_suppression, path_patch_query
+
+    ds = headstore.open_store("ioi.zarr")
+    copy_suppression(ds)["score"]                                   # (layer, head)
+    path_patch_query(ds, abc, senders=[(0, 1)], receiver=(1, 2))    # positions from the store's columns
+
+Conventions: heads are ``(layer, head)`` tuples (a set of heads a list of them, or ``"all"``); positions
+are ints or one per sequence; options are keyword-only; every result has ``attrs["analyzer"]`` and
+per-head variables with ``layer, head`` leading. Implementation lives in private modules.
 """
 
-from __future__ import annotations
+from headstore.analyze._calibration import calibration, n_empty_bins, overconfidence
+from headstore.analyze._circuits import circuits
+from headstore.analyze._copy_suppression import copy_suppression
+from headstore.analyze._ifelse_detector import ifelse_detector
+from headstore.analyze._ioi import ioi, ioi_pair
+from headstore.analyze._logit_attribution import logit_attribution
+from headstore.analyze._path_patch import path_patch_query
+from headstore.analyze._projection_loss import projection_loss
 
-import importlib
-from typing import Any
-
-
-def __getattr__(name: str) -> Any:
-    from headstore.analyze._registry import analyzers
-
-    for spec in analyzers().values():
-        if spec.func.__name__ == name:
-            return spec.func
-    raise AttributeError(f"module 'headstore.analyze' has no attribute {name!r}")
-
-
-def run(name: str, *stores: Any, **params: Any) -> Any:
-    from headstore.analyze._registry import analyzers
-
-    return analyzers()[name].func(*stores, **params)
-
-
-__all__ = ["importlib", "run"]
+__all__ = [
+    "calibration",
+    "circuits",
+    "copy_suppression",
+    "ifelse_detector",
+    "ioi",
+    "ioi_pair",
+    "logit_attribution",
+    "n_empty_bins",
+    "overconfidence",
+    "path_patch_query",
+    "projection_loss",
+]

@@ -1,5 +1,6 @@
 """The contract between extract and analyze: layout, dims, dtypes, provenance, validation."""
 
+from headstore.store_schema import accessor as _accessor  # noqa: F401 (registers the ds.hs accessor)
 from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.io import (
     StoreWriter,
@@ -12,7 +13,7 @@ from headstore.store_schema.io import (
     validate,
 )
 from headstore.store_schema.layout import DEFAULT_FIELDS, FIELDS, SCHEMA_VERSION, WEIGHTS, parse_fields
-from headstore.store_schema.provenance import Provenance
+from headstore.store_schema.provenance import ModelConfig, Provenance
 
 __all__ = [
     "DEFAULT_FIELDS",
@@ -20,6 +21,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "WEIGHTS",
     "HeadstoreError",
+    "ModelConfig",
     "Provenance",
     "StoreWriter",
     "ValidationReport",

@@ -13,6 +13,63 @@ MODEL_CONFIG_KEYS = (
     "normalization_type", "eps", "positional_embedding_type",
 )  # fmt: skip
 PROCESSING_KEYS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+NORMALIZATION_TYPES = ("LN", "RMS")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model's shape as the analyzers need it (``ds.hs.config``), typed and checked when a store is opened."""
+
+    n_layers: int
+    n_heads: int
+    n_key_value_heads: int
+    d_model: int
+    d_head: int
+    d_vocab: int
+    n_ctx: int
+    normalization_type: str  # "LN" (centre, then divide by the scale) or "RMS" (divide only)
+    eps: float
+    positional_embedding_type: str  # "standard", "rotary", ...
+    architecture: str = ""
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per kv head: head ``h`` reads kv head ``h // group_size``."""
+        return self.n_heads // self.n_key_value_heads
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in d:
+                if f.name == "architecture":
+                    continue
+                raise HeadstoreError(f"store attr model.config lacks {f.name}: the store is damaged; re-extract it")
+            value, want = d[f.name], f.type
+            if want == "int":
+                ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            elif want == "float":
+                ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+                value = float(value) if ok else value
+            else:
+                ok = isinstance(value, str)
+            if not ok:
+                raise HeadstoreError(
+                    f"store attr model.config.{f.name} must be a {'positive ' if want == 'int' else ''}{want}, "
+                    f"got {value!r}: the store is damaged; re-extract it"
+                )
+            kwargs[f.name] = value
+        cfg = cls(**kwargs)
+        if cfg.normalization_type not in NORMALIZATION_TYPES:
+            raise HeadstoreError(
+                f"store attr model.config.normalization_type {cfg.normalization_type!r} is not one of {NORMALIZATION_TYPES}"
+            )
+        if cfg.n_heads % cfg.n_key_value_heads:
+            raise HeadstoreError(
+                f"store attr model.config: n_heads {cfg.n_heads} is not a multiple of n_key_value_heads "
+                f"{cfg.n_key_value_heads}: the store is damaged"
+            )
+        return cfg
 
 
 @dataclass(frozen=True)
@@ -92,6 +149,7 @@ class Provenance:
         config = kwargs["model"].get("config")
         if not isinstance(config, dict) or any(k not in config for k in MODEL_CONFIG_KEYS):
             raise HeadstoreError(f"store attr model.config must hold {', '.join(MODEL_CONFIG_KEYS)}")
+        ModelConfig.from_dict(config)  # types and values checked once, here
         kwargs["fields"] = tuple(kwargs["fields"])
         kwargs["layers"] = tuple(kwargs["layers"])
         kwargs["pattern_layers"] = _pattern_layers(kwargs.get("pattern_layers"), kwargs["layers"], kwargs["fields"])
@@ -100,6 +158,11 @@ class Provenance:
     @property
     def config(self) -> dict[str, Any]:
         return dict(self.model["config"])
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """``config`` as a typed, checked :class:`ModelConfig`."""
+        return ModelConfig.from_dict(self.model["config"])
 
     def identity(self) -> dict[str, Any]:
         """What must match for two runs to write into the same store."""

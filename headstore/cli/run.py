@@ -10,14 +10,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import xarray as xr
 
-from headstore.analyze._registry import AnalyzerSpec
+from headstore.cli import parse
+from headstore.cli.registry import AnalyzerSpec
 from headstore.store_schema import HeadstoreError, open_store
 
 PLOTS = "plots.txt"  # the plot files, in the order ``spec.plot`` returned them
@@ -64,15 +65,21 @@ def run_analyzer(
     spec: AnalyzerSpec,
     stores: Sequence[str],
     out: Path,
-    params: dict[str, Any],
+    params: Mapping[str, Any] | None = None,
+    *,
+    param_strings: Sequence[str] = (),
     scheduler: str | None = None,
     partial: bool = False,
     progress: bool = False,
 ) -> tuple[pd.DataFrame, list[Path]]:
-    """Compute ``spec`` on the stores and write ``out/NAME/``, replacing what was there."""
+    """Compute ``spec`` on the stores and write ``out/NAME/``, replacing what was there.
+
+    ``params``: Python keyword arguments; ``param_strings``: ``--param key=value`` strings, parsed
+    against the first store (``headstore.cli.parse``)."""
     if len(stores) != spec.n_stores:
         raise HeadstoreError(f"{spec.name} takes {spec.n_stores} store(s), got {len(stores)}")
     datasets = [open_store(s, partial=partial) for s in stores]
+    params = {**(params or {}), **parse.params(param_strings, spec.params, datasets[0])}
     folder = safe_child(out, spec.name)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with dask_scheduler(scheduler), progress_bar(progress and scheduler is None):

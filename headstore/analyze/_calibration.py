@@ -31,19 +31,14 @@ need accuracy ``2p - 0.5``, negative for p < 0.25), so the docstring is a slip.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import dask
 import dask.array as dsa
 import numpy as np
-import pandas as pd
-import plotly.graph_objects as go
 import xarray as xr
 
-from headstore.analyze._ops import f32, head_unembed, logits, require
-from headstore.analyze._plots import head_table, layer_head_heatmaps, save_html
-from headstore.analyze._registry import AnalyzerSpec
+from headstore.analyze import _args, _maths
 from headstore.store_schema import HeadstoreError
 
 REQUIRES = ("tokens", "resid_final", "ln_final_scale", "z", "W_O", "W_U", "b_U")
@@ -82,48 +77,6 @@ def n_empty_bins(accuracy: Any) -> int:
     return int(np.isnan(np.asarray(accuracy, dtype=np.float64)).sum())
 
 
-def parse_heads(spec: str, layers: np.ndarray, n_heads: int) -> list[tuple[int, int]]:
-    """``"all"`` or ``"9.9,10.7"`` (model layer . head) -> [(layer, head)]."""
-    if spec.strip() in ("all", ""):
-        return [(int(L), h) for L in layers for h in range(n_heads)]
-    out: list[tuple[int, int]] = []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
-        try:
-            a, b = item.split(".")
-            L, h = int(a), int(b)
-        except ValueError as e:
-            raise HeadstoreError(f"heads {spec!r}: each head is LAYER.HEAD, e.g. '9.9,10.7', or 'all'") from e
-        if L not in set(int(x) for x in layers):
-            raise HeadstoreError(f"head {item}: layer {L} is not in this store (layers {list(map(int, layers))})")
-        if not 0 <= h < n_heads:
-            raise HeadstoreError(f"head {item}: head index out of range 0..{n_heads - 1}")
-        if (L, h) not in out:
-            out.append((L, h))
-    if not out:
-        raise HeadstoreError("heads: no head given (use 'all' or e.g. '9.9,10.7')")
-    return out
-
-
-ARGMAX_TOP_K = 16  # up to this k, k argmax passes beat one argpartition over d_vocab (~15x at k = 3)
-
-
-def _top_k(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, d_vocab) values >= 0 -> (indices, values) of the k largest per row. Overwrites ``x``."""
-    if k > ARGMAX_TOP_K:
-        idx = np.argpartition(x, x.shape[-1] - k, axis=-1)[:, -k:]
-        return idx, np.take_along_axis(x, idx, -1)
-    rows = np.arange(x.shape[0])
-    idx = np.empty((x.shape[0], k), np.int64)
-    vals = np.empty((x.shape[0], k), x.dtype)
-    for j in range(k):
-        idx[:, j] = x.argmax(-1)
-        vals[:, j] = x[rows, idx[:, j]]
-        x[rows, idx[:, j]] = -np.inf
-    return idx, vals
-
-
 def _bin_counts(logit_rows: np.ndarray, nxt: np.ndarray, top_k: int, edges: np.ndarray) -> np.ndarray:
     """(tokens, d_vocab) float32 logits, (tokens,) next ids -> (2, n_bins): [frequency, correct].
 
@@ -136,7 +89,7 @@ def _bin_counts(logit_rows: np.ndarray, nxt: np.ndarray, top_k: int, edges: np.n
     np.exp(x, out=x)
     total = x.sum(-1, keepdims=True)
     k = min(top_k, x.shape[-1])
-    idx, vals = _top_k(x, k)
+    idx, vals = _maths.top_k(x, k)
     vals /= total
     correct = idx == nxt[:, None]
     b = np.searchsorted(edges, vals, side="right") - 1  # vals in [edges[b], edges[b+1])
@@ -172,15 +125,20 @@ def _block_counts(
     inv = (1.0 / scale.astype(np.float32)).reshape(n_tok, 1)
     for i, (li, h) in enumerate(head_idx):
         zh = z[:, li, :, h, :].astype(np.float32).reshape(n_tok, -1) * inv
-        head_unembed(zh, W_O[li, h], W_U, out=buf)
+        _maths.head_unembed(zh, W_O[li, h], W_U, out=buf)
         np.subtract(lg2, buf, out=buf)
         out[1 + i] = _bin_counts(buf, nxt1, top_k, edges)
     return out
 
 
-def calibration(ds: xr.Dataset, top_k: int = 3, n_bins: int = 50, heads: str = "all") -> xr.Dataset:
-    """Calibration curve and overconfidence, baseline and with each head's direct effect removed."""
-    require(ds, REQUIRES, "calibration")
+def calibration(
+    ds: xr.Dataset, *, top_k: int = 3, n_bins: int = 50, heads: _args.Heads = "all"
+) -> xr.Dataset:
+    """Calibration curve and overconfidence, baseline and with each chosen head's direct effect removed.
+
+    ``heads``: ``"all"`` or a list of ``(layer, head)``; the others get NaN in the ``head_*`` variables.
+    """
+    _maths.require(ds, REQUIRES, "calibration")
     if n_bins < 1 or top_k < 1:
         raise HeadstoreError("calibration needs n_bins >= 1 and top_k >= 1")
     n_pos = ds.sizes["pos"]
@@ -188,22 +146,24 @@ def calibration(ds: xr.Dataset, top_k: int = 3, n_bins: int = 50, heads: str = "
         raise HeadstoreError("calibration needs sequences of at least 2 tokens")
     layers = ds["layer"].values
     n_heads = ds.sizes["head"]
-    selected = parse_heads(heads, layers, n_heads)
+    selected = _args.heads(ds, heads, "heads")
+    if not selected:
+        raise HeadstoreError("calibration: heads is empty: pass 'all' or at least one (layer, head)")
     layer_pos = {int(L): i for i, L in enumerate(layers)}
     head_idx = [(layer_pos[L], h) for L, h in selected]
 
     q = slice(0, n_pos - 1)
-    lg = logits(ds).isel(pos=q).transpose("batch", "pos", "d_vocab")
+    lg = _maths.logits(ds).isel(pos=q).transpose("batch", "pos", "d_vocab")
     batch_chunks = lg.chunks[0] if lg.chunks else (ds.sizes["batch"],)
     z = ds["z"].isel(pos=q).transpose("batch", "layer", "pos", "head", "d_head").data
-    scale = f32(ds["ln_final_scale"]).isel(pos=q).transpose("batch", "pos").data
+    scale = _maths.f32(ds["ln_final_scale"]).isel(pos=q).transpose("batch", "pos").data
     nxt = ds["tokens"].shift(pos=-1, fill_value=-1).astype(np.int64).isel(pos=q).transpose("batch", "pos").data
     lg_d = dsa.asarray(lg.data).rechunk({0: batch_chunks, 1: -1, 2: -1})
     z = dsa.asarray(z).rechunk({0: batch_chunks, 1: -1, 2: -1, 3: -1, 4: -1})
     scale = dsa.asarray(scale).rechunk({0: batch_chunks, 1: -1})
     nxt = dsa.asarray(nxt).rechunk({0: batch_chunks, 1: -1})
-    W_U = dask.delayed(np.ascontiguousarray)(f32(ds["W_U"]).transpose("d_model", "d_vocab").data)
-    W_O = dask.delayed(np.ascontiguousarray)(f32(ds["W_O"]).transpose("layer", "head", "d_head", "d_model").data)
+    W_U = dask.delayed(np.ascontiguousarray)(_maths.f32(ds["W_U"]).transpose("d_model", "d_vocab").data)
+    W_O = dask.delayed(np.ascontiguousarray)(_maths.f32(ds["W_O"]).transpose("layer", "head", "d_head", "d_model").data)
     edges = np.arange(n_bins + 1, dtype=np.float32) / np.float32(n_bins)
 
     n_var = 1 + len(head_idx)
@@ -259,69 +219,12 @@ def calibration(ds: xr.Dataset, top_k: int = 3, n_bins: int = 50, heads: str = "
     out["overconfidence_change"] = out["head_overconfidence"] - out["overconfidence"]
     out["overconfidence_ratio"] = out["head_overconfidence"] / out["overconfidence"] - 1
     out["selected"] = xr.DataArray((flat <= len(head_idx)).reshape(len(layers), n_heads), dims=("layer", "head"))
-    out.attrs.update({"analyzer": "calibration", "top_k": int(top_k), "n_bins": int(n_bins), "heads": heads})
-    return out
-
-
-def summary(res: xr.Dataset) -> pd.DataFrame:
-    df = head_table(res["overconfidence_change"], "overconfidence_change", ascending=False)
-    over = res["head_overconfidence"]
-    ratio = res["overconfidence_ratio"]
-    df["overconfidence"] = [float(over.sel(layer=L).isel(head=h)) for L, h in zip(df["layer"], df["head"])]
-    df["overconfidence_ratio"] = [float(ratio.sel(layer=L).isel(head=h)) for L, h in zip(df["layer"], df["head"])]
-    df["baseline"] = float(res["overconfidence"])
-    return df.dropna(subset=["overconfidence_change"]).reset_index(drop=True)
-
-
-def plot(res: xr.Dataset, folder: Path) -> list[Path]:
-    import matplotlib.pyplot as plt
-
-    acc = res["accuracy"].values.astype(float)
-    sd = np.sqrt(res["variance"].values.astype(float))
-    x = res["p_mid"].values
-    base = float(res["overconfidence"])
-    title = f"Calibration curve (top-{res.attrs.get('top_k')}), overconfidence = {base:.4f}"
-    fig, ax = plt.subplots(figsize=(6, 5))
-    ax.plot(x, acc, color=(0, 100 / 255, 80 / 255))
-    ax.fill_between(x, acc - sd, acc + sd, color=(0, 100 / 255, 80 / 255), alpha=0.2, linewidth=0)
-    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("predicted probability (bin middle)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=9)
-    png = folder / "calibration_curve.png"
-    fig.savefig(png, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    xs = x.tolist()
-    pfig = go.Figure(
-        [
-            go.Scatter(x=xs, y=acc.tolist(), line={"color": "rgb(0,100,80)"}, mode="lines", name="accuracy"),
-            go.Scatter(
-                x=xs + xs[::-1], y=(acc + sd).tolist() + (acc - sd).tolist()[::-1], fill="toself",
-                fillcolor="rgba(0,100,80,0.2)", line={"color": "rgba(255,255,255,0)"}, hoverinfo="skip",
-                showlegend=False,
-            ),
-        ]
-    )  # fmt: skip
-    pfig.update_layout(width=800, height=600, showlegend=False, title=title, xaxis_range=[0, 1], yaxis_range=[0, 1])
-    html = save_html(pfig, folder / "calibration_curve.html")
-    change = res["overconfidence_change"]
-    heat = layer_head_heatmaps(
-        [change * (change > 0)],
-        ["change in overconfidence (positive part)"],
-        f"Change in overconfidence from removing direct effect<br>Baseline (no ablation) = {base:.4f}",
-        folder / "overconfidence_change",
-        symmetric=True,
+    out.attrs.update(
+        {
+            "analyzer": "calibration",
+            "top_k": int(top_k),
+            "n_bins": int(n_bins),
+            "heads": heads if isinstance(heads, str) else ",".join(f"{L}.{h}" for L, h in selected),
+        }
     )
-    return [png, html, *heat]
-
-
-SPEC = AnalyzerSpec(
-    name="calibration",
-    func=calibration,
-    requires=REQUIRES,
-    summary=summary,
-    plot=plot,
-    doc="Calibration curve and overconfidence; change when each head's direct effect is removed (seed 003).",
-)
+    return out

@@ -1,4 +1,4 @@
-"""Figures for analyzer outputs: a static PNG (matplotlib) and an interactive HTML (plotly) each."""
+"""Figure helpers: a static PNG (matplotlib's object API, no global backend) and an interactive HTML (plotly)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,11 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import xarray as xr
+from matplotlib.figure import Figure
 from plotly.subplots import make_subplots
 
 TITLE_CHAR_PX = 9.5  # mean glyph width of plotly's default 17 px title font
@@ -46,7 +43,8 @@ def layer_head_heatmaps(
     layers = panels[0]["layer"].values if "layer" in panels[0].coords else np.arange(mats[0].shape[0])
     vmax = max(float(np.nanmax(np.abs(m))) for m in mats) or 1.0
     vmin = -vmax if symmetric else min(float(np.nanmin(m)) for m in mats)
-    fig, axes = plt.subplots(1, len(mats), figsize=(4.5 * len(mats) + 1, 4.5), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(mats) + 1, 4.5))
+    axes = fig.subplots(1, len(mats), squeeze=False)
     for ax, m, t in zip(axes[0], mats, titles, strict=True):
         im = ax.imshow(m, cmap="RdBu", vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_title(t, fontsize=9)
@@ -57,7 +55,6 @@ def layer_head_heatmaps(
     fig.suptitle(title, fontsize=10)
     png = stem.with_suffix(".png")
     fig.savefig(png, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     pfig = make_subplots(rows=1, cols=len(mats), subplot_titles=list(titles))
     for i, m in enumerate(mats):
         pfig.add_trace(

@@ -7,7 +7,8 @@ At the last position of each prompt, every head's output is attributed to the ef
     contrib[b, L, h, k] = pattern[b, L, h, last, k] * (v[b, L, k, kv(h)] @ W_O[L, h] @ u) / ln_final_scale[b, last]
 
 with ``u = W_U[:, t]``, centred over ``d_model`` on LN models (``(x - mean x) . u = x . (u - mean u)``:
-exactly the head's share of the ``t`` logit through the folded ln_final, ``b_O`` left out).
+exactly the head's share of the ``t`` logit through the folded ln_final, ``b_O`` left out; ``v - b_V`` where a
+store carries a value bias: ``_maths.source_contributions``, the same decomposition as logit-attribution).
 
 Detectors (each a Gaussian with Ledoit-Wolf shrunk covariance, fitted on ``trusted`` & ``train``,
 features standardised by the training mean and standard deviation first; score = squared
@@ -23,20 +24,12 @@ Mahalanobis distance; AUROC of trusted-vs-anomalous on the ``test`` subset):
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
-import plotly.graph_objects as go
 import xarray as xr
-from plotly.subplots import make_subplots
 
-from headstore.analyze._ops import f32, per_head, require, strings
-from headstore.analyze._plots import head_table, save_html
-from headstore.analyze._registry import AnalyzerSpec
-from headstore.analyze.circuits import token_id
-from headstore.store_schema import HeadstoreError, provenance
+from headstore.analyze import _args
+from headstore.analyze._maths import f32, require, source_contributions, strings
+from headstore.store_schema import HeadstoreError
 
 NEEDS = ("pattern", "v", "ln_final_scale", "resid_final", "tokens", "W_O", "W_U", "split", "subset")
 DETECTORS = ("per_head", "per_head_token", "resid_final")
@@ -71,26 +64,9 @@ def auroc(scores: np.ndarray, anomalous: np.ndarray) -> float:
 
 def head_contributions(ds: xr.Dataset, effect_token: str | int = " else") -> xr.DataArray:
     """(batch, layer, head, key_pos) ``contrib`` above (lazy)."""
-    t = token_id(ds, effect_token)
-    u = f32(ds["W_U"]).isel(d_vocab=t)
-    if provenance(ds).config["normalization_type"] == "LN":
-        u = u - u.mean("d_model")
-    w = xr.dot(f32(ds["W_O"]), u, dim="d_model")  # (layer, head, d_head)
-    last = _last_pos(ds)
-    v = per_head(f32(ds["v"]), ds)  # (batch, layer, pos, head, d_head)
-    through = xr.dot(v, w, dim="d_head").rename(pos="key_pos")  # (batch, layer, key_pos, head)
-    pat = f32(ds["pattern"]).isel(query_pos=last)  # (batch, layer, head, key_pos)
-    scale = ds["ln_final_scale"].isel(pos=last)
-    contrib = pat * through / scale
-    return contrib.transpose("batch", "layer", "head", "key_pos").drop_vars(
-        [c for c in ("query_pos", "pos") if c in contrib.coords]
-    )
-
-
-def _last_pos(ds: xr.Dataset) -> xr.DataArray:
-    if "last_pos" in ds:
-        return ds["last_pos"].astype(np.int64).compute()
-    return xr.DataArray(np.full(ds.sizes["batch"], ds.sizes["pos"] - 1), dims="batch")
+    t = _args.token(ds, effect_token, "effect_token")
+    last = _args.positions(ds, None if "last_pos" in ds else -1, "last", column="last_pos")
+    return source_contributions(ds, last, xr.DataArray(np.full(ds.sizes["batch"], t), dims="batch"))
 
 
 def _labels(ds: xr.Dataset, name: str) -> np.ndarray:
@@ -107,7 +83,7 @@ def token_features(contrib: np.ndarray, tokens: np.ndarray, vocab_ids: np.ndarra
     return np.einsum("blhk,bkj->blhj", contrib, onehot)
 
 
-def ifelse_detector(ds: xr.Dataset, effect_token: str = " else", max_tokens: int = 16) -> xr.Dataset:
+def ifelse_detector(ds: xr.Dataset, *, effect_token: int | str = " else", max_tokens: int = 16) -> xr.Dataset:
     """Scores per prompt for each detector, AUROC per detector, per-head AUROCs and counts per split."""
     require(ds, NEEDS, "ifelse-detector")
     split, subset = _labels(ds, "split"), _labels(ds, "subset")
@@ -128,7 +104,7 @@ def ifelse_detector(ds: xr.Dataset, effect_token: str = " else", max_tokens: int
     keep = np.lexsort((seen, -counts))[:max_tokens]
     vocab_ids = np.sort(seen[keep])
     tok_feat = token_features(contrib, tokens, vocab_ids)
-    last = _last_pos(ds)
+    last = _args.positions(ds, None if "last_pos" in ds else -1, "last", column="last_pos")
     resid = f32(ds["resid_final"]).isel(pos=last).values.astype(np.float64)
     features = {
         "per_head": per_head_feat.reshape(n, -1),
@@ -146,7 +122,7 @@ def ifelse_detector(ds: xr.Dataset, effect_token: str = " else", max_tokens: int
             "score": (("detector", "batch"), scores),
             "auroc": (("detector",), np.array(aurocs)),
             "n_features": (("detector",), np.array([f.shape[1] for f in features.values()])),
-            "head_feature": (("batch", "layer", "head"), per_head_feat),
+            "head_feature": (("layer", "head", "batch"), per_head_feat.transpose(1, 2, 0)),
             "head_auroc": (("layer", "head"), head_auc),
             "token_bucket_id": (("token_bucket",), np.append(vocab_ids, -1)),
             "count": (("group",), np.array([int(m.sum()) for m in masks])),
@@ -159,62 +135,10 @@ def ifelse_detector(ds: xr.Dataset, effect_token: str = " else", max_tokens: int
             "subset": ("batch", subset),
         },
     )
-    res.attrs = {"effect_token": effect_token, "effect_token_id": token_id(ds, effect_token), "max_tokens": max_tokens}
-    return res
-
-
-def _summary(res: xr.Dataset) -> pd.DataFrame:
-    """Per head: AUROC of that head's total attribution alone, and its mean on each test split."""
-    table = head_table(res["head_auroc"], "head_auroc", ascending=False)
-    test = res["subset"] == "test"
-    for name in ("trusted", "anomalous"):
-        mean = res["head_feature"].where(test & (res["split"] == name)).mean("batch")
-        table = table.merge(head_table(mean, f"mean_attr_{name}_test"), on=["layer", "head"])
-    return table
-
-
-def _plot(res: xr.Dataset, folder: Path) -> list[Path]:
-    """Score histograms per split (trusted train / trusted test / anomalous test) for each detector."""
-    dets = [str(d) for d in res["detector"].values]
-    split = np.asarray(res["split"].values).astype(str)
-    subset = np.asarray(res["subset"].values).astype(str)
-    groups = {
-        "trusted train": (split == "trusted") & (subset == "train"),
-        "trusted test": (split == "trusted") & (subset == "test"),
-        "anomalous test": (split == "anomalous") & (subset == "test"),
+    res.attrs = {
+        "analyzer": "ifelse-detector",
+        "effect_token": effect_token,
+        "effect_token_id": _args.token(ds, effect_token, "effect_token"),
+        "max_tokens": max_tokens,
     }
-    fig, axes = plt.subplots(1, len(dets), figsize=(4.5 * len(dets), 3.8), squeeze=False)
-    pfig = make_subplots(rows=1, cols=len(dets), subplot_titles=[
-        f"{d} (AUROC {float(res['auroc'].sel(detector=d)):.3f})" for d in dets
-    ])  # fmt: skip
-    for i, d in enumerate(dets):
-        s = np.log10(np.maximum(res["score"].sel(detector=d).values.astype(float), 1e-12))
-        bins = np.histogram_bin_edges(s[np.isfinite(s)], bins=30)
-        ax = axes[0][i]
-        for j, (name, mask) in enumerate(groups.items()):
-            ax.hist(s[mask], bins=bins, alpha=0.5, label=name)
-            pfig.add_trace(
-                go.Histogram(x=s[mask], name=name, opacity=0.5, legendgroup=name, showlegend=i == 0,
-                             marker_color=["#1f77b4", "#2ca02c", "#d62728"][j]),
-                row=1, col=i + 1,
-            )  # fmt: skip
-        ax.set_title(f"{d} (AUROC {float(res['auroc'].sel(detector=d)):.3f})", fontsize=9)
-        ax.set_xlabel("log10 Mahalanobis^2")
-        ax.legend(fontsize=7)
-    title = f"if/else anomaly scores (effect token {res.attrs.get('effect_token', '')!r})"
-    fig.suptitle(title, fontsize=10)
-    png = folder / "ifelse_detector.png"
-    fig.savefig(png, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    pfig.update_layout(title=title, barmode="overlay", height=450, width=450 * len(dets) + 100)
-    return [png, save_html(pfig, folder / "ifelse_detector.html")]
-
-
-SPEC = AnalyzerSpec(
-    name="ifelse-detector",
-    func=ifelse_detector,
-    requires=NEEDS,
-    summary=_summary,
-    plot=_plot,
-    doc="Mahalanobis detectors on per-head logit attribution to ' else' (seed: if/else anomaly detection)",
-)
+    return res

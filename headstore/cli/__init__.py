@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
-import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -114,51 +112,6 @@ def validate(store: str) -> None:
         raise typer.Exit(code=1)
 
 
-def _coerce(value: str, annotation: Any, name: str) -> Any:
-    origin = typing.get_origin(annotation)
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
-        if value.lower() == "none":
-            return None
-        for a in args:
-            try:
-                return _coerce(value, a, name)
-            except HeadstoreError:
-                continue
-        raise HeadstoreError(f"--param {name}={value!r} fits none of {annotation}")
-    try:
-        if annotation is bool:
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1", "yes")
-        if annotation is int:
-            return int(value)
-        if annotation is float:
-            return float(value)
-        if origin is typing.Literal:
-            if value not in typing.get_args(annotation):
-                raise ValueError(value)
-            return value
-    except ValueError:
-        raise HeadstoreError(f"--param {name}={value!r} is not a valid {annotation}") from None
-    return value
-
-
-def parse_params(func: Any, pairs: list[str], n_stores: int = 1) -> dict[str, Any]:
-    """``["top_k=3", "heads=9.9,10.7"]`` -> kwargs, typed by ``func``'s signature (stores excluded)."""
-    sig = inspect.signature(func)
-    hints = typing.get_type_hints(func)
-    params = list(sig.parameters)[n_stores:]
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or key not in params or sig.parameters[key].kind is inspect.Parameter.VAR_KEYWORD:
-            raise HeadstoreError(f"--param {pair!r}: expected key=value with key one of {', '.join(params)}")
-        out[key] = _coerce(value, hints.get(key, str), key)
-    return out
-
-
 @app.command()
 def analyze(
     name: Annotated[str, typer.Argument(help="analyzer name (headstore analyzers lists them)")],
@@ -172,16 +125,15 @@ def analyze(
 ) -> None:
     """Run one analyzer on a store: writes result.zarr, summary.csv, PNG and HTML plots under OUT/NAME."""
     try:
-        from headstore.analyze._registry import analyzers
-        from headstore.analyze._run import run_analyzer
+        from headstore.cli.registry import analyzers
+        from headstore.cli.run import run_analyzer
 
         specs = analyzers()
         if name not in specs:
             raise HeadstoreError(f"unknown analyzer {name!r}: choose from {', '.join(specs)}")
-        spec = specs[name]
-        kwargs = parse_params(spec.func, param or [], spec.n_stores)
         summary, paths = run_analyzer(
-            spec, stores, out, kwargs, scheduler=scheduler, partial=partial, progress=progress
+            specs[name], stores, out, param_strings=param or [], scheduler=scheduler, partial=partial,
+            progress=progress,
         )
     except HeadstoreError as e:
         raise _fail(e) from None
@@ -214,11 +166,11 @@ def run_main(
 @app.command("analyzers")
 def list_analyzers() -> None:
     """List the analyzers and what each needs in the store."""
-    from headstore.analyze._registry import analyzers
+    from headstore.cli.registry import analyzers
 
-    t = Table("name", "needs", "about")
+    t = Table("name", "needs", "options", "about")
     for spec in analyzers().values():
-        t.add_row(spec.name, ", ".join(spec.requires), spec.doc)
+        t.add_row(spec.name, ", ".join(spec.requires), ", ".join(spec.params), spec.doc)
     console.print(t)
 
 
@@ -237,7 +189,7 @@ def report(
 ) -> None:
     """One self-contained HTML page: provenance, every applicable analyzer, attention patterns."""
     try:
-        from headstore.report import write_report
+        from headstore.cli.report import write_report
 
         path = write_report(
             stores,

@@ -30,59 +30,16 @@ O(n_layers x n_heads x d_vocab x d_model).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import xarray as xr
 
-from headstore.analyze._ops import kv_index, require, strings
-from headstore.analyze._plots import head_table, layer_head_heatmaps
-from headstore.analyze._registry import AnalyzerSpec
-from headstore.store_schema import HeadstoreError, provenance
+from headstore.analyze import _args
+from headstore.analyze._maths import kv_index, normalize_rows, require
+from headstore.store_schema import HeadstoreError
 
 NEEDS = ("W_Q", "W_K", "W_V", "W_O", "W_U", "b_U", "vocab")
 EMBEDDINGS = ("W_E", "W_EE")
-
-
-def vocab_strings(ds: xr.Dataset) -> np.ndarray:
-    """``vocab`` as a fixed-width unicode array."""
-    return strings(ds, "vocab")
-
-
-def token_id(ds: xr.Dataset, token: str | int) -> int:
-    """A token id from its string in ``vocab`` (the first match), or an id as is."""
-    vocab = vocab_strings(ds)
-    if isinstance(token, int | np.integer):
-        if not 0 <= int(token) < len(vocab):
-            raise HeadstoreError(f"token id {token} is outside the vocabulary of {len(vocab)}")
-        return int(token)
-    hits = np.flatnonzero(vocab == token)
-    if not len(hits):
-        raise HeadstoreError(f"token {token!r} is not one token of this model's vocabulary: give another string")
-    return int(hits[0])
-
-
-def _normalize(x: np.ndarray, ds: xr.Dataset, rows: int = 1024) -> np.ndarray:
-    """Folded ln1 / ln_final along the last axis (float64 for the variance).
-
-    Row blocks of a (d_vocab, d_model) matrix: the same arithmetic, row by row, without float64
-    temporaries the size of the whole matrix (4x faster on SmolLM2, where this dominated)."""
-    cfg = provenance(ds).config
-    eps = float(cfg["eps"])
-    ln = cfg["normalization_type"] == "LN"
-
-    def block(b: np.ndarray) -> np.ndarray:
-        if ln:
-            b = b - b.mean(-1, keepdims=True)
-        return (b / np.sqrt((b.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps)).astype(np.float32)
-
-    if x.ndim != 2 or x.shape[0] <= rows:
-        return block(x)
-    out = np.empty(x.shape, np.float32)
-    for i in range(0, x.shape[0], rows):
-        out[i : i + rows] = block(x[i : i + rows])
-    return out
 
 
 def _embedding(ds: xr.Dataset, embedding: str) -> np.ndarray:
@@ -119,7 +76,7 @@ def _ranked(ds: xr.Dataset, scores: np.ndarray, target: int, prefix: str, top_k:
     k = min(top_k, n)
     top = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
     coords = {"layer": ds["layer"].values}
-    vocab = vocab_strings(ds)
+    vocab = ds.hs.vocab
     dims3 = ("layer", "head", "top")
     return xr.Dataset(
         {
@@ -134,30 +91,30 @@ def _ranked(ds: xr.Dataset, scores: np.ndarray, target: int, prefix: str, top_k:
     )
 
 
-def ov_column(ds: xr.Dataset, out: int, embedding: str = "W_E") -> np.ndarray:
+def _ov_column(ds: xr.Dataset, out: int, embedding: str = "W_E") -> np.ndarray:
     """(layer, head, d_vocab): ``C_OV[:, out]`` for every head, one head at a time."""
-    x = _normalize(_embedding(ds, embedding), ds)
+    x = normalize_rows(_embedding(ds, embedding), ds)
     W_V, W_O, u = _w(ds, "W_V"), _w(ds, "W_O"), _w(ds, "W_U")[:, out]
     res = np.zeros((ds.sizes["layer"], ds.sizes["head"], x.shape[0]), np.float32)
     for L, h, xv in _per_kv_head(ds, x, W_V):
         y = xv @ W_O[L, h]  # (d_vocab, d_model)
-        res[L, h] = _normalize(y, ds) @ u
+        res[L, h] = normalize_rows(y, ds) @ u
     return res
 
 
-def ov_row(ds: xr.Dataset, src: int, embedding: str = "W_E") -> np.ndarray:
+def _ov_row(ds: xr.Dataset, src: int, embedding: str = "W_E") -> np.ndarray:
     """(layer, head, d_vocab): ``C_OV[src, :]`` for every head."""
-    x = _normalize(_embedding(ds, embedding)[src], ds)
+    x = normalize_rows(_embedding(ds, embedding)[src], ds)
     W_V, W_O, W_U = _w(ds, "W_V"), _w(ds, "W_O"), _w(ds, "W_U")
     res = np.zeros((ds.sizes["layer"], ds.sizes["head"], W_U.shape[1]), np.float32)
     for L, h, g in _heads(ds):
-        res[L, h] = _normalize((x @ W_V[L, g]) @ W_O[L, h], ds) @ W_U
+        res[L, h] = normalize_rows((x @ W_V[L, g]) @ W_O[L, h], ds) @ W_U
     return res
 
 
-def qk_row(ds: xr.Dataset, query: int, embedding: str = "W_E") -> np.ndarray:
+def _qk_row(ds: xr.Dataset, query: int, embedding: str = "W_E") -> np.ndarray:
     """(layer, head, d_vocab): ``C_QK[query, :]`` (scores of every key) for every head."""
-    x = _normalize(_embedding(ds, embedding), ds)
+    x = normalize_rows(_embedding(ds, embedding), ds)
     W_Q, W_K = _w(ds, "W_Q"), _w(ds, "W_K")
     res = np.zeros((ds.sizes["layer"], ds.sizes["head"], x.shape[0]), np.float32)
     for L, h, xk in _per_kv_head(ds, x, W_K):
@@ -165,9 +122,9 @@ def qk_row(ds: xr.Dataset, query: int, embedding: str = "W_E") -> np.ndarray:
     return res
 
 
-def qk_column(ds: xr.Dataset, key: int, embedding: str = "W_E") -> np.ndarray:
+def _qk_column(ds: xr.Dataset, key: int, embedding: str = "W_E") -> np.ndarray:
     """(layer, head, d_vocab): ``C_QK[:, key]`` (scores from every query) for every head."""
-    x = _normalize(_embedding(ds, embedding), ds)
+    x = normalize_rows(_embedding(ds, embedding), ds)
     W_Q, W_K = _w(ds, "W_Q"), _w(ds, "W_K")
     res = np.zeros((ds.sizes["layer"], ds.sizes["head"], x.shape[0]), np.float32)
     for L, h, g in _heads(ds):
@@ -175,15 +132,15 @@ def qk_column(ds: xr.Dataset, key: int, embedding: str = "W_E") -> np.ndarray:
     return res
 
 
-def ov_rank(
+def _ov_rank(
     ds: xr.Dataset, out_token: str | int, src_token: str | int, embedding: str = "W_E", top_k: int = 10
 ) -> xr.Dataset:
     """Rank of ``src`` among all sources for output ``out`` (``ov_*``), and the top sources."""
-    out, src = token_id(ds, out_token), token_id(ds, src_token)
-    return _ranked(ds, ov_column(ds, out, embedding), src, "ov", top_k)
+    out, src = _args.token(ds, out_token, "out_token"), _args.token(ds, src_token, "src_token")
+    return _ranked(ds, _ov_column(ds, out, embedding), src, "ov", top_k)
 
 
-def ov_rank_reverse(
+def _ov_rank_reverse(
     ds: xr.Dataset,
     out_token: str | int,
     src_token: str | int,
@@ -192,48 +149,54 @@ def ov_rank_reverse(
     subtract_b_U: bool = True,
 ) -> xr.Dataset:
     """Rank of ``out`` among all outputs of source ``src`` (``ov_rev_*``), and the top outputs."""
-    out, src = token_id(ds, out_token), token_id(ds, src_token)
-    row = ov_row(ds, src, embedding)
+    out, src = _args.token(ds, out_token, "out_token"), _args.token(ds, src_token, "src_token")
+    row = _ov_row(ds, src, embedding)
     if subtract_b_U:
         row = row - _w(ds, "b_U")
     return _ranked(ds, row, out, "ov_rev", top_k)
 
 
-def qk_rank(
+def _qk_rank(
     ds: xr.Dataset, query_token: str | int, key_token: str | int, embedding: str = "W_E", top_k: int = 10
 ) -> xr.Dataset:
     """Rank of ``key`` among all keys for query ``query`` (``qk_*``), and the top keys."""
-    q, k = token_id(ds, query_token), token_id(ds, key_token)
-    return _ranked(ds, qk_row(ds, q, embedding), k, "qk", top_k)
+    q, k = _args.token(ds, query_token, "query_token"), _args.token(ds, key_token, "key_token")
+    return _ranked(ds, _qk_row(ds, q, embedding), k, "qk", top_k)
 
 
-def qk_rank_reverse(
+def _qk_rank_reverse(
     ds: xr.Dataset, query_token: str | int, key_token: str | int, embedding: str = "W_E", top_k: int = 10
 ) -> xr.Dataset:
     """Rank of ``query`` among all queries attending to ``key`` (``qk_rev_*``), and the top queries."""
-    q, k = token_id(ds, query_token), token_id(ds, key_token)
-    return _ranked(ds, qk_column(ds, k, embedding), q, "qk_rev", top_k)
+    q, k = _args.token(ds, query_token, "query_token"), _args.token(ds, key_token, "key_token")
+    return _ranked(ds, _qk_column(ds, k, embedding), q, "qk_rev", top_k)
 
 
 def circuits(
     ds: xr.Dataset,
-    out_token: str = " else",
-    src_token: str = " if",
-    query_token: str = ")",
-    key_token: str = " if",
+    *,
+    out_token: int | str = " else",
+    src_token: int | str = " if",
+    query_token: int | str = ")",
+    key_token: int | str = " if",
     embedding: str = "W_E",
     top_k: int = 10,
 ) -> xr.Dataset:
-    """All four ranks (``ov``, ``ov_rev``, ``qk``, ``qk_rev``) per (layer, head), with top-k lists."""
+    """All four ranks (``ov``, ``ov_rev``, ``qk``, ``qk_rev``) per (layer, head), with top-k lists.
+
+    Tokens are ids or strings that are exactly one vocabulary entry (``ds.hs.token_id``). Computed on call
+    (weights only: a few passes over the ``(d_vocab, d_model)`` embedding per head, no activations).
+    """
     res = xr.merge(
         [
-            ov_rank(ds, out_token, src_token, embedding, top_k),
-            ov_rank_reverse(ds, out_token, src_token, embedding, top_k),
-            qk_rank(ds, query_token, key_token, embedding, top_k),
-            qk_rank_reverse(ds, query_token, key_token, embedding, top_k),
+            _ov_rank(ds, out_token, src_token, embedding, top_k),
+            _ov_rank_reverse(ds, out_token, src_token, embedding, top_k),
+            _qk_rank(ds, query_token, key_token, embedding, top_k),
+            _qk_rank_reverse(ds, query_token, key_token, embedding, top_k),
         ]
     )
     res.attrs = {
+        "analyzer": "circuits",
         "out_token": out_token,
         "src_token": src_token,
         "query_token": query_token,
@@ -242,38 +205,3 @@ def circuits(
         "d_vocab": int(ds.sizes["d_vocab"]),
     }
     return res
-
-
-def _summary(res: xr.Dataset) -> pd.DataFrame:
-    table = head_table(res["ov_percentile"], "ov_percentile", ascending=False)
-    for name in ("ov_rev", "qk", "qk_rev"):
-        other = head_table(res[f"{name}_percentile"], f"{name}_percentile")
-        table = table.merge(other, on=["layer", "head"])
-    for name in ("ov", "ov_rev", "qk", "qk_rev"):
-        ranks = head_table(res[f"{name}_rank"], f"{name}_rank")
-        table = table.merge(ranks, on=["layer", "head"])
-    return table
-
-
-def _plot(res: xr.Dataset, folder: Path) -> list[Path]:
-    a = res.attrs
-    titles = [
-        f"OV: {a.get('src_token', 'src')!r} among sources of {a.get('out_token', 'out')!r}",
-        f"OV reverse: {a.get('out_token', 'out')!r} among outputs of {a.get('src_token', 'src')!r}",
-        f"QK: {a.get('key_token', 'key')!r} among keys of {a.get('query_token', 'query')!r}",
-        f"QK reverse: {a.get('query_token', 'query')!r} among queries of {a.get('key_token', 'key')!r}",
-    ]
-    panels = [res[f"{n}_percentile"] for n in ("ov", "ov_rev", "qk", "qk_rev")]
-    return layer_head_heatmaps(
-        panels, titles, "circuit percentiles (1 = top of the vocabulary)", folder / "circuits", symmetric=False
-    )
-
-
-SPEC = AnalyzerSpec(
-    name="circuits",
-    func=circuits,
-    requires=("W_E", *NEEDS),
-    summary=_summary,
-    plot=_plot,
-    doc="OV/QK circuit ranks of token pairs per head, from the weights only (seed: if/else circuits)",
-)

@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from headstore.analyze import _args
+from headstore.cli import parse
 from headstore.store_schema import HeadstoreError, open_store
 from headstore.store_schema.info import store_info
 
@@ -46,13 +48,7 @@ def parse_sequences(spec: str | None, n: int) -> list[int]:
     if spec is None or not spec.strip():
         return list(range(min(MAX_DEFAULT_SEQUENCES, n)))
     out: list[int] = []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
-        try:
-            i = int(item)
-        except ValueError:
-            raise HeadstoreError(f"--sequences item {item!r} is not an integer: write e.g. 0,1") from None
+    for i in parse.integers(spec, "--sequences"):
         if not 0 <= i < n:
             raise HeadstoreError(f"--sequences {i} is out of range: the store has {n} sequences (0..{n - 1})")
         if i not in out:
@@ -60,26 +56,12 @@ def parse_sequences(spec: str | None, n: int) -> list[int]:
     return out
 
 
-def parse_heads(spec: str | None, layers: Sequence[int], n_heads: int) -> list[tuple[int, int]]:
-    """``"0.1,1.2"`` -> ``[(0, 1), (1, 2)]`` (model layer index, head); checked against the store."""
+def parse_heads(spec: str | None, ds: xr.Dataset) -> list[tuple[int, int]]:
+    """``"0.1,1.2"`` -> ``[(0, 1), (1, 2)]`` (model layer, head); checked against the store, repeats dropped."""
     if spec is None or not spec.strip():
         return []
-    out: list[tuple[int, int]] = []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
-        left, dot, right = item.partition(".")
-        try:
-            L, h = int(left), int(right)
-        except ValueError:
-            raise HeadstoreError(f"--heads item {item!r} is not LAYER.HEAD: write e.g. 0.1,1.2") from None
-        if not dot or L not in layers:
-            raise HeadstoreError(f"--heads {item!r}: layer {L} is not in the store (extracted layers {list(layers)})")
-        if not 0 <= h < n_heads:
-            raise HeadstoreError(f"--heads {item!r}: head {h} is out of range (0..{n_heads - 1})")
-        if (L, h) not in out:
-            out.append((L, h))
-    return out
+    pairs = list(dict.fromkeys(parse.heads(spec, "--heads")))
+    return _args.heads(ds, pairs, "--heads")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,10 +241,10 @@ def run_analyzers(
 ) -> list[AnalyzerOutcome]:
     from tqdm.auto import tqdm
 
-    from headstore.analyze._run import run_analyzer, saved_output
+    from headstore.cli.run import run_analyzer, saved_output
 
     try:
-        from headstore.analyze._registry import analyzers
+        from headstore.cli.registry import analyzers
 
         specs = analyzers()
     except Exception as e:  # a broken analyzer module must not cost the rest of the page
@@ -400,7 +382,7 @@ def attention_viewer(
     if "pattern" not in ds:
         return "<p class='hs-note'>This store has no <code>pattern</code>: no attention viewer.</p>"
     seqs = parse_sequences(sequences, int(ds.sizes["batch"]))
-    chosen = parse_heads(heads, [int(x) for x in ds["layer"].values], int(ds.sizes["head"])) or default_heads(
+    chosen = parse_heads(heads, ds) or default_heads(
         ds, outcomes
     )
     parts = [
@@ -511,7 +493,7 @@ def render_report(
     datasets = [open_store(s, partial=partial) for s in stores]
     for ds in datasets:  # refuse bad selections before the long part
         parse_sequences(sequences, int(ds.sizes["batch"]))
-        parse_heads(heads, [int(x) for x in ds["layer"].values], int(ds.sizes["head"]))
+        parse_heads(heads, ds)
     figs = _Figures()
     with (
         contextlib.nullcontext(str(results))

@@ -15,52 +15,12 @@ in one lazy pass; the vocabulary is only ever touched through the columns ``W_U[
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pandas as pd
 import xarray as xr
 
-from headstore.analyze._ops import bos_id, f32, lead_axes, per_head, require
-from headstore.analyze._plots import head_table, layer_head_heatmaps
-from headstore.analyze._registry import AnalyzerSpec
+from headstore.analyze._maths import f32, lead_axes, not_bos, per_head, require, unembed_columns
 
 REQUIRES = ("tokens", "v", "pattern", "ln_final_scale", "W_O", "W_U")
-
-
-def _take_columns(tokens: np.ndarray, w_u: np.ndarray | list[np.ndarray]) -> np.ndarray:
-    """tokens (batch, pos), w_u (d_model, d_vocab) or its one block in a list -> (batch, pos, d_model)."""
-    (w,) = w_u if isinstance(w_u, list) else [w_u]
-    return np.moveaxis(w[:, tokens], 0, -1).astype(np.float32, copy=False)
-
-
-def unembed_columns(ds: xr.Dataset) -> xr.DataArray:
-    """``(batch, pos, d_model)``: the unembedding column of each token, ``W_U[:, tokens[b, p]]``.
-
-    Gathered blockwise along ``batch`` (never a ``(tokens, d_vocab)`` product); each block reads the
-    one ``W_U`` chunk in place (``concatenate=False``: no copy of the vocabulary per block).
-    """
-    tokens, w_u = ds["tokens"].transpose("batch", "pos"), f32(ds["W_U"]).transpose("d_model", "d_vocab")
-    dims = ("batch", "pos", "d_model")
-    if tokens.chunks is None or w_u.chunks is None:
-        return xr.DataArray(_take_columns(tokens.values, w_u.values), dims=dims)
-    import dask.array as da
-
-    w = w_u.data.rechunk({1: -1})
-    data = da.blockwise(
-        _take_columns, "bpm", tokens.data, "bp", w, "mv", dtype=np.float32, concatenate=False,
-        meta=np.empty((0, 0, 0), np.float32),
-    )  # fmt: skip
-    return xr.DataArray(data, dims=dims, coords={c: tokens.coords[c] for c in ("batch",) if c in tokens.coords})
-
-
-def not_bos(ds: xr.Dataset) -> xr.DataArray:
-    """(batch, pos) float32: 1 where the token is not BOS (pad == BOS counts as BOS, as in the seed)."""
-    bos = bos_id(ds)
-    tokens = ds["tokens"]
-    if bos is None:
-        return xr.ones_like(tokens, dtype=np.float32)
-    return (tokens != bos).astype(np.float32)
 
 
 def _block(
@@ -93,7 +53,7 @@ def _block(
     return per_position.astype(np.float32, copy=False), a.sum(axis=3, dtype=np.float32)
 
 
-def copy_suppression(ds: xr.Dataset, only_negative: bool = False) -> xr.Dataset:
+def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Dataset:
     """Per-position, per-sequence and mean source-suppression scores of every head.
 
     ``per_position[b, L, h, k] = coef[b, L, h, k] * sum_q a[b, L, h, q, k] / ln_final_scale[b, q]``,
@@ -137,29 +97,5 @@ def copy_suppression(ds: xr.Dataset, only_negative: bool = False) -> xr.Dataset:
             "score": score.transpose("layer", "head"),
         }
     )
-    out.attrs["only_negative"] = int(only_negative)
+    out.attrs.update({"analyzer": "copy-suppression", "only_negative": int(only_negative)})
     return out
-
-
-def summary(res: xr.Dataset) -> pd.DataFrame:
-    return head_table(res["score"], "score", ascending=True)
-
-
-def plot(res: xr.Dataset, folder: Path) -> list[Path]:
-    score = res["score"]
-    return layer_head_heatmaps(
-        [score * (score < 0)],
-        ["mean over sequences (negative part)"],
-        "Source suppression scores",
-        folder / "copy_suppression",
-    )
-
-
-SPEC = AnalyzerSpec(
-    name="copy-suppression",
-    func=copy_suppression,
-    requires=REQUIRES,
-    summary=summary,
-    plot=plot,
-    doc="How much each head suppresses the logit of the token it attends to (seed 000, Part 1).",
-)

@@ -16,21 +16,23 @@ blockwise (one batch chunk x one layer at a time); only per-token losses leave a
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pandas as pd
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
-from headstore.analyze._ops import f32, head_unembed, lead_axes, logits, next_tokens, per_head, require
-from headstore.analyze._plots import layer_head_heatmaps
-from headstore.analyze._registry import AnalyzerSpec
-from headstore.analyze.copy_suppression import unembed_columns
+from headstore.analyze._maths import (
+    f32,
+    head_unembed,
+    lead_axes,
+    logits,
+    next_tokens,
+    per_head,
+    require,
+    unembed_columns,
+)
 
 REQUIRES = ("tokens", "v", "pattern", "z", "ln_final_scale", "resid_final", "W_O", "W_U", "b_U")
 MODES = ("project", "perpendicular", "ablation")
-TITLES = ("Only keep projection", "Only keep perpendicular component", "Ablate entirely")
 GRAM_MAX_POS_PER_D_MODEL = 1.0  # unembed the source tokens once per block while seq_len < d_model (fewer flops)
 
 
@@ -127,7 +129,7 @@ def _block_losses_1(
     return out
 
 
-def projection_loss(ds: xr.Dataset, only_negative: bool = False) -> xr.Dataset:
+def projection_loss(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Dataset:
     """Per-token loss after keeping only the projection / only the perpendicular part / nothing, per head."""
     require(ds, REQUIRES, "projection-loss")
     clean = logits(ds).astype(np.float32)  # batch, pos, d_vocab (lazy, chunked along batch)
@@ -172,37 +174,11 @@ def projection_loss(ds: xr.Dataset, only_negative: bool = False) -> xr.Dataset:
         output_dtypes=[np.float32],
         dask_gufunc_kwargs={"allow_rechunk": True, "output_sizes": {"mode": len(MODES)}},
     )
-    loss = loss.assign_coords(mode=list(MODES)).transpose("mode", "layer", "head", "batch", "pos")
+    loss = loss.assign_coords(mode=list(MODES)).transpose("layer", "head", "mode", "batch", "pos")
     loss_original = loss_original.transpose("batch", "pos")
     mean_increase = (loss - loss_original).mean(["batch", "pos"])  # skips the last position (NaN)
-    out = xr.Dataset({"loss_original": loss_original, "loss": loss, "mean_increase": mean_increase})
-    out.attrs["only_negative"] = int(only_negative)
-    return out
-
-
-def summary(res: xr.Dataset) -> pd.DataFrame:
-    m = res["mean_increase"].transpose("mode", "layer", "head")
-    rows = [
-        {"layer": int(L), "head": int(h), **{md: float(m.sel(mode=md, layer=L).isel(head=h)) for md in MODES}}
-        for L in m["layer"].values
-        for h in range(m.sizes["head"])
-    ]
-    table = pd.DataFrame(rows, columns=["layer", "head", *MODES])
-    return table.sort_values("ablation", ascending=False, kind="stable").reset_index(drop=True)
-
-
-def plot(res: xr.Dataset, folder: Path) -> list[Path]:
-    m = res["mean_increase"]
-    return layer_head_heatmaps(
-        [m.sel(mode=md) for md in MODES], list(TITLES), "Change in loss from projecting", folder / "projection_loss"
+    out = xr.Dataset(
+        {"mean_increase": mean_increase.transpose("layer", "head", "mode"), "loss": loss, "loss_original": loss_original}
     )
-
-
-SPEC = AnalyzerSpec(
-    name="projection-loss",
-    func=projection_loss,
-    requires=REQUIRES,
-    summary=summary,
-    plot=plot,
-    doc="Change in loss when each head keeps only its projection onto the source tokens' unembeddings (seed 000).",
-)
+    out.attrs.update({"analyzer": "projection-loss", "only_negative": int(only_negative)})
+    return out

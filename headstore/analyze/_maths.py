@@ -1,0 +1,231 @@
+"""The mathematics every analyzer shares, in one place: norms, softmax, top-k, a head's direct effect on a
+logit, unembedding columns, the kv-head map. Named-dim xarray functions unless the name says numpy.
+
+No torch, no model: everything is computed from a store's Dataset (``ds.hs`` gives its config).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import xarray as xr
+
+from headstore.store_schema import HeadstoreError
+from headstore.store_schema.accessor import final_logits as final_logits
+from headstore.store_schema.accessor import normalize_final as normalize_final
+from headstore.store_schema.layout import FIELDS
+
+# The extract option that stores each variable (for error messages).
+EXTRACT_OPTION = {name: f"--fields default,{name}" for name in FIELDS}
+
+
+def require(ds: xr.Dataset, names: Iterable[str], analyzer: str) -> None:
+    """Refuse, naming the ``extract`` option that stores what is missing."""
+    missing = [n for n in names if n not in ds]
+    if missing:
+        hint = "; ".join(f"{n}: extract with {EXTRACT_OPTION.get(n, 'a newer headstore')}" for n in missing)
+        raise HeadstoreError(f"{analyzer} needs {', '.join(missing)}, which this store lacks ({hint})")
+
+
+def f32(da: xr.DataArray) -> xr.DataArray:
+    """Upcast before any contraction (float16 matmul on CPU is ~300x slower)."""
+    return da if da.dtype == np.float32 else da.astype(np.float32)
+
+
+def kv_index(ds: xr.Dataset) -> xr.DataArray:
+    """(head,) -> kv head read by each query head: ``h // (n_heads // n_kv_heads)``."""
+    cfg = ds.hs.config
+    return xr.DataArray(np.arange(cfg.n_heads) // cfg.group_size, dims="head")
+
+
+def per_head(da: xr.DataArray, ds: xr.Dataset) -> xr.DataArray:
+    """Map a ``kv_head`` array (v, k, W_V, W_K, b_V, b_K) onto query heads (dim ``head``).
+
+    One dask chunk along ``head`` (the gather would otherwise split it per kv head, multiplying the
+    tasks of everything downstream)."""
+    out = da.isel(kv_head=kv_index(ds))
+    return out.chunk({"head": -1}) if out.chunks is not None else out
+
+
+def lead_axes(x: np.ndarray, n_core: int, n_loop: int = 2) -> np.ndarray:
+    """Give ``x`` exactly ``n_loop`` leading (loop) axes, adding size-1 ones in front.
+
+    Inside ``xr.apply_ufunc`` an input lacking a loop dim gets a size-1 axis for it, except for
+    the leading ones: this adds those, so every block sees the same (batch, layer) axes."""
+    missing = n_loop - (x.ndim - n_core)
+    return x.reshape((1,) * missing + x.shape) if missing else x
+
+
+def normalize(resid: xr.DataArray, ds: xr.Dataset) -> xr.DataArray:
+    """Folded LN / RMSNorm with the scale recomputed from ``resid`` (over ``d_model``):
+    LN ``(x - mean x) / sqrt(mean (x - mean x)^2 + eps)``, RMS ``x / sqrt(mean x^2 + eps)``."""
+    cfg = ds.hs.config
+    x = f32(resid)
+    if cfg.normalization_type == "LN":
+        x = x - x.mean("d_model")
+    return x / np.sqrt((x * x).mean("d_model") + np.float32(cfg.eps))
+
+
+def normalize_rows(x: np.ndarray, ds: xr.Dataset, rows: int = 1024) -> np.ndarray:
+    """numpy :func:`normalize` along the last axis (float64 for the variance), a block of rows at a time
+    (no float64 temporaries the size of a ``(d_vocab, d_model)`` matrix)."""
+    cfg = ds.hs.config
+    ln = cfg.normalization_type == "LN"
+
+    def block(b: np.ndarray) -> np.ndarray:
+        if ln:
+            b = b - b.mean(-1, keepdims=True)
+        return (b / np.sqrt((b.astype(np.float64) ** 2).mean(-1, keepdims=True) + cfg.eps)).astype(np.float32)
+
+    if x.ndim != 2 or x.shape[0] <= rows:
+        return block(x)
+    out = np.empty(x.shape, np.float32)
+    for i in range(0, x.shape[0], rows):
+        out[i : i + rows] = block(x[i : i + rows])
+    return out
+
+
+def logits(ds: xr.Dataset, resid: xr.DataArray | None = None) -> xr.DataArray:
+    """``logits[..., d_vocab] = normalize_final(resid_final) @ W_U + b_U`` with ln_final_scale frozen."""
+    resid = ds["resid_final"] if resid is None else resid
+    return final_logits(ds, resid, ds["ln_final_scale"])
+
+
+def next_tokens(ds: xr.Dataset) -> xr.DataArray:
+    """(batch, pos) token at pos+1; -1 at the last position."""
+    return ds["tokens"].shift(pos=-1, fill_value=-1).astype(np.int64)
+
+
+def causal_softmax(scores: xr.DataArray, valid: xr.DataArray, dim: str) -> xr.DataArray:
+    """``softmax_dim(scores)`` over the entries where ``valid`` (the others get exactly 0)."""
+    top = scores.where(valid).max(dim)
+    w = xr.where(valid, np.exp(scores - top), np.float32(0))
+    return w / w.sum(dim)
+
+
+def attention_scores(q: xr.DataArray, k: xr.DataArray) -> xr.DataArray:
+    """``q . k / sqrt(d_head)`` over ``d_head``."""
+    return xr.dot(q, k, dim="d_head") / np.float32(math.sqrt(q.sizes["d_head"]))
+
+
+def rotate(q: xr.DataArray, cos: xr.DataArray, sin: xr.DataArray) -> xr.DataArray:
+    """HF rotary on the first ``d_rot`` dims: ``q*cos + rotate_half(q)*sin``, rotate_half(x) = cat(-x2, x1)."""
+    d_rot = cos.sizes["d_rot"]
+    half = d_rot // 2
+    part = q.isel(d_head=slice(0, d_rot))
+    rot_half = xr.concat([-part.isel(d_head=slice(half, d_rot)), part.isel(d_head=slice(0, half))], dim="d_head")
+    cos, sin = f32(cos).rename(d_rot="d_head"), f32(sin).rename(d_rot="d_head")
+    out = part * cos + rot_half * sin
+    if d_rot < q.sizes["d_head"]:
+        out = xr.concat([out, q.isel(d_head=slice(d_rot, None))], dim="d_head")
+    return out.transpose(*q.dims)
+
+
+ARGMAX_TOP_K = 16  # up to this k, k argmax passes beat one argpartition over d_vocab (~15x at k = 3)
+
+
+def top_k(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """numpy: (rows, n) -> (indices, values) of the k largest per row, largest first up to k = 16. Overwrites ``x``."""
+    if k > ARGMAX_TOP_K:
+        idx = np.argpartition(x, x.shape[-1] - k, axis=-1)[:, -k:]
+        return idx, np.take_along_axis(x, idx, -1)
+    rows = np.arange(x.shape[0])
+    idx = np.empty((x.shape[0], k), np.int64)
+    vals = np.empty((x.shape[0], k), x.dtype)
+    for j in range(k):
+        idx[:, j] = x.argmax(-1)
+        vals[:, j] = x[rows, idx[:, j]]
+        x[rows, idx[:, j]] = -np.inf
+    return idx, vals
+
+
+def head_unembed(x: np.ndarray, w_o: np.ndarray, w_u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """numpy ``x @ W_O[L, h] @ W_U``: (n, d_head) -> (n, d_vocab), multiplied in the cheaper order.
+
+    ``(x @ W_O) @ W_U`` costs ``n d_model (d_head + d_vocab)`` flops, ``x @ (W_O @ W_U)`` costs
+    ``d_head d_vocab (d_model + n)``: the second wins once ``n`` is above about ``d_head``.
+    """
+    n, d_head = x.shape
+    d_model, d_vocab = w_u.shape
+    if d_head * d_vocab * (d_model + n) < n * d_model * (d_head + d_vocab):
+        return np.matmul(x, w_o @ w_u, out=out)
+    return np.matmul(x @ w_o, w_u, out=out)
+
+
+def logit_direction(ds: xr.Dataset, target: xr.DataArray) -> xr.DataArray:
+    """``u = W_U[:, target]`` (dims ``d_model`` + target's), centred over ``d_model`` on LN models.
+
+    With ln_final's scale frozen, ``logit_t = normalize_final(x) . W_U[:, t]`` and
+    ``(x - mean x) . w = x . (w - mean w)``: so ``x . u / scale`` is exactly ``x``'s share of the logit.
+    """
+    u = f32(ds["W_U"]).isel(d_vocab=target)
+    return u - u.mean("d_model") if ds.hs.config.normalization_type == "LN" else u
+
+
+def source_contributions(ds: xr.Dataset, dest: xr.DataArray, target: xr.DataArray) -> xr.DataArray:
+    """(batch, layer, head, key_pos) each head's direct effect on logit ``target[b]`` at position ``dest[b]``,
+    source by source::
+
+        contrib = pattern[b, L, h, dest, k] * ((v[b, L, k, kv(h)] - b_V[L, kv(h)]) @ W_O[L, h] . u[b]) / ln_final_scale[b, dest]
+
+    with ``u = logit_direction(target)``. ``b_V`` is zero on stores extracted with ``fold_value_biases``; an
+    unfolded one goes to the head's bias term (``b_V @ W_O``: not attributable to a source). Lazy.
+    """
+    u = logit_direction(ds, target)  # (d_model, batch)
+    inv = 1.0 / f32(ds["ln_final_scale"]).isel(pos=dest)  # (batch,)
+    v = f32(per_head(ds["v"], ds))
+    if "b_V" in ds:
+        v = v - f32(per_head(ds["b_V"], ds))
+    wou = xr.dot(f32(ds["W_O"]), u, dim="d_model")  # (layer, head, d_head, batch)
+    through = xr.dot(v, wou, dim="d_head").rename(pos="key_pos")  # (batch, layer, key_pos, head)
+    pat = f32(ds["pattern"]).isel(query_pos=dest)  # (batch, layer, head, key_pos)
+    contrib = (pat * through * inv).transpose("batch", "layer", "head", "key_pos")
+    return contrib.drop_vars([c for c in ("query_pos", "pos", "d_vocab") if c in contrib.coords])
+
+
+def _take_columns(tokens: np.ndarray, w_u: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """tokens (batch, pos), w_u (d_model, d_vocab) or its one block in a list -> (batch, pos, d_model)."""
+    (w,) = w_u if isinstance(w_u, list) else [w_u]
+    return np.moveaxis(w[:, tokens], 0, -1).astype(np.float32, copy=False)
+
+
+def unembed_columns(ds: xr.Dataset) -> xr.DataArray:
+    """``(batch, pos, d_model)``: the unembedding column of each token, ``W_U[:, tokens[b, p]]``.
+
+    Gathered blockwise along ``batch`` (never a ``(tokens, d_vocab)`` product); each block reads the
+    one ``W_U`` chunk in place (``concatenate=False``: no copy of the vocabulary per block).
+    """
+    tokens, w_u = ds["tokens"].transpose("batch", "pos"), f32(ds["W_U"]).transpose("d_model", "d_vocab")
+    dims = ("batch", "pos", "d_model")
+    if tokens.chunks is None or w_u.chunks is None:
+        return xr.DataArray(_take_columns(tokens.values, w_u.values), dims=dims)
+    import dask.array as da
+
+    w = w_u.data.rechunk({1: -1})
+    data = da.blockwise(
+        _take_columns, "bpm", tokens.data, "bp", w, "mv", dtype=np.float32, concatenate=False,
+        meta=np.empty((0, 0, 0), np.float32),
+    )  # fmt: skip
+    return xr.DataArray(data, dims=dims, coords={c: tokens.coords[c] for c in ("batch",) if c in tokens.coords})
+
+
+def bos_id(ds: xr.Dataset) -> int | None:
+    tid = ds.hs.provenance.tokenizer.get("bos_token_id")
+    return None if tid is None else int(tid)
+
+
+def not_bos(ds: xr.Dataset) -> xr.DataArray:
+    """(batch, pos) float32: 1 where the token is not BOS (pad == BOS counts as BOS, as in the seed)."""
+    bos = bos_id(ds)
+    tokens = ds["tokens"]
+    if bos is None:
+        return xr.ones_like(tokens, dtype=np.float32)
+    return (tokens != bos).astype(np.float32)
+
+
+def strings(ds: xr.Dataset, name: str) -> np.ndarray:
+    """A string variable (``split``, ``subset``...) as a fixed-width unicode array (the store may hand
+    back numpy's StringDType, on which ``.astype(str)`` fails)."""
+    return np.array(ds[name].values.tolist(), dtype=str)
