@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from headstore.extract.data.ioi import corpus_lines
+from headstore.extract.data.ioi_prompts import corpus_lines
 
 CODE_LINES = (
     "x = a if b else c",

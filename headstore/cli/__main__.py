@@ -1,0 +1,3 @@
+from headstore.cli import main
+
+main()
