@@ -1,7 +1,8 @@
 """Datasets: token arrays plus per-sequence metadata columns.
 
 A spec is ``KIND`` or ``KIND:ARG``: ``ioi``, ``ioi-abc``, ``text[:PATHS]``, ``code-ifelse[:PATHS]``,
-``tokens:FILE.npy``.
+``tokens:FILE.npy[,COLUMNS]``, and the researcher's own prompts ``jsonl:FILE``, ``csv:FILE``,
+``parquet:FILE`` (one prompt per row; see ``table``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ Builder = Callable[[str, DataRequest, Any], TokenDataset]
 
 
 def _builders() -> dict[str, Builder]:
-    from headstore.extract.data import ifelse, ioi_data, text, tokens
+    from headstore.extract.data import ifelse, ioi_data, table, text, tokens
 
     return {
         "ioi": ioi_data.build_ioi,
@@ -64,6 +65,9 @@ def _builders() -> dict[str, Builder]:
         "text": text.build_text,
         "code-ifelse": ifelse.build_ifelse,
         "tokens": tokens.build_tokens,
+        "jsonl": table.build_table,
+        "csv": table.build_table,
+        "parquet": table.build_table,
     }
 
 
