@@ -343,10 +343,9 @@ def build_table(arg: str, req: DataRequest, tokenizer: Any) -> TokenDataset:
     path = Path(arg)
     df = read_table(path, fmt)
     where = path.name
-    n_rows = len(df)
     if req.n_seq is not None:
         df = df.iloc[: req.n_seq].reset_index(drop=True)
-    options: dict[str, Any] = {"file": path.name, "format": fmt, "rows_in_file": n_rows}
+    options: dict[str, Any] = {"file": path.name, "format": fmt}
     if len(df) == 0:
         return TokenDataset(fmt, req.spec, np.zeros((0, 1), np.int32), {}, options)
     has_text, has_tokens = "text" in df.columns, "tokens" in df.columns
