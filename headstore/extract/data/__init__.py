@@ -57,7 +57,7 @@ Builder = Callable[[str, DataRequest, Any], TokenDataset]
 
 
 def _builders() -> dict[str, Builder]:
-    from headstore.extract.data import ifelse, ioi_data, table, text, tokens
+    from headstore.extract.data import ifelse, ioi_data, repeated, table, text, tokens
 
     return {
         "ioi": ioi_data.build_ioi,
@@ -65,6 +65,7 @@ def _builders() -> dict[str, Builder]:
         "text": text.build_text,
         "code-ifelse": ifelse.build_ifelse,
         "tokens": tokens.build_tokens,
+        "repeated-random": repeated.build_repeated,
         "jsonl": table.build_table,
         "csv": table.build_table,
         "parquet": table.build_table,
