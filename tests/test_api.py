@@ -287,7 +287,7 @@ def test_every_analyzer_follows_the_return_convention(name: str, make_store: Cal
         if "layer" in var.dims and "head" in var.dims:
             assert var.dims[:2] == ("layer", "head"), (var_name, var.dims)
     lazy = [k for k, v in res.data_vars.items() if v.chunks is not None]
-    if name in ("circuits", "ifelse-detector"):  # weights-only ranks and fitted detectors compute on call
+    if name in ("circuits", "composition", "ifelse-detector"):  # weights-only scores, fitted detectors: on call
         assert not lazy
     else:
         assert lazy, "an analyzer over activations must stay lazy until .compute()"

@@ -225,6 +225,13 @@ def not_bos(ds: xr.Dataset) -> xr.DataArray:
     return (tokens != bos).astype(np.float32)
 
 
+def sequence_lengths(ds: xr.Dataset) -> xr.DataArray:
+    """(batch,) real tokens per sequence: the ``length`` column, else ``pos`` for every sequence."""
+    if "length" in ds:
+        return ds["length"].astype(np.int64)
+    return xr.DataArray(np.full(ds.sizes["batch"], ds.sizes["pos"], np.int64), dims="batch")
+
+
 def strings(ds: xr.Dataset, name: str) -> np.ndarray:
     """A string variable (``split``, ``subset``...) as a fixed-width unicode array (the store may hand
     back numpy's StringDType, on which ``.astype(str)`` fails)."""

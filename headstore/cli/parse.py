@@ -81,6 +81,19 @@ def one_of(*choices: str) -> Parser:
     return parse
 
 
+def some_of(*choices: str) -> Parser:
+    """A comma list of distinct names among ``choices``: ``"Q,V"`` -> ``("Q", "V")``."""
+
+    def parse(text: str, ds: xr.Dataset) -> tuple[str, ...]:
+        items = tuple(s.strip() for s in text.split(",") if s.strip())
+        bad = [s for s in items if s not in choices]
+        if bad or not items:
+            raise HeadstoreError(f"{text!r}: give a comma list of {', '.join(choices)}")
+        return items
+
+    return parse
+
+
 def head_param(text: str, ds: xr.Dataset) -> tuple[int, int]:
     return head(text)
 

@@ -39,6 +39,11 @@ class AnalyzerSpec:
 
 SPECS = (
     AnalyzerSpec(
+        "attention-stats", A.attention_stats, ("tokens", "pattern"),
+        F.attention_stats_summary, F.attention_stats_plot,
+        doc="Per head: mean attention entropy, attended distance and top-1 key mass, with their spread across sequences",
+    ),
+    AnalyzerSpec(
         "calibration", A.calibration, ("tokens", "resid_final", "ln_final_scale", "z", "W_O", "W_U", "b_U"),
         F.calibration_summary, F.calibration_plot,
         doc="Calibration curve and overconfidence; change when each head's direct effect is removed (seed 003).",
@@ -54,10 +59,25 @@ SPECS = (
         },
     ),
     AnalyzerSpec(
+        "composition", A.composition, ("W_Q", "W_K", "W_V", "W_O"),
+        F.composition_summary, F.composition_plot,
+        doc="Q/K/V composition scores of every earlier head into every later one, from the weights, with a random baseline",
+        params={"kinds": P.some_of("Q", "K", "V"), "n_draws": P.integer, "seed": P.integer},
+    ),
+    AnalyzerSpec(
         "copy-suppression", A.copy_suppression, ("tokens", "v", "pattern", "ln_final_scale", "W_O", "W_U"),
         F.copy_suppression_summary, F.copy_suppression_plot,
         doc="How much each head suppresses the logit of the token it attends to (seed 000, Part 1).",
         params={"only_negative": P.boolean},
+    ),
+    AnalyzerSpec(
+        "head-scores", A.head_scores, ("tokens", "pattern"),
+        F.head_scores_summary, F.head_scores_plot,
+        doc="TransformerLens detect_head scores per head and sequence: previous-token, duplicate, induction, BOS, self",
+        params={
+            "kinds": P.some_of("previous_token", "duplicate_token", "induction", "bos", "self"),
+            "exclude_bos": P.boolean, "exclude_current_token": P.boolean, "error_measure": P.one_of("mul", "abs"),
+        },
     ),
     AnalyzerSpec(
         "ifelse-detector", A.ifelse_detector,

@@ -1,0 +1,132 @@
+"""Composition scores between heads, from the weights only (Elhage et al., "A Mathematical Framework for
+Transformer Circuits"), as TransformerLens's ``all_composition_scores`` computes them.
+
+For an earlier head ``a`` and a later head ``b`` (``kv(h)`` the kv head a query head reads)::
+
+    W_OV(h) = W_V[L, kv(h)] @ W_O[L, h]          (d_model, d_model), rank d_head
+    W_QK(h) = W_Q[L, h] @ W_K[L, kv(h)]^T        (d_model, d_model)
+    score(a, b) = ||W_OV(a) @ M(b)||_F / (||W_OV(a)||_F ||M(b)||_F)
+    M(b) = W_QK(b) (Q), W_QK(b)^T (K), W_OV(b) (V)
+
+TransformerLens builds these as ``FactoredMatrix`` products and zeroes every pair with
+``layer_b <= layer_a``; here those pairs are NaN (the score is not defined there: b cannot read a).
+
+No ``d_model x d_model`` matrix is formed. Write the left matrix as ``A B`` and the right one as
+``C D`` (``A, C`` d_model x d_head, ``B, D`` d_head x d_model) and take the QR factorisations
+``A = Q_A R_A``, ``D^T = Q_D R_D``: orthonormal factors do not change a Frobenius norm, so with
+``P = R_A B`` (d_head x d_model) and ``S = C R_D^T`` (d_model x d_head),
+``score = ||P S||_F / (||P||_F ||S||_F)``: one (d_head x d_model) @ (d_model x d_head) product per
+pair, all pairs of a layer in one matrix product, in float64.
+
+Baseline: the same score for independent standard Gaussian matrices of the same shapes (``n_draws``
+draws, seeded), whose mean and std say how large a score chance alone gives. (The score does not
+depend on the matrices' scale; Q, K and V have the same shapes, so their baselines differ only by
+sampling noise.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import xarray as xr
+
+from headstore.analyze._maths import kv_index, require
+from headstore.store_schema import HeadstoreError
+
+KINDS = ("Q", "K", "V")
+
+
+def left_factor(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """numpy, float64: ``A B`` (stacks of ``(d_model, d_head) @ (d_head, d_model)``) -> ``P = R_A B``
+    (n, d_head, d_model), with ``A = Q_A R_A``: ``||P X||_F = ||A B X||_F`` for every ``X``."""
+    return np.linalg.qr(a, mode="r") @ b
+
+
+def right_factor(c: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """numpy, float64: ``C D`` -> ``S = C R_D^T`` (n, d_model, d_head), with ``D^T = Q_D R_D``:
+    ``||X S||_F = ||X C D||_F`` for every ``X``."""
+    return c @ np.swapaxes(np.linalg.qr(np.swapaxes(d, -1, -2), mode="r"), -1, -2)
+
+
+def pair_scores(p: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``||p_i @ s_j||_F / (||p_i||_F ||s_j||_F)`` for every i, j: (n_p, d_head, d_model), (n_s, d_model, d_head)
+    -> (n_p, n_s), through one (n_p d_head, d_model) @ (d_model, n_s d_head) product."""
+    n_p, dh, dm = p.shape
+    n_s = s.shape[0]
+    prod = p.reshape(n_p * dh, dm) @ np.moveaxis(s, 0, 1).reshape(dm, n_s * s.shape[2])
+    num = np.sqrt((prod.reshape(n_p, dh, n_s, -1) ** 2).sum((1, 3)))
+    return num / np.linalg.norm(p, axis=(1, 2))[:, None] / np.linalg.norm(s, axis=(1, 2))[None, :]
+
+
+def _right(
+    kind: str, w_q: np.ndarray, w_k: np.ndarray, w_v: np.ndarray, w_o: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The right matrix ``C D`` of ``kind``, per head (stacks over heads)."""
+    if kind == "Q":
+        return w_q, np.swapaxes(w_k, -1, -2)
+    if kind == "K":
+        return w_k, np.swapaxes(w_q, -1, -2)
+    return w_v, w_o
+
+
+def _kinds(kinds: str | Sequence[str]) -> tuple[str, ...]:
+    out = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    if not out or any(k not in KINDS for k in out) or len(set(out)) != len(out):
+        raise HeadstoreError(f"kinds must be distinct names among Q, K, V, got {list(out)}")
+    return out
+
+
+def baseline(d_model: int, d_head: int, n_draws: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_draws,) composition scores of independent Gaussian ``A B`` and ``C D`` of the heads' shapes."""
+    a, c = (rng.standard_normal((n_draws, d_model, d_head)) for _ in range(2))
+    b, d = (rng.standard_normal((n_draws, d_head, d_model)) for _ in range(2))
+    p, s = left_factor(a, b), right_factor(c, d)
+    return np.linalg.norm(p @ s, axis=(1, 2)) / np.linalg.norm(p, axis=(1, 2)) / np.linalg.norm(s, axis=(1, 2))
+
+
+def composition(ds: xr.Dataset, *, kinds: str | Sequence[str] = KINDS, n_draws: int = 100, seed: int = 0) -> xr.Dataset:
+    """Q-, K- and V-composition scores of every head pair ``(layer_a, head_a) -> (layer_b, head_b)``.
+
+    ``Q[layer_a, head_a, layer_b, head_b] = ||W_OV(a) W_QK(b)||_F / (||W_OV(a)||_F ||W_QK(b)||_F)``,
+    ``K`` the same with ``W_QK(b)^T``, ``V`` with ``W_OV(b)``; NaN where ``layer_b <= layer_a``.
+    ``baseline_mean[kind]``, ``baseline_std[kind]``: the score of Gaussian matrices of the same shapes
+    (``n_draws`` draws, ``seed``). Computed on call (weights only).
+    """
+    kinds = _kinds(kinds)
+    if n_draws < 2:
+        raise HeadstoreError(f"n_draws must be at least 2 (a mean and a std), got {n_draws}")
+    require(ds, ("W_Q", "W_K", "W_V", "W_O"), "composition")
+    kv = kv_index(ds).values
+
+    def w(name: str, dims: tuple[str, ...]) -> np.ndarray:
+        return np.asarray(ds[name].transpose(*dims).values, dtype=np.float64)
+
+    w_q = w("W_Q", ("layer", "head", "d_model", "d_head"))
+    w_k = w("W_K", ("layer", "kv_head", "d_model", "d_head"))[:, kv]
+    w_v = w("W_V", ("layer", "kv_head", "d_model", "d_head"))[:, kv]
+    w_o = w("W_O", ("layer", "head", "d_head", "d_model"))
+    n_l, n_h, d_model, d_head = w_q.shape
+    flat = lambda x: x.reshape(n_l * n_h, *x.shape[2:])  # noqa: E731
+    layers = np.asarray(ds.hs.layers)
+    p_left = left_factor(flat(w_v), flat(w_o)).reshape(n_l, n_h, d_head, d_model)
+    rng = np.random.default_rng(seed)
+    out = xr.Dataset(coords={"layer_a": layers, "layer_b": layers, "kind": list(kinds)})
+    means, stds = [], []
+    for kind in kinds:
+        c, d = _right(kind, w_q, w_k, w_v, w_o)
+        s_right = right_factor(flat(c), flat(d)).reshape(n_l, n_h, d_model, d_head)
+        scores = np.full((n_l, n_h, n_l, n_h), np.nan)
+        for i in range(n_l):
+            later = np.flatnonzero(layers > layers[i])
+            if later.size:
+                block = pair_scores(p_left[i], s_right[later].reshape(-1, d_model, d_head))
+                scores[i][:, later] = block.reshape(n_h, later.size, n_h)
+        out[kind] = xr.DataArray(scores, dims=("layer_a", "head_a", "layer_b", "head_b"))
+        draws = baseline(d_model, d_head, n_draws, rng)
+        means.append(draws.mean())
+        stds.append(draws.std())
+    out["baseline_mean"] = xr.DataArray(np.asarray(means), dims="kind")
+    out["baseline_std"] = xr.DataArray(np.asarray(stds), dims="kind")
+    out.attrs.update({"analyzer": "composition", "kinds": ",".join(kinds), "n_draws": int(n_draws), "seed": int(seed)})
+    return out
