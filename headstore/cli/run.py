@@ -8,6 +8,7 @@ complete: ``saved_output`` reads it back instead of computing again (main job re
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -80,6 +81,14 @@ def run_analyzer(
         raise HeadstoreError(f"{spec.name} takes {spec.n_stores} store(s), got {len(stores)}")
     datasets = [open_store(s, partial=partial) for s in stores]
     params = {**(params or {}), **parse.params(param_strings, spec.params, datasets[0])}
+    missing = [
+        p.name
+        for p in inspect.signature(spec.func).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty and p.name not in params
+    ]
+    if missing:  # a one-line error, not the TypeError of the call
+        need = " ".join(f"--param {name}=..." for name in missing)
+        raise HeadstoreError(f"{spec.name} needs {need} (no default)")
     folder = safe_child(out, spec.name)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with dask_scheduler(scheduler), progress_bar(progress and scheduler is None):
