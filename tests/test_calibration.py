@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from headstore import open_store
-from headstore.analyze._registry import analyzers
-from headstore.analyze.calibration import calibration, n_empty_bins, overconfidence, parse_heads
+from headstore.analyze import _args, calibration, n_empty_bins, overconfidence
+from headstore.cli import parse
+from headstore.cli.registry import analyzers
 from headstore.store_schema import HeadstoreError
 
 STORE_KW = {"n_seq": 8, "batch_size": 4, "seq_len": 24}
@@ -102,7 +104,7 @@ def test_matches_live_seed(make_store, live_model, model: str, top_k: int, n_bin
 def test_selected_heads_and_dims(make_store) -> None:
     ds = open_store(make_store("tiny-gpt2", "text", **STORE_KW))
     full = calibration(ds, n_bins=400).compute()
-    part = calibration(ds, n_bins=400, heads="1.2, 0.0").compute()
+    part = calibration(ds, n_bins=400, heads=[(1, 2), (0, 0)]).compute()
     assert part["head_accuracy"].dims == ("layer", "head", "bin")
     assert part["accuracy"].dims == ("bin",)
     assert part["selected"].values.sum() == 2
@@ -113,10 +115,21 @@ def test_selected_heads_and_dims(make_store) -> None:
         )
     assert np.isnan(float(part["head_overconfidence"].sel(layer=0).isel(head=1)))
     np.testing.assert_array_equal(part["bucket_frequency"].values, full["bucket_frequency"].values)
-    with pytest.raises(HeadstoreError):
-        calibration(ds, heads="7.0")
-    with pytest.raises(HeadstoreError):
-        calibration(ds, heads="1-2")
+    assert part.attrs["heads"] == "1.2,0.0"
+    with pytest.raises(HeadstoreError, match="layer 7 is not in this store"):
+        calibration(ds, heads=[(7, 0)])
+    with pytest.raises(HeadstoreError, match="head 9 is out of range"):
+        calibration(ds, heads=[(0, 9)])
+    with pytest.raises(HeadstoreError, match="names a head twice"):
+        calibration(ds, heads=[(1, 2), (1, 2)])
+    with pytest.raises(HeadstoreError, match=r"write \[\(1, 2\)\], not \(1, 2\)"):
+        calibration(ds, heads=(1, 2))
+    with pytest.raises(HeadstoreError, match="heads is empty"):
+        calibration(ds, heads=[])
+    with pytest.raises(HeadstoreError, match="'all' or a list"):
+        calibration(ds, heads="1.2")  # strings are for the command line (headstore.cli.parse)
+    with pytest.raises(HeadstoreError, match=r"not LAYER\.HEAD"):
+        parse.heads("1-2")
 
 
 def test_blockwise_graph(make_store) -> None:
@@ -154,24 +167,36 @@ def test_overconfidence_edge_cases() -> None:
     assert np.isnan(overconfidence(np.full(4, np.nan)))
 
 
-def test_parse_heads() -> None:
-    assert parse_heads("all", np.array([0, 1]), 2) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert parse_heads("9.9,10.7", np.arange(12), 12) == [(9, 9), (10, 7)]
+def test_parse_heads(make_store) -> None:
+    ds = open_store(make_store("tiny-gpt2", "text", **STORE_KW))
+    assert parse.heads_or_all("all") == "all"
+    assert parse.heads("9.9,10.7") == [(9, 9), (10, 7)]
+    assert parse.heads_or_all(" 9.9, 10.7 ") == [(9, 9), (10, 7)]
+    assert _args.heads(ds, "all", "heads") == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]
+    assert _args.heads(ds, [(1, 2), (0, 0)], "heads") == [(1, 2), (0, 0)]
+    spec = analyzers()["calibration"]
+    assert parse.params(["heads=1.2,0.0", "n_bins=7"], spec.params, ds) == {"heads": [(1, 2), (0, 0)], "n_bins": 7}
+    assert parse.params(["heads=all"], spec.params, ds) == {"heads": "all"}
 
 
 def test_cli_outputs(make_store, tmp_path: Path) -> None:
-    from headstore.analyze._run import run_analyzer
+    from headstore.cli.run import run_analyzer
 
     spec = analyzers()["calibration"]
     summary, paths = run_analyzer(spec, [str(make_store("tiny-gpt2", "text", **STORE_KW))], tmp_path, {"n_bins": 200})
     assert len(summary) == 8 and {"layer", "head", "overconfidence_change"} <= set(summary.columns)
     assert all(p.exists() for p in paths)
     assert {p.suffix for p in paths} >= {".png", ".html", ".csv"}
+    # --param strings go through headstore.cli.parse: the same table
+    again, _ = run_analyzer(
+        spec, [str(make_store("tiny-gpt2", "text", **STORE_KW))], tmp_path / "p", param_strings=["n_bins=200"]
+    )
+    pd.testing.assert_frame_equal(again, summary)
 
 
 @pytest.mark.parametrize("n", [2, 500])  # below / above the size where W_O @ W_U first is cheaper
 def test_head_unembed_either_order_equals_float64(n: int) -> None:
-    from headstore.analyze._ops import head_unembed
+    from headstore.analyze._maths import head_unembed
 
     rng = np.random.default_rng(n)
     x, w_o, w_u = (rng.standard_normal(s).astype(np.float32) for s in ((n, 8), (8, 32), (32, 1000)))

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from headstore.analyze.circuits import SPEC, circuits, ov_rank, token_id
+from headstore.analyze import circuits
+from headstore.analyze._circuits import _ov_rank as ov_rank
+from headstore.cli.registry import analyzers
 from headstore.store_schema import HeadstoreError, open_store
+
+SPEC = analyzers()["circuits"]
 
 
 def _full_circuits(bridge: Any, L: int, h: int) -> tuple[np.ndarray, np.ndarray]:
@@ -33,6 +37,12 @@ def test_ranks_match_materialised_matrices(model: str, make_store: Callable[...,
     bridge = live_model(model).bridge
     vocab = np.array(ds["vocab"].values.tolist(), dtype=str)
     out, src, q, k = (int(np.flatnonzero(vocab == t)[0]) for t in (" else", " if", ")", " if"))
+    assert [ds.hs.token_id(t) for t in (" else", " if", ")", " if")] == [out, src, q, k]
+    assert res.attrs["analyzer"] == "circuits"
+    assert res["ov_rank"].dims == ("layer", "head")
+    by_id = circuits(ds, out_token=out, src_token=src, query_token=q, key_token=k, top_k=5).compute()
+    for name in ("ov_rank", "ov_rev_rank", "qk_rank", "qk_rev_rank", "ov_top_id", "qk_value"):
+        np.testing.assert_array_equal(by_id[name].values, res[name].values)
     b_U = bridge.b_U.detach().double().numpy()
     V = len(vocab)
     for L in range(ds.sizes["layer"]):
@@ -65,7 +75,13 @@ def test_effective_embedding_and_errors(make_store: Callable[..., Any]) -> None:
     b = ov_rank(ds, " else", " if", embedding="W_EE")
     assert not np.allclose(a["ov_value"], b["ov_value"])  # W_EE is really used
     with pytest.raises(HeadstoreError, match="not one token"):
-        token_id(ds, " definitely-not-a-token")
+        ds.hs.token_id(" definitely-not-a-token")
+    with pytest.raises(HeadstoreError, match="not one token"):
+        circuits(ds, out_token=" definitely-not-a-token")
+    with pytest.raises(HeadstoreError, match="token id in"):
+        circuits(ds, src_token=ds.sizes["d_vocab"])
+    with pytest.raises(TypeError):
+        circuits(ds, " else")  # options are keyword-only
     with pytest.raises(HeadstoreError, match="W_E or W_EE"):
         ov_rank(ds, " else", " if", embedding="W_X")
     res = circuits(ds, top_k=3)

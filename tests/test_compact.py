@@ -16,8 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 import headstore
-from headstore.analyze.copy_suppression import copy_suppression
-from headstore.analyze.ioi import ioi
+from headstore.analyze import copy_suppression, ioi
 from headstore.cli import app
 from headstore.store_schema import FIELDS, HeadstoreError, parse_fields, provenance
 from headstore.store_schema.io import derived_pattern
@@ -167,7 +166,7 @@ def test_open_and_analyze_compact_store_without_torch(
     path = make_store("tiny-llama", "ioi", fields="compact", **KW)
     out = run_without_torch(
         "import headstore\n"
-        "from headstore.analyze.copy_suppression import copy_suppression\n"
+        "from headstore.analyze import copy_suppression\n"
         f"ds = headstore.open_store({str(path)!r})\n"
         "out['sum'] = float(ds['pattern'].sum()); res = copy_suppression(ds).compute()\n"
     )

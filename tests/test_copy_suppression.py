@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from headstore import open_store
-from headstore.analyze._registry import analyzers
-from headstore.analyze.copy_suppression import SPEC, copy_suppression
+from headstore.analyze import copy_suppression
+from headstore.cli import figures
+from headstore.cli.registry import analyzers
 
 MODELS = ("tiny-gpt2", "tiny-llama")
 
@@ -143,9 +144,13 @@ def test_only_negative_differs_and_is_the_negative_part(ioi_store: Callable[[str
 
 
 def test_spec_registered_summary_and_plot(ioi_store: Callable[[str], Path], tmp_path: Path) -> None:
-    assert analyzers()["copy-suppression"] is SPEC
+    SPEC = analyzers()["copy-suppression"]
+    assert SPEC.func is copy_suppression and SPEC.name == "copy-suppression"
+    assert SPEC.summary is figures.copy_suppression_summary and SPEC.plot is figures.copy_suppression_plot
+    assert set(SPEC.params) == {"only_negative"}
     ds = open_store(ioi_store("tiny-llama"))
     res = copy_suppression(ds).compute()
+    assert res.attrs["analyzer"] == SPEC.name
     table = SPEC.summary(res)
     assert list(table.columns) == ["layer", "head", "score"]
     assert len(table) == ds.sizes["layer"] * ds.sizes["head"]
@@ -169,7 +174,7 @@ def test_does_not_import_torch(ioi_store: Callable[[str], Path], run_without_tor
     path = ioi_store("tiny-gpt2")
     out = run_without_torch(
         "import headstore\n"
-        "from headstore.analyze.copy_suppression import copy_suppression\n"
+        "from headstore.analyze import copy_suppression\n"
         f"res = copy_suppression(headstore.open_store({str(path)!r})).compute()\n"
         "out['score'] = float(abs(res['score']).sum())\n"
     )

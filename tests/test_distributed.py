@@ -11,29 +11,27 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from headstore.analyze._run import dask_scheduler
+from headstore.analyze import copy_suppression
+from headstore.analyze._maths import logits
+from headstore.cli.registry import analyzers
+from headstore.cli.run import dask_scheduler
 from headstore.store_schema import HeadstoreError, open_store
 
 pytest.importorskip("distributed")
 
 
 def analysis(ds: xr.Dataset) -> xr.Dataset:
-    """copy_suppression when it exists, else a per-head reduction and the recomputed logits."""
-    try:
-        from headstore.analyze.copy_suppression import copy_suppression
-    except ImportError:
-        from headstore.analyze._ops import logits
-
-        lg = logits(ds)
-        return xr.Dataset(
-            {
-                "pattern_sum": ds["pattern"].sum(["query_pos", "key_pos"]),
-                "result_norm": (ds["result"].astype("float32") ** 2).sum("d_model"),
-                "logit_max": lg.max("d_vocab"),
-                "logit_lse": np.log(np.exp(lg).sum("d_vocab")),  # type: ignore[arg-type]
-            }
-        )
-    return copy_suppression(ds)
+    """copy_suppression, a per-head reduction and the recomputed logits, in one lazy Dataset."""
+    lg = logits(ds)
+    extra = xr.Dataset(
+        {
+            "pattern_sum": ds["pattern"].sum(["query_pos", "key_pos"]),
+            "result_norm": (ds["result"].astype("float32") ** 2).sum("d_model"),
+            "logit_max": lg.max("d_vocab"),
+            "logit_lse": np.log(np.exp(lg).sum("d_vocab")),  # type: ignore[arg-type]
+        }
+    )
+    return xr.merge([copy_suppression(ds), extra], combine_attrs="drop")
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +76,6 @@ def test_unreachable_scheduler_is_a_clear_error() -> None:
 
 
 def test_cli_analyze_on_cluster(tiny_store: Path, cluster: object, tmp_path: Path) -> None:
-    from headstore.analyze._registry import analyzers
-
     spec = analyzers()["copy-suppression"]
     addr = cluster.scheduler_address  # type: ignore[attr-defined]
     outs = {}

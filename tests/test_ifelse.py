@@ -10,12 +10,22 @@ import numpy as np
 import pytest
 import torch
 
-from headstore.analyze.ifelse_detector import SPEC, auroc, fit_score, ifelse_detector, token_features
+from headstore.analyze import ifelse_detector
+from headstore.analyze._ifelse_detector import auroc, fit_score, token_features
+from headstore.cli.registry import analyzers
 from headstore.extract.data import DataRequest
 from headstore.extract.data.ifelse import build_ifelse, find_cuts
 from headstore.store_schema import HeadstoreError, open_store
 
 STORE = {"n_seq": 48, "seq_len": 16, "batch_size": 8}
+SPEC = analyzers()["ifelse-detector"]
+
+
+def rank_auroc(scores: np.ndarray, anomalous: np.ndarray) -> float:
+    """AUROC straight from its definition: P(anomalous score > trusted score), ties counting one half."""
+    scores, anomalous = np.asarray(scores, dtype=np.float64), np.asarray(anomalous, dtype=bool)
+    a, t = scores[anomalous][:, None], scores[~anomalous][None, :]
+    return float(((a > t).sum() + 0.5 * (a == t).sum()) / (a.size * t.size))
 
 SOURCE = b"""\
 def f(a, b):
@@ -92,10 +102,26 @@ def test_detector_core_separates_shifted_and_not_unshifted() -> None:
     train, trusted_test = draw(200), draw(200)
     shifted = draw(200) + 2.0 * np.sqrt(np.diag(cov))
     labels = np.r_[np.zeros(200), np.ones(200)]
-    auc_shift = auroc(fit_score(train, np.r_[trusted_test, shifted]), labels)
-    auc_same = auroc(fit_score(train, np.r_[trusted_test, draw(200)]), labels)
+    s_shift = fit_score(train, np.r_[trusted_test, shifted])
+    s_same = fit_score(train, np.r_[trusted_test, draw(200)])
+    auc_shift, auc_same = auroc(s_shift, labels), auroc(s_same, labels)
+    assert auc_shift == pytest.approx(rank_auroc(s_shift, labels), rel=1e-12)
+    assert auc_same == pytest.approx(rank_auroc(s_same, labels), rel=1e-12)
     assert auc_shift > 0.95
     assert abs(auc_same - 0.5) < 0.15
+    # ties count one half; one class only: NaN
+    assert auroc(np.array([1.0, 1.0, 2.0, 0.0]), np.array([0, 1, 1, 0])) == rank_auroc(
+        np.array([1.0, 1.0, 2.0, 0.0]), np.array([0, 1, 1, 0])
+    ) == pytest.approx(0.875)
+    assert np.isnan(auroc(np.arange(3.0), np.zeros(3))) and np.isnan(auroc(np.arange(3.0), np.ones(3)))
+    # the scores are Ledoit-Wolf squared Mahalanobis distances of the standardised features
+    from sklearn.covariance import ledoit_wolf
+
+    mu, sd = train.mean(0), train.std(0)
+    zt, zx = (train - mu) / sd, (np.r_[trusted_test, shifted] - mu) / sd
+    d = zx - zt.mean(0)
+    want = np.einsum("ni,ij,nj->n", d, np.linalg.inv(ledoit_wolf(zt)[0]), d)
+    np.testing.assert_allclose(s_shift, want, rtol=1e-8)
     # scores are squared Mahalanobis distances: the training mean scores 0
     assert fit_score(train, train.mean(0, keepdims=True))[0] == pytest.approx(0.0, abs=1e-9)
 
@@ -142,10 +168,26 @@ def test_end_to_end_matches_live_bridge(
     effect = loaded.tokenizer.encode(" else", add_special_tokens=False)[0]
     assert res.attrs["effect_token_id"] == effect
     ref = _reference_head_attr(loaded.bridge, ds["tokens"].values, effect, STORE["seq_len"] - 1)
-    np.testing.assert_allclose(res["head_feature"].values, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
-    assert set(res["detector"].values) == {"per_head", "per_head_token", "resid_final"}
+    assert res.attrs["analyzer"] == "ifelse-detector"
+    assert res["head_feature"].dims == ("layer", "head", "batch")
+    feat = res["head_feature"].transpose("batch", "layer", "head").values
+    np.testing.assert_allclose(feat, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert list(res["detector"].values) == ["per_head", "per_head_token", "resid_final"]
     assert np.isfinite(res["score"].values).all() and (res["score"].values >= 0).all()
-    assert np.all((res["auroc"].values >= 0) & (res["auroc"].values <= 1))
+    # every AUROC is exactly the rank statistic of its scores on the test subset
+    split, subset = res["split"].values.astype(str), res["subset"].values.astype(str)
+    test, is_anom = subset == "test", split == "anomalous"
+    for d in res["detector"].values:
+        scores = res["score"].sel(detector=d).values
+        assert float(res["auroc"].sel(detector=d)) == pytest.approx(rank_auroc(scores[test], is_anom[test]), rel=1e-12)
+    for L in range(ds.sizes["layer"]):
+        for h in range(ds.sizes["head"]):
+            got = float(res["head_auroc"].isel(layer=L, head=h))
+            assert got == pytest.approx(rank_auroc(feat[test, L, h], is_anom[test]), rel=1e-12), (L, h)
+    # the per_head detector scores the (layer, head) features above, fitted on trusted train prompts
+    train = (split == "trusted") & (subset == "train")
+    flat = feat.reshape(feat.shape[0], -1)
+    np.testing.assert_allclose(res["score"].sel(detector="per_head").values, fit_score(flat[train], flat), rtol=1e-10)
     counts = dict(zip(res["group"].values, res["count"].values.tolist(), strict=True))
     assert counts == {"trusted_train": 12, "trusted_test": 12, "anomalous_train": 0, "anomalous_test": 24}
     print(model, dict(zip(res["detector"].values, res["auroc"].values.round(3), strict=True)))

@@ -11,9 +11,10 @@ import pytest
 import torch
 import xarray as xr
 
-from headstore.analyze._registry import analyzers
-from headstore.analyze._run import run_analyzer
-from headstore.analyze.ioi import PAIR_SPEC, ioi, ioi_pair, plot_pair, summary_pair
+from headstore.analyze import ioi, ioi_pair
+from headstore.cli.figures import ioi_pair_plot, ioi_pair_summary
+from headstore.cli.registry import analyzers
+from headstore.cli.run import run_analyzer
 from headstore.store_schema import HeadstoreError, open_store
 
 FIELDS = "default,resid_pre,k,q"
@@ -41,6 +42,8 @@ def test_ioi_equals_live_model(make_store: Callable[..., Path], live_model: Call
     end, io_pos, s1_pos = (ds[c].values.astype(int) for c in ("end_pos", "io_pos", "s1_pos"))
     want_ld = live_end_logit_diff(bridge, tokens, end, ds["io_token"].values, ds["s_token"].values)
     assert r["logit_diff"].dims == ("batch",)
+    assert r["attn_diff"].dims == ("layer", "head", "batch")
+    assert r.attrs["analyzer"] == "ioi"
     np.testing.assert_allclose(r["logit_diff"].values, want_ld, rtol=1e-4, atol=1e-5)
     assert float(r["logit_diff_mean"]) == pytest.approx(float(want_ld.mean()), rel=1e-4, abs=1e-5)
 
@@ -68,6 +71,7 @@ def test_ioi_pair_scores_abc_with_ioi_names(make_store: Callable[..., Path], liv
     a, b = stores(make_store, "tiny-llama")
     r = ioi_pair(a, b).compute()
     single = ioi(a).compute()
+    assert r.attrs["analyzer"] == "ioi-pair"
     np.testing.assert_array_equal(r["attn_diff_ioi"].values, single["attn_diff"].values)
     np.testing.assert_array_equal(r["logit_diff_ioi"].values, single["logit_diff"].values)
     bridge = live_model("tiny-llama").bridge
@@ -77,8 +81,15 @@ def test_ioi_pair_scores_abc_with_ioi_names(make_store: Callable[..., Path], liv
     np.testing.assert_allclose(r["logit_diff_abc"].values, want, rtol=1e-4, atol=1e-5)
     # The ABC prompt's tokens at IO/S1 are other names: its own columns differ from the IOI ones.
     assert not np.array_equal(b["io_token"].values, a["io_token"].values)
-    # ioi(ds, abc) is the pair.
-    xr.testing.assert_equal(ioi(a, b).compute(), r)
+    # the ABC side is ioi on the ABC store at the IOI store's positions, scored with the IOI names
+    abc = ioi(
+        b, io=a["io_pos"], s1=a["s1_pos"], end=a["end_pos"], io_token=a["io_token"], s_token=a["s_token"]
+    ).compute()
+    for name in abc.data_vars:
+        np.testing.assert_array_equal(r[f"{name}_abc"].values, abc[name].values, err_msg=str(name))
+    # a second store is ioi_pair's job: ioi takes one (its options are keyword-only)
+    with pytest.raises(TypeError):
+        ioi(a, b)  # type: ignore[misc]
 
 
 def test_ioi_summary_sorted_and_plots(make_store: Callable[..., Path], tmp_path: Path) -> None:
@@ -93,28 +104,59 @@ def test_ioi_summary_sorted_and_plots(make_store: Callable[..., Path], tmp_path:
     assert {"result.zarr", "summary.csv", "ioi_attn_diff.png", "ioi_attn_diff.html"} <= names
     assert all(p.exists() and (p.is_dir() or p.stat().st_size > 0) for p in paths)
     saved = xr.open_zarr(tmp_path / "ioi" / "result.zarr", zarr_format=3, consolidated=False)
-    assert saved["attn_diff"].dims == ("batch", "layer", "head")
+    assert saved["attn_diff"].dims == ("layer", "head", "batch")
 
 
 def test_ioi_pair_summary_and_plot(make_store: Callable[..., Path], tmp_path: Path) -> None:
     a, b = stores(make_store, "tiny-gpt2")
     r = ioi_pair(a, b).compute()
-    assert PAIR_SPEC.n_stores == 2 and PAIR_SPEC.name == "ioi-pair"
-    t = summary_pair(r)
+    PAIR_SPEC = analyzers()["ioi-pair"]
+    assert PAIR_SPEC.n_stores == 2 and PAIR_SPEC.name == "ioi-pair" and PAIR_SPEC.func is ioi_pair
+    assert PAIR_SPEC.summary is ioi_pair_summary and PAIR_SPEC.plot is ioi_pair_plot
+    t = ioi_pair_summary(r)
     assert (np.diff(t["attn_end_io_ioi"].to_numpy()) <= 0).all()
     assert {"attn_end_io_abc", "attn_diff_ioi", "attn_diff_abc", "logit_diff_abc"} <= set(t.columns)
-    paths = plot_pair(r, tmp_path)
+    paths = ioi_pair_plot(r, tmp_path)
     assert [p.suffix for p in paths] == [".png", ".html"] and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_ioi_positions_and_tokens_as_arguments(make_store: Callable[..., Path]) -> None:
+    """Positions and tokens default to the store's columns; ints, per-sequence arrays and negatives
+    (counted back from each sequence's length) give the same numbers."""
+    a, _ = stores(make_store, "tiny-gpt2")
+    want = ioi(a).compute()
+    cols = ("io_pos", "s1_pos", "end_pos", "io_token", "s_token")
+    bare = a.drop_vars(list(cols))
+    given = ioi(
+        bare, io=a["io_pos"].values, s1=list(a["s1_pos"].values), end=a["end_pos"] - a["length"],
+        io_token=a["io_token"], s_token=a["s_token"].values,
+    ).compute()  # fmt: skip
+    xr.testing.assert_equal(given.drop_attrs(), want.drop_attrs())
+    # one int for every sequence
+    one = ioi(a, end=int(a["end_pos"][0]), io=int(a["io_pos"][0]), s1=int(a["s1_pos"][0])).compute()
+    first = ioi(a.isel(batch=[0])).compute()
+    np.testing.assert_array_equal(one["attn_diff"].isel(batch=[0]).values, first["attn_diff"].values)
+    np.testing.assert_array_equal(one["logit_diff"].isel(batch=[0]).values, first["logit_diff"].values)
 
 
 def test_ioi_refusals(make_store: Callable[..., Path]) -> None:
     a, b = stores(make_store, "tiny-gpt2")
-    with pytest.raises(HeadstoreError, match=r"io_pos.*--data ioi"):
+    with pytest.raises(HeadstoreError, match=r"io was not given and this store has no 'io_pos' column: pass io="):
         ioi(a.drop_vars("io_pos"))
+    with pytest.raises(HeadstoreError, match=r"io_token was not given .* no 'io_token' column"):
+        ioi(a.drop_vars("io_token"))
     with pytest.raises(HeadstoreError, match=r"resid_final.*--fields default,resid_final"):
         ioi(a.drop_vars("resid_final"))
-    with pytest.raises(HeadstoreError, match="ioi-pair analyzer"):
-        ioi(a, "some/path.zarr")  # type: ignore[arg-type]
+    with pytest.raises(HeadstoreError, match=r"end is outside sequence 0"):
+        ioi(a, end=a.sizes["pos"])
+    with pytest.raises(HeadstoreError, match=r"io must be an int or 12 integers"):
+        ioi(a, io=[1, 2])
+    with pytest.raises(HeadstoreError, match=r"s_token holds ids outside the vocabulary"):
+        ioi(a, s_token=-1)
+    with pytest.raises(HeadstoreError, match=r"takes token ids: write ds.hs.token_id\(' Mary'\)"):
+        ioi(a, io_token=" Mary")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        ioi(a, "some/path.zarr")  # type: ignore[misc]
     other, _ = stores(make_store, "tiny-llama")
     with pytest.raises(HeadstoreError, match=r"differ in model\.name"):
         ioi_pair(a, other)

@@ -10,8 +10,9 @@ import torch
 import xarray as xr
 
 from headstore import open_store
-from headstore.analyze._registry import analyzers
-from headstore.analyze.logit_attribution import logit_attribution
+from headstore.analyze import logit_attribution
+from headstore.cli import parse
+from headstore.cli.registry import analyzers
 from headstore.store_schema import HeadstoreError
 
 STORE_KW = {"n_seq": 8, "batch_size": 4, "seq_len": 24}
@@ -49,22 +50,49 @@ def _terms(bridge, logits, cache, tokens, dest, target, n_heads: int, n_kv: int)
     return torch.stack(contrib, 1).numpy(), torch.stack(from_result, 1).numpy(), logits[b, d, t].numpy()
 
 
+def _lengths(ds) -> np.ndarray:
+    return ds["length"].values if "length" in ds else np.full(ds.sizes["batch"], ds.sizes["pos"])
+
+
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
-@pytest.mark.parametrize(("data", "target", "dest"), [("text", "next", -1), ("ioi", "io_token", -1), ("text", "7", 9)])
-def test_matches_live_bridge(make_store, live_model, model: str, data: str, target: str, dest: int) -> None:
+@pytest.mark.parametrize(
+    ("data", "target", "dest"),
+    [
+        ("text", "next", None),  # default dest: the last position that has a next token
+        ("ioi", "io_token", None),  # default dest on IOI: the end_pos column
+        ("text", 7, 9),
+        ("text", "next", -3),  # negative: counted back from the end of each sequence
+        ("ioi", "s_token", -1),  # per-sequence target ids; -1 = each prompt's last real token
+        ("ioi", "next", "s1_pos"),  # per-sequence dest
+    ],
+)
+def test_matches_live_bridge(make_store, live_model, model: str, data: str, target, dest) -> None:
     ds = open_store(make_store(model, data, **STORE_KW))
-    res = logit_attribution(ds, target=target, dest=dest).compute()
     n_seq, seq_len = ds.sizes["batch"], ds.sizes["pos"]
     toks = ds["tokens"].values
-    if target == "next":
-        want_dest = np.full(n_seq, seq_len - 2)  # no end_pos: last position that has a next token
-        want_t = toks[np.arange(n_seq), want_dest + 1]
-    elif target == "io_token":
-        want_dest, want_t = ds["end_pos"].values, ds["io_token"].values
+    length = _lengths(ds)
+    arg_target = ds[target] if target in ("io_token", "s_token") else target
+    arg_dest = ds[dest] if isinstance(dest, str) else dest
+    res = logit_attribution(ds, target=arg_target, dest=arg_dest).compute()
+    assert res.attrs["analyzer"] == "logit-attribution"
+    if dest is None:
+        want_dest = ds["end_pos"].values if "end_pos" in ds else length - 2
+        if data == "text":
+            assert (want_dest == seq_len - 2).all()
+    elif isinstance(dest, str):
+        want_dest = ds[dest].values
     else:
-        want_dest, want_t = np.full(n_seq, dest), np.full(n_seq, int(target))
+        want_dest = np.where(dest < 0, length + dest, dest)
+    if target == "next":
+        want_t = toks[np.arange(n_seq), want_dest + 1]
+    elif isinstance(target, str):
+        want_t = ds[target].values
+    else:
+        want_t = np.full(n_seq, target)
     np.testing.assert_array_equal(res["dest"].values, want_dest)
     np.testing.assert_array_equal(res["target"].values, want_t)
+    for name in ("contrib", "per_head", "per_head_from_result"):
+        assert res[name].dims[:3] == ("layer", "head", "batch"), name
 
     # The model folds value biases: the stored b_V is zero, the bias lives in b_O.
     assert res.attrs["b_V_folded"] == 1 and float(abs(ds["b_V"]).max()) == 0.0
@@ -82,7 +110,8 @@ def test_matches_live_bridge(make_store, live_model, model: str, data: str, targ
     after = np.arange(seq_len)[None, :] > res["dest"].values[:, None]
     assert np.abs(got.transpose(0, 3, 1, 2)[after]).max() == 0.0
     # sum over sources == the head's own hook_result projected the same way.
-    np.testing.assert_allclose(res["per_head"].values, from_result, rtol=1e-4, atol=1e-6)
+    per_head = res["per_head"].transpose("batch", "layer", "head").values
+    np.testing.assert_allclose(per_head, from_result, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(res["per_head"].values, res["per_head_from_result"].values, rtol=1e-4, atol=1e-6)
     # heads + everything else + b_U == the model's actual logit from the bridge forward.
     total = res["per_head"].sum(["layer", "head"]) + res["residual_other"] + res["b_U_term"]
@@ -135,39 +164,76 @@ def test_targets_and_errors(make_store) -> None:
     ds = open_store(make_store("tiny-gpt2", "ioi", **STORE_KW))
     vocab = [str(x) for x in np.asarray(ds["vocab"].values).tolist()]
     tid = int(ds["io_token"].values[0])
-    by_str = logit_attribution(ds, target=vocab[tid], dest=5).compute()
-    by_id = logit_attribution(ds, target=str(tid), dest=5).compute()
-    assert (by_str["target"].values == tid).all()
+    # a token string is looked up first (exact, unique vocabulary entry), then passed as an id
+    assert ds.hs.token_id(vocab[tid]) == tid
+    by_str = logit_attribution(ds, target=ds.hs.token_id(vocab[tid]), dest=5).compute()
+    by_id = logit_attribution(ds, target=tid, dest=5).compute()
+    by_seq = logit_attribution(ds, target=np.full(ds.sizes["batch"], tid), dest=[5] * ds.sizes["batch"]).compute()
+    assert (by_str["target"].values == tid).all() and (by_str["dest"].values == 5).all()
     np.testing.assert_array_equal(by_str["contrib"].values, by_id["contrib"].values)
+    np.testing.assert_array_equal(by_seq["contrib"].values, by_id["contrib"].values)
     assert by_str["target_str"].values[0] == vocab[tid]
     assert list(by_str["key_token_str"].values[:2]) == [vocab[int(t)] for t in ds["tokens"].values[0, :2]]
-    with pytest.raises(HeadstoreError, match="not in this store's vocab"):
-        logit_attribution(ds, target="no such token string")
+    with pytest.raises(HeadstoreError, match=r"takes token ids: write ds.hs.token_id"):
+        logit_attribution(ds, target=vocab[tid])  # type: ignore[arg-type]
+    with pytest.raises(HeadstoreError, match=r"takes token ids"):
+        logit_attribution(ds, target=str(tid))  # digit strings are not ids any more
+    with pytest.raises(HeadstoreError, match="not one token of this model's vocabulary"):
+        ds.hs.token_id("no such token string")
     dup = np.array([*vocab[:-1], vocab[tid]], dtype=object)
-    with pytest.raises(HeadstoreError, match="ambiguous"):
-        logit_attribution(ds.assign(vocab=("d_vocab", dup)), target=vocab[tid])
+    with pytest.raises(HeadstoreError, match=r"is 2 vocabulary entries"):
+        ds.assign(vocab=("d_vocab", dup)).hs.token_id(vocab[tid])
     with pytest.raises(HeadstoreError, match="outside the vocabulary"):
-        logit_attribution(ds, target=str(ds.sizes["d_vocab"]))
+        logit_attribution(ds, target=ds.sizes["d_vocab"])
+    with pytest.raises(HeadstoreError, match="outside the vocabulary"):
+        logit_attribution(ds, target=-1)
     with pytest.raises(HeadstoreError, match="needs a token after dest"):
-        logit_attribution(ds, target="next", dest=ds.sizes["pos"] - 1)
-    with pytest.raises(HeadstoreError, match="outside the sequence"):
-        logit_attribution(ds, target="5", dest=ds.sizes["pos"])
-    # 'next' on IOI with end_pos: the token after end_pos (padding after the prompt).
-    nxt = logit_attribution(ds, target="next").compute()
-    end = ds["end_pos"].values
-    np.testing.assert_array_equal(nxt["target"].values, ds["tokens"].values[np.arange(end.size), end + 1])
+        logit_attribution(ds, target="next", dest=-1)  # each prompt's last real token
+    with pytest.raises(HeadstoreError, match="dest is outside sequence"):
+        logit_attribution(ds, target=5, dest=ds.sizes["pos"])
+    with pytest.raises(HeadstoreError, match="dest is outside sequence"):
+        logit_attribution(ds, target=5, dest=-ds.sizes["pos"] - 1)
+    with pytest.raises(HeadstoreError, match=r"dest must be an int or \d+ integers"):
+        logit_attribution(ds, target=5, dest=[1, 2])
+    # 'next' on IOI with the default dest (end_pos): the token after end_pos is padding, so it is refused
+    end, length = ds["end_pos"].values, ds["length"].values
+    assert (end + 1 >= length).all()
+    with pytest.raises(HeadstoreError, match=r"needs a token after dest.*target=ds\['io_token'\]"):
+        logit_attribution(ds, target="next")
+    with pytest.raises(TypeError):
+        logit_attribution(ds, "next")  # type: ignore[misc]
+
+
+def test_cli_param_strings(make_store) -> None:
+    """--param strings: an int id, 'next', a column of ids, a token string (looked up); dest an int or a column."""
+    ds = open_store(make_store("tiny-gpt2", "ioi", **STORE_KW))
+    parsers = analyzers()["logit-attribution"].params
+    vocab = ds.hs.vocab
+    tid = int(ds["io_token"].values[0])
+    assert parse.params(["target=7", "dest=5"], parsers, ds) == {"target": 7, "dest": 5}
+    assert parse.params(["target=next", "dest=-2"], parsers, ds) == {"target": "next", "dest": -2}
+    got = parse.params(["target=io_token", "dest=s1_pos"], parsers, ds)
+    np.testing.assert_array_equal(got["target"].values, ds["io_token"].values)
+    np.testing.assert_array_equal(got["dest"].values, ds["s1_pos"].values)
+    assert parse.params([f"target={vocab[tid]}"], parsers, ds) == {"target": tid}
+    with pytest.raises(HeadstoreError, match=r"--param target: .* is not one token"):
+        parse.params(["target=no such token string"], parsers, ds)
+    with pytest.raises(HeadstoreError, match=r"--param dest: 'nope' is neither an integer nor a column"):
+        parse.params(["dest=nope"], parsers, ds)
+    with pytest.raises(HeadstoreError, match=r"key one of target, dest"):
+        parse.params(["tagret=7"], parsers, ds)
 
 
 def test_cli_outputs(make_store, tmp_path: Path) -> None:
-    from headstore.analyze._run import run_analyzer
+    from headstore.cli.run import run_analyzer
 
     spec = analyzers()["logit-attribution"]
     store = str(make_store("tiny-llama", "ioi", **STORE_KW))
-    summary, paths = run_analyzer(spec, [store], tmp_path, {"target": "io_token"})
+    summary, paths = run_analyzer(spec, [store], tmp_path, param_strings=["target=io_token"])
     assert len(summary) == 8 and {"layer", "head", "mean_contribution"} <= set(summary.columns)
     assert all(p.exists() for p in paths)
     assert {p.name for p in paths} >= {"sources_seq0.png", "sources_seq0.html", "per_head.png", "summary.csv"}
-    from headstore.report import plotly_figures_in_html
+    from headstore.cli.report import plotly_figures_in_html
 
     (sources,) = [p for p in paths if p.name == "sources_seq0.html"]
     ((data, layout, _),) = plotly_figures_in_html(sources.read_text(encoding="utf-8"))

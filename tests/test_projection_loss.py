@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 
 from headstore import open_store
-from headstore.analyze._registry import analyzers
-from headstore.analyze.projection_loss import MODES, SPEC, projection_loss
+from headstore.analyze import projection_loss
+from headstore.analyze._projection_loss import MODES
+from headstore.cli import figures
+from headstore.cli.registry import analyzers
+
+SPEC = analyzers()["projection-loss"]
 
 MODELS = ("tiny-gpt2", "tiny-llama")
 
@@ -124,16 +128,17 @@ def test_matches_online_hooks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``gram``: the source tokens' unembedding shared by all heads (short sequences), else per head."""
-    import headstore.analyze.projection_loss as pl
+    import headstore.analyze._projection_loss as pl
 
     monkeypatch.setattr(pl, "GRAM_MAX_POS_PER_D_MODEL", 1e9 if gram else 0.0)
     ds = open_store(ioi_store(model))
     toks = ds["tokens"].values
     res = projection_loss(ds, only_negative=only_negative).compute()
-    assert res["loss"].dims == ("mode", "layer", "head", "batch", "pos")
-    assert list(res["mode"].values) == list(MODES)
+    assert res.attrs["analyzer"] == "projection-loss" and res.attrs["only_negative"] == int(only_negative)
+    assert res["loss"].dims == ("layer", "head", "mode", "batch", "pos")
+    assert list(res["mode"].values) == list(MODES) == ["project", "perpendicular", "ablation"]
     assert res["loss_original"].dims == ("batch", "pos")
-    assert res["mean_increase"].dims == ("mode", "layer", "head")
+    assert res["mean_increase"].dims == ("layer", "head", "mode")
     # no next token at the last position
     assert np.isnan(res["loss_original"].values[:, -1]).all() and np.isnan(res["loss"].values[..., -1]).all()
     got_clean = res["loss_original"].values[:, :-1]
@@ -143,13 +148,13 @@ def test_matches_online_hooks(
             clean, want = online_losses(bridge, toks, int(layer), h, only_negative)
             # the clean loss recomputed from the store equals the bridge's own
             assert rel_err(got_clean, clean) <= 1e-4
-            got = res["loss"].sel(layer=layer).isel(head=h).values[..., :-1]
+            got = res["loss"].sel(layer=layer).isel(head=h).transpose("mode", "batch", "pos").values[..., :-1]
             assert rel_err(got, want) <= 1e-4, (layer, h)
             # the changes themselves (small on random-init models) agree too, not only the totals
             d_got, d_want = got - got_clean, want - clean
             assert np.abs(d_want).max() > 1e-4
             assert rel_err(d_got, d_want) <= 2e-3, (layer, h)
-            mean_inc = res["mean_increase"].sel(layer=layer).isel(head=h).values
+            mean_inc = res["mean_increase"].sel(layer=layer).isel(head=h).sel(mode=list(MODES)).values
             np.testing.assert_allclose(mean_inc, d_want.mean(axis=(1, 2)), rtol=0, atol=2e-3 * np.abs(d_want).max())
 
 
@@ -170,7 +175,8 @@ def test_projection_identities(ioi_store: Callable[[str], Path]) -> None:
 
 
 def test_spec_registered_summary_and_plot(ioi_store: Callable[[str], Path], tmp_path: Path) -> None:
-    assert analyzers()["projection-loss"] is SPEC
+    assert SPEC.func is projection_loss and SPEC.name == "projection-loss"
+    assert SPEC.summary is figures.projection_loss_summary and SPEC.plot is figures.projection_loss_plot
     ds = open_store(ioi_store("tiny-llama"))
     res = projection_loss(ds).compute()
     table = SPEC.summary(res)
@@ -195,7 +201,7 @@ def test_does_not_import_torch(ioi_store: Callable[[str], Path], run_without_tor
     path = ioi_store("tiny-gpt2")
     out = run_without_torch(
         "import headstore\n"
-        "from headstore.analyze.projection_loss import projection_loss\n"
+        "from headstore.analyze import projection_loss\n"
         f"res = projection_loss(headstore.open_store({str(path)!r})).compute()\n"
         "out['m'] = float(abs(res['mean_increase']).sum())\n"
     )

@@ -16,24 +16,21 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from headstore.analyze import copy_suppression
+from headstore.analyze._maths import logits
 from headstore.store_schema import open_store
 
 
 def analysis(ds: xr.Dataset) -> dict[str, np.ndarray]:
-    """An analyzer's result (copy suppression when it exists) plus a reduction and the recomputed logits."""
-    from headstore.analyze._ops import logits
-
+    """An analyzer's result (copy suppression) plus a reduction and the recomputed logits."""
     out = {
         "pattern_sum": ds["pattern"].sum(["query_pos", "key_pos"]).values,
         "logits": logits(ds).values,
         "result": ds["result"].values,
     }
-    try:
-        from headstore.analyze.copy_suppression import copy_suppression
-    except ImportError:
-        return out
     res = copy_suppression(ds).compute()
     out.update({f"cs_{k}": np.asarray(v.values) for k, v in res.data_vars.items()})
+    assert {"cs_per_position", "cs_per_sequence", "cs_score"} <= set(out)
     return out
 
 
