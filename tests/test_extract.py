@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import headstore
-from headstore.extract.run import hook_names
-from headstore.store_schema import FIELDS, provenance
+from headstore.store_schema import DEFAULT_FIELDS, FIELDS, provenance
 
 MODELS = ("tiny-gpt2", "tiny-llama")
 
@@ -20,18 +19,46 @@ def _live(model, tokens: np.ndarray):
         return model.bridge.run_with_cache(torch.as_tensor(tokens, dtype=torch.long))
 
 
+# TransformerLens hook names, written out here (not taken from the extractor): field -> hook of layer L.
+# q and k are read post-rotary on rotary models (hook_rot_q / hook_rot_k).
+PER_LAYER_HOOKS = {
+    "pattern": "blocks.{L}.attn.hook_pattern",
+    "v": "blocks.{L}.attn.hook_v",
+    "z": "blocks.{L}.attn.hook_z",
+    "result": "blocks.{L}.attn.hook_result",
+    "q": "blocks.{L}.attn.hook_{rot}q",
+    "k": "blocks.{L}.attn.hook_{rot}k",
+    "ln1_scale": "blocks.{L}.ln1.hook_scale",
+    "ln2_scale": "blocks.{L}.ln2.hook_scale",
+    "resid_pre": "blocks.{L}.hook_resid_pre",
+}
+GLOBAL_HOOKS = {"ln_final_scale": "ln_final.hook_scale", "resid_final": "blocks.{last}.hook_resid_post"}
+
+
 def _stored_vs_live(ds, model, logits, cache) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """field -> (stored, live) in storage layout, built independently of the extractor's stacking code."""
-    prov = provenance(ds)
-    hooks = hook_names(prov.fields, prov.layers, prov.config["n_layers"], model.rotary)
+    """field -> (stored, live) in storage layout for every field the store holds (not derived), built
+    independently of the extractor: literal hook names, read from the bridge's own run_with_cache."""
+    cfg = model.bridge.cfg
+    rot = "rot_" if str(cfg.positional_embedding_type) == "rotary" else ""
+    last = cfg.n_layers - 1
+    layers = [int(L) for L in ds["layer"].values]
+    stored = set(provenance(ds).fields)
     out = {}
-    for name, names in hooks.items():
-        live = [cache[h].float().numpy() for h in names]
-        if name.endswith("_scale"):
-            live = [x[..., 0] for x in live]
-        arr = np.stack(live, axis=1) if FIELDS[name].per_layer else live[0]
-        out[name] = (ds[name].values, arr)
+    for name, hook in PER_LAYER_HOOKS.items():
+        if name in stored:
+            live = np.stack([cache[hook.format(L=L, rot=rot)].float().numpy() for L in layers], axis=1)
+            out[name] = (ds[name].values, live[..., 0] if name.endswith("_scale") else live)
+    for name, hook in GLOBAL_HOOKS.items():
+        if name in stored:
+            live = cache[hook.format(last=last)].float().numpy()
+            out[name] = (ds[name].values, live[..., 0] if name.endswith("_scale") else live)
     return out
+
+
+def test_literal_hooks_cover_every_hooked_field():
+    assert set(PER_LAYER_HOOKS) | set(GLOBAL_HOOKS) == set(FIELDS) - {"tokens", "loss"}
+    assert all(FIELDS[n].per_layer for n in PER_LAYER_HOOKS)
+    assert not any(FIELDS[n].per_layer for n in GLOBAL_HOOKS)
 
 
 @pytest.mark.parametrize("model_name", MODELS)
@@ -42,7 +69,7 @@ def test_float32_store_equals_live_cache(model_name, make_store, live_model):
     tokens = ds["tokens"].values
     logits, cache = _live(model, tokens)
     pairs = _stored_vs_live(ds, model, logits, cache)
-    assert set(pairs) == set(FIELDS) - {"tokens", "loss"}
+    assert set(pairs) == set(FIELDS) - {"tokens", "loss"}  # fields="all": every hooked field is stored
     for name, (stored, live) in pairs.items():
         assert stored.shape == live.shape, name
         np.testing.assert_allclose(stored, live, rtol=0, atol=1e-6, err_msg=name)
@@ -94,7 +121,10 @@ def test_float16_store_within_precision(model_name, make_store, live_model):
     ds = headstore.open_store(path)
     assert ds["pattern"].dtype == np.float16 and ds["resid_final"].dtype == np.float32
     _, cache = _live(live_model(model_name), ds["tokens"].values)
-    for name, (stored, live) in _stored_vs_live(ds, live_model(model_name), None, cache).items():
+    pairs = _stored_vs_live(ds, live_model(model_name), None, cache)
+    assert set(pairs) == {"pattern", "v", "z", "ln1_scale", "ln2_scale", "ln_final_scale", "resid_final"}
+    assert set(pairs) == set(DEFAULT_FIELDS) - {"tokens", "loss"}
+    for name, (stored, live) in pairs.items():
         if FIELDS[name].dtype == "storage":
             np.testing.assert_allclose(stored.astype(np.float32), live, rtol=2e-3, atol=2e-3, err_msg=name)
         else:

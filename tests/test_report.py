@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import html
 import json
 import os
 import re
@@ -21,7 +22,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from headstore.report import (
+from headstore.cli.registry import analyzers
+from headstore.cli.report import (
     display_token,
     parse_heads,
     parse_sequences,
@@ -101,6 +103,42 @@ def report_html(ioi_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
+# What the report on the one-store IOI fixture must say about each analyzer: (status, text in the reason).
+EXPECTED_ON_IOI = {
+    "calibration": ("ran", ""),
+    "circuits": ("ran", ""),
+    "copy-suppression": ("ran", ""),
+    "ifelse-detector": ("not applicable", "store lacks split, subset"),
+    "ioi": ("ran", ""),
+    "ioi-pair": ("not applicable", "takes 2 store(s), report got 1"),
+    # the token after end_pos is padding: the default target 'next' is refused (the main job passes io_token)
+    "logit-attribution": ("skipped", "target 'next' needs a token after dest"),
+    "path-patch-query": ("not applicable", "takes 2 store(s), report got 1"),
+    "projection-loss": ("ran", ""),
+}
+
+
+def expected_status(spec: Any, ds: Any) -> str:
+    """What the report must do with an analyzer on a one-store page, from its spec alone: 'not applicable'
+    (two stores, or a variable the store lacks), 'skipped' (options without defaults), else 'ran'."""
+    from headstore.cli.report import required_params
+
+    if spec.n_stores != 1 or not all(r in ds for r in spec.requires):
+        return "not applicable"
+    return "skipped" if required_params(spec.func, 1) else "ran"
+
+
+def status_rows(page: str) -> dict[str, tuple[str, str]]:
+    """The analyzer status table of a report page: name -> (status, reason), unescaped."""
+    start = page.index("hs-analyzer-status")
+    table = page[start : page.index("</table>", start)]
+    rows = re.findall(
+        r"<tr><td>(?:<a [^>]*>)?([^<]+)(?:</a>)?</td><td class='status-[a-z]+'>([^<]+)</td><td>([^<]*)</td></tr>", table
+    )
+    assert len(rows) == table.count("<tr>") - 1, "every row but the header parsed"
+    return {name: (html.unescape(st), html.unescape(why)) for name, st, why in rows}
+
+
 def test_page_is_self_contained(report_html: Path) -> None:
     page = report_html.read_text(encoding="utf-8")
     # plotly.js inlined exactly once; no external scripts, styles or images
@@ -116,7 +154,6 @@ def test_page_is_self_contained(report_html: Path) -> None:
 
 
 def test_page_content(report_html: Path, ioi_store: Path) -> None:
-    from headstore.analyze._registry import analyzers
     from headstore.store_schema.info import store_info
 
     page = report_html.read_text(encoding="utf-8")
@@ -125,17 +162,19 @@ def test_page_content(report_html: Path, ioi_store: Path) -> None:
     assert prov["model"]["weights_sha256"] in page
     assert prov["tokenizer"]["name"] in page
     assert "ioi" in page and "fold_ln" in page and "8/8 sequences complete" in page
-    # every analyzer appears in the status table; one-store analyzers that fit the store ran
-    status = page[page.index("hs-analyzer-status") : page.index("</table>", page.index("hs-analyzer-status"))]
+    # every analyzer appears in the status table, each with the status this store must give it
+    rows = status_rows(page)
     ds = open_store(ioi_store)
-    for spec in analyzers().values():
-        assert f">{spec.name}<" in status
-        if spec.n_stores == 2:
-            row = status[status.index(f">{spec.name}<") :].split("</tr>")[0]
-            assert "not applicable" in row and "takes 2 store(s)" in row
-        elif spec.n_stores == 1 and all(r in ds for r in spec.requires):
-            row = status[status.index(f">{spec.name}<") :].split("</tr>")[0]
-            assert "ran" in row or "skipped" in row or "failed" in row
+    specs = analyzers()
+    assert set(rows) == set(specs)
+    assert set(EXPECTED_ON_IOI) <= set(specs)
+    for name, spec in specs.items():
+        want, reason = EXPECTED_ON_IOI.get(name, (expected_status(spec, ds), ""))
+        got_status, got_reason = rows[name]
+        assert got_status == want, f"{name}: {got_status} ({got_reason}), expected {want}: see EXPECTED_ON_IOI"
+        assert reason in got_reason, (name, got_reason)
+        if name != "logit-attribution":  # the one refusal by the analyzer itself; the rest follow from the spec
+            assert want == expected_status(spec, ds), name
     # the attention viewer: one figure per chosen sequence, a dropdown over the chosen heads
     assert "store: sequence 0 " in page and "store: sequence 1 " in page
     assert "head 0.1" in page and "head 1.2" in page
@@ -178,7 +217,7 @@ def test_rendered_in_chromium(report_html: Path, ioi_store: Path, chromium: str,
 def test_plotly_figures_roundtrip(tmp_path: Path) -> None:
     import plotly.graph_objects as go
 
-    from headstore.analyze._plots import save_html
+    from headstore.cli.plots import save_html
 
     fig = go.Figure(go.Heatmap(z=[[1, 2], [3, 4]], x=["a", "</script>"]), layout={"title": {"text": "t"}})
     path = save_html(fig, tmp_path / "f.html")
@@ -190,7 +229,7 @@ def test_plotly_figures_roundtrip(tmp_path: Path) -> None:
     assert isinstance(config, dict)
 
 
-def test_selection_parsing() -> None:
+def test_selection_parsing(ioi_store: Path) -> None:
     assert parse_sequences(None, 5) == [0, 1]
     assert parse_sequences(None, 1) == [0]
     assert parse_sequences("3, 0,3", 5) == [3, 0]
@@ -198,14 +237,16 @@ def test_selection_parsing() -> None:
         parse_sequences("5", 5)
     with pytest.raises(HeadstoreError, match="not an integer"):
         parse_sequences("a", 5)
-    assert parse_heads("0.1,1.2", [0, 1], 4) == [(0, 1), (1, 2)]
-    assert parse_heads(None, [0, 1], 4) == []
-    with pytest.raises(HeadstoreError, match="layer 3"):
-        parse_heads("3.0", [0, 1], 4)
-    with pytest.raises(HeadstoreError, match="head 4"):
-        parse_heads("1.4", [0, 1], 4)
+    ds = open_store(ioi_store)  # layers 0, 1; 4 heads
+    assert parse_heads("0.1,1.2", ds) == [(0, 1), (1, 2)]
+    assert parse_heads("0.1, 1.2,0.1", ds) == [(0, 1), (1, 2)]  # repeats dropped
+    assert parse_heads(None, ds) == [] and parse_heads(" ", ds) == []
+    with pytest.raises(HeadstoreError, match=r"--heads \(3, 0\): layer 3 is not in this store"):
+        parse_heads("3.0", ds)
+    with pytest.raises(HeadstoreError, match=r"head 4 is out of range \(the model has heads 0\.\.3\)"):
+        parse_heads("1.4", ds)
     with pytest.raises(HeadstoreError, match=r"LAYER\.HEAD"):
-        parse_heads("1", [0, 1], 4)
+        parse_heads("1", ds)
     assert display_token(" Mary") == "␣Mary" and display_token("\n") == "\\n" and display_token("") == "∅"
 
 
@@ -214,28 +255,26 @@ def test_bad_selection_fails_before_analyzers(ioi_store: Path, tmp_path: Path) -
 
     res = CliRunner().invoke(app, ["report", str(ioi_store), "--out", str(tmp_path / "r.html"), "--heads", "9.0"])
     assert res.exit_code == 2
-    assert "layer 9 is not in the store" in res.output
+    assert "layer 9 is not in this store" in res.output
     assert not (tmp_path / "r.html").exists()
 
 
 def test_two_stores_pair(make_store: Callable[..., Path], tmp_path: Path) -> None:
     """IOI + ABC twin: one-store analyzers are not applicable; pair analyzers that need parameters
     the report cannot guess are listed as skipped with the analyzer's own reason."""
-    from headstore.analyze._registry import analyzers
-
     a = make_store("tiny-gpt2", "ioi", n_seq=8, fields="default,k,resid_pre")
     b = make_store("tiny-gpt2", "ioi-abc", n_seq=8, fields="default,k,resid_pre")
     out = write_report([str(a), str(b)], tmp_path / "pair.html", sequences="0", progress=False)
     page = out.read_text(encoding="utf-8")
-    status = page[page.index("hs-analyzer-status") : page.index("</table>", page.index("hs-analyzer-status"))]
-    rows = {m.group(1): m.group(0) for m in re.finditer(r"<tr><td>(?:<a [^>]*>)?([^<]+)(?:</a>)?</td>.*?</tr>", status)}
+    rows = status_rows(page)
     specs = analyzers()
     assert set(rows) == set(specs)
     for name, spec in specs.items():
         if spec.n_stores == 1:
-            assert "not applicable" in rows[name]
-    if "path-patch-query" in specs:
-        assert "skipped" in rows["path-patch-query"] and "receiver" in rows["path-patch-query"]
+            assert rows[name] == ("not applicable", "takes 1 store(s), report got 2"), name
+    assert rows["ioi-pair"][0] == "ran"
+    assert rows["path-patch-query"] == ("skipped", "needs parameters senders, receiver (no defaults)")
+    assert "id='an-ioi-pair'" in page and "id='an-path-patch-query'" not in page
     # provenance of both stores, an attention viewer for each
     assert "store 1:" in page and "store 2:" in page
     assert "store 1: sequence 0" in page and "store 2: sequence 0" in page
@@ -245,7 +284,7 @@ def test_two_stores_pair(make_store: Callable[..., Path], tmp_path: Path) -> Non
 
 def _count_analyzer_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
     """Every registered analyzer's function, wrapped to count its calls (signature kept for ``plan``)."""
-    from headstore.analyze import _registry
+    from headstore.cli import registry as _registry
 
     calls: collections.Counter[str] = collections.Counter()
     real = _registry.analyzers()
@@ -298,8 +337,7 @@ def test_report_reuses_saved_outputs(ioi_store: Path, tmp_path: Path, monkeypatc
 
 
 def test_run_analyzer_leaves_no_half_output(ioi_store: Path, tmp_path: Path) -> None:
-    from headstore.analyze._registry import analyzers
-    from headstore.analyze._run import run_analyzer, saved_output
+    from headstore.cli.run import run_analyzer, saved_output
 
     spec = analyzers()["copy-suppression"]
 
@@ -344,7 +382,10 @@ def test_main_job_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_report_imports_no_torch() -> None:
-    code = "import sys, json, headstore.report; print(json.dumps('torch' in sys.modules))"
+    code = (
+        "import sys, json, headstore.cli, headstore.cli.report, headstore.cli.run, headstore.cli.figures, "
+        "headstore.analyze; print(json.dumps('torch' in sys.modules))"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1]) is False
@@ -368,8 +409,6 @@ def test_schema_doc_lists_every_variable() -> None:
 
 
 def test_analyzers_doc_covers_every_analyzer() -> None:
-    from headstore.analyze._registry import analyzers
-
     headings = re.findall(r"^## (.+)$", (DOCS / "analyzers.md").read_text(encoding="utf-8"), flags=re.M)
     names = {n.strip() for h in headings for n in h.split("(")[0].split(",")}
     for name in analyzers():
@@ -377,7 +416,7 @@ def test_analyzers_doc_covers_every_analyzer() -> None:
 
 
 def test_figures_wider_than_the_page_are_fitted() -> None:
-    from headstore.report import PAGE_WIDTH, _Figures, plotly_figures_in_html
+    from headstore.cli.report import PAGE_WIDTH, _Figures
 
     figs = _Figures()
     wide = figs.div([{"type": "heatmap", "z": [[1]]}], {"width": PAGE_WIDTH + 500, "height": 400})
@@ -390,8 +429,7 @@ def test_figures_wider_than_the_page_are_fitted() -> None:
 def test_titles_wider_than_their_figure_wrap(tmp_path: Path) -> None:
     import plotly.graph_objects as go
 
-    from headstore.analyze._plots import TITLE_CHAR_PX, save_html
-    from headstore.report import plotly_figures_in_html
+    from headstore.cli.plots import TITLE_CHAR_PX, save_html
 
     long = "Direct logit contribution of each head to target 'io_token' (mean over sequences)"
     for width, title in [(550, long), (550, "short<br>two lines"), (1600, long)]:
