@@ -30,7 +30,7 @@ def main() -> None:
     bs = args.n_seq
 
     from headstore import open_store
-    from headstore.analyze.copy_suppression import copy_suppression
+    from headstore.analyze import copy_suppression
     from headstore.extract.models import load_model
 
     path = C.store(args.model, "ioi", args.n_seq, bs)
@@ -75,7 +75,7 @@ def main() -> None:
 
     # Projection loss from the store (seed: compute_loss_diffs_from_projection, one hooked forward pass
     # per head, plus its own three vocabulary-sized losses: the per-head forward is a lower bound).
-    from headstore.analyze.projection_loss import projection_loss
+    from headstore.analyze import projection_loss
 
     t_proj = C.timeit(lambda: projection_loss(open_store(path)).compute(), repeat=1, warmup=0)
 

@@ -36,8 +36,8 @@ def main() -> None:
     from distributed import LocalCluster  # type: ignore[attr-defined]
 
     from headstore import open_store
-    from headstore.analyze._run import dask_scheduler
-    from headstore.analyze.copy_suppression import copy_suppression
+    from headstore.analyze import copy_suppression
+    from headstore.cli.run import dask_scheduler
 
     path = C.store(args.model, "ioi", n_seq, 8)
     ds = open_store(path)
