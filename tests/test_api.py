@@ -309,7 +309,7 @@ def test_cli_params_go_through_the_one_parser(make_store: Callable[..., Path], t
     got = parse.params(["target=io_token", "dest=end_pos"], specs["logit-attribution"].params, ds)
     np.testing.assert_array_equal(got["target"].values, ds["io_token"].values)
     assert parse.params(["target= Mary"], specs["logit-attribution"].params, ds)["target"] == ds.hs.token_id(" Mary")
-    with pytest.raises(HeadstoreError, match="--param heads: heads '1-2' is not LAYER.HEAD"):
+    with pytest.raises(HeadstoreError, match=r"--param heads: heads '1-2' is not LAYER\.HEAD"):
         parse.params(["heads=1-2"], specs["calibration"].params, ds)
     with pytest.raises(HeadstoreError, match="key one of top_k, n_bins, heads"):
         parse.params(["bins=3"], specs["calibration"].params, ds)
