@@ -26,7 +26,7 @@ def _fail(e: BaseException) -> typer.Exit:
 @app.command()
 def extract(
     model: Annotated[str, typer.Option(help="smollm2-135m, tiny-gpt2, tiny-llama, a HF id or a model folder")],
-    data: Annotated[str, typer.Option(help="ioi, ioi-abc, text[:PATHS], code-ifelse[:PATHS], repeated-random, tokens:FILE.npy")],
+    data: Annotated[str, typer.Option(help="ioi, ioi-abc, text[:PATHS], code-ifelse[:PATHS], repeated-random, tokens:FILE.npy[,COLUMNS], jsonl:FILE, csv:FILE, parquet:FILE (your own prompts)")],
     out: Annotated[Path, typer.Option(help="store folder to create (or resume)")],
     fields: Annotated[str, typer.Option(help="comma list: presets default, all, compact (= default,-pattern,q,k), field names (q, k, result...), -NAME drops one")] = "default",
     layers: Annotated[str, typer.Option(help="all, 0,3,5 or 2-5")] = "all",
