@@ -7,7 +7,11 @@ Then the measurement behind the layout's choices: each codec on the real chunks 
 (ratio, encode and decode speed), and the chunk layout of pattern (one chunk per batch chunk x layer,
 as stored, vs zarr shards of the same size holding one inner chunk per head).
 
-    python bench/storage.py [--quick] [--compact-only]
+Then the file layout (section c3): the same store contents written chunked (one file per field,
+batch and layer) and sharded (one file per field and batch, every layer inside): files, bytes per
+token and the read times of (c), locally and over HTTP range requests (``headstore serve``).
+
+    python bench/storage.py [--quick] [--compact-only] [--layouts-only]
 """
 
 from __future__ import annotations
@@ -41,12 +45,91 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--compact-only", action="store_true", help="only the compact-mode section")
+    ap.add_argument("--layouts-only", action="store_true", help="only the file-layout section")
     ap.add_argument("--model", default="smollm2-135m")
     args = ap.parse_args()
+    if args.layouts_only:
+        layouts(args)
+        return
     if not args.compact_only:
         storage(args)
         choices(args)
+        layouts(args)
     compact(args)
+
+
+def layouts(args: argparse.Namespace) -> None:
+    """Chunked vs sharded files for the same contents: file count, bytes/token, read times."""
+    import threading
+
+    import numpy as np
+    import zarr
+
+    from headstore import open_store
+    from headstore.cli.serve import make_server
+    from headstore.store_schema.io import array_nbytes_on_disk, count_files
+
+    n_seq, seq_len, bs = (8 if args.quick else 16), 128, 8
+    paths = {lay: C.store(args.model, "text", n_seq, bs, seq_len=seq_len, layout=lay) for lay in ("chunked", "sharded")}
+    a, b = (zarr.open_group(str(p), mode="r", zarr_format=3) for p in paths.values())
+    for name, arr in a.arrays():  # same contents, array by array
+        x, y = np.asarray(arr[...]), np.asarray(b[name][...])  # type: ignore[index]
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name
+    server = make_server(str(C.CACHE), port=0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    rows, info = [], {}
+    try:
+        for lay, path in paths.items():
+            ds, remote = open_store(path), open_store(f"{url}/{path.name}")
+            L = ds.sizes["layer"] // 2
+            n_tok = ds.sizes["batch"] * ds.sizes["pos"]
+            disk = array_nbytes_on_disk(path)
+            fields = list(ds.attrs["headstore"]["fields"])
+            info[lay] = (count_files(path), sum(disk[f] for f in fields) / n_tok, sum(disk.values()) / n_tok)
+            reads = {
+                "pattern, one head, all tokens": lambda d, L=L: d["pattern"].isel(layer=L, head=0).values,
+                "z, one layer, all heads, all tokens": lambda d, L=L: d["z"].isel(layer=L).values,
+                "pattern, all heads and layers, 2 sequences": lambda d: d["pattern"].isel(batch=slice(0, 2)).values,
+                "z, all heads and layers, 2 sequences": lambda d: d["z"].isel(batch=slice(0, 2)).values,
+            }
+            for r, f in reads.items():
+                rows.append([lay, r, _best(partial(f, ds), repeat=3) * 1e3, _best(partial(f, remote), repeat=3) * 1e3])
+    finally:
+        server.shutdown()
+        server.server_close()
+    by = {(r[0], r[1]): r[2:] for r in rows}
+    read_rows = [[r, *by[("chunked", r)], *by[("sharded", r)]] for r in dict.fromkeys(x[1] for x in rows)]
+    cfg = open_store(paths["sharded"]).attrs["headstore"]["model"]["config"]
+    n_fields_layer = sum(1 for f in open_store(paths["sharded"]).attrs["headstore"]["fields"] if f in
+                         ("pattern", "v", "z", "ln1_scale", "ln2_scale", "q", "k", "result", "resid_pre"))  # fmt: skip
+    n_other = len(open_store(paths["sharded"]).attrs["headstore"]["fields"]) - 1 - n_fields_layer  # - tokens
+    batches = 1e6 / (seq_len * bs)
+    per_chunked = (n_fields_layer * cfg["n_layers"] + n_other + 1) * batches
+    per_sharded = (n_fields_layer + n_other + 1) * batches
+    cmd = "python bench/storage.py --layouts-only" + (" --quick" if args.quick else "")
+    body = f"""## (c3) File layout: chunked vs sharded, same contents
+
+Command: `{cmd}` (also runs with the full script) — machine: {C.machine()}.
+Model `{args.model}` ({cfg["n_layers"]} layers), data `text`, {n_seq} sequences x {seq_len} tokens, batch {bs}, default
+fields, float32; the two stores hold the same arrays (checked array by array). `chunked`: one file per
+(field, batch, layer), the layout before issue 13; `sharded` (the default): one shard file per (field, batch)
+with the same inner chunks.
+
+{C.table(["layout", "files", "activation B/token", "whole store B/token (incl. weights)"],
+          [[lay, *info[lay]] for lay in info])}
+
+Read times (fastest of 3 after a warm-up, warm page cache, threaded dask; ms), locally and over HTTP
+from `headstore serve` on loopback (range requests):
+
+{C.table(["read", "chunked local", "chunked HTTP", "sharded local", "sharded HTTP"], read_rows)}
+
+At 10^6 tokens (batches of {bs} x {seq_len}) the default fields make about {per_chunked:,.0f} files chunked and
+{per_sharded:,.0f} sharded ({n_fields_layer} per-layer fields, {n_other} others, the manifest), plus ~30 metadata
+and weight files. A sharded read costs one more small read per chunk (the shard's index: 16 bytes
+per inner chunk + 4) and fetches only the inner chunks of the selection.
+"""
+    C.write_section("storage-layouts", body)
 
 
 def storage(args: argparse.Namespace) -> None:

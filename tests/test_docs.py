@@ -27,10 +27,12 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from headstore.cli.serve import RangeRequestHandler
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -90,7 +92,7 @@ class Servers:
     s3: str
 
 
-class _Quiet(SimpleHTTPRequestHandler):
+class _Quiet(RangeRequestHandler):  # what `headstore serve` runs: byte ranges, as sharded stores need
     def log_message(self, format: str, *args: object) -> None:
         pass
 

@@ -37,6 +37,15 @@ def live_patterns(model: Any, tokens: np.ndarray, layers: list[int]) -> np.ndarr
     return np.stack([cache[n].float().numpy() for n in names], axis=1)
 
 
+def inner_chunk(shard: Path, layer: int, n_layers: int = 2) -> bytes | None:
+    """The bytes of one layer's inner chunk in a pattern shard (None: not in the shard), from the
+    shard index at the file's end (uint64 (offset, nbytes) per inner chunk, then a crc32c)."""
+    data = shard.read_bytes()
+    table = np.frombuffer(data[-(16 * n_layers + 4) : -4], dtype="<u8").reshape(n_layers, 2)
+    offset, nbytes = (int(x) for x in table[layer])
+    return None if offset == 2**64 - 1 else data[offset : offset + nbytes]
+
+
 def _snapshot(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
@@ -70,11 +79,12 @@ def test_chosen_layer_stored_exactly_others_nan(make_store: Callable[..., Path],
     np.testing.assert_array_equal(ds["pattern"].sel(layer=1).values, got[:, 1])
     for name in ("z", "v", "loss", "resid_final"):  # the other fields are untouched by the option
         np.testing.assert_array_equal(ds[name].values, full[name].values, err_msg=name)
-    # the layer-0 chunks were never written; the layer-1 chunk files are the full store's, byte for byte
+    # the layer-0 chunks were never written (absent from each batch's shard); the layer-1 chunks are
+    # the full store's, byte for byte
     for b in range(3):
-        assert not (path / "pattern" / "c" / str(b) / "0").exists()
-        one = path / "pattern" / "c" / str(b) / "1" / "0" / "0" / "0"
-        assert one.read_bytes() == (full_path / "pattern" / "c" / str(b) / "1" / "0" / "0" / "0").read_bytes()
+        shard, full_shard = (p / "pattern" / "c" / str(b) / "0" / "0" / "0" / "0" for p in (path, full_path))
+        assert inner_chunk(shard, 0) is None and inner_chunk(full_shard, 0) is not None
+        assert inner_chunk(shard, 1) == inner_chunk(full_shard, 1)
     part, whole = array_nbytes_on_disk(path)["pattern"], array_nbytes_on_disk(full_path)["pattern"]
     assert 0.4 < part / whole < 0.6, (part, whole)  # ~ 1 / n_layers (+ the array's zarr.json)
 
@@ -92,14 +102,17 @@ def test_validate_skips_unwritten_layers_but_checks_written(make_store: Callable
     assert rep.ok and rep.problems == (), rep.problems
     path = tmp_path / "s.zarr"
     shutil.copytree(src, path)
-    chunk = path / "pattern" / "c" / "1" / "1" / "0" / "0" / "0"
-    data = chunk.read_bytes()
-    chunk.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # checksum mismatch
-    (path / "pattern" / "c" / "2" / "1" / "0" / "0" / "0").unlink()
+    shard = path / "pattern" / "c" / "1" / "0" / "0" / "0" / "0"
+    data = shard.read_bytes()
+    body = inner_chunk(shard, 1)
+    assert body is not None
+    at = data.index(body) + len(body) - 1  # the last byte of layer 1's chunk: its checksum
+    shard.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :])
+    (path / "pattern" / "c" / "2" / "0" / "0" / "0" / "0").unlink()
     problems = validate(path).problems
     assert len(problems) == 2, problems
     assert problems[0].startswith("pattern: chunk 1.1.0.0.0 is damaged"), problems
-    assert problems[1] == "pattern: chunk 2.1.0.0.0 is missing", problems
+    assert problems[1] == "pattern: shard 2.0.0.0.0 is missing", problems
 
 
 # --- analyzers: same numbers for the stored layer, NaN for the others -------------------------------------

@@ -157,32 +157,73 @@ def test_open_store_refuses_incomplete_with_one_line(tmp_path: Path, reference: 
 # --- 2. integrity --------------------------------------------------------------------------------
 
 
+def inner_chunk_span(shard: Path, index: tuple[int, ...], n_inner: tuple[int, ...]) -> tuple[int, int]:
+    """(offset, nbytes) of an inner chunk in a shard file, read from the shard index at its end
+    (``n_inner`` inner chunks per shard along each dim; uint64 pairs, then a crc32c)."""
+    data = shard.read_bytes()
+    n = int(np.prod(n_inner))
+    table = np.frombuffer(data[-(16 * n + 4) : -4], dtype="<u8").reshape(*n_inner, 2)
+    offset, nbytes = table[index]
+    return int(offset), int(nbytes)
+
+
 def _damaged_copy(reference: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy with one byte flipped in z's chunk of batch 2, layer 1 (inside batch 2's shard)."""
     out = tmp_path / "dmg.zarr"
     shutil.copytree(reference, out)
-    chunk = out / "z" / "c" / "2" / "1" / "0" / "0" / "0"
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    chunk.write_bytes(bytes(data))
-    return out, chunk
+    shard = out / "z" / "c" / "2" / "0" / "0" / "0" / "0"
+    offset, nbytes = inner_chunk_span(shard, (0, 1, 0, 0, 0), (1, 2, 1, 1, 1))
+    data = bytearray(shard.read_bytes())
+    data[offset + nbytes // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    return out, shard
 
 
-def test_validate_names_flipped_byte_and_deleted_chunk(tmp_path: Path, reference: Path) -> None:
+def test_validate_names_flipped_byte_and_deleted_shard(tmp_path: Path, reference: Path) -> None:
+    assert read_provenance(reference).layout == "sharded"  # the default for new stores
     out, _ = _damaged_copy(reference, tmp_path)
-    (out / "pattern" / "c" / "1" / "0" / "0" / "0" / "0").unlink()
+    (out / "pattern" / "c" / "1" / "0" / "0" / "0" / "0").unlink()  # batch 1's pattern, every layer
     rep = validate(out)
     assert not rep.ok
     assert "z: chunk 2.1.0.0.0 is damaged (ValueError)" in rep.problems
-    assert "pattern: chunk 1.0.0.0.0 is missing" in rep.problems
+    assert "pattern: shard 1.0.0.0.0 is missing" in rep.problems
     assert len(rep.problems) == 2
 
     res = CliRunner().invoke(app, ["validate", str(out)])
     assert res.exit_code == 1
     assert "z: chunk 2.1.0.0.0 is damaged" in res.output
-    assert "pattern: chunk 1.0.0.0.0 is missing" in res.output
+    assert "pattern: shard 1.0.0.0.0 is missing" in res.output
 
     res = CliRunner().invoke(app, ["validate", str(reference)])
     assert res.exit_code == 0, res.output
+
+
+def test_validate_finds_torn_shards_of_completed_batches(tmp_path: Path, reference: Path) -> None:
+    """A shard cut short (a crash below zarr's atomic rename, a bad copy) loses its index: validate
+    says so, whether the cut leaves most of it, less than the index, or nothing."""
+    out = tmp_path / "torn.zarr"
+    shutil.copytree(reference, out)
+    for ib, keep in ((0, 0.5), (1, 0.0), (2, None)):
+        shard = out / "v" / "c" / str(ib) / "0" / "0" / "0" / "0"
+        data = shard.read_bytes()
+        shard.write_bytes(data[: int(len(data) * keep)] if keep is not None else data[:10])
+    rep = validate(out)
+    assert sorted(p.split(" is ")[0] for p in rep.problems) == [f"v: shard {ib}.0.0.0.0" for ib in range(3)]
+    assert all("torn or corrupt index" in p for p in rep.problems)
+
+
+def test_validate_chunked_layout_names_chunks(tmp_path: Path, make_store: Callable[..., Path]) -> None:
+    """Stores of the older layout (one file per layer) still validate chunk by chunk."""
+    src = make_store("tiny-gpt2", "ioi", n_seq=8, batch_size=4, layout="chunked")
+    out = tmp_path / "old.zarr"
+    shutil.copytree(src, out)
+    chunk = out / "z" / "c" / "1" / "1" / "0" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    (out / "pattern" / "c" / "0" / "0" / "0" / "0" / "0").unlink()
+    rep = validate(out)
+    assert sorted(rep.problems) == ["pattern: chunk 0.0.0.0.0 is missing", "z: chunk 1.1.0.0.0 is damaged (ValueError)"]
 
 
 def test_reading_a_damaged_chunk_fails_naming_the_array(tmp_path: Path, reference: Path) -> None:
@@ -198,9 +239,9 @@ def test_reading_a_damaged_chunk_fails_naming_the_array(tmp_path: Path, referenc
 def test_missing_chunk_reads_as_nan_not_data(tmp_path: Path, reference: Path) -> None:
     out = tmp_path / "gone.zarr"
     shutil.copytree(reference, out)
-    (out / "v" / "c" / "0" / "0" / "0" / "0" / "0").unlink()
+    (out / "v" / "c" / "0" / "0" / "0" / "0" / "0").unlink()  # batch 0's shard of v
     v = open_store(out)["v"].values
-    assert np.isnan(v[0:4, 0]).all()
+    assert np.isnan(v[0:4]).all()
     assert not np.isnan(v[4:]).any()
 
 

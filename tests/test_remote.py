@@ -18,6 +18,7 @@ import xarray as xr
 
 from headstore.analyze import copy_suppression
 from headstore.analyze._maths import logits
+from headstore.cli.serve import RangeRequestHandler
 from headstore.store_schema import open_store
 
 
@@ -46,7 +47,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+class _QuietHandler(RangeRequestHandler):  # sharded stores are read with byte ranges
     requests: ClassVar[list[str]] = []
 
     def log_message(self, format: str, *args: object) -> None:
@@ -89,6 +90,27 @@ def test_http_missing_store_is_a_clear_error(http_root: str) -> None:
 
     with pytest.raises(HeadstoreError):
         open_store(f"{http_root}/nothing.zarr")
+
+
+def test_http_server_without_range_requests_is_refused_by_name(tiny_store: Path, tmp_path: Path) -> None:
+    """Python's http.server sends whole files for a Range request: a sharded store says so, in one line."""
+    from headstore.store_schema import HeadstoreError
+
+    shutil.copytree(tiny_store, tmp_path / "store.zarr")
+
+    class Plain(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Plain, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(HeadstoreError, match=r"ignores HTTP Range requests.*headstore serve") as ei:
+            open_store(f"http://127.0.0.1:{server.server_address[1]}/store.zarr")
+        assert "\n" not in str(ei.value)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture()

@@ -37,7 +37,7 @@ from headstore.store_schema import (
     read_provenance,
 )
 from headstore.store_schema.io import store_sizes
-from headstore.store_schema.layout import SCHEMA_VERSION, STORAGE_DTYPES
+from headstore.store_schema.layout import LAYOUTS, SCHEMA_VERSION, STORAGE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class ExtractRequest:
     prepend_bos: bool = True
     shard: str = "0/1"
     progress: bool = True
+    layout: str = "sharded"
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,8 @@ def extract(req: ExtractRequest) -> ExtractResult:
         raise HeadstoreError(f"--dtype {req.dtype!r}: choose float32 or float16")
     if req.batch_size <= 0:
         raise HeadstoreError(f"--batch-size must be positive, got {req.batch_size}")
+    if req.layout not in LAYOUTS:
+        raise HeadstoreError(f"--layout {req.layout!r}: choose {' or '.join(LAYOUTS)}")
     shard_i, shard_n = parse_shard(req.shard)
     out = Path(req.out)
     existing = _check_out(out)
@@ -214,6 +217,7 @@ def extract(req: ExtractRequest) -> ExtractResult:
         layers=layers,
         batch_size=req.batch_size,
         pattern_layers=pattern_layers,
+        layout=req.layout,
         versions=_versions(),
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     )

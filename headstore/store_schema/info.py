@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from headstore.store_schema.io import _is_local, array_nbytes_on_disk, done_mask, read_provenance
+from headstore.store_schema.io import _is_local, array_nbytes_on_disk, count_files, done_mask, read_provenance
 
 
 def done_ranges(done: np.ndarray) -> list[tuple[int, int]]:
@@ -35,4 +35,5 @@ def store_info(path: str) -> dict[str, Any]:
         "sizes": {k: (v, v / n_tokens) for k, v in sizes.items()},
         "total_bytes": total,
         "bytes_per_token": total / n_tokens,
+        "n_files": count_files(path) if _is_local(path) else None,
     }

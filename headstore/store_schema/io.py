@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import numpy as np
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from headstore.store_schema.errors import HeadstoreError
@@ -71,6 +73,21 @@ def field_chunks(dims: tuple[str, ...], sizes: Mapping[str, int], batch_size: in
     return tuple(batch_size if d == "batch" else 1 if d == "layer" else sizes[d] for d in dims)
 
 
+def field_shards(dims: tuple[str, ...], sizes: Mapping[str, int], batch_size: int, layout: str) -> tuple[int, ...] | None:
+    """Shard rule (``layout="sharded"``, per-layer fields): ``batch_size`` along batch, whole along the
+    rest, so one batch of a field is one file holding every layer's inner chunk. None: not sharded."""
+    if layout != "sharded" or "layer" not in dims:
+        return None
+    return tuple(batch_size if d == "batch" else sizes[d] for d in dims)
+
+
+def _whole_shard(shape: tuple[int, ...], chunks: tuple[int, ...], layout: str) -> tuple[int, ...] | None:
+    """Written-once arrays (tokens, per-layer weights) in a sharded store: one shard file for the whole
+    array, inner chunks as in a chunked store."""
+    shard = tuple(-(-s // c) * c for s, c in zip(shape, chunks, strict=True))
+    return shard if layout == "sharded" and shard != tuple(chunks) else None
+
+
 def _fill(dtype: str) -> Any:
     return np.nan if np.dtype(dtype).kind == "f" else 0
 
@@ -104,8 +121,8 @@ def create_store(
         for name in prov.fields:
             f = FIELDS[name]
             dtype = field_dtype(name, prov.storage_dtype)
-            _create(root, name, f.dims, dtype, sizes, prov.batch_size)
-        _create(root, MANIFEST, ("batch",), "uint8", sizes, prov.batch_size)
+            _create(root, name, f.dims, dtype, sizes, prov.batch_size, prov.layout)
+        _create(root, MANIFEST, ("batch",), "uint8", sizes, prov.batch_size, "chunked")  # one file per batch
         tok_arr = root["tokens"]
         assert isinstance(tok_arr, zarr.Array)
         tok_arr[:] = tokens.astype(np.int32)
@@ -117,15 +134,7 @@ def create_store(
                 compressors=_codecs(col, arr.dtype), config={"write_empty_chunks": True},
             )  # fmt: skip
             a[:] = arr
-        for wname, value in weights.items():
-            dims = WEIGHTS[wname].dims if wname in WEIGHTS else ("d_vocab",)
-            chunks = tuple(1 if d == "layer" else s for d, s in zip(dims, value.shape, strict=True))
-            w_dtype: Any = str if value.dtype.kind in "UO" else value.dtype
-            a = root.create_array(
-                wname, shape=value.shape, chunks=chunks, dtype=w_dtype, dimension_names=dims,
-                compressors=_codecs(wname, value.dtype), config={"write_empty_chunks": True},
-            )  # fmt: skip
-            a[...] = value
+        write_weights(root, weights, prov.layout)
         zarr.consolidate_metadata(str(tmp))
         _test_kill("create:before_rename")
         try:
@@ -159,14 +168,40 @@ def _remove_dead_tmp(path: Path) -> None:
             pass
 
 
+def write_weights(root: zarr.Group, weights: Mapping[str, np.ndarray], layout: str) -> None:
+    """Weights (and ``vocab``) as arrays of ``root``: one chunk per layer of per-layer weights (one
+    shard file for all layers when ``layout="sharded"``), whole otherwise."""
+    for wname, value in weights.items():
+        dims = WEIGHTS[wname].dims if wname in WEIGHTS else ("d_vocab",)
+        chunks = tuple(1 if d == "layer" else s for d, s in zip(dims, value.shape, strict=True))
+        w_dtype: Any = str if value.dtype.kind in "UO" else value.dtype
+        a = root.create_array(
+            wname, shape=value.shape, chunks=chunks, shards=_whole_shard(value.shape, chunks, layout),
+            dtype=w_dtype, dimension_names=dims, compressors=_codecs(wname, value.dtype),
+            config={"write_empty_chunks": True},
+        )  # fmt: skip
+        a[...] = value
+
+
 def _create(
-    root: zarr.Group, name: str, dims: tuple[str, ...], dtype: str, sizes: Mapping[str, int], batch_size: int
+    root: zarr.Group,
+    name: str,
+    dims: tuple[str, ...],
+    dtype: str,
+    sizes: Mapping[str, int],
+    batch_size: int,
+    layout: str,
 ) -> None:
     shape = tuple(sizes[d] for d in dims)
+    chunks = field_chunks(dims, sizes, batch_size)
+    shards = field_shards(dims, sizes, batch_size, layout)
+    if name == "tokens":  # written once, at creation
+        shards = _whole_shard(shape, chunks, layout)
     root.create_array(
         name,
         shape=shape,
-        chunks=field_chunks(dims, sizes, batch_size),
+        chunks=chunks,
+        shards=shards,
         dtype=dtype,
         fill_value=_fill(dtype),
         dimension_names=dims,
@@ -214,40 +249,64 @@ def pattern_layer_index(prov: Provenance) -> list[int]:
 
 
 class StoreWriter:
-    """Writes whole batches into a preallocated store; marks each done only after all its arrays."""
+    """Writes whole batches into a preallocated store; marks each done only after all its arrays.
+
+    A batch owns its files: one shard per field in a sharded store (every layer), one chunk per field
+    and layer in a chunked one. Before writing a batch the writer deletes what an interrupted writer
+    left of it (torn shards, ``*.partial`` temp files), so each file is written whole, once, from memory
+    (zarr would otherwise read back and merge an existing shard).
+    """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = str(path)
         self.root = zarr.open_group(self.path, mode="r+", zarr_format=3)
         self.prov = Provenance.from_dict(self.root.attrs.get(ATTRS_KEY))
+        self.partial_pattern = len(self.prov.stored_pattern_layers) < len(self.prov.layers)
+        self.arrays: dict[str, zarr.Array] = {}
+        for name in (*self.prov.fields, MANIFEST):
+            arr = self.root[name]
+            assert isinstance(arr, zarr.Array)
+            # dense data: skip zarr's scan for all-fill chunks, except the unstored pattern layers (NaN)
+            # of --pattern-layers, which a sharded store then leaves out of the shard
+            skip_empty = name == "pattern" and self.partial_pattern and arr.shards is not None
+            self.arrays[name] = arr.with_config({"write_empty_chunks": not skip_empty})
 
     def write_batch(self, start: int, arrays: Mapping[str, np.ndarray]) -> None:
         if start % self.prov.batch_size:
             raise HeadstoreError(f"batch start {start} is not a multiple of batch_size {self.prov.batch_size}")
-        stop = None
+        manifest = self.arrays[MANIFEST]
+        stop = min(start + self.prov.batch_size, manifest.shape[0])
         ib = start // self.prov.batch_size
         self._remove_torn_writes(ib, [*arrays, MANIFEST])
         for name, value in arrays.items():
-            arr = self.root[name]
-            assert isinstance(arr, zarr.Array)
-            stop = start + value.shape[0]
-            if name == "pattern" and len(self.prov.stored_pattern_layers) < len(self.prov.layers):
-                # value holds the chosen layers only; the other layers' chunks are never written (NaN)
-                for j, i in enumerate(pattern_layer_index(self.prov)):
-                    arr[start:stop, i] = value[:, j].astype(arr.dtype, copy=False)
+            arr = self.arrays[name]
+            if value.shape[0] != stop - start:
+                raise HeadstoreError(f"batch {ib} of {name} has {value.shape[0]} sequences, expected {stop - start}")
+            if name == "pattern" and self.partial_pattern:
+                # value holds the chosen layers only; the other layers are never written (NaN)
+                index = pattern_layer_index(self.prov)
+                if arr.shards is not None:  # one shard write: the NaN layers are left out of it
+                    full = np.full((value.shape[0], arr.shape[1], *value.shape[2:]), np.nan, dtype=arr.dtype)
+                    full[:, index] = value
+                    arr[start:stop] = full
+                else:
+                    for j, i in enumerate(index):
+                        arr[start:stop, i] = value[:, j].astype(arr.dtype, copy=False)
             else:
                 arr[start:stop] = value.astype(arr.dtype, copy=False)
             _test_kill(f"batch:{ib}:after_field:{name}", Path(self.path) / name / "c" / str(ib))
-        if stop is not None:
-            manifest = self.root[MANIFEST]
-            assert isinstance(manifest, zarr.Array)
-            manifest[start:stop] = 1
-            _test_kill(f"batch:{ib}:after_field:{MANIFEST}", Path(self.path) / MANIFEST / "c" / str(ib))
-
+        manifest[start:stop] = 1  # also for a tokens-only store (no arrays per batch)
+        _test_kill(f"batch:{ib}:after_field:{MANIFEST}", Path(self.path) / MANIFEST / "c" / str(ib))
 
     def _remove_torn_writes(self, ib: int, names: list[str]) -> None:
-        """Delete the ``*.partial`` temp files that a writer killed mid-chunk left in batch ``ib``'s
-        chunks (local stores; this writer owns those chunks, so none is a live write)."""
+        """Delete what a writer killed in batch ``ib`` left behind: ``*.partial`` temp files (local
+        stores) and the batch's shards, which zarr would otherwise read back, and fail on if torn. This
+        writer owns batch ``ib`` (not done), so none of it is a live write or finished data."""
+        for name in names:
+            arr = self.arrays[name]
+            if arr.shards is not None:
+                grid = (ib,) + (0,) * (arr.ndim - 1)
+                sync(arr.store.delete(f"{arr.path}/{arr.metadata.encode_chunk_key(grid)}"))
         if not _is_local(self.path):
             return
         for name in names:
@@ -272,6 +331,8 @@ def open_store(
     is refused unless ``partial=True``, which keeps only the completed sequences.
     """
     prov = read_provenance(path, storage_options)
+    if prov.layout == "sharded" and str(path).startswith(("http://", "https://")):
+        _check_range_requests(str(path), storage_options)
     done = done_mask(path, storage_options)
     opts = None if _is_local(str(path)) else storage_options
     ds = xr.open_zarr(str(path), chunks={}, consolidated=True, storage_options=opts, zarr_format=3)
@@ -296,6 +357,20 @@ def open_store(
         ds = ds.isel(batch=np.flatnonzero(done))
     ds.attrs[ATTRS_KEY] = prov.to_dict()
     return ds
+
+
+def _check_range_requests(url: str, storage_options: dict[str, Any] | None) -> None:
+    """Sharded stores are read in byte ranges: refuse a server that answers a range with the whole file
+    (Python's ``http.server``), whose shards would otherwise read as damaged."""
+    import fsspec
+
+    fs = fsspec.filesystem(url.split("://")[0], **(storage_options or {}))
+    got = fs.cat_file(f"{url.rstrip('/')}/zarr.json", start=0, end=2)
+    if len(got) != 2:
+        raise HeadstoreError(
+            f"{url}: the server ignores HTTP Range requests, which a sharded store is read with: serve it with "
+            "`headstore serve FOLDER` or any server that honours ranges (nginx, caddy, S3, the Hugging Face Hub)"
+        )
 
 
 def _fill_unstored_pattern(ds: xr.Dataset, stored: list[int]) -> xr.DataArray:
@@ -442,7 +517,8 @@ def validate(path: str | os.PathLike[str], storage_options: dict[str, Any] | Non
             continue
         # --pattern-layers: chunks of the other layers are never written, so not "missing"
         layer_ok = pattern_layer_index(prov) if name == "pattern" else None
-        problems.extend(_check_chunks(arr, name, done, layer_ok))
+        # tokens are written at creation: checked whatever the manifest says
+        problems.extend(_check_chunks(arr, name, None if name == "tokens" else done, layer_ok))
     for wname in WEIGHTS:
         if wname in root:
             arr = root[wname]
@@ -453,6 +529,8 @@ def validate(path: str | os.PathLike[str], storage_options: dict[str, Any] | Non
 
 def _check_chunks(arr: zarr.Array, name: str, done: np.ndarray | None, layers: list[int] | None = None) -> list[str]:
     """Read every chunk of completed batches; ``layers``: only these chunk indices along dim 1 (layer)."""
+    if arr.shards is not None:
+        return _check_shards(arr, name, done, layers)
     problems = []
     grid = arr.cdata_shape
     for idx in np.ndindex(*grid):
@@ -474,6 +552,67 @@ def _check_chunks(arr: zarr.Array, name: str, done: np.ndarray | None, layers: l
     return problems
 
 
+_EMPTY = np.uint64(2**64 - 1)  # a shard index entry of an inner chunk that was never written
+
+
+def _check_shards(arr: zarr.Array, name: str, done: np.ndarray | None, layers: list[int] | None) -> list[str]:
+    """Every shard of completed batches: present, its index intact (crc32c), every expected inner chunk
+    in it and intact (its own crc32c), then decoded once. Problems name inner chunks by their index in
+    the chunk grid (as in a chunked store) and shards by their file key."""
+    assert arr.shards is not None
+    shards, chunks = arr.shards, arr.chunks
+    per = tuple(s // c for s, c in zip(shards, chunks, strict=True))
+    n_inner = int(np.prod(per))
+    index_bytes = 16 * n_inner + 4  # (offset, nbytes) uint64 pairs + crc32c: zarr's default index codecs
+    problems = []
+    inner: tuple[Any, ...] = tuple(getattr(getattr(arr.metadata, "codecs", [None])[0], "codecs", ()))
+    inner_crc = bool(inner) and isinstance(inner[-1], Crc32cCodec)
+    for sidx in np.ndindex(*(-(-n // s) for n, s in zip(arr.shape, shards, strict=True))):
+        label = ".".join(map(str, sidx))
+        if done is not None:
+            b0 = sidx[0] * shards[0]
+            if not done[b0 : b0 + shards[0]].all():
+                continue
+        buf = sync(arr.store.get(f"{arr.path}/{arr.metadata.encode_chunk_key(sidx)}", default_buffer_prototype()))
+        if buf is None:
+            problems.append(f"{name}: shard {label} is missing")
+            continue
+        data = buf.to_bytes()
+        head, crc = data[-index_bytes:-4], data[-4:]
+        if len(data) < index_bytes or np.uint32(crc32c.crc32c(head)).tobytes() != crc:
+            problems.append(f"{name}: shard {label} is damaged (torn or corrupt index, {len(data)} bytes)")
+            continue
+        index = np.frombuffer(head, dtype="<u8").reshape(*per, 2)
+        bad = False
+        for inner in np.ndindex(*per):
+            cidx = tuple(s * p + i for s, p, i in zip(sidx, per, inner, strict=True))
+            if any(c * k >= n for c, k, n in zip(cidx, chunks, arr.shape, strict=True)):
+                continue  # past the array's edge
+            if layers is not None and cidx[1] not in layers:
+                continue
+            offset, nbytes = (int(x) for x in index[inner])
+            where = f"{name}: chunk {'.'.join(map(str, cidx))}"
+            if offset == int(_EMPTY):
+                problems.append(f"{where} is missing")
+                bad = True
+            elif offset + nbytes > len(data) - index_bytes or nbytes < 4:
+                problems.append(f"{where} is damaged (outside its shard)")
+                bad = True
+            elif inner_crc:
+                body = data[offset : offset + nbytes]
+                if np.uint32(crc32c.crc32c(body[:-4])).tobytes() != body[-4:]:
+                    problems.append(f"{where} is damaged (ValueError)")
+                    bad = True
+        if bad:
+            continue
+        sel = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(sidx, shards, arr.shape, strict=True))
+        try:
+            arr[sel]
+        except Exception as e:
+            problems.append(f"{name}: shard {label} is damaged ({type(e).__name__})")
+    return problems
+
+
 def store_sizes(cfg: Mapping[str, Any], prov: Provenance, n_sequences: int) -> dict[str, int]:
     """Dim sizes of a store from its config."""
     return {
@@ -490,6 +629,11 @@ def store_sizes(cfg: Mapping[str, Any], prov: Provenance, n_sequences: int) -> d
         "n_ctx": int(cfg["n_ctx"]),
         "d_rot": int(cfg["d_head"]),
     }
+
+
+def count_files(path: str | os.PathLike[str]) -> int:
+    """Files in a local store (metadata included): what a Hub repository or an object store counts."""
+    return sum(len(files) for _, _, files in os.walk(path))
 
 
 def array_nbytes_on_disk(path: str | os.PathLike[str]) -> dict[str, int]:

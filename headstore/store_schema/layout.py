@@ -10,6 +10,10 @@ from dataclasses import dataclass
 SCHEMA_VERSION = 1
 ATTRS_KEY = "headstore"
 STORAGE_DTYPES = ("float32", "float16")
+# How activation arrays are cut into files (attr ``layout``; stores made before it read as "chunked"):
+# "sharded": one zarr shard file per (field, batch) holding every layer, inner chunks as "chunked";
+# "chunked": one file per (field, batch, layer).
+LAYOUTS = ("sharded", "chunked")
 
 DIMS = (
     "batch", "pos", "layer", "head", "kv_head", "d_head", "d_model",

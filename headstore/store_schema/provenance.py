@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from headstore.store_schema.errors import HeadstoreError
-from headstore.store_schema.layout import FIELDS, SCHEMA_VERSION, STORAGE_DTYPES
+from headstore.store_schema.layout import FIELDS, LAYOUTS, SCHEMA_VERSION, STORAGE_DTYPES
 
 MODEL_CONFIG_KEYS = (
     "n_layers", "n_heads", "n_key_value_heads", "d_model", "d_head", "d_vocab", "n_ctx",
@@ -91,6 +91,10 @@ class Provenance:
     # model layers whose ``pattern`` chunks are written (``--pattern-layers``); None = every extracted
     # layer (and what stores made before the option read as). The others are never written: NaN.
     pattern_layers: tuple[int, ...] | None = None
+    # files: "sharded" (one shard per field and batch, all layers) or "chunked" (one file per field,
+    # batch and layer: every store made before the attr existed). Not part of ``identity``: a resume
+    # writes the way the store was created.
+    layout: str = "chunked"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -124,7 +128,7 @@ class Provenance:
                 f"store has schema version {version}, older than {SCHEMA_VERSION}: re-extract it"
             )
         names = {f.name for f in fields(cls)}
-        missing = sorted(n for n in names - set(d) if n not in ("versions", "created", "pattern_layers"))
+        missing = sorted(n for n in names - set(d) if n not in ("versions", "created", "pattern_layers", "layout"))
         if missing:
             raise HeadstoreError(f"store attrs lack {', '.join(missing)}: the store is damaged; re-extract it")
         kwargs = {k: d[k] for k in names if k in d}
@@ -137,6 +141,8 @@ class Provenance:
             _expect(kwargs, key, int)
             if kwargs[key] <= 0:
                 raise HeadstoreError(f"store attr {key} must be a positive integer, got {kwargs[key]}")
+        if kwargs.setdefault("layout", "chunked") not in LAYOUTS:
+            raise HeadstoreError(f"store attr layout must be one of {LAYOUTS}, got {_short(kwargs['layout'])}")
         if kwargs["storage_dtype"] not in STORAGE_DTYPES:
             raise HeadstoreError(f"store attr storage_dtype must be one of {STORAGE_DTYPES}")
         _expect(kwargs, "fields", list)

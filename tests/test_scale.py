@@ -1,0 +1,145 @@
+"""Stores at scale (issue 13): sharded layout, tokens-only stores.
+
+Sharded stores (the default) hold one file per field and batch with every layer inside; they must
+hold exactly what the older chunked layout holds, open the same way, and read only the inner chunks
+a reader asks for (locally and over HTTP range requests).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from headstore.cli import app
+from headstore.cli.serve import RangeRequestHandler
+from headstore.store_schema import done_mask, open_store, read_provenance, validate
+from headstore.store_schema.layout import ATTRS_KEY
+
+SMALL = {"n_seq": 10, "batch_size": 4}  # three batches, the last one short
+
+
+def _raw(path: Path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(path), mode="r", zarr_format=3)
+    return {name: np.asarray(a[...]) for name, a in root.arrays()}
+
+
+def _files(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def pair(make_store: Callable[..., Path]) -> tuple[Path, Path]:
+    sharded = make_store("tiny-llama", "ioi", fields="all", **SMALL)
+    chunked = make_store("tiny-llama", "ioi", fields="all", layout="chunked", **SMALL)
+    return sharded, chunked
+
+
+def test_sharded_store_equals_chunked_array_by_array(pair: tuple[Path, Path]) -> None:
+    sharded, chunked = pair
+    assert read_provenance(sharded).layout == "sharded" and read_provenance(chunked).layout == "chunked"
+    a, b = _raw(sharded), _raw(chunked)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert np.array_equal(a[name], b[name], equal_nan=a[name].dtype.kind == "f"), name
+    # open_store presents the same Dataset, chunked the same way (one dask chunk per batch x layer)
+    da, db = open_store(sharded), open_store(chunked)
+    assert sorted(da.variables) == sorted(db.variables)
+    for name in da.variables:
+        assert da[name].dims == db[name].dims and da[name].chunks == db[name].chunks, name
+        x, y = da[name].values, db[name].values
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name
+    assert validate(sharded).ok and validate(chunked).ok
+
+
+def test_one_shard_per_field_and_batch(pair: tuple[Path, Path]) -> None:
+    sharded, chunked = pair
+    n_batches, n_layers = 3, 2
+    z = [f for f in _files(sharded) if f.startswith("z/c/")]
+    assert z == [f"z/c/{ib}/0/0/0/0" for ib in range(n_batches)]  # every layer of a batch in one file
+    assert len([f for f in _files(chunked) if f.startswith("z/c/")]) == n_batches * n_layers
+    meta = json.loads((sharded / "z" / "zarr.json").read_text())
+    (codec,) = meta["codecs"]
+    assert codec["name"] == "sharding_indexed"
+    assert codec["configuration"]["chunk_shape"] == [4, 1, *meta["shape"][2:]]  # inner chunk: batch x one layer
+    assert {c["name"] for c in codec["configuration"]["index_codecs"]} == {"bytes", "crc32c"}
+    assert len(_files(sharded)) < len(_files(chunked))
+    res = CliRunner().invoke(app, ["info", str(sharded)])
+    assert res.exit_code == 0 and f"{len(_files(sharded))} files (sharded layout)" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["info", str(sharded), "--json"])
+    assert json.loads(res.output)["n_files"] == len(_files(sharded))
+
+
+def test_store_without_layout_attr_opens_and_resumes_as_chunked(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """Stores made before the layout attr (chunked) open, validate and resume unchanged."""
+    _, chunked = pair
+    old = tmp_path / "old.zarr"
+    shutil.copytree(chunked, old)
+    root = zarr.open_group(str(old), mode="r+", zarr_format=3)
+    attrs = dict(root.attrs[ATTRS_KEY])  # type: ignore[arg-type]
+    del attrs["layout"]
+    root.attrs[ATTRS_KEY] = attrs
+    root["batch_done"][4:8] = 0  # type: ignore[index]
+    shutil.rmtree(old / "z" / "c" / "1")
+    zarr.consolidate_metadata(str(old))
+    assert read_provenance(old).layout == "chunked"
+    from headstore.extract import ExtractRequest, extract
+
+    res = extract(ExtractRequest(model="tiny-llama", data="ioi", out=str(old), fields="all", progress=False, **SMALL))  # type: ignore[arg-type]
+    assert (res.written, res.skipped) == (1, 2)
+    assert _files(old) == [f for f in _files(chunked)]
+    a, b = _raw(old), _raw(chunked)
+    for name in a:
+        assert np.array_equal(a[name], b[name], equal_nan=a[name].dtype.kind == "f"), name
+
+
+def test_tokens_only_store_completes(make_store: Callable[..., Path]) -> None:
+    """--fields "" (tokens only): every batch is marked done although no array is written per batch."""
+    path = make_store("tiny-gpt2", "ioi", fields="", n_seq=10, batch_size=4)
+    assert done_mask(path).all()
+    ds = open_store(path)
+    assert read_provenance(path).fields == ("tokens",)
+    assert ds.sizes["batch"] == 10 and "io_pos" in ds and validate(path).ok
+
+
+class _Counting(RangeRequestHandler):
+    sent: ClassVar[list[tuple[str, str | None]]] = []
+
+    def log_message(self, format: str, *args: object) -> None:
+        _Counting.sent.append((self.path, self.headers.get("Range")))
+
+
+@pytest.fixture()
+def served(pair: tuple[Path, Path], tmp_path: Path) -> Iterator[str]:
+    shutil.copytree(pair[0], tmp_path / "s.zarr")
+    server = __import__("http.server").server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Counting, directory=str(tmp_path))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/s.zarr"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_http_reads_one_layer_with_range_requests(pair: tuple[Path, Path], served: str) -> None:
+    """Reading one layer of one batch over HTTP fetches the shard's index and that layer's inner chunk
+    (two range requests), not the shard."""
+    ds = open_store(served)
+    _Counting.sent.clear()
+    got = ds["z"].isel(batch=slice(0, 4), layer=1).values
+    np.testing.assert_array_equal(got, open_store(pair[0])["z"].isel(batch=slice(0, 4), layer=1).values)
+    shard_reads = [r for p, r in _Counting.sent if p.startswith("/s.zarr/z/c/")]
+    assert shard_reads and all(r is not None and r.startswith("bytes=") for r in shard_reads), _Counting.sent
+    assert len(shard_reads) == 2, shard_reads  # the index, then layer 1's chunk
