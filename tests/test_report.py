@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import xarray as xr
 from typer.testing import CliRunner
 
 from headstore.cli.registry import analyzers
@@ -355,27 +356,40 @@ def test_run_analyzer_leaves_no_half_output(ioi_store: Path, tmp_path: Path) -> 
 
 
 def test_main_job_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The main job on the tiny model: a rerun extracts nothing and runs no analyzer; it writes a
-    report per store and one for the IOI/ABC pair, with the pair analysis in it."""
+    """The main job on the tiny model: the census page and its tables, a report for the IOI store and one
+    for the IOI/ABC pair; a rerun extracts nothing and runs no analyzer."""
     from headstore.pipeline import MainJob, run_main_job
 
     calls = _count_analyzer_calls(monkeypatch)
     job = MainJob(
-        out=tmp_path / "job", model="tiny-gpt2", n_ioi=4, n_text=2, text_seq_len=16, batch_size=2, device="cpu"
-    )
+        out=tmp_path / "job", model="tiny-gpt2", n_ioi=4, n_text=2, text_seq_len=16, n_repeat=2, repeat_seq_len=11,
+        batch_size=2, device="cpu", top=2,
+    )  # fmt: skip
     first = run_main_job(job)
-    assert calls["ioi-pair"] == 1 and calls["copy-suppression"] == 3  # ioi, ioi-abc, text
-    assert calls["circuits"] == 1  # weights only: computed on ioi, copied to ioi-abc and text
-    for group in ("ioi-abc", "text"):
-        for f in ("summary.csv", "plots.txt"):
-            assert (job.out / group / "circuits" / f).read_bytes() == (job.out / "ioi" / "circuits" / f).read_bytes()
+    assert calls["ioi-pair"] == 1 and calls["circuits"] == 1
+    assert calls["composition"] == 1  # computed by the census, copied into the IOI report's folder
+    assert calls["logit-attribution"] == 3  # census: targets IO and S; IOI report: target io_token
+    assert (job.out / "ioi" / "composition" / "summary.csv").read_bytes() == (
+        job.out / "census" / "weights" / "composition" / "summary.csv"
+    ).read_bytes()
+    findings = pd.read_csv(job.out / "census" / "findings.csv")
+    kinds = set(findings["kind"])
+    assert {"previous-token", "induction", "duplicate-token", "BOS sink", "copy suppression", "calibration"} <= kinds
+    # the top previous-token head is the head with the highest previous-token score in head-scores' output
+    hs = xr.open_zarr(job.out / "census" / "repeated" / "head-scores" / "result.zarr", consolidated=False)
+    prev = hs["previous_token"].transpose("layer", "head").values
+    L, h = np.unravel_index(np.nanargmax(prev), prev.shape)
+    top = findings[(findings["kind"] == "previous-token") & (findings["rank"] == 1)].iloc[0]
+    assert top["head"] == f"{int(hs['layer'].values[L])}.{h}" and abs(top["score"] - prev[L, h]) < 1e-6
+    page = (job.out / "census.html").read_text(encoding="utf-8")
+    assert "Induction circuit" in page and "Path patching" in page and "Calibration with heads removed" in page
     saved = {p.parent.name for p in job.out.glob("*/*/summary.csv")}
     assert {"copy-suppression", "ioi", "ioi-pair"} <= saved
     calls.clear()
     second = run_main_job(job)
-    assert not set(calls) & saved, f"analyzers ran again: {dict(calls)}"
+    assert not calls, f"analyzers ran again: {dict(calls)}"
     assert sorted(second) == sorted(first)
-    for group in ("ioi", "ioi-abc", "text", "ioi-vs-abc"):
+    for group in ("ioi", "ioi-vs-abc"):
         assert (job.out / f"report-{group}.html").is_file()
     pair = (job.out / "report-ioi-vs-abc.html").read_text(encoding="utf-8")
     assert "id='an-ioi-pair'" in pair and "saved output reused" in pair

@@ -40,7 +40,6 @@ def extract(
     prepend_bos: Annotated[bool, typer.Option(help="prepend BOS to each sequence")] = True,
     shard: Annotated[str, typer.Option(help="i/N: fill the i-th of N disjoint batch ranges")] = "0/1",
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
-    layout: Annotated[str, typer.Option(help="files of a new store: sharded (one file per field and batch, all layers) or chunked (one per layer too)")] = "sharded",
 ) -> None:
     """Run the model once over the data and write every per-head field into a Zarr store."""
     try:
@@ -52,7 +51,7 @@ def extract(
                 model=model, data=data, out=str(out), fields=fields, layers=layers,
                 pattern_layers=pattern_layers, seq_len=seq_len,
                 batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, seed=seed,
-                prepend_bos=prepend_bos, shard=shard, progress=progress, layout=layout,
+                prepend_bos=prepend_bos, shard=shard, progress=progress,
             )
         )  # fmt: skip
     except HeadstoreError as e:
@@ -94,8 +93,7 @@ def info(store: str, as_json: Annotated[bool, typer.Option("--json", help="print
     for name, (nbytes, per_tok) in data["sizes"].items():
         t.add_row(name, f"{nbytes / 1e6:.2f}", f"{per_tok:.1f}")
     console.print(t)
-    files = "" if data["n_files"] is None else f", {data['n_files']} files ({prov.get('layout', 'chunked')} layout)"
-    console.print(f"total {data['total_bytes'] / 1e6:.2f} MB, {data['bytes_per_token']:.0f} bytes/token{files}")
+    console.print(f"total {data['total_bytes'] / 1e6:.2f} MB, {data['bytes_per_token']:.0f} bytes/token")
 
 
 @app.command()
@@ -151,11 +149,11 @@ def analyze(
 def run_main(
     out: Annotated[Path, typer.Option(help="output folder for stores, analyses and reports")] = Path("headstore-out"),
     model: Annotated[str, typer.Option(help="model to run")] = "smollm2-135m",
-    n_ioi: Annotated[int, typer.Option(help="IOI prompts (and as many ABC twins)")] = 16,
-    n_text: Annotated[int, typer.Option(help="text windows")] = 8,
+    n_ioi: Annotated[int, typer.Option(help="IOI prompts (and as many ABC twins)")] = 32,
+    n_text: Annotated[int, typer.Option(help="text windows of 128 tokens (calibration)")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
 ) -> None:
-    """The main job: extract IOI, ABC and text stores, run every applicable analyzer, write reports."""
+    """The main job: a head census of the model, the seeds' experiments on heads chosen from the data, reports."""
     try:
         from headstore.pipeline import MainJob, run_main_job
 
@@ -206,27 +204,6 @@ def report(
     except HeadstoreError as e:
         raise _fail(e) from None
     console.print(f"wrote {path}")
-
-
-@app.command()
-def serve(
-    folder: Annotated[Path, typer.Argument(help="folder to serve (stores inside it are read as http://HOST:PORT/NAME.zarr)")] = Path("."),
-    port: Annotated[int, typer.Option(help="port")] = 8000,
-    host: Annotated[str, typer.Option(help="address to bind (0.0.0.0: every interface)")] = "127.0.0.1",
-) -> None:
-    """Serve a folder of stores over HTTP with byte ranges (what sharded stores are read with)."""
-    from headstore.cli.serve import make_server
-
-    if not folder.is_dir():
-        raise _fail(HeadstoreError(f"{folder} is not a folder"))
-    server = make_server(str(folder), host, port)
-    console.print(f"serving {folder} at http://{host}:{server.server_address[1]}/ (Ctrl-C stops)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
 
 
 def main() -> None:
