@@ -40,6 +40,7 @@ def extract(
     prepend_bos: Annotated[bool, typer.Option(help="prepend BOS to each sequence")] = True,
     shard: Annotated[str, typer.Option(help="i/N: fill the i-th of N disjoint batch ranges")] = "0/1",
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    layout: Annotated[str, typer.Option(help="files of a new store: sharded (one file per field and batch, all layers) or chunked (one per layer too)")] = "sharded",
 ) -> None:
     """Run the model once over the data and write every per-head field into a Zarr store."""
     try:
@@ -51,7 +52,7 @@ def extract(
                 model=model, data=data, out=str(out), fields=fields, layers=layers,
                 pattern_layers=pattern_layers, seq_len=seq_len,
                 batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, seed=seed,
-                prepend_bos=prepend_bos, shard=shard, progress=progress,
+                prepend_bos=prepend_bos, shard=shard, progress=progress, layout=layout,
             )
         )  # fmt: skip
     except HeadstoreError as e:
@@ -93,7 +94,8 @@ def info(store: str, as_json: Annotated[bool, typer.Option("--json", help="print
     for name, (nbytes, per_tok) in data["sizes"].items():
         t.add_row(name, f"{nbytes / 1e6:.2f}", f"{per_tok:.1f}")
     console.print(t)
-    console.print(f"total {data['total_bytes'] / 1e6:.2f} MB, {data['bytes_per_token']:.0f} bytes/token")
+    files = "" if data["n_files"] is None else f", {data['n_files']} files ({prov.get('layout', 'chunked')} layout)"
+    console.print(f"total {data['total_bytes'] / 1e6:.2f} MB, {data['bytes_per_token']:.0f} bytes/token{files}")
 
 
 @app.command()
@@ -204,6 +206,27 @@ def report(
     except HeadstoreError as e:
         raise _fail(e) from None
     console.print(f"wrote {path}")
+
+
+@app.command()
+def serve(
+    folder: Annotated[Path, typer.Argument(help="folder to serve (stores inside it are read as http://HOST:PORT/NAME.zarr)")] = Path("."),
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    host: Annotated[str, typer.Option(help="address to bind (0.0.0.0: every interface)")] = "127.0.0.1",
+) -> None:
+    """Serve a folder of stores over HTTP with byte ranges (what sharded stores are read with)."""
+    from headstore.cli.serve import make_server
+
+    if not folder.is_dir():
+        raise _fail(HeadstoreError(f"{folder} is not a folder"))
+    server = make_server(str(folder), host, port)
+    console.print(f"serving {folder} at http://{host}:{server.server_address[1]}/ (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def main() -> None:
