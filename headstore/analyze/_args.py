@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeAlias
 import numpy as np
 import xarray as xr
 
+from headstore.analyze._maths import sequence_lengths
 from headstore.store_schema import HeadstoreError
 
 Head: TypeAlias = tuple[int, int]
@@ -79,21 +80,22 @@ def _per_sequence(ds: xr.Dataset, value: Any, what: str) -> np.ndarray:
 
 
 def lengths(ds: xr.Dataset) -> np.ndarray:
-    """(batch,) real tokens per sequence: the ``length`` column, else ``seq_len`` for every sequence."""
-    if "length" in ds:
-        return np.asarray(ds["length"].values, dtype=np.int64)
-    return np.full(ds.sizes["batch"], ds.sizes["pos"], np.int64)
+    """(batch,) real tokens per sequence, loaded (``_maths.sequence_lengths``)."""
+    return np.asarray(sequence_lengths(ds).values, dtype=np.int64)
+
+
+def _or_column(ds: xr.Dataset, value: Any, what: str, column: str | None, hint: str) -> Any:
+    """``value``, or the store's ``column`` when ``value`` is None (refused, naming both, when absent)."""
+    if value is not None:
+        return value
+    if column is None or column not in ds:
+        raise HeadstoreError(f"{what} was not given and this store has no {column!r} column: pass {what}= ({hint})")
+    return np.asarray(ds[column].values)
 
 
 def positions(ds: xr.Dataset, value: Any, what: str, column: str | None = None) -> xr.DataArray:
     """A position argument (see the module docstring) -> (batch,) int64 positions inside each sequence."""
-    if value is None:
-        if column is None or column not in ds:
-            raise HeadstoreError(
-                f"{what} was not given and this store has no {column!r} column: pass {what}= "
-                "(an int, or one position per sequence)"
-            )
-        value = np.asarray(ds[column].values)
+    value = _or_column(ds, value, what, column, "an int, or one position per sequence")
     pos = _per_sequence(ds, value, what)
     length = lengths(ds)
     pos = np.where(pos < 0, length + pos, pos)
@@ -109,13 +111,9 @@ def positions(ds: xr.Dataset, value: Any, what: str, column: str | None = None) 
 
 def token_ids(ds: xr.Dataset, value: Any, what: str, column: str | None = None) -> xr.DataArray:
     """A token argument -> (batch,) int64 ids, checked against ``d_vocab``."""
-    if value is None:
-        if column is None or column not in ds:
-            raise HeadstoreError(
-                f"{what} was not given and this store has no {column!r} column: pass {what}= "
-                "(a token id, or one per sequence; ds.hs.token_id(' Mary') turns a string into an id)"
-            )
-        value = np.asarray(ds[column].values)
+    value = _or_column(
+        ds, value, what, column, "a token id, or one per sequence; ds.hs.token_id(' Mary') turns a string into an id"
+    )
     if isinstance(value, str):
         raise HeadstoreError(f"{what} takes token ids: write ds.hs.token_id({value!r}) to look the string up")
     ids = _per_sequence(ds, value, what)
@@ -130,7 +128,9 @@ def token(ds: xr.Dataset, value: Any, what: str) -> int:
     if isinstance(value, str):
         return ds.hs.token_id(value)
     if not _is_int(value) or not 0 <= int(value) < ds.hs.config.d_vocab:
-        raise HeadstoreError(f"{what} must be a token id in [0, {ds.hs.config.d_vocab}) or a token string, got {value!r}")
+        raise HeadstoreError(
+            f"{what} must be a token id in [0, {ds.hs.config.d_vocab}) or a token string, got {value!r}"
+        )
     return int(value)
 
 
