@@ -103,11 +103,16 @@ def _extract(job: MainJob, stage: Stages, data: str, fields: str, **kw: object) 
         res = extract(
             ExtractRequest(
                 model=job.model, data=data, out=str(path), fields=fields, batch_size=job.batch_size,
-                device=job.device, **kw,  # type: ignore[arg-type]
+                device=job.device, weights=str(_weights_dir(job)), **kw,  # type: ignore[arg-type]
             )
         )  # fmt: skip
         console.print(f"  {path}: {res.n_sequences} sequences ({res.skipped} batches already done)", highlight=False)
     return path
+
+
+def _weights_dir(job: MainJob) -> Path:
+    """The weights store the job's stores share (W_E, W_EE, W_U, ... written once per model)."""
+    return job.out / "stores" / f"weights-{Path(job.model).name}.zarr"
 
 
 def _weights_key(spec: AnalyzerSpec, datasets: list[xr.Dataset], params: tuple[str, ...]) -> tuple[str, ...] | None:

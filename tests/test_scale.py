@@ -143,3 +143,108 @@ def test_http_reads_one_layer_with_range_requests(pair: tuple[Path, Path], serve
     shard_reads = [r for p, r in _Counting.sent if p.startswith("/s.zarr/z/c/")]
     assert shard_reads and all(r is not None and r.startswith("bytes=") for r in shard_reads), _Counting.sent
     assert len(shard_reads) == 2, shard_reads  # the index, then layer 1's chunk
+
+
+# --- weights once per model ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two stores (IOI, all layers; text, layer 1 only) sharing one weights store under root/."""
+    from headstore.extract import ExtractRequest, extract
+
+    root = tmp_path_factory.mktemp("shared")
+    common = {"model": "tiny-gpt2", "progress": False, "device": "cpu", "weights": str(root / "w" / "tiny.zarr")}
+    extract(ExtractRequest(data="ioi", out=str(root / "a.zarr"), n_seq=8, batch_size=4, **common))  # type: ignore[arg-type]
+    before = {p: p.stat().st_mtime_ns for p in (root / "w").rglob("*") if p.is_file()}
+    extract(ExtractRequest(data="text", out=str(root / "b.zarr"), n_seq=4, seq_len=16, batch_size=4, layers="1", **common))  # type: ignore[arg-type]
+    assert {p: p.stat().st_mtime_ns for p in (root / "w").rglob("*") if p.is_file()} == before, "reused, not rewritten"
+    return root
+
+
+def _same_dataset(a: object, b: object) -> None:
+    import xarray as xr
+
+    assert isinstance(a, xr.Dataset) and isinstance(b, xr.Dataset)
+    assert sorted(a.variables) == sorted(b.variables)
+    for name in a.variables:
+        x, y = a[name].values, b[name].values
+        assert a[name].dims == b[name].dims, name
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name
+
+
+def test_two_stores_share_one_weights_store(shared: Path, make_store: Callable[..., Path]) -> None:
+    a, b = shared / "a.zarr", shared / "b.zarr"
+    for store in (a, b):
+        assert not any((store / n).exists() for n in ("W_E", "W_U", "W_EE", "vocab")), "weights left in the store"
+    ref_a, ref_b = read_provenance(a).weights_store, read_provenance(b).weights_store
+    assert ref_a is not None and ref_b is not None
+    assert ref_a["path"] == "../w/tiny.zarr" and ref_a["sha256"] == ref_b["sha256"]
+    assert "W_EE" in ref_a["arrays"] and "W_EE" not in ref_b["arrays"]  # W_EE only with layer 0 extracted
+    # open_store presents what a self-contained store holds, value for value
+    _same_dataset(open_store(a), open_store(make_store("tiny-gpt2", "ioi", n_seq=8, batch_size=4)))
+    _same_dataset(
+        open_store(b), open_store(make_store("tiny-gpt2", "text", n_seq=4, seq_len=16, batch_size=4, layers="1"))
+    )
+    assert validate(a).ok and validate(b).ok
+
+
+def test_missing_or_changed_weights_store_is_refused_by_name(shared: Path, tmp_path: Path) -> None:
+    from headstore.store_schema import HeadstoreError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shared, copy)
+    w = zarr.open_group(str(copy / "w" / "tiny.zarr"), mode="r+", zarr_format=3)
+    w["W_U"][3, 5] = float(w["W_U"][3, 5]) + 1e-3  # type: ignore[index, arg-type]  # one changed value
+    for store in ("a.zarr", "b.zarr"):
+        with pytest.raises(HeadstoreError, match=r"weights store .*tiny\.zarr holds different weights") as ei:
+            open_store(copy / store)
+        assert "\n" not in str(ei.value)
+    assert any(p.startswith("weights store: ") for p in validate(copy / "a.zarr").problems)
+    shutil.rmtree(copy / "w")
+    with pytest.raises(HeadstoreError, match=r"weights store \.\./w/tiny\.zarr .* which is missing"):
+        open_store(copy / "a.zarr")
+    res = CliRunner().invoke(app, ["analyze", "copy-suppression", str(copy / "a.zarr"), "--out", str(tmp_path / "o")])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "which is missing" in lines[0], res.stderr
+
+
+def test_pack_writes_a_self_contained_copy(shared: Path, tmp_path: Path, make_store: Callable[..., Path]) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(shared, copy)
+    before = open_store(copy / "a.zarr").load()
+    res = CliRunner().invoke(app, ["pack", str(copy / "a.zarr"), str(tmp_path / "packed.zarr")])
+    assert res.exit_code == 0, res.output
+    shutil.rmtree(copy / "w")  # the packed copy needs no weights store
+    packed = tmp_path / "packed.zarr"
+    assert read_provenance(packed).weights_store is None
+    _same_dataset(open_store(packed), before)
+    # array by array what extract writes without --weights (W_EE included)
+    own = _raw(make_store("tiny-gpt2", "ioi", n_seq=8, batch_size=4))
+    got = _raw(packed)
+    assert sorted(got) == sorted(own)
+    for name in got:
+        assert np.array_equal(got[name], own[name], equal_nan=got[name].dtype.kind == "f"), name
+    assert validate(packed).ok
+
+
+def test_weights_store_of_another_model_is_refused(shared: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["extract", "--model", "tiny-llama", "--data", "ioi", "--n-seq", "4", "--batch-size",
+                                   "4", "--out", str(tmp_path / "l.zarr"), "--weights", str(shared / "w" / "tiny.zarr"),
+                                   "--no-progress"])  # fmt: skip
+    assert res.exit_code == 2 and "holds another model's weights" in res.stderr, res.output
+    assert not (tmp_path / "l.zarr").exists()
+
+
+def test_store_and_weights_store_over_http(shared: Path) -> None:
+    """The relative reference resolves against the store's URL."""
+    from headstore.cli.serve import make_server
+
+    server = make_server(str(shared), port=0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        remote = open_store(f"http://127.0.0.1:{server.server_address[1]}/a.zarr")
+        _same_dataset(remote, open_store(shared / "a.zarr"))
+    finally:
+        server.shutdown()
+        server.server_close()

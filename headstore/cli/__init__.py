@@ -41,6 +41,7 @@ def extract(
     shard: Annotated[str, typer.Option(help="i/N: fill the i-th of N disjoint batch ranges")] = "0/1",
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     layout: Annotated[str, typer.Option(help="files of a new store: sharded (one file per field and batch, all layers) or chunked (one per layer too)")] = "sharded",
+    weights: Annotated[str | None, typer.Option(help="shared weights store to create or reuse (W_E, W_EE, W_U, ... once per model); the store references it")] = None,
 ) -> None:
     """Run the model once over the data and write every per-head field into a Zarr store."""
     try:
@@ -52,7 +53,7 @@ def extract(
                 model=model, data=data, out=str(out), fields=fields, layers=layers,
                 pattern_layers=pattern_layers, seq_len=seq_len,
                 batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, seed=seed,
-                prepend_bos=prepend_bos, shard=shard, progress=progress, layout=layout,
+                prepend_bos=prepend_bos, shard=shard, progress=progress, layout=layout, weights=weights,
             )
         )  # fmt: skip
     except HeadstoreError as e:
@@ -81,6 +82,9 @@ def info(store: str, as_json: Annotated[bool, typer.Option("--json", help="print
     m = prov["model"]
     console.print(f"model      {m['name']}  ({m['config'].get('architecture', '')}, processing {m['processing']})")
     console.print(f"weights    sha256 {m['weights_sha256'][:16]}...")
+    if prov.get("weights_store"):
+        ref = prov["weights_store"]
+        console.print(f"           {', '.join(ref['arrays'])} from weights store {ref['path']} (sha256 {ref['sha256'][:16]}...)")
     console.print(f"tokenizer  {prov['tokenizer']['name']}  vocab {prov['tokenizer']['vocab_size']}")
     d = prov["dataset"]
     console.print(f"dataset    {d['kind']} ({d['spec']})  {d['n_sequences']} sequences x {prov['seq_len']} tokens")
@@ -206,6 +210,21 @@ def report(
     except HeadstoreError as e:
         raise _fail(e) from None
     console.print(f"wrote {path}")
+
+
+@app.command()
+def pack(
+    store: Annotated[Path, typer.Argument(help="a local store (it may reference a shared weights store)")],
+    out: Annotated[Path, typer.Argument(help="the self-contained copy to write")],
+) -> None:
+    """Write a self-contained copy of a store: the weights it takes from a shared weights store copied in."""
+    try:
+        from headstore.store_schema.weights_store import pack as run_pack
+
+        path = run_pack(store, out)
+    except HeadstoreError as e:
+        raise _fail(e) from None
+    console.print(f"wrote {path} (self-contained)")
 
 
 @app.command()

@@ -7,6 +7,7 @@ command resumes where a crash left off.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import hashlib
@@ -38,6 +39,7 @@ from headstore.store_schema import (
 )
 from headstore.store_schema.io import store_sizes
 from headstore.store_schema.layout import LAYOUTS, SCHEMA_VERSION, STORAGE_DTYPES
+from headstore.store_schema.weights_store import SHARED, ensure_weights_store, relative_ref
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class ExtractRequest:
     shard: str = "0/1"
     progress: bool = True
     layout: str = "sharded"
+    weights: str | None = None  # a shared weights store to create or reuse (W_E, W_EE, W_U, ...)
 
 
 @dataclass(frozen=True)
@@ -226,7 +229,7 @@ def extract(req: ExtractRequest) -> ExtractResult:
     else:
         if derives_pattern(fields):  # compact store: refuse a model whose pattern open_store cannot derive
             check_pattern_derivable(model, ds.tokens, layers)
-        _create(out, prov, ds, model, weights)
+        _create(out, prov, ds, model, weights, req.weights)
     return _fill(out, model, ds, prov, shard_i, shard_n, req.progress, time.perf_counter() - t0)
 
 
@@ -245,11 +248,27 @@ def _parse_pattern_layers(
     return chosen
 
 
-def _create(out: Path, prov: Provenance, ds: TokenDataset, model: LoadedModel, weights: dict[str, np.ndarray]) -> None:
+def _create(
+    out: Path,
+    prov: Provenance,
+    ds: TokenDataset,
+    model: LoadedModel,
+    weights: dict[str, np.ndarray],
+    shared_dir: str | None = None,
+) -> None:
+    """Create the store; with ``shared_dir`` the model-wide weights go to (or come from) that weights store."""
     weights = dict(weights)
-    if 0 in prov.layers:
-        weights["W_EE"] = effective_embedding(model)
     weights["vocab"] = vocab_strings(model.tokenizer, prov.config["d_vocab"])
+    if shared_dir is None:
+        if 0 in prov.layers:
+            weights["W_EE"] = effective_embedding(model)
+    else:
+        shared = {k: weights.pop(k) for k in SHARED if k in weights}
+        model_info = {"name": prov.model["name"], "weights_sha256": prov.model["weights_sha256"]}
+        sha = ensure_weights_store(shared_dir, shared, lambda: {"W_EE": effective_embedding(model)}, model_info)
+        taken = sorted([*shared, *(["W_EE"] if 0 in prov.layers else [])])
+        ref = {"path": relative_ref(out, shared_dir), "sha256": sha, "arrays": taken}
+        prov = dataclasses.replace(prov, weights_store=ref)
     sizes = store_sizes(prov.config, prov, ds.tokens.shape[0])
     try:
         create_store(out, prov, sizes, ds.tokens, ds.columns, weights)

@@ -341,6 +341,12 @@ def open_store(
     if missing:
         raise HeadstoreError(f"store lacks {', '.join(missing)} that its attrs list: the store is damaged")
     ds = _guard_reads(ds, _open_group(path, storage_options), prov.fields, str(path))
+    if prov.weights_store is not None:  # W_E, W_U, ... from the shared weights store, hash verified
+        from headstore.store_schema.weights_store import open_weights
+
+        wds = open_weights(str(path), prov.weights_store, storage_options)
+        for name in wds.data_vars:
+            ds[name] = wds[name]
     ds = ds.assign_coords(layer=("layer", np.asarray(prov.layers, dtype=np.int64)))
     if "result" not in ds and "z" in ds and "W_O" in ds:
         ds["result"] = derived_result(ds["z"], ds["W_O"])
@@ -524,6 +530,13 @@ def validate(path: str | os.PathLike[str], storage_options: dict[str, Any] | Non
             arr = root[wname]
             assert isinstance(arr, zarr.Array)
             problems.extend(_check_chunks(arr, wname, None))
+    if prov.weights_store is not None:  # every array of it read back (crc32c) and hashed
+        from headstore.store_schema.weights_store import verify
+
+        try:
+            verify(str(path), prov.weights_store, storage_options, fresh=True)
+        except HeadstoreError as e:
+            problems.append(f"weights store: {e}")
     return ValidationReport(str(path), n, int(done.sum()), tuple(problems))
 
 

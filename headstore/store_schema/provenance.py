@@ -95,6 +95,10 @@ class Provenance:
     # batch and layer: every store made before the attr existed). Not part of ``identity``: a resume
     # writes the way the store was created.
     layout: str = "chunked"
+    # the shared weights store this store takes W_E, W_EE, W_U, ... from (``extract --weights``):
+    # {"path": relative to the store or a URL, "sha256": of its arrays, "arrays": names taken}; None:
+    # self-contained. Not part of ``identity`` (the weights themselves are, via model.weights_sha256).
+    weights_store: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -128,7 +132,7 @@ class Provenance:
                 f"store has schema version {version}, older than {SCHEMA_VERSION}: re-extract it"
             )
         names = {f.name for f in fields(cls)}
-        missing = sorted(n for n in names - set(d) if n not in ("versions", "created", "pattern_layers", "layout"))
+        missing = sorted(n for n in names - set(d) if n not in ("versions", "created", "pattern_layers", "layout", "weights_store"))
         if missing:
             raise HeadstoreError(f"store attrs lack {', '.join(missing)}: the store is damaged; re-extract it")
         kwargs = {k: d[k] for k in names if k in d}
@@ -143,6 +147,7 @@ class Provenance:
                 raise HeadstoreError(f"store attr {key} must be a positive integer, got {kwargs[key]}")
         if kwargs.setdefault("layout", "chunked") not in LAYOUTS:
             raise HeadstoreError(f"store attr layout must be one of {LAYOUTS}, got {_short(kwargs['layout'])}")
+        kwargs["weights_store"] = _weights_ref(kwargs.get("weights_store"))
         if kwargs["storage_dtype"] not in STORAGE_DTYPES:
             raise HeadstoreError(f"store attr storage_dtype must be one of {STORAGE_DTYPES}")
         _expect(kwargs, "fields", list)
@@ -222,6 +227,23 @@ def _pattern_layers(value: Any, layers: tuple[int, ...], fields: tuple[str, ...]
             f"store attr pattern_layers {_short(value)} must be a sorted, non-empty subset of layers {list(layers)}"
         )
     return tuple(value)
+
+
+def _weights_ref(value: Any) -> dict[str, Any] | None:
+    """Check attr ``weights_store``: null, or {path: str, sha256: 64 hex digits, arrays: [str, ...]}."""
+    if value is None:
+        return None
+    ok = (
+        isinstance(value, dict)
+        and isinstance(value.get("path"), str)
+        and isinstance(value.get("sha256"), str)
+        and len(value["sha256"]) == 64
+        and isinstance(value.get("arrays"), list)
+        and all(isinstance(x, str) for x in value["arrays"])
+    )
+    if not ok:
+        raise HeadstoreError(f"store attr weights_store must be null or {{path, sha256, arrays}}, got {_short(value)}")
+    return dict(value)
 
 
 def _expect(d: dict[str, Any], key: str, typ: type) -> None:
