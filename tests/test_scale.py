@@ -248,3 +248,79 @@ def test_store_and_weights_store_over_http(shared: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- bfloat16 models -----------------------------------------------------------------------------
+
+LIVE_HOOKS = {  # field -> TransformerLens hook of layer L, written out here (not taken from the extractor)
+    "pattern": "blocks.{L}.attn.hook_pattern",
+    "v": "blocks.{L}.attn.hook_v",
+    "z": "blocks.{L}.attn.hook_z",
+    "ln1_scale": "blocks.{L}.ln1.hook_scale",
+    "resid_final": "blocks.1.hook_resid_post",
+}
+
+
+@pytest.mark.parametrize("store_dtype", ["float16", "float32"])
+def test_bfloat16_model_stored_as_its_live_cache(store_dtype: str, tmp_path: Path) -> None:
+    """tiny-llama cast to bfloat16 on the CPU: float16 storage holds every bf16 value exactly (they fit),
+    float32 storage too; both equal the live bf16 bridge's cache, batch by batch."""
+    import torch
+
+    from headstore.extract import ExtractRequest, extract
+    from headstore.extract.models import load_model
+
+    out = tmp_path / "bf16.zarr"
+    extract(ExtractRequest(model="tiny-llama", data="ioi", out=str(out), n_seq=8, batch_size=4, device="cpu",
+                           model_dtype="bfloat16", dtype=store_dtype, progress=False))  # fmt: skip
+    ds = open_store(out)
+    assert read_provenance(out).model["dtype"] == "bfloat16"
+    live = load_model("tiny-llama", "cpu", "bfloat16")
+    assert live.bridge.W_U.dtype == torch.bfloat16
+    tokens = ds["tokens"].values
+    for b0 in (0, 4):  # the extractor's batches
+        with torch.inference_mode():
+            _, cache = live.bridge.run_with_cache(torch.as_tensor(tokens[b0 : b0 + 4], dtype=torch.long))
+        for name, hook in LIVE_HOOKS.items():
+            got = ds[name].isel(batch=slice(b0, b0 + 4)).values
+            ref = [cache[hook.format(L=L)] for L in (0, 1)] if "{L}" in hook else [cache[hook]]
+            want = torch.stack(ref, 1) if "{L}" in hook else ref[0]
+            want = want[..., 0] if name.endswith("_scale") else want
+            assert got.dtype == (np.float16 if store_dtype == "float16" and name in ("pattern", "v", "z") else np.float32)
+            np.testing.assert_array_equal(got, want.to(torch.from_numpy(got[:0]).dtype).numpy(), err_msg=name)
+            if name in ("pattern", "v", "z"):
+                assert want.dtype == torch.bfloat16, name  # the model really ran in bfloat16
+
+
+@pytest.fixture(scope="module")
+def loud_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-gpt2 with layer 1's value weights x 1e6: v and z exceed float16's range, not bfloat16's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from headstore.extract.models import _tiny_folder
+
+    src = _tiny_folder("tiny-gpt2")
+    folder = tmp_path_factory.mktemp("loud") / "loud-gpt2"
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    d = hf.config.n_embd
+    with torch.no_grad():
+        hf.transformer.h[1].attn.c_attn.weight[:, 2 * d :] *= 1e6
+    hf.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(src).save_pretrained(folder)
+    return folder
+
+
+def test_float16_overflow_is_refused_naming_field_layer_and_magnitude(loud_model: Path, tmp_path: Path) -> None:
+    argv = ["extract", "--model", str(loud_model), "--data", "ioi", "--n-seq", "4", "--batch-size", "4",
+            "--device", "cpu", "--model-dtype", "bfloat16", "--no-progress"]  # fmt: skip
+    res = CliRunner().invoke(app, [*argv, "--dtype", "float16", "--out", str(tmp_path / "f16.zarr")])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert "v at layer 1 reaches" in lines[0] and "beyond float16's 65504" in lines[0] and "--dtype float32" in lines[0]
+    big = float(lines[0].split("reaches ")[1].split(",")[0])
+    assert big > 65504
+    res = CliRunner().invoke(app, [*argv, "--dtype", "float32", "--out", str(tmp_path / "f32.zarr")])
+    assert res.exit_code == 0, res.output
+    v = open_store(tmp_path / "f32.zarr")["v"].sel(layer=1).values
+    assert np.isfinite(v).all() and np.abs(v).max() == pytest.approx(big, rel=1e-3)

@@ -35,7 +35,8 @@ def extract(
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass (= chunk along batch)")] = 8,
     n_seq: Annotated[int | None, typer.Option(help="number of sequences")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1")] = "auto",
-    dtype: Annotated[str, typer.Option(help="storage dtype of activations: float32 or float16")] = "float32",
+    dtype: Annotated[str, typer.Option(help="storage dtype of activations: float32 or float16 (a value beyond float16's range is refused, never stored as inf)")] = "float32",
+    model_dtype: Annotated[str, typer.Option(help="dtype the model runs in: float32, bfloat16 (as GPU jobs run; store as --dtype float16 or float32) or float16")] = "float32",
     seed: Annotated[int, typer.Option(help="seed of generated datasets")] = 0,
     prepend_bos: Annotated[bool, typer.Option(help="prepend BOS to each sequence")] = True,
     shard: Annotated[str, typer.Option(help="i/N: fill the i-th of N disjoint batch ranges")] = "0/1",
@@ -52,7 +53,7 @@ def extract(
             ExtractRequest(
                 model=model, data=data, out=str(out), fields=fields, layers=layers,
                 pattern_layers=pattern_layers, seq_len=seq_len,
-                batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, seed=seed,
+                batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, model_dtype=model_dtype, seed=seed,
                 prepend_bos=prepend_bos, shard=shard, progress=progress, layout=layout, weights=weights,
             )
         )  # fmt: skip

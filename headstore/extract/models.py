@@ -21,6 +21,8 @@ import torch
 from headstore.store_schema.errors import HeadstoreError
 
 PROCESSING = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
+# the dtype the model runs in (``extract --model-dtype``); activations are then stored as --dtype says
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = ("tiny-gpt2", "tiny-llama")
 EMBEDDED = ("smollm2-135m", *TINY)
@@ -62,8 +64,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HEADSTORE_CACHE", Path.home() / ".cache" / "headstore"))
 
 
-def load_model(name: str, device: str = "auto") -> LoadedModel:
-    """Boot ``name`` as a bridge with ``enable_compatibility_mode`` and ``use_attn_result``."""
+def load_model(name: str, device: str = "auto", dtype: str = "float32") -> LoadedModel:
+    """Boot ``name`` as a bridge with ``enable_compatibility_mode`` and ``use_attn_result``, its weights and
+    computation in ``dtype`` (a key of ``MODEL_DTYPES``)."""
+    if dtype not in MODEL_DTYPES:
+        raise HeadstoreError(f"--model-dtype {dtype!r}: choose {', '.join(MODEL_DTYPES)}")
     dev = resolve_device(device)
     folder: Path | None
     if name in TINY:
@@ -79,7 +84,7 @@ def load_model(name: str, device: str = "auto") -> LoadedModel:
         raise HeadstoreError(
             f"unknown model {name!r}: use {', '.join(EMBEDDED)}, a Hugging Face id (org/name) or a local model folder"
         )
-    return _boot(name, str(folder) if folder else name, dev, source)
+    return _boot(name, str(folder) if folder else name, dev, source, dtype)
 
 
 def resolve_device(device: str) -> str:
@@ -90,17 +95,19 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _boot(name: str, where: str, device: str, source: dict[str, Any]) -> LoadedModel:
+def _boot(name: str, where: str, device: str, source: dict[str, Any], dtype: str = "float32") -> LoadedModel:
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(where)
-        hf = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(where, dtype=MODEL_DTYPES[dtype])
     except OSError as e:
         raise HeadstoreError(f"cannot load model {name!r} ({str(e).splitlines()[0][:120]}): check the name or folder") from e
     hf.eval()
-    bridge = TransformerBridge.boot_transformers(where, hf_model=hf, tokenizer=tok, device=device)
+    bridge = TransformerBridge.boot_transformers(
+        where, hf_model=hf, tokenizer=tok, device=device, dtype=MODEL_DTYPES[dtype]
+    )
     bridge.enable_compatibility_mode(disable_warnings=True, **PROCESSING)
     bridge.set_use_attn_result(True)
     return LoadedModel(name=name, bridge=bridge, tokenizer=bridge.tokenizer, source=source)

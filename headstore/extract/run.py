@@ -55,6 +55,7 @@ class ExtractRequest:
     n_seq: int | None = None
     device: str = "auto"
     dtype: str = "float32"
+    model_dtype: str = "float32"  # what the model runs in: float32, bfloat16 (as GPU jobs run) or float16
     seed: int = 0
     prepend_bos: bool = True
     shard: str = "0/1"
@@ -194,7 +195,7 @@ def extract(req: ExtractRequest) -> ExtractResult:
     out = Path(req.out)
     existing = _check_out(out)
     _quiet_hf_loading()
-    model = load_model(req.model, req.device)
+    model = load_model(req.model, req.device, req.model_dtype)
     cfg = model.config_dict()
     layers = parse_layers(req.layers, cfg["n_layers"])
     pattern_layers = _parse_pattern_layers(req.pattern_layers, cfg["n_layers"], layers, fields)
@@ -209,6 +210,7 @@ def extract(req: ExtractRequest) -> ExtractResult:
             "source": model.source,
             "config": cfg,
             "processing": dict(PROCESSING),
+            "dtype": req.model_dtype,
             "weights_sha256": weights_sha256(weights),
         },
         tokenizer=_tokenizer_info(model.tokenizer),
@@ -366,6 +368,26 @@ def _copy_stream(dev: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(dev)
 
 
+def to_storage(name: str, t: torch.Tensor, dtype: torch.dtype, prov: Provenance) -> torch.Tensor:
+    """``t`` in its storage dtype, contiguous. float16 holds bfloat16's values exactly up to 65504: a value
+    beyond is refused naming field, layer and magnitude, never stored as inf (one isfinite pass)."""
+    out = t.to(dtype).contiguous()
+    if dtype == torch.float16 and not bool(torch.isfinite(out).all()):
+        fine = torch.isfinite(t)
+        if bool((fine & ~torch.isfinite(out)).any()):  # inf/NaN the model itself made are stored as they are
+            mag = t.float().abs().masked_fill(~fine, 0)
+            where, big = "", float(mag.max())
+            if FIELDS[name].per_layer:
+                per = mag.transpose(0, 1).reshape(mag.shape[1], -1).amax(dim=1)
+                layers = prov.stored_pattern_layers if name == "pattern" else prov.layers
+                where = f" at layer {layers[int(per.argmax())]}"
+            raise HeadstoreError(
+                f"{name}{where} reaches {big:.4g}, beyond float16's 65504: extract with --dtype float32 "
+                "(a new --out) to store it"
+            )
+    return out
+
+
 @torch.inference_mode()
 def run_batch(model: LoadedModel, toks: np.ndarray, prov: Provenance, hooks: dict[str, list[str]]) -> HostBatch:
     """One forward pass; returns its fields in storage layout, copying to host (see HostBatch)."""
@@ -388,7 +410,7 @@ def run_batch(model: LoadedModel, toks: np.ndarray, prov: Provenance, hooks: dic
                 t = t[..., 0]
         want = FIELDS[name].dtype
         dtype = torch.float16 if (want == "storage" and prov.storage_dtype == "float16") else torch.float32
-        tensors[name] = t.to(dtype).contiguous()
+        tensors[name] = to_storage(name, t, dtype, prov)
         assert tensors[name].ndim == len(dims), (name, tensors[name].shape, dims)
     if "loss" in prov.fields:
         logp = torch.log_softmax(logits.float(), dim=-1)

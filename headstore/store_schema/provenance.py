@@ -182,6 +182,7 @@ class Provenance:
             "model.name": self.model.get("name"),
             "model.weights_sha256": self.model.get("weights_sha256"),
             "model.processing": self.model.get("processing"),
+            "model.dtype": self.model.get("dtype", "float32"),
             "tokenizer": self.tokenizer,
             "dataset": self.dataset,
             "prepend_bos": self.prepend_bos,
