@@ -350,7 +350,8 @@ def run_main_job(job: MainJob) -> list[Path]:
                 by_weights.setdefault(key, folder)
         report = job.out / f"report-{group}.html"
         with stage(f"report {group}"):
-            write_report(stores, report, results=job.out / group, progress=False)
+            exclude = {n: "in the census (census.html), on text" for g, n in IN_CENSUS_ONLY if g == group}
+            write_report(stores, report, results=job.out / group, progress=False, exclude=exclude)
         console.print(f"  [green]report[/green] {report}", highlight=False)
         outputs.append(report)
     console.print(stage.table())

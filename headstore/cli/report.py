@@ -19,7 +19,7 @@ import html
 import inspect
 import json
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,6 +238,7 @@ def run_analyzers(
     scheduler: str | None = None,
     progress: bool = True,
     top: int = TOP_ROWS,
+    exclude: Mapping[str, str] | None = None,
 ) -> list[AnalyzerOutcome]:
     from tqdm.auto import tqdm
 
@@ -250,6 +251,9 @@ def run_analyzers(
     except Exception as e:  # a broken analyzer module must not cost the rest of the page
         return [AnalyzerOutcome("(registry)", "failed", f"could not list analyzers: {type(e).__name__}: {e}")]
     to_run, outcomes = plan(specs, datasets)
+    excluded = [s for s in to_run if s.name in (exclude or {})]
+    to_run = [s for s in to_run if s not in excluded]
+    outcomes += [AnalyzerOutcome(s.name, "skipped", (exclude or {})[s.name], str(s.doc or "")) for s in excluded]
     bar = tqdm(to_run, desc="analyzers", unit="analyzer", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(spec.name)
@@ -482,6 +486,7 @@ def render_report(
     progress: bool = True,
     top: int = TOP_ROWS,
     results: str | Path | None = None,
+    exclude: Mapping[str, str] | None = None,
 ) -> str:
     """The report page as a string (see ``write_report``)."""
     import plotly.offline
@@ -509,6 +514,7 @@ def render_report(
             scheduler=scheduler,
             progress=progress,
             top=top,
+            exclude=exclude,
         )
     labels = [f"store {i + 1}" if len(stores) > 1 else "store" for i in range(len(stores))]
 
@@ -574,6 +580,7 @@ def write_report(
     progress: bool = True,
     top: int = TOP_ROWS,
     results: str | Path | None = None,
+    exclude: Mapping[str, str] | None = None,
 ) -> Path:
     """Render the report for one store (or a pair, for two-store analyzers) into the HTML file ``out``.
 
@@ -583,7 +590,7 @@ def write_report(
     ``results``: a folder of analyzer outputs for these stores (``OUT`` of ``headstore analyze
     --out OUT``, or a store's folder of the main job). Outputs found there (``NAME/``) are reused,
     not recomputed; the missing ones are computed and saved there. Without it, everything is
-    computed in a temporary folder.
+    computed in a temporary folder. ``exclude``: analyzer name -> why it is left out of this page.
     """
     page = render_report(
         stores,
@@ -594,6 +601,7 @@ def write_report(
         progress=progress,
         top=top,
         results=results,
+        exclude=exclude,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
