@@ -324,3 +324,106 @@ def test_float16_overflow_is_refused_naming_field_layer_and_magnitude(loud_model
     assert res.exit_code == 0, res.output
     v = open_store(tmp_path / "f32.zarr")["v"].sel(layer=1).values
     assert np.isfinite(v).all() and np.abs(v).max() == pytest.approx(big, rel=1e-3)
+
+
+# --- a plan before the run; a full disk -----------------------------------------------------------
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"model": "tiny-gpt2", "data": "ioi", "n_seq": 10, "batch_size": 4},  # a short last batch
+        {"model": "tiny-llama", "data": "text", "n_seq": 8, "seq_len": 32, "batch_size": 4, "fields": "all",
+         "dtype": "float16", "layout": "chunked", "pattern_layers": "1"},
+    ],
+    ids=["gpt2-ioi", "llama-text-all-f16-chunked"],
+)
+def test_dry_run_plan_matches_the_store_written(kw: dict[str, object], tmp_path: Path) -> None:
+    from headstore.extract import ExtractRequest, extract
+    from headstore.store_schema.io import array_nbytes_on_disk
+
+    out = tmp_path / "s.zarr"
+    dry = extract(ExtractRequest(out=str(out), device="cpu", progress=False, dry_run=True, **kw))  # type: ignore[arg-type]
+    assert not out.exists() and not list(tmp_path.iterdir()), "a dry run writes nothing"
+    plan = dry.plan
+    assert plan is not None and plan.measured and plan.seconds_per_batch["forward"] > 0
+    extract(ExtractRequest(out=str(out), device="cpu", progress=False, **kw))  # type: ignore[arg-type]
+    disk = array_nbytes_on_disk(out)
+    n_tok = plan.n_tokens
+    assert n_tok == open_store(out).sizes["batch"] * open_store(out).sizes["pos"]
+    for f in plan.fields:
+        assert f.bytes_per_token == pytest.approx(disk[f.name] / n_tok, rel=0.10), f.name
+    assert plan.total_bytes == pytest.approx(_disk_bytes(out), rel=0.10)
+    assert plan.n_files == pytest.approx(len(_files(out)), rel=0.10)
+    # the CLI prints it, per field, and writes nothing
+    argv = ["extract", "--out", str(tmp_path / "cli.zarr"), "--device", "cpu", "--no-progress", "--dry-run"]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    res = CliRunner().invoke(app, argv)
+    text = " ".join(res.output.split())
+    assert res.exit_code == 0 and "dry run: nothing written" in text and "B/token" in text and "files" in text
+    assert "time: about" in text and not (tmp_path / "cli.zarr").exists()
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MB tmpfs mounted for the test (skipped where mounting is not allowed)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:100]}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_refused_up_front_then_mid_run_then_resumes(small_disk: Path, make_store: Callable[..., Path]) -> None:
+    import shutil as sh
+
+    from headstore.extract import ExtractRequest, extract
+
+    kw = {"model": "tiny-gpt2", "data": "ioi", "n_seq": 24, "batch_size": 4}
+    out = small_disk / "s.zarr"
+    plan = extract(ExtractRequest(out=str(out), device="cpu", progress=False, dry_run=True, **kw)).plan  # type: ignore[arg-type]
+    assert plan is not None
+    # leave room for the weights and metadata and about half the batches
+    fields = sum(f.total_bytes for f in plan.fields)
+    room = plan.weights_bytes + plan.other_bytes + fields // 2 + plan.n_files * 4096
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (sh.disk_usage(small_disk).free - room))
+    argv = ["extract", "--out", str(out), "--device", "cpu", "--no-progress"]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+
+    res = CliRunner().invoke(app, argv)  # the plan does not fit: refused before anything is written
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "not enough space at" in lines[0] and "--ignore-space" in lines[0]
+    assert not out.exists()
+
+    res = CliRunner().invoke(app, [*argv, "--ignore-space"])  # starts, fills the disk mid-run
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    n_done = int(lines[0].split(" after ")[1].split(" of ")[0])
+    assert lines[0] == (
+        f"error: disk full at {out} after {n_done} of 6 batches: free space and rerun the same command to resume"
+    )
+    assert 0 < n_done < 6 and done_mask(out).sum() == 4 * n_done
+
+    filler.unlink()  # space freed: the same command resumes and finishes
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    assert f"{6 - n_done} batches, {n_done} already done" in " ".join(res.output.split())
+    assert not list(out.rglob("*.partial"))
+    a, b = _raw(out), _raw(make_store("tiny-gpt2", "ioi", n_seq=24, batch_size=4))
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert np.array_equal(a[name], b[name], equal_nan=a[name].dtype.kind == "f"), name
+    assert validate(out).ok

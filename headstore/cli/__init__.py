@@ -43,6 +43,8 @@ def extract(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     layout: Annotated[str, typer.Option(help="files of a new store: sharded (one file per field and batch, all layers) or chunked (one per layer too)")] = "sharded",
     weights: Annotated[str | None, typer.Option(help="shared weights store to create or reuse (W_E, W_EE, W_U, ... once per model); the store references it")] = None,
+    dry_run: Annotated[bool, typer.Option(help="print the plan (bytes per field, files, weights, time from one timed batch) and write nothing")] = False,
+    ignore_space: Annotated[bool, typer.Option(help="start even when the target has less free space than the plan")] = False,
 ) -> None:
     """Run the model once over the data and write every per-head field into a Zarr store."""
     try:
@@ -55,10 +57,16 @@ def extract(
                 pattern_layers=pattern_layers, seq_len=seq_len,
                 batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, model_dtype=model_dtype, seed=seed,
                 prepend_bos=prepend_bos, shard=shard, progress=progress, layout=layout, weights=weights,
+                dry_run=dry_run, ignore_space=ignore_space,
             )
         )  # fmt: skip
     except HeadstoreError as e:
         raise _fail(e) from None
+    if dry_run and res.plan is not None:
+        for line in res.plan.lines():
+            console.print(line, highlight=False, soft_wrap=True)
+        console.print("dry run: nothing written", highlight=False)
+        return
     console.print(
         f"{res.path}: {res.n_sequences} sequences; wrote {res.written} batches, "
         f"{res.skipped} already done, {res.seconds:.1f} s (set-up {res.setup_seconds:.1f} s, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import errno
 import functools
 import hashlib
 import importlib.metadata
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from headstore.extract.compact import check_pattern_derivable, derives_pattern
 from headstore.extract.data import DataRequest, TokenDataset, build_dataset
 from headstore.extract.models import PROCESSING, LoadedModel, load_model
+from headstore.extract.plan import Plan, check_space, disk_full, plan_extract
 from headstore.extract.weights import collect_weights, effective_embedding, vocab_strings, weights_sha256
 from headstore.store_schema import (
     FIELDS,
@@ -62,6 +64,8 @@ class ExtractRequest:
     progress: bool = True
     layout: str = "sharded"
     weights: str | None = None  # a shared weights store to create or reuse (W_E, W_EE, W_U, ...)
+    dry_run: bool = False  # plan only (bytes, files, time from one timed batch): nothing written
+    ignore_space: bool = False  # start even when the target has less free space than the plan
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,7 @@ class ExtractResult:
     write_wait_seconds: float
     fill_cpu_seconds: float
     n_tokens_written: int
+    plan: Plan | None = None  # what the store takes (bytes, files); the only output of a dry run
 
     @property
     def seconds(self) -> float:
@@ -228,11 +233,26 @@ def extract(req: ExtractRequest) -> ExtractResult:
     )
     if existing is not None:
         existing.check_same_run(prov)
-    else:
-        if derives_pattern(fields):  # compact store: refuse a model whose pattern open_store cannot derive
-            check_pattern_derivable(model, ds.tokens, layers)
-        _create(out, prov, ds, model, weights, req.weights)
-    return _fill(out, model, ds, prov, shard_i, shard_n, req.progress, time.perf_counter() - t0)
+    starts = list(range(0, ds.tokens.shape[0], req.batch_size))
+    per = -(-len(starts) // shard_n)
+    hooks = hook_names(prov.fields, prov.layers, prov.config["n_layers"], model.rotary, prov.pattern_layers)
+    plan = plan_extract(out, prov, ds, model, weights, req.weights, existing is not None,
+                        starts[shard_i * per : (shard_i + 1) * per], hooks if req.dry_run else None)  # fmt: skip
+    if req.dry_run:
+        return ExtractResult(str(out), ds.tokens.shape[0], 0, 0, time.perf_counter() - t0, 0.0, 0.0, 0.0, 0, plan)
+    if not req.ignore_space:
+        check_space(plan)
+    try:
+        if existing is None:
+            if derives_pattern(fields):  # compact store: refuse a model whose pattern open_store cannot derive
+                check_pattern_derivable(model, ds.tokens, layers)
+            _create(out, prov, ds, model, weights, req.weights)
+        res = _fill(out, model, ds, prov, shard_i, shard_n, req.progress, time.perf_counter() - t0)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise disk_full(out, ds.tokens.shape[0], req.batch_size) from None
+    return dataclasses.replace(res, plan=plan)
 
 
 def _parse_pattern_layers(

@@ -126,14 +126,7 @@ def create_store(
         tok_arr = root["tokens"]
         assert isinstance(tok_arr, zarr.Array)
         tok_arr[:] = tokens.astype(np.int32)
-        for col, values in columns.items():
-            arr = np.asarray(values)
-            col_dtype: Any = str if arr.dtype.kind in "UO" else arr.dtype
-            a = root.create_array(
-                col, shape=(n,), chunks=(n,), dtype=col_dtype, dimension_names=("batch",),
-                compressors=_codecs(col, arr.dtype), config={"write_empty_chunks": True},
-            )  # fmt: skip
-            a[:] = arr
+        write_columns(root, columns, n)
         write_weights(root, weights, prov.layout)
         zarr.consolidate_metadata(str(tmp))
         _test_kill("create:before_rename")
@@ -168,9 +161,22 @@ def _remove_dead_tmp(path: Path) -> None:
             pass
 
 
-def write_weights(root: zarr.Group, weights: Mapping[str, np.ndarray], layout: str) -> None:
+def write_columns(root: zarr.Group, columns: Mapping[str, np.ndarray], n: int) -> None:
+    """Per-sequence metadata columns, one chunk each."""
+    for col, values in columns.items():
+        arr = np.asarray(values)
+        col_dtype: Any = str if arr.dtype.kind in "UO" else arr.dtype
+        a = root.create_array(
+            col, shape=(n,), chunks=(n,), dtype=col_dtype, dimension_names=("batch",),
+            compressors=_codecs(col, arr.dtype), config={"write_empty_chunks": True},
+        )  # fmt: skip
+        a[:] = arr
+
+
+def write_weights(root: zarr.Group, weights: Mapping[str, np.ndarray], layout: str, *, write: bool = True) -> None:
     """Weights (and ``vocab``) as arrays of ``root``: one chunk per layer of per-layer weights (one
-    shard file for all layers when ``layout="sharded"``), whole otherwise."""
+    shard file for all layers when ``layout="sharded"``), whole otherwise. ``write=False``: the arrays'
+    metadata only (what ``headstore.extract.plan`` measures)."""
     for wname, value in weights.items():
         dims = WEIGHTS[wname].dims if wname in WEIGHTS else ("d_vocab",)
         chunks = tuple(1 if d == "layer" else s for d, s in zip(dims, value.shape, strict=True))
@@ -180,7 +186,8 @@ def write_weights(root: zarr.Group, weights: Mapping[str, np.ndarray], layout: s
             dtype=w_dtype, dimension_names=dims, compressors=_codecs(wname, value.dtype),
             config={"write_empty_chunks": True},
         )  # fmt: skip
-        a[...] = value
+        if write:
+            a[...] = value
 
 
 def _create(

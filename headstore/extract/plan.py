@@ -1,0 +1,349 @@
+"""A plan before the run: bytes and files a store will take, and how long filling it should take.
+
+``extract --dry-run`` measures one batch: it runs the model on the store's first batch (once to warm
+up, once timed), encodes the arrays with the store's own codecs into an in-memory zarr store laid out
+as the real one, and scales per-batch bytes to the whole dataset. Every real run also plans (without
+the sample: raw bytes, ``pattern`` counted at its causal non-zero fraction, which is what LZ4 leaves)
+and refuses to start when the target has less free space than the plan.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.storage import MemoryStore
+
+from headstore.store_schema import HeadstoreError, Provenance
+from headstore.store_schema.io import _create, field_dtype, write_columns, write_weights
+from headstore.store_schema.layout import ATTRS_KEY, FIELDS, MANIFEST
+
+
+@dataclass(frozen=True)
+class FieldPlan:
+    name: str
+    bytes_per_token: float
+    total_bytes: int
+    files: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a store takes on disk (bytes and files) and, when measured, how long its batches take."""
+
+    out: str
+    n_tokens: int
+    n_batches: int  # in the store
+    todo_batches: int  # left to write by this process (resume, --shard)
+    fields: tuple[FieldPlan, ...]
+    weights_bytes: int  # weights written with the store (in it, and into a new --weights store)
+    weights_files: int
+    other_bytes: int  # tokens, columns, manifest, metadata
+    other_files: int
+    measured: bool  # field bytes from an encoded sample batch (dry run) or estimated (raw)
+    seconds_per_batch: dict[str, float] = field(default_factory=dict)  # forward, encode (dry run)
+    setup_seconds: float = 0.0
+    creates: bool = True  # the store does not exist yet (weights, tokens, metadata still to write)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.total_bytes for f in self.fields) + self.weights_bytes + self.other_bytes
+
+    @property
+    def n_files(self) -> int:
+        return sum(f.files for f in self.fields) + self.weights_files + self.other_files
+
+    @property
+    def bytes_needed(self) -> int:
+        """What is still to be written: the batches left, and the rest when the store is new."""
+        frac = self.todo_batches / max(self.n_batches, 1)  # (field metadata counted in full: small)
+        rest = self.weights_bytes + self.other_bytes if self.creates else 0
+        return int(sum(f.total_bytes for f in self.fields) * frac) + rest
+
+    @property
+    def files_needed(self) -> int:
+        frac = self.todo_batches / max(self.n_batches, 1)
+        rest = self.weights_files + self.other_files if self.creates else 0
+        return int(sum(f.files for f in self.fields) * frac) + rest
+
+    @property
+    def estimated_seconds(self) -> float:
+        """Set-up plus the batches left, forward and encode one after the other (2-core machines: the
+        writer thread takes CPU from the forward pass; where it overlaps fully, the forward alone)."""
+        return self.setup_seconds + self.todo_batches * sum(self.seconds_per_batch.values())
+
+    def lines(self) -> list[str]:
+        how = "measured on one encoded batch" if self.measured else "estimated from raw sizes"
+        out = [f"plan for {self.out}: {self.n_tokens:,} tokens in {self.n_batches} batches ({how})"]
+        for f in self.fields:
+            out.append(f"  {f.name:<15} {f.bytes_per_token:>12,.1f} B/token {_gb(f.total_bytes):>11}  {f.files:>7,} files")
+        out.append(f"  {'weights':<15} {'':>12}         {_gb(self.weights_bytes):>11}  {self.weights_files:>7,} files")
+        out.append(f"  {'other':<15} {'':>12}         {_gb(self.other_bytes):>11}  {self.other_files:>7,} files"
+                   "  (tokens, columns, manifest, metadata)")  # fmt: skip
+        act = sum(f.total_bytes for f in self.fields)
+        out.append(
+            f"  total {_gb(self.total_bytes)} ({act / max(self.n_tokens, 1):,.0f} B/token of activations), "
+            f"{self.n_files:,} files"
+        )
+        if self.seconds_per_batch:
+            parts = ", ".join(f"{k} {v:.3g} s" for k, v in self.seconds_per_batch.items())
+            out.append(
+                f"  time: about {_duration(self.estimated_seconds)} ({self.todo_batches} batches x ({parts}) per batch"
+                f" + set-up {self.setup_seconds:.1f} s)"
+            )
+        return out
+
+
+def _gb(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def _compressed(arr: zarr.Array) -> bool:
+    """Whether the array's chunks go through a compressor (not only bytes + crc32c)."""
+    codecs = list(getattr(arr.metadata, "codecs", []))
+    inner = list(getattr(codecs[0], "codecs", codecs)) if codecs else []
+    return any(type(c).__name__ not in ("BytesCodec", "Crc32cCodec") for c in inner)
+
+
+def _grid(arr: zarr.Array) -> int:
+    unit = arr.shards or arr.chunks
+    return math.prod(-(-n // c) for n, c in zip(arr.shape, unit, strict=True))
+
+
+def make_plan(
+    out: str,
+    prov: Provenance,
+    sizes: Mapping[str, int],
+    tokens: np.ndarray,
+    columns: Mapping[str, np.ndarray],
+    weights: Mapping[str, np.ndarray],
+    shared: Mapping[str, np.ndarray] | None = None,
+    todo_batches: int | None = None,
+    sample: Mapping[str, np.ndarray] | None = None,
+    creates: bool = True,
+) -> Plan:
+    """Lay the store out in memory as ``create_store`` would (metadata, tokens, columns, ``vocab``) and
+    measure it; per-batch field bytes from ``sample`` (one batch, encoded) or from raw sizes.
+
+    ``weights``: what the store itself holds (``W_EE`` included when it will); ``shared``: the arrays of
+    a new ``--weights`` store (None: none to create). Float weights are uncompressed: their bytes are
+    exact without encoding them (values + a 4-byte checksum per chunk + the shard index).
+    """
+    n, bs = tokens.shape[0], prov.batch_size
+    n_batches = -(-n // bs)
+    mem = MemoryStore()
+    root = zarr.open_group(mem, mode="w", zarr_format=3)
+    root.attrs[ATTRS_KEY] = prov.to_dict()
+    for name in prov.fields:
+        _create(root, name, FIELDS[name].dims, field_dtype(name, prov.storage_dtype), sizes, bs, prov.layout)
+    _create(root, MANIFEST, ("batch",), "uint8", sizes, bs, "chunked")
+    tok = root["tokens"]
+    assert isinstance(tok, zarr.Array)
+    tok[:] = tokens.astype(np.int32)
+    write_columns(root, columns, n)
+    small = {k: v for k, v in weights.items() if v.dtype.kind in "UOT"}  # vocab: encoded for real
+    write_weights(root, small, prov.layout)
+    write_weights(root, {k: v for k, v in weights.items() if k not in small}, prov.layout, write=False)
+    zarr.consolidate_metadata(mem)
+    stored = dict(mem._store_dict)  # key -> Buffer
+    fields: list[FieldPlan] = []
+    n_tok = n * prov.seq_len
+    t_encode = 0.0
+    for name in prov.fields:
+        if name == "tokens":
+            continue
+        arr = root[name]
+        assert isinstance(arr, zarr.Array)
+        files = _grid(arr)
+        if name == "pattern" and arr.shards is None:
+            files = files * len(prov.stored_pattern_layers) // max(len(prov.layers), 1)
+        if sample is not None and name in sample:
+            t0 = time.perf_counter()
+            per_batch = _encoded_bytes(root, name, sample[name], prov) * bs / sample[name].shape[0]
+            t_encode += time.perf_counter() - t0
+        else:
+            per_batch = _raw_bytes_per_token(name, sizes, prov) * bs * prov.seq_len
+        # zarr writes edge chunks whole: a short last batch takes a full batch's bytes, padded with NaN,
+        # which a compressor (pattern's LZ4) removes; + the array's zarr.json
+        batches = n / bs if _compressed(arr) else n_batches
+        total = int(per_batch * batches) + len(stored[f"{name}/zarr.json"])
+        fields.append(FieldPlan(name, total / n_tok, total, files + 1))
+    w_bytes, w_files = 0, 0
+    for wname, value in weights.items():
+        arr = root[wname]
+        assert isinstance(arr, zarr.Array)
+        files = _grid(arr)
+        w_files += files + 1
+        if wname in small:
+            w_bytes += sum(len(v) for k, v in stored.items() if k.startswith(f"{wname}/c"))
+        else:
+            n_inner = math.prod(-(-s // c) for s, c in zip(arr.shape, arr.chunks, strict=True))
+            w_bytes += value.nbytes + 4 * n_inner + (16 * n_inner + 4 * files if arr.shards else 0)
+        w_bytes += len(stored[f"{wname}/zarr.json"])
+    for value in (shared or {}).values():
+        w_bytes += value.nbytes + 4 + 1500  # one chunk, its checksum, its metadata (vocab: raw, an upper bound)
+        w_files += 2
+    other_bytes, other_files = 0, 0
+    counted = {*weights, *(f for f in prov.fields if f != "tokens")}
+    for key, buf in stored.items():  # root metadata, tokens, columns, the manifest's metadata
+        if key.split("/")[0] not in counted:
+            other_bytes += len(buf)
+            other_files += 1
+    manifest = root[MANIFEST]
+    assert isinstance(manifest, zarr.Array)
+    other_files += _grid(manifest)
+    other_bytes += _grid(manifest) * (bs + 13)  # uint8 per sequence, Zstd frame, checksum
+    todo = n_batches if todo_batches is None else todo_batches
+    return Plan(out, n_tok, n_batches, todo, tuple(fields), w_bytes, w_files, other_bytes, other_files,
+                measured=sample is not None, creates=creates,
+                seconds_per_batch={"encode": t_encode} if sample is not None else {})  # fmt: skip
+
+
+def _encoded_bytes(root: zarr.Group, name: str, value: np.ndarray, prov: Provenance) -> int:
+    """Bytes of one batch of ``name`` written with the store's layout and codecs (in memory)."""
+    arr = root[name]
+    assert isinstance(arr, zarr.Array)
+    b = value.shape[0]
+    if name == "pattern" and len(prov.stored_pattern_layers) < len(prov.layers):
+        from headstore.store_schema.io import pattern_layer_index
+
+        full = np.full((b, arr.shape[1], *value.shape[2:]), np.nan, dtype=arr.dtype)
+        full[:, pattern_layer_index(prov)] = value
+        value = full
+    store = arr.store
+    assert isinstance(store, MemoryStore)
+    before = {k for k in store._store_dict if k.startswith(f"{name}/c")}
+    arr.with_config({"write_empty_chunks": False})[0:b] = value.astype(arr.dtype, copy=False)
+    return sum(len(v) for k, v in store._store_dict.items() if k.startswith(f"{name}/c") and k not in before)
+
+
+def _raw_bytes_per_token(name: str, sizes: Mapping[str, int], prov: Provenance) -> float:
+    """Raw bytes per token of a field; ``pattern`` at its causal non-zero fraction ``(S + 1) / 2S`` and
+    only its stored layers (LZ4 keeps about that: 0.52 of raw at S = 128, measured)."""
+    f = FIELDS[name]
+    item = np.dtype(field_dtype(name, prov.storage_dtype)).itemsize
+    per_seq = float(math.prod(sizes[d] for d in f.dims if d != "batch") * item)
+    if name == "pattern":
+        s = prov.seq_len
+        per_seq = per_seq * (s + 1) / (2 * s) * len(prov.stored_pattern_layers) / max(len(prov.layers), 1)
+    return per_seq / prov.seq_len
+
+
+def _existing(path: str | os.PathLike[str]) -> Path:
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int:
+    """Free space of the filesystem that holds ``path`` (or its nearest existing parent)."""
+    return shutil.disk_usage(_existing(path)).free
+
+
+def check_space(plan: Plan) -> None:
+    """Refuse to start when the store's filesystem has less free space than the plan still needs (each
+    file rounded up to the filesystem's block: a store of small files takes more than its bytes)."""
+    block = os.statvfs(_existing(plan.out)).f_bsize
+    need, free = plan.bytes_needed + plan.files_needed * block, free_bytes(plan.out)
+    if free < need:
+        raise HeadstoreError(
+            f"not enough space at {plan.out}: the plan needs {_gb(need)}, {_gb(free)} free: free space, choose "
+            "another --out, or pass --ignore-space to start anyway (a full disk stops it, resumable)"
+        )
+
+
+def describe(plan: Plan) -> dict[str, Any]:
+    """The plan as plain JSON values."""
+    return {
+        "out": plan.out,
+        "n_tokens": plan.n_tokens,
+        "n_batches": plan.n_batches,
+        "fields": {f.name: {"bytes_per_token": f.bytes_per_token, "bytes": f.total_bytes, "files": f.files}
+                   for f in plan.fields},
+        "weights_bytes": plan.weights_bytes,
+        "total_bytes": plan.total_bytes,
+        "n_files": plan.n_files,
+        "estimated_seconds": plan.estimated_seconds if plan.seconds_per_batch else None,
+    }
+
+
+def plan_extract(
+    out: Path,
+    prov: Provenance,
+    ds: Any,
+    model: Any,
+    weights: Mapping[str, np.ndarray],
+    weights_dir: str | None,
+    existing: bool,
+    mine: list[int],
+    hooks: Mapping[str, list[str]] | None = None,
+) -> Plan:
+    """The plan of one extract call: ``mine`` are this process's batch starts; with ``hooks`` (dry run)
+    the first batch is run (warm-up, then timed) and encoded for the field bytes."""
+    from headstore.extract.weights import vocab_strings
+    from headstore.store_schema.io import done_mask, store_sizes
+    from headstore.store_schema.weights_store import SHARED
+
+    t_setup = time.perf_counter()
+    store_w = dict(weights)
+    store_w["vocab"] = vocab_strings(model.tokenizer, prov.config["d_vocab"])
+    w_e = store_w["W_E"]
+    ee = np.broadcast_to(np.float32(0), w_e.shape)  # W_EE: as big as W_E, not computed for a plan
+    shared: dict[str, np.ndarray] | None = None
+    if weights_dir is not None:
+        taken = {k: store_w.pop(k) for k in SHARED if k in store_w}
+        if "://" not in weights_dir and not Path(weights_dir).exists():
+            shared = {**taken, "W_EE": ee}
+    elif 0 in prov.layers:
+        store_w["W_EE"] = ee
+    bs, n = prov.batch_size, ds.tokens.shape[0]
+    todo = mine
+    if existing:
+        done = done_mask(out)
+        todo = [s for s in mine if not done[s : s + bs].all()]
+    sample, seconds = None, {}
+    if hooks is not None:
+        from headstore.extract.run import run_batch
+
+        toks = ds.tokens[:bs]
+        run_batch(model, toks, prov, dict(hooks)).arrays()  # warm-up
+        t0 = time.perf_counter()
+        sample = run_batch(model, toks, prov, dict(hooks)).arrays()
+        seconds["forward"] = time.perf_counter() - t0
+    sizes = store_sizes(prov.config, prov, n)
+    plan = make_plan(str(out), prov, sizes, ds.tokens, ds.columns, store_w, shared, len(todo), sample,
+                     creates=not existing)  # fmt: skip
+    setup = 0.0 if existing else time.perf_counter() - t_setup - seconds.get("forward", 0.0) * 2
+    return replace(plan, seconds_per_batch={**seconds, **plan.seconds_per_batch}, setup_seconds=setup)
+
+
+def disk_full(out: Path, n_sequences: int, batch_size: int) -> HeadstoreError:
+    """The one-line error of a full disk mid-run (the store resumes: each batch is marked done last)."""
+    from headstore.store_schema.io import done_mask
+
+    n_batches, done = -(-n_sequences // batch_size), 0
+    if (out / "zarr.json").exists():
+        try:
+            mask = done_mask(out)
+            done = sum(bool(mask[s : s + batch_size].all()) for s in range(0, mask.size, batch_size))
+        except HeadstoreError:
+            pass
+    return HeadstoreError(
+        f"disk full at {out} after {done} of {n_batches} batches: free space and rerun the same command to resume"
+    )
