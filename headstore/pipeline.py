@@ -145,6 +145,16 @@ def _result(folder: Path) -> xr.Dataset:
     return xr.open_zarr(folder / "result.zarr", consolidated=False).load()
 
 
+def _params_digest(params: dict[str, Any]) -> str:
+    """A short hash of analyzer options (arrays by their values)."""
+    h = hashlib.sha256()
+    for key in sorted(params):
+        value = params[key]
+        h.update(key.encode())
+        h.update(np.asarray(value.values).tobytes() if isinstance(value, xr.DataArray) else repr(value).encode())
+    return h.hexdigest()[:8]
+
+
 class _Runner:
     """Runs one analyzer into ``OUT/census/TAG/NAME/`` unless a finished output is there (resume)."""
 
@@ -158,6 +168,8 @@ class _Runner:
     ) -> tuple[xr.Dataset, list[Path]]:
         from headstore.cli.run import run_analyzer, saved_output
 
+        if params:  # other heads or options are another result: never reuse one made with different ones
+            tag += "-" + _params_digest(params)
         spec, out = self.specs[name], self.job.out / "census" / tag
         saved = saved_output(spec, out)
         if saved is not None:
