@@ -427,3 +427,53 @@ def test_full_disk_refused_up_front_then_mid_run_then_resumes(small_disk: Path, 
     for name in a:
         assert np.array_equal(a[name], b[name], equal_nan=a[name].dtype.kind == "f"), name
     assert validate(out).ok
+
+
+# --- bounded memory ------------------------------------------------------------------------------
+
+# Peak RSS of the analyzing process: VmHWM (the high-water mark of this process's own memory), which is
+# resource.getrusage's maxrss except that maxrss keeps, across exec, the peak of the forked parent
+# (pytest, hundreds of MB), so a child's maxrss can never show less than that.
+PEAK = r"""
+import json, resource, sys, time
+import headstore
+from headstore import analyze
+ds = headstore.open_store(sys.argv[1])
+t = time.perf_counter()
+getattr(analyze, sys.argv[2])(ds).compute()
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]
+peak = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_mb": peak / 1024, "s": time.perf_counter() - t}))
+"""
+
+
+def _peak_mb(store: Path, analyzer: str) -> float:
+    import os
+    import subprocess
+    import sys
+
+    # glibc's dynamic mmap threshold keeps freed multi-MB blocks in the heap, which makes the peak RSS
+    # drift with the number of chunks processed; a fixed threshold measures what is live.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", PEAK, str(store), analyzer], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
+@pytest.mark.parametrize(
+    ("analyzer", "data", "sizes"),
+    [("copy_suppression", "text", (32, 320)), ("ioi", "ioi", (100, 1000))],
+)
+def test_analyzer_peak_memory_does_not_grow_with_the_store(
+    analyzer: str, data: str, sizes: tuple[int, int], make_store: Callable[..., Path]
+) -> None:
+    """The same analyzer on stores 10x apart: the larger store's peak RSS stays within a fixed margin of
+    the smaller one's (a streaming analyzer holds a few blocks, not the store)."""
+    from headstore.store_schema.io import array_nbytes_on_disk
+
+    kw = {"seq_len": 128} if data == "text" else {}
+    small, big = (make_store("tiny-gpt2", data, n_seq=n, batch_size=8, **kw) for n in sizes)
+    grown = (sum(array_nbytes_on_disk(big).values()) - sum(array_nbytes_on_disk(small).values())) / 1e6
+    peaks = [_peak_mb(s, analyzer) for s in (small, big)]
+    assert peaks[1] - peaks[0] < 25, (peaks, f"store grew by {grown:.0f} MB")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from headstore.analyze._maths import f32, lead_axes, not_bos, per_head, require, unembed_columns
+from headstore.analyze._maths import _take_columns, f32, lead_axes, not_bos, per_head, require
 
 REQUIRES = ("tokens", "v", "pattern", "ln_final_scale", "W_O", "W_U")
 
@@ -27,7 +27,8 @@ def _block(
     v: np.ndarray,
     pattern: np.ndarray,
     w_o: np.ndarray,
-    u: np.ndarray,
+    tokens: np.ndarray,
+    w_u: np.ndarray,
     keep: np.ndarray,
     inv_scale: np.ndarray,
     only_negative: bool,
@@ -35,11 +36,15 @@ def _block(
     """One (batch chunk, layer) block, every head: ``(per_position, attn_per_src)``, each (batch, layer, head, key_pos).
 
     ``v`` (b, l, head, pos, d_head), ``pattern`` (b, l, head, q, k), ``w_o`` (l, head, d_head, d_model),
-    ``u`` (b, pos, d_model), ``keep`` / ``inv_scale`` (b, pos): the module docstring's sums, with
+    ``tokens`` (b, pos) and ``w_u`` (d_model, d_vocab) give ``u = W_U[:, tokens]`` (b, pos, d_model),
+    ``keep`` / ``inv_scale`` (b, pos): the module docstring's sums, with
     ``coef[b, l, h, k] = (v[b, l, h, k] @ W_O[l, h]) . u[b, k]``.
     """
     v, pattern = lead_axes(v, 3), lead_axes(pattern, 3)
-    w_o, u = lead_axes(w_o, 3)[0], lead_axes(u, 2)[:, 0]
+    # the unembedding columns of this block's tokens, gathered here rather than as a dask input of their
+    # own: dask would hold the gathered columns of every batch chunk (batch x pos x d_model floats) while
+    # it works through the layers
+    w_o, u = lead_axes(w_o, 3)[0], _take_columns(lead_axes(tokens, 1)[:, 0], lead_axes(w_u, 2)[0, 0])
     keep, inv_scale = lead_axes(keep, 1)[:, 0], lead_axes(inv_scale, 1)[:, 0]
     n_b, n_l, n_h, n_k, n_d = v.shape
     # (v @ W_O) . u as two BLAS products: W_O[l, h] @ u[b, k] for every (l, h, d_head) x (b, k) at once
@@ -71,7 +76,8 @@ def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datas
         block(per_head(f32(ds["v"]), ds)),
         block(f32(ds["pattern"])),
         block(f32(ds["W_O"])),
-        block(unembed_columns(ds)),
+        block(ds["tokens"]),
+        f32(ds["W_U"]).transpose("d_model", "d_vocab"),  # one chunk, handed to every block as it is
         block(not_bos(ds)),
         block(1.0 / ds["ln_final_scale"].astype(np.float32)),
         kwargs={"only_negative": only_negative},
@@ -79,7 +85,8 @@ def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datas
             ["head", "pos", "d_head"],
             ["head", "query_pos", "key_pos"],
             ["head", "d_head", "d_model"],
-            ["pos", "d_model"],
+            ["pos"],
+            ["d_model", "d_vocab"],
             ["pos"],
             ["pos"],
         ],
