@@ -186,7 +186,7 @@ def test_extract_refuses_compact_when_pattern_is_not_derivable(
     from headstore.extract import ExtractRequest, extract
 
     real = compact.pattern_block
-    monkeypatch.setattr(compact, "pattern_block", lambda q, k: real(q * np.float32(1.25), k))
+    monkeypatch.setattr(compact, "pattern_block", lambda q, k, *a: real(q * np.float32(1.25), k, *a))
     out = tmp_path / "s.zarr"
     req = ExtractRequest(model="tiny-llama", data="ioi", out=str(out), fields="compact", n_seq=4, batch_size=4,
                          device="cpu", progress=False)  # fmt: skip

@@ -13,7 +13,11 @@ Seed 003 (``measure_calibration`` / ``measure_calibration_minus_heads``), offlin
 - for head ``(L, h)`` the same is done on ``logits - (result[b, L, q, h] / ln_final_scale) @ W_U``
   (the seed's direct-effect removal: the head's output is taken out through the frozen scale, and
   not centred, exactly as in the seed), with ``result = z @ W_O[L, h]`` multiplied in the cheaper
-  order (``_ops.head_unembed``).
+  order (``_ops.head_unembed``);
+- the model's own non-linearities: under a final soft-cap (Gemma-2) the head is removed from the pre-cap
+  logits and the probabilities are taken of ``c * tanh(logits / c)``, the model's logits; on post-norm
+  models (Gemma-2, OLMo-2) a head writes through its layer's frozen post-attention norm
+  (``W_O * ln1_post_w``, ``ln_final_scale * ln1_post_scale``: ``_maths.head_writes``).
 
 Counts are accumulated blockwise: one dask task per ``batch`` chunk, which holds that chunk's
 baseline logits and one head's ablated logits at a time (never all heads' ``tokens x d_vocab``).
@@ -109,11 +113,13 @@ def _block_counts(
     head_idx: list[tuple[int, int]],
     top_k: int,
     edges: np.ndarray,
+    cap: float = 0.0,
 ) -> np.ndarray:
     """One batch chunk -> (1 + n_selected_heads, 2, n_bins) counts.
 
-    ``lg`` (b, q, d_vocab), ``z`` (b, layer, q, head, d_head), ``scale`` (b, q), ``nxt`` (b, q),
-    ``W_O`` (layer, head, d_head, d_model), ``W_U`` (d_model, d_vocab).
+    ``lg`` (b, q, d_vocab) pre-cap logits, ``z`` (b, layer, q, head, d_head), ``scale`` (b, q), or (b, layer, q)
+    on post-norm models, ``nxt`` (b, q), ``W_O`` (layer, head, d_head, d_model) the heads' write weights,
+    ``W_U`` (d_model, d_vocab); ``cap``: the final soft-cap applied to each variant's logits (0: none).
     """
     n_tok = lg.shape[0] * lg.shape[1]
     lg2 = np.ascontiguousarray(lg, dtype=np.float32).reshape(n_tok, -1)
@@ -121,13 +127,14 @@ def _block_counts(
     out = np.zeros((1 + len(head_idx), 2, edges.size - 1), np.int64)
     buf = np.empty_like(lg2)
     np.copyto(buf, lg2)
-    out[0] = _bin_counts(buf, nxt1, top_k, edges)
-    inv = (1.0 / scale.astype(np.float32)).reshape(n_tok, 1)
+    out[0] = _bin_counts(_maths.softcap(buf, cap), nxt1, top_k, edges)
+    inv = (1.0 / scale.astype(np.float32)).reshape(n_tok, 1) if scale.ndim == 2 else None
     for i, (li, h) in enumerate(head_idx):
-        zh = z[:, li, :, h, :].astype(np.float32).reshape(n_tok, -1) * inv
+        inv_h = inv if inv is not None else (1.0 / scale[:, li].astype(np.float32)).reshape(n_tok, 1)
+        zh = z[:, li, :, h, :].astype(np.float32).reshape(n_tok, -1) * inv_h
         _maths.head_unembed(zh, W_O[li, h], W_U, out=buf)
         np.subtract(lg2, buf, out=buf)
-        out[1 + i] = _bin_counts(buf, nxt1, top_k, edges)
+        out[1 + i] = _bin_counts(_maths.softcap(buf, cap), nxt1, top_k, edges)
     return out
 
 
@@ -153,25 +160,29 @@ def calibration(
     head_idx = [(layer_pos[L], h) for L, h in selected]
 
     q = slice(0, n_pos - 1)
-    lg = _maths.logits(ds).isel(pos=q).transpose("batch", "pos", "d_vocab")
+    lg = _maths.logits(ds, capped=False).isel(pos=q).transpose("batch", "pos", "d_vocab")
     batch_chunks = lg.chunks[0] if lg.chunks else (ds.sizes["batch"],)
     z = ds["z"].isel(pos=q).transpose("batch", "layer", "pos", "head", "d_head").data
-    scale = _maths.f32(ds["ln_final_scale"]).isel(pos=q).transpose("batch", "pos").data
+    w_write, inv_post = _maths.head_writes(ds, "calibration")
+    scale_da = _maths.f32(ds["ln_final_scale"])
+    if inv_post is not None:  # post-norm: ln_final_scale * ln1_post_scale per layer
+        scale_da = (scale_da / inv_post).transpose("batch", "layer", "pos")
+    scale = scale_da.isel(pos=q).transpose("batch", ..., "pos").data
     nxt = ds["tokens"].shift(pos=-1, fill_value=-1).astype(np.int64).isel(pos=q).transpose("batch", "pos").data
     lg_d = dsa.asarray(lg.data).rechunk({0: batch_chunks, 1: -1, 2: -1})
     z = dsa.asarray(z).rechunk({0: batch_chunks, 1: -1, 2: -1, 3: -1, 4: -1})
-    scale = dsa.asarray(scale).rechunk({0: batch_chunks, 1: -1})
+    scale = dsa.asarray(scale).rechunk({0: batch_chunks, **{i: -1 for i in range(1, scale.ndim)}})
     nxt = dsa.asarray(nxt).rechunk({0: batch_chunks, 1: -1})
     W_U = dask.delayed(np.ascontiguousarray)(_maths.f32(ds["W_U"]).transpose("d_model", "d_vocab").data)
-    W_O = dask.delayed(np.ascontiguousarray)(_maths.f32(ds["W_O"]).transpose("layer", "head", "d_head", "d_model").data)
+    W_O = dask.delayed(np.ascontiguousarray)(w_write.transpose("layer", "head", "d_head", "d_model").data)
     edges = np.arange(n_bins + 1, dtype=np.float32) / np.float32(n_bins)
 
     n_var = 1 + len(head_idx)
     parts = []
     for i in range(len(batch_chunks)):
         task = dask.delayed(_block_counts, pure=True)(
-            lg_d.blocks[i, 0, 0], z.blocks[i, 0, 0, 0, 0], scale.blocks[i, 0], nxt.blocks[i, 0],
-            W_O, W_U, head_idx, top_k, edges,
+            lg_d.blocks[i, 0, 0], z.blocks[i, 0, 0, 0, 0], scale.blocks[(i,) + (0,) * (scale.ndim - 1)], nxt.blocks[i, 0],
+            W_O, W_U, head_idx, top_k, edges, ds.hs.config.final_logit_softcap,
         )  # fmt: skip
         parts.append(dsa.from_delayed(task, shape=(n_var, 2, n_bins), dtype=np.int64))
     counts = dsa.stack(parts).sum(0)  # (variant, 2, bin)

@@ -10,6 +10,12 @@ LayerNorm is folded (compatibility mode), so ``ln1`` and ``ln_final`` are plain 
 ``(x - mean) / sqrt(var + eps)`` (LN) or ``x / sqrt(mean(x^2) + eps)`` (RMS), applied row by row.
 Biases are left out, as in the seed (positions and rotary too: token-only circuits).
 
+Per family, the model's own structure: no ``ln1`` where the model has none (OLMo-2 reads the residual
+raw); the q and k norms on the queries and keys of q/k-norm models (Qwen3: RMSNorm over each head's d_head
+times its gain; OLMo-2: over all heads' queries / keys); on post-norm models (Gemma-2, OLMo-2) the head's
+output passes its layer's post-attention norm before ``ln_final``: ``W_O`` becomes ``W_O * ln1_post_w``
+(the norm's scale cancels in ``ln_final``'s normalisation, up to its eps).
+
 Ranks count the entries strictly above the target (0 = top); ``percentile = 1 - rank / d_vocab``.
 
 - ``ov_rank``: rank of ``src`` among all sources in the column ``C_OV[:, out]`` (which source
@@ -45,8 +51,42 @@ EMBEDDINGS = ("W_E", "W_EE")
 def _embedding(ds: xr.Dataset, embedding: str) -> np.ndarray:
     if embedding not in EMBEDDINGS:
         raise HeadstoreError(f"embedding {embedding!r}: choose W_E or W_EE")
-    require(ds, (embedding, *NEEDS), "circuits")
+    cfg = ds.hs.config
+    extra = (*(("q_norm_w", "k_norm_w") if cfg.qk_norm else ()), *(("ln1_post_w",) if cfg.post_norm else ()))
+    require(ds, (embedding, *NEEDS, *extra), "circuits")
     return np.asarray(ds[embedding].values, dtype=np.float32)
+
+
+def _ln1(ds: xr.Dataset, x: np.ndarray) -> np.ndarray:
+    """What attention reads from residual rows ``x``: ``ln1(x)``, or ``x`` on models without ln1 (OLMo-2)."""
+    return normalize_rows(x, ds) if ds.hs.config.pre_norm else x
+
+
+def _w_write(ds: xr.Dataset) -> np.ndarray:
+    """(layer, head, d_head, d_model) ``W_O``, times the post-attention norm's gain on post-norm models."""
+    w = _w(ds, "W_O")
+    return w * _w(ds, "ln1_post_w")[:, None, None, :] if ds.hs.config.post_norm else w
+
+
+def _qk_norm(ds: xr.Dataset, y: np.ndarray, layer: int, which: str) -> np.ndarray:
+    """Queries / keys ``y`` (n, heads, d_head) of every head through the model's q / k norm (none: ``y``)."""
+    cfg = ds.hs.config
+    if not cfg.qk_norm:
+        return y
+    axes = (-1,) if cfg.qk_norm == "per_head" else (-2, -1)
+    y64 = y.astype(np.float64)
+    out = y64 / np.sqrt((y64 * y64).mean(axis=axes, keepdims=True) + cfg.eps)
+    return (out * _w(ds, f"{which}_norm_w")[layer]).astype(np.float32)
+
+
+def _queries(ds: xr.Dataset, x: np.ndarray, layer: int) -> np.ndarray:
+    """(n, head, d_head) every head's query of the attention-input rows ``x`` (no bias, no rotary)."""
+    return _qk_norm(ds, np.einsum("nm,hmd->nhd", x, _w(ds, "W_Q")[layer]), layer, "q")
+
+
+def _keys(ds: xr.Dataset, x: np.ndarray, layer: int) -> np.ndarray:
+    """(n, kv_head, d_head) every kv head's key of the attention-input rows ``x`` (no bias, no rotary)."""
+    return _qk_norm(ds, np.einsum("nm,hmd->nhd", x, _w(ds, "W_K")[layer]), layer, "k")
 
 
 def _heads(ds: xr.Dataset) -> list[tuple[int, int, int]]:
@@ -93,8 +133,8 @@ def _ranked(ds: xr.Dataset, scores: np.ndarray, target: int, prefix: str, top_k:
 
 def _ov_column(ds: xr.Dataset, out: int, embedding: str = "W_E") -> np.ndarray:
     """(layer, head, d_vocab): ``C_OV[:, out]`` for every head, one head at a time."""
-    x = normalize_rows(_embedding(ds, embedding), ds)
-    W_V, W_O, u = _w(ds, "W_V"), _w(ds, "W_O"), _w(ds, "W_U")[:, out]
+    x = _ln1(ds, _embedding(ds, embedding))
+    W_V, W_O, u = _w(ds, "W_V"), _w_write(ds), _w(ds, "W_U")[:, out]
     res = np.zeros((ds.sizes["layer"], ds.sizes["head"], x.shape[0]), np.float32)
     for L, h, xv in _per_kv_head(ds, x, W_V):
         y = xv @ W_O[L, h]  # (d_vocab, d_model)
@@ -104,8 +144,8 @@ def _ov_column(ds: xr.Dataset, out: int, embedding: str = "W_E") -> np.ndarray:
 
 def _ov_row(ds: xr.Dataset, src: int, embedding: str = "W_E") -> np.ndarray:
     """(layer, head, d_vocab): ``C_OV[src, :]`` for every head."""
-    x = normalize_rows(_embedding(ds, embedding)[src], ds)
-    W_V, W_O, W_U = _w(ds, "W_V"), _w(ds, "W_O"), _w(ds, "W_U")
+    x = _ln1(ds, _embedding(ds, embedding)[src])
+    W_V, W_O, W_U = _w(ds, "W_V"), _w_write(ds), _w(ds, "W_U")
     res = np.zeros((ds.sizes["layer"], ds.sizes["head"], W_U.shape[1]), np.float32)
     for L, h, g in _heads(ds):
         res[L, h] = normalize_rows((x @ W_V[L, g]) @ W_O[L, h], ds) @ W_U
@@ -114,21 +154,35 @@ def _ov_row(ds: xr.Dataset, src: int, embedding: str = "W_E") -> np.ndarray:
 
 def _qk_row(ds: xr.Dataset, query: int, embedding: str = "W_E") -> np.ndarray:
     """(layer, head, d_vocab): ``C_QK[query, :]`` (scores of every key) for every head."""
-    x = normalize_rows(_embedding(ds, embedding), ds)
-    W_Q, W_K = _w(ds, "W_Q"), _w(ds, "W_K")
+    x = _ln1(ds, _embedding(ds, embedding))
     res = np.zeros((ds.sizes["layer"], ds.sizes["head"], x.shape[0]), np.float32)
-    for L, h, xk in _per_kv_head(ds, x, W_K):
-        res[L, h] = xk @ (x[query] @ W_Q[L, h])
+    if not ds.hs.config.qk_norm:
+        W_Q, W_K = _w(ds, "W_Q"), _w(ds, "W_K")
+        for L, h, xk in _per_kv_head(ds, x, W_K):
+            res[L, h] = xk @ (x[query] @ W_Q[L, h])
+        return res
+    kv = kv_index(ds).values
+    for L in range(ds.sizes["layer"]):
+        q, k = _queries(ds, x[query : query + 1], L)[0], _keys(ds, x, L)  # (head, d_head), (d_vocab, kv, d_head)
+        for h in range(ds.sizes["head"]):
+            res[L, h] = k[:, kv[h]] @ q[h]
     return res
 
 
 def _qk_column(ds: xr.Dataset, key: int, embedding: str = "W_E") -> np.ndarray:
     """(layer, head, d_vocab): ``C_QK[:, key]`` (scores from every query) for every head."""
-    x = normalize_rows(_embedding(ds, embedding), ds)
-    W_Q, W_K = _w(ds, "W_Q"), _w(ds, "W_K")
+    x = _ln1(ds, _embedding(ds, embedding))
     res = np.zeros((ds.sizes["layer"], ds.sizes["head"], x.shape[0]), np.float32)
-    for L, h, g in _heads(ds):
-        res[L, h] = (x @ W_Q[L, h]) @ (x[key] @ W_K[L, g])
+    if not ds.hs.config.qk_norm:
+        W_Q, W_K = _w(ds, "W_Q"), _w(ds, "W_K")
+        for L, h, g in _heads(ds):
+            res[L, h] = (x @ W_Q[L, h]) @ (x[key] @ W_K[L, g])
+        return res
+    kv = kv_index(ds).values
+    for L in range(ds.sizes["layer"]):
+        q, k = _queries(ds, x, L), _keys(ds, x[key : key + 1], L)[0]  # (d_vocab, head, d_head), (kv, d_head)
+        for h in range(ds.sizes["head"]):
+            res[L, h] = q[:, h] @ k[kv[h]]
     return res
 
 

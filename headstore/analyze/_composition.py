@@ -111,7 +111,9 @@ def composition(ds: xr.Dataset, *, kinds: str | Sequence[str] = KINDS, n_draws: 
     ``Q[layer_a, head_a, layer_b, head_b] = ||W_OV(a) W_QK(b)||_F / (||W_OV(a)||_F ||W_QK(b)||_F)``,
     ``K`` the same with ``W_QK(b)^T``, ``V`` with ``W_OV(b)``; NaN where ``layer_b <= layer_a``.
     ``baseline_mean[kind]``, ``baseline_std[kind]``: the score of Gaussian matrices of the same shapes
-    (``n_draws`` draws, ``seed``). Computed on call (weights only).
+    (``n_draws`` draws, ``seed``). Computed on call (weights only, as TransformerLens: the scores are defined
+    on the weight matrices, so soft-caps, sliding windows and q/k norms do not enter them; on post-norm models
+    ``W_O`` is taken times the post-attention norm's gain, what a head writes up to the norm's scale).
     """
     kinds = _kinds(kinds)
     if n_draws < 2:
@@ -126,6 +128,9 @@ def composition(ds: xr.Dataset, *, kinds: str | Sequence[str] = KINDS, n_draws: 
     w_k = w("W_K", ("layer", "kv_head", "d_model", "d_head"))[:, kv]
     w_v = w("W_V", ("layer", "kv_head", "d_model", "d_head"))[:, kv]
     w_o = w("W_O", ("layer", "head", "d_head", "d_model"))
+    if ds.hs.config.post_norm:  # a head writes through its layer's post-attention norm: its gain scales W_O
+        require(ds, ("ln1_post_w",), "composition")
+        w_o = w_o * w("ln1_post_w", ("layer", "d_model"))[:, None, None, :]
     n_l, n_h, d_model, d_head = w_q.shape
     flat = lambda x: x.reshape(n_l * n_h, *x.shape[2:])  # noqa: E731
     layers = np.asarray(ds.hs.layers)

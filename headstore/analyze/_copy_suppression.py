@@ -11,6 +11,11 @@ the attention that non-BOS queries pay to non-BOS keys and scaled by ``ln_final`
 
 where ``a = pattern * m`` and ``m[b, q, k] = 1`` when neither ``q`` nor ``k`` holds BOS. Every head
 in one lazy pass; the vocabulary is only ever touched through the columns ``W_U[:, tokens]``.
+
+On post-norm models (Gemma-2, OLMo-2) a head writes through its layer's post-attention norm, frozen at the
+query: ``W_O`` becomes ``W_O * ln1_post_w`` and ``1 / ln_final_scale[b, q]`` gains a factor
+``1 / ln1_post_scale[b, L, q]`` (``_maths.head_writes``). The logits are the pre-soft-cap ones on soft-capped
+models (a linear attribution, ``attrs["logits"]``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,16 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from headstore.analyze._maths import _take_columns, f32, lead_axes, not_bos, per_head, require
+from headstore.analyze._maths import (
+    _take_columns,
+    f32,
+    head_writes,
+    lead_axes,
+    logits_kind,
+    not_bos,
+    per_head,
+    require,
+)
 
 REQUIRES = ("tokens", "v", "pattern", "ln_final_scale", "W_O", "W_U")
 
@@ -37,8 +51,8 @@ def _block(
 
     ``v`` (b, l, head, pos, d_head), ``pattern`` (b, l, head, q, k), ``w_o`` (l, head, d_head, d_model),
     ``tokens`` (b, pos) and ``w_u`` (d_model, d_vocab) give ``u = W_U[:, tokens]`` (b, pos, d_model),
-    ``keep`` / ``inv_scale`` (b, pos): the module docstring's sums, with
-    ``coef[b, l, h, k] = (v[b, l, h, k] @ W_O[l, h]) . u[b, k]``.
+    ``keep`` / ``inv_scale`` (b, pos; ``inv_scale`` (b, l, pos) on post-norm models): the module docstring's
+    sums, with ``coef[b, l, h, k] = (v[b, l, h, k] @ W_O[l, h]) . u[b, k]``.
     """
     v, pattern = lead_axes(v, 3), lead_axes(pattern, 3)
     # the unembedding columns of this block's tokens, gathered here rather than as a dask input of their
@@ -66,6 +80,10 @@ def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datas
     ``score[L, h] = mean_b per_sequence``; ``coef[b, L, h, k] = (v @ W_O[L, h]) . W_U[:, tokens[b, k]]``.
     """
     require(ds, REQUIRES, "copy-suppression")
+    w_write, inv_post = head_writes(ds, "copy-suppression")
+    inv_scale = 1.0 / ds["ln_final_scale"].astype(np.float32)
+    if inv_post is not None:
+        inv_scale = inv_scale * inv_post  # (batch, layer, pos)
     batch_chunks = ds["tokens"].chunksizes.get("batch", ds.sizes["batch"])
 
     def block(x: xr.DataArray) -> xr.DataArray:  # the store's batch chunk x one layer, whole elsewhere
@@ -75,11 +93,11 @@ def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datas
         _block,
         block(per_head(f32(ds["v"]), ds)),
         block(f32(ds["pattern"])),
-        block(f32(ds["W_O"])),
+        block(w_write),
         block(ds["tokens"]),
         f32(ds["W_U"]).transpose("d_model", "d_vocab"),  # one chunk, handed to every block as it is
         block(not_bos(ds)),
-        block(1.0 / ds["ln_final_scale"].astype(np.float32)),
+        block(inv_scale),
         kwargs={"only_negative": only_negative},
         input_core_dims=[
             ["head", "pos", "d_head"],
@@ -104,5 +122,5 @@ def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datas
             "score": score.transpose("layer", "head"),
         }
     )
-    out.attrs.update({"analyzer": "copy-suppression", "only_negative": int(only_negative)})
+    out.attrs.update({"analyzer": "copy-suppression", "only_negative": int(only_negative), "logits": logits_kind(ds)})
     return out

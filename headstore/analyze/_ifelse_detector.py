@@ -28,7 +28,7 @@ import numpy as np
 import xarray as xr
 
 from headstore.analyze import _args
-from headstore.analyze._maths import f32, require, source_contributions, strings
+from headstore.analyze._maths import f32, logits_kind, require, source_contributions, strings
 from headstore.store_schema import HeadstoreError
 
 NEEDS = ("pattern", "v", "ln_final_scale", "resid_final", "tokens", "W_O", "W_U", "split", "subset")
@@ -140,5 +140,6 @@ def ifelse_detector(ds: xr.Dataset, *, effect_token: int | str = " else", max_to
         "effect_token": effect_token,
         "effect_token_id": _args.token(ds, effect_token, "effect_token"),
         "max_tokens": max_tokens,
+        "logits": logits_kind(ds),
     }
     return res

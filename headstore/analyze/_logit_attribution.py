@@ -31,6 +31,12 @@ source's OV output separately and no frozen scale; here the decomposition is exa
 ``target``: a token id, ``"next"`` (the true next token ``tokens[b, dest+1]``), or one id per sequence
 (e.g. ``ds["io_token"]`` on IOI stores; ``ds.hs.token_id(" Mary")`` turns a string into an id).
 
+Soft-capped models (Gemma-2): ``logit`` is the pre-cap logit ``normalize(resid_final) @ W_U[:, t] + b_U[t]``,
+the model's being ``c * tanh(logit / c)``; the decomposition is of the pre-cap logit (linear), and
+``attrs["logits"]`` says so. Post-norm models (Gemma-2, OLMo-2): each head adds its output through its layer's
+post-attention norm, frozen (``ln1_post_w / ln1_post_scale``, ``_maths.head_writes``), in ``contrib``,
+``per_head_from_result`` and ``residual_other`` alike, so the decomposition stays exact.
+
 ``dest``: a position (negative counts back from the end of each sequence's real tokens) or one per
 sequence. None (default): the store's ``end_pos`` column when it has one (IOI: the last prompt token),
 else the last real token, or with ``target="next"`` the last one that has a next token. A ``dest``
@@ -46,7 +52,16 @@ import numpy as np
 import xarray as xr
 
 from headstore.analyze import _args
-from headstore.analyze._maths import f32, logit_direction, normalize_final, per_head, require, source_contributions
+from headstore.analyze._maths import (
+    f32,
+    head_writes,
+    logit_direction,
+    logits_kind,
+    normalize_final,
+    per_head,
+    require,
+    source_contributions,
+)
 from headstore.store_schema import HeadstoreError
 
 REQUIRES = ("tokens", "pattern", "v", "result", "ln_final_scale", "resid_final", "W_O", "W_U", "b_U", "b_V")
@@ -93,6 +108,9 @@ def logit_attribution(
 
     bvo = xr.dot(f32(per_head(ds["b_V"], ds)), f32(ds["W_O"]), dim="d_head")  # (layer, head, d_model)
     res_dest = f32(ds["result"]).isel(pos=dest_da) - bvo  # (batch, layer, head, d_model)
+    _, inv_post = head_writes(ds, "logit-attribution")
+    if inv_post is not None:  # post-norm: what the head adds, through its layer's frozen post-attention norm
+        res_dest = res_dest * f32(ds["ln1_post_w"]) * inv_post.isel(pos=dest_da)
     from_result = (xr.dot(res_dest, u_c, dim="d_model") * inv).transpose("batch", "layer", "head")
     resid = f32(ds["resid_final"]).isel(pos=dest_da)  # (batch, d_model)
     scale = f32(ds["ln_final_scale"]).isel(pos=dest_da)
@@ -128,6 +146,7 @@ def logit_attribution(
             "target": target if isinstance(target, str | int) else "per-sequence",
             "dest": "default" if dest is None else dest if isinstance(dest, int) else "per-sequence",
             "b_V_folded": int(b_V_zero),
+            "logits": logits_kind(ds),
         }
     )
     return out

@@ -15,6 +15,7 @@ import xarray as xr
 from headstore.store_schema import HeadstoreError
 from headstore.store_schema.accessor import final_logits as final_logits
 from headstore.store_schema.accessor import normalize_final as normalize_final
+from headstore.store_schema.accessor import softcap as softcap
 from headstore.store_schema.layout import FIELDS
 
 # The extract option that stores each variable (for error messages).
@@ -87,10 +88,42 @@ def normalize_rows(x: np.ndarray, ds: xr.Dataset, rows: int = 1024) -> np.ndarra
     return out
 
 
-def logits(ds: xr.Dataset, resid: xr.DataArray | None = None) -> xr.DataArray:
-    """``logits[..., d_vocab] = normalize_final(resid_final) @ W_U + b_U`` with ln_final_scale frozen."""
+def logits(ds: xr.Dataset, resid: xr.DataArray | None = None, *, capped: bool = True) -> xr.DataArray:
+    """``logits[..., d_vocab] = cap(normalize_final(resid_final) @ W_U + b_U)`` with ln_final_scale frozen; ``cap``
+    is the model's final soft-cap (none on most models), left out with ``capped=False``."""
     resid = ds["resid_final"] if resid is None else resid
-    return final_logits(ds, resid, ds["ln_final_scale"])
+    return final_logits(ds, resid, ds["ln_final_scale"], capped=capped)
+
+
+def logits_kind(ds: xr.Dataset) -> str:
+    """What a linear decomposition of the logits decomposes: ``"model"`` (the model's logits), or on models with a
+    final soft-cap ``"pre-softcap (model logit = c * tanh(logit / c), c = ...)"`` (for ``attrs["logits"]``)."""
+    cap = ds.hs.config.final_logit_softcap
+    return f"pre-softcap (model logit = c * tanh(logit / c), c = {cap:g})" if cap > 0 else "model"
+
+
+POST_NORM_NEEDS = ("ln1_post_scale", "ln1_post_w")
+
+
+def head_writes(ds: xr.Dataset, analyzer: str) -> tuple[xr.DataArray, xr.DataArray | None]:
+    """``(W_write, inv_post)``: head ``(L, h)`` adds ``z[b, L, q, h] @ W_write[L, h] * inv_post[b, L, q]`` to the
+    residual stream (``inv_post`` None: 1).
+
+    Pre-norm models: ``W_write = W_O``. Post-norm models (``config.post_norm``: Gemma-2, OLMo-2) normalise each
+    layer's attention output before adding it, ``g * attn_out / ln1_post_scale``; with that scale frozen (as
+    ``ln_final_scale`` is for the logits) a head adds exactly ``z @ (W_O * g) / ln1_post_scale``: ``W_write =
+    W_O * ln1_post_w``, ``inv_post = 1 / ln1_post_scale``.
+    """
+    w_o = f32(ds["W_O"])
+    if not ds.hs.config.post_norm:
+        return w_o, None
+    missing = [n for n in POST_NORM_NEEDS if n not in ds]
+    if missing:
+        raise HeadstoreError(
+            f"{analyzer}: this post-norm model adds each head's output through a norm whose scale this store lacks "
+            f"({', '.join(missing)}): re-extract with the default fields"
+        )
+    return w_o * f32(ds["ln1_post_w"]), 1.0 / f32(ds["ln1_post_scale"])
 
 
 def next_tokens(ds: xr.Dataset) -> xr.DataArray:
@@ -105,22 +138,37 @@ def causal_softmax(scores: xr.DataArray, valid: xr.DataArray, dim: str) -> xr.Da
     return w / w.sum(dim)
 
 
-def attention_scores(q: xr.DataArray, k: xr.DataArray) -> xr.DataArray:
-    """``q . k / sqrt(d_head)`` over ``d_head``."""
-    return xr.dot(q, k, dim="d_head") / np.float32(math.sqrt(q.sizes["d_head"]))
+def attention_scores(q: xr.DataArray, k: xr.DataArray, scale: float | None = None) -> xr.DataArray:
+    """``q . k * scale`` over ``d_head`` (``scale`` None: ``1 / sqrt(d_head)``)."""
+    if scale is None:
+        return xr.dot(q, k, dim="d_head") / np.float32(math.sqrt(q.sizes["d_head"]))
+    return xr.dot(q, k, dim="d_head") * np.float32(scale)
 
 
-def rotate(q: xr.DataArray, cos: xr.DataArray, sin: xr.DataArray) -> xr.DataArray:
-    """HF rotary on the first ``d_rot`` dims: ``q*cos + rotate_half(q)*sin``, rotate_half(x) = cat(-x2, x1)."""
+def rotate(q: xr.DataArray, cos: xr.DataArray, sin: xr.DataArray, style: str = "half") -> xr.DataArray:
+    """HF rotary on the first ``d_rot`` dims: ``q*cos + turn(q)*sin``; ``turn`` is ``rotate_half`` (``half``:
+    ``cat(-x2, x1)``, Llama, GPT-NeoX) or ``rotate_every_two`` (``interleaved``: ``(-x1, x0, -x3, x2, ...)``, GPT-J).
+    Dims past ``d_rot`` pass through."""
     d_rot = cos.sizes["d_rot"]
     half = d_rot // 2
     part = q.isel(d_head=slice(0, d_rot))
-    rot_half = xr.concat([-part.isel(d_head=slice(half, d_rot)), part.isel(d_head=slice(0, half))], dim="d_head")
+    if style == "interleaved":
+        perm = np.arange(d_rot) ^ 1  # 1, 0, 3, 2, ...
+        sign = np.where(np.arange(d_rot) % 2 == 0, -1, 1).astype(np.float32)
+    else:
+        perm = np.concatenate([np.arange(half, d_rot), np.arange(half)])
+        sign = np.concatenate([-np.ones(half), np.ones(d_rot - half)]).astype(np.float32)
+    turned = part.isel(d_head=perm) * xr.DataArray(sign, dims="d_head")
     cos, sin = f32(cos).rename(d_rot="d_head"), f32(sin).rename(d_rot="d_head")
-    out = part * cos + rot_half * sin
+    out = part * cos + turned * sin
     if d_rot < q.sizes["d_head"]:
         out = xr.concat([out, q.isel(d_head=slice(d_rot, None))], dim="d_head")
     return out.transpose(*q.dims)
+
+
+def rms_normalize(x: xr.DataArray, dims: str | list[str], eps: float) -> xr.DataArray:
+    """``x / sqrt(mean_dims(x^2) + eps)`` (RMSNorm without its gain)."""
+    return x / np.sqrt((x * x).mean(dims) + np.float32(eps))
 
 
 ARGMAX_TOP_K = 16  # up to this k, k argmax passes beat one argpartition over d_vocab (~15x at k = 3)
@@ -168,17 +216,23 @@ def source_contributions(ds: xr.Dataset, dest: xr.DataArray, target: xr.DataArra
     """(batch, layer, head, key_pos) each head's direct effect on logit ``target[b]`` at position ``dest[b]``,
     source by source::
 
-        contrib = pattern[b, L, h, dest, k] * ((v[b, L, k, kv(h)] - b_V[L, kv(h)]) @ W_O[L, h] . u[b]) / ln_final_scale[b, dest]
+        contrib = pattern[b, L, h, dest, k] * ((v[b, L, k, kv(h)] - b_V[L, kv(h)]) @ W_write[L, h] . u[b])
+                  * inv_post[b, L, dest] / ln_final_scale[b, dest]
 
-    with ``u = logit_direction(target)``. ``b_V`` is zero on stores extracted with ``fold_value_biases``; an
-    unfolded one goes to the head's bias term (``b_V @ W_O``: not attributable to a source). Lazy.
+    with ``u = logit_direction(target)`` and ``W_write``, ``inv_post`` from :func:`head_writes` (``W_O`` and 1
+    except on post-norm models). ``b_V`` is zero on stores extracted with ``fold_value_biases``; an unfolded
+    one goes to the head's bias term (``b_V @ W_O``: not attributable to a source). Lazy. The logit is the
+    pre-soft-cap one on soft-capped models (a linear decomposition).
     """
     u = logit_direction(ds, target)  # (d_model, batch)
     inv = 1.0 / f32(ds["ln_final_scale"]).isel(pos=dest)  # (batch,)
+    w_write, inv_post = head_writes(ds, "logit attribution")
+    if inv_post is not None:
+        inv = inv * inv_post.isel(pos=dest)  # (batch, layer)
     v = f32(per_head(ds["v"], ds))
     if "b_V" in ds:
         v = v - f32(per_head(ds["b_V"], ds))
-    wou = xr.dot(f32(ds["W_O"]), u, dim="d_model")  # (layer, head, d_head, batch)
+    wou = xr.dot(w_write, u, dim="d_model")  # (layer, head, d_head, batch)
     through = xr.dot(v, wou, dim="d_head").rename(pos="key_pos")  # (batch, layer, key_pos, head)
     pat = f32(ds["pattern"]).isel(query_pos=dest)  # (batch, layer, head, key_pos)
     contrib = (pat * through * inv).transpose("batch", "layer", "head", "key_pos")

@@ -2,12 +2,22 @@
 
 The seed patches the senders' outputs from a corrupted run (e.g. ABC) into the *query input* of a
 receiver head of the clean run (e.g. IOI), leaving everything else clean, and compares the
-receiver's ``pattern[END, IO] - pattern[END, S1]`` patched vs clean. With the stores:
+receiver's ``pattern[END, IO] - pattern[END, S1]`` patched vs clean. With the stores, at the end position:
 
-    resid' = resid_pre[L_r] + sum_senders (result_corrupt - result_clean)   (end position)
+    resid' = resid_pre[L_r] + sum_senders (result_corrupt - result_clean)
     q      = ln1(resid') @ W_Q[L_r, h_r] + b_Q[L_r, h_r]    (ln1 scale recomputed from resid')
+    q      = q_norm(q)                                      (models with q/k norm)
     q      = rotary(q, end)                                 (rotary models)
-    pattern[END, :] = softmax_causal(q . k_clean[L_r, kv(h_r)] / sqrt(d_head))
+    pattern[END, :] = softmax_causal(cap(q . k_clean[L_r, kv(h_r)] * scale))
+
+with the model's own non-linearities from the store's config: ``scale`` (``1/sqrt(d_head)``, Gemma-2's
+``query_pre_attn_scalar ** -0.5``), the attention soft-cap ``cap`` (Gemma-2), the receiver layer's sliding
+window in the mask (Mistral, Gemma-2), partial and interleaved rotary (GPT-NeoX, Phi-3, GPT-J), the q norm
+(Qwen3: RMSNorm of the head's query over d_head, times its gain; OLMo-2: over every head's query, the
+other heads' queries left clean), no ln1 where the model has none (OLMo-2). On post-norm models (Gemma-2,
+OLMo-2) a layer adds ``post(S) = g * S / sqrt(mean(S^2) + eps)`` of its heads' summed output
+``S = sum_h result_h + b_O``, so the senders' change is ``post(S + delta) - post(S)`` per sender layer, the
+norm recomputed on the patched sum as ln1's is.
 
 Only the end position's query is computed. Positions ``io``, ``s1``, ``end`` are ints or one per
 sequence, and default to the clean store's ``io_pos``, ``s1_pos``, ``end_pos`` columns. Senders must sit in layers before the receiver's:
@@ -21,26 +31,81 @@ import numpy as np
 import xarray as xr
 
 from headstore.analyze import _args
-from headstore.analyze._maths import attention_scores, causal_softmax, f32, normalize, require, rotate
+from headstore.analyze._maths import (
+    attention_scores,
+    causal_softmax,
+    f32,
+    normalize,
+    require,
+    rms_normalize,
+    rotate,
+    softcap,
+)
 from headstore.store_schema import HeadstoreError
 
 NAME = "path-patch-query"
 NEEDS = ("resid_pre", "k", "result", "W_Q", "b_Q")
 
 
-def end_query(resid: xr.DataArray, ds: xr.Dataset, layer: int, head: int, end: xr.DataArray) -> xr.DataArray:
-    """(batch, d_head) the receiver's query at the end position from a residual stream (batch, d_model)."""
-    w_q = f32(ds["W_Q"].sel(layer=layer).isel(head=head))
-    q = xr.dot(normalize(resid, ds), w_q, dim="d_model") + f32(ds["b_Q"].sel(layer=layer).isel(head=head))
+def _needs(ds: xr.Dataset) -> tuple[str, ...]:
+    cfg = ds.hs.config
+    return (*NEEDS, *(("q_norm_w",) if cfg.qk_norm else ()), *(("ln1_post_w", "b_O") if cfg.post_norm else ()))
+
+
+def end_query(resid: xr.DataArray, ds: xr.Dataset, layer: int, head: int, end: xr.DataArray,
+              clean_resid: xr.DataArray | None = None) -> xr.DataArray:  # fmt: skip
+    """(batch, d_head) the receiver's query at the end position from a residual stream (batch, d_model).
+
+    ``clean_resid``: the unpatched stream, which the other heads' queries read where the q norm spans every
+    head (``qk_norm == "full"``, OLMo-2); None: ``resid`` itself."""
+    cfg = ds.hs.config
+    w_q, b_q = f32(ds["W_Q"].sel(layer=layer)), f32(ds["b_Q"].sel(layer=layer))
+
+    def queries(x: xr.DataArray) -> xr.DataArray:  # (batch, head, d_head), every head
+        x = normalize(x, ds) if cfg.pre_norm else f32(x)
+        return xr.dot(x, w_q, dim="d_model") + b_q
+
+    if cfg.qk_norm == "full":
+        q_all = queries(resid if clean_resid is None else clean_resid)
+        mine = xr.DataArray(np.arange(cfg.n_heads) == head, dims="head")
+        q_all = xr.where(mine, queries(resid), q_all)
+        q = (rms_normalize(q_all, ["head", "d_head"], cfg.eps) * f32(ds["q_norm_w"].sel(layer=layer))).isel(head=head)
+    else:
+        q = queries(resid).isel(head=head)
+        if cfg.qk_norm == "per_head":
+            q = rms_normalize(q, "d_head", cfg.eps) * f32(ds["q_norm_w"].sel(layer=layer).isel(head=head))
     if "rotary_cos" in ds:
-        q = rotate(q, ds["rotary_cos"].isel(pos=end), ds["rotary_sin"].isel(pos=end))
+        q = rotate(q, ds["rotary_cos"].isel(pos=end), ds["rotary_sin"].isel(pos=end), cfg.rotary_style)
     return q
 
 
-def end_pattern(q: xr.DataArray, k: xr.DataArray, end: xr.DataArray) -> xr.DataArray:
-    """(batch, key_pos) causal softmax of ``q . k / sqrt(d_head)`` for the end query."""
-    valid = xr.DataArray(np.arange(k.sizes["pos"]), dims="pos") <= end
-    return causal_softmax(attention_scores(q, k), valid, "pos").rename(pos="key_pos")
+def end_pattern(q: xr.DataArray, k: xr.DataArray, end: xr.DataArray, ds: xr.Dataset | None = None,
+                layer: int | None = None) -> xr.DataArray:  # fmt: skip
+    """(batch, key_pos) softmax of ``cap(q . k * scale)`` for the end query over the keys it sees (causal, and
+    within the layer's sliding window); ``ds`` None: ``1/sqrt(d_head)``, causal only."""
+    pos = xr.DataArray(np.arange(k.sizes["pos"]), dims="pos")
+    valid = pos <= end
+    if ds is None:
+        return causal_softmax(attention_scores(q, k), valid, "pos").rename(pos="key_pos")
+    cfg = ds.hs.config
+    window = cfg.window(int(layer)) if layer is not None else 0
+    if window:
+        valid = valid & (pos > end - window)
+    scale = None if cfg.score_scale == cfg.d_head**-0.5 else cfg.score_scale  # None: divide by sqrt(d_head), as before
+    scores = softcap(attention_scores(q, k, scale), cfg.attn_logit_softcap)
+    return causal_softmax(scores, valid, "pos").rename(pos="key_pos")
+
+
+def _post_norm_change(clean: xr.Dataset, corrupt: xr.Dataset, layer: int, heads: list[int],
+                      end: xr.DataArray) -> xr.DataArray:  # fmt: skip
+    """(batch, d_model) how much a post-norm layer's write to the residual changes at ``end`` when ``heads`` take
+    their corrupt outputs: ``post(S + delta) - post(S)``."""
+    c = f32(corrupt["result"].sel(layer=layer).isel(head=heads, pos=end)).sum("head")
+    o = f32(clean["result"].sel(layer=layer).isel(head=heads, pos=end)).sum("head")
+    cfg = clean.hs.config
+    total = f32(clean["result"].sel(layer=layer).isel(pos=end)).sum("head") + f32(clean["b_O"].sel(layer=layer))
+    gain = f32(clean["ln1_post_w"].sel(layer=layer))
+    return (rms_normalize(total - o + c, "d_model", cfg.eps) - rms_normalize(total, "d_model", cfg.eps)) * gain
 
 
 def _io_minus_s1(pattern_end: xr.DataArray, io: xr.DataArray, s1: xr.DataArray) -> xr.DataArray:
@@ -73,7 +138,7 @@ def path_patch_query(
             f"senders must be (layer, head) pairs before layer {l_r} (the receiver's): {late} are not, "
             "and only earlier layers' heads reach its query"
         )
-    require(clean, NEEDS, NAME)
+    require(clean, _needs(clean), NAME)
     require(corrupt, ("result",), NAME)
     _args.check_aligned(clean, corrupt, NAME, ("io_pos", "s1_pos", "end_pos"))
     if clean.hs.config.positional_embedding_type == "rotary" and "rotary_cos" not in clean:
@@ -84,14 +149,18 @@ def path_patch_query(
 
     resid = f32(clean["resid_pre"].sel(layer=l_r).isel(pos=end_da))  # (batch, d_model)
     patched_resid = resid
-    for L, h in snd:
-        c = f32(corrupt["result"].sel(layer=L).isel(head=h, pos=end_da))
-        o = f32(clean["result"].sel(layer=L).isel(head=h, pos=end_da))
-        patched_resid = patched_resid + (c - o)
+    if clean.hs.config.post_norm:  # one change per sender layer, through its post-attention norm
+        for L in sorted({L for L, _ in snd}):
+            patched_resid = patched_resid + _post_norm_change(clean, corrupt, L, [h for s, h in snd if s == L], end_da)
+    else:
+        for L, h in snd:
+            c = f32(corrupt["result"].sel(layer=L).isel(head=h, pos=end_da))
+            o = f32(clean["result"].sel(layer=L).isel(head=h, pos=end_da))
+            patched_resid = patched_resid + (c - o)
     kv = clean.hs.kv_head(h_r)
     k = f32(clean["k"].sel(layer=l_r).isel(kv_head=kv))  # (batch, pos, d_head), post-rotary
-    pat_clean = end_pattern(end_query(resid, clean, l_r, h_r, end_da), k, end_da)
-    pat_patched = end_pattern(end_query(patched_resid, clean, l_r, h_r, end_da), k, end_da)
+    pat_clean = end_pattern(end_query(resid, clean, l_r, h_r, end_da), k, end_da, clean, l_r)
+    pat_patched = end_pattern(end_query(patched_resid, clean, l_r, h_r, end_da, resid), k, end_da, clean, l_r)
     out = xr.Dataset(
         {
             "patched": _io_minus_s1(pat_patched, io_da, s1_da),

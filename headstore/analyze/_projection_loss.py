@@ -12,6 +12,11 @@ change by
 
 and ``loss`` is the next-token cross-entropy of the changed logits. The vocabulary-sized work is done
 blockwise (one batch chunk x one layer at a time); only per-token losses leave a block.
+
+The model's own non-linearities: under a final soft-cap (Gemma-2) the changes apply to the pre-cap logits and
+the loss is taken on ``c * tanh(logits / c)``, the model's logits; on post-norm models (Gemma-2, OLMo-2) a head
+writes through its layer's post-attention norm, frozen (``W_O * ln1_post_w``, ``scale * ln1_post_scale``:
+``_maths.head_writes``).
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from threadpoolctl import threadpool_limits
 from headstore.analyze._maths import (
     f32,
     head_unembed,
+    head_writes,
     lead_axes,
     logits,
     next_tokens,
     per_head,
     require,
+    softcap,
     unembed_columns,
 )
 
@@ -36,13 +43,15 @@ MODES = ("project", "perpendicular", "ablation")
 GRAM_MAX_POS_PER_D_MODEL = 1.0  # unembed the source tokens once per block while seq_len < d_model (fewer flops)
 
 
-def _token_loss(lg: np.ndarray, nxt: np.ndarray) -> np.ndarray:
-    """``lg`` (..., pos, d_vocab), ``nxt`` (..., pos) with -1 where there is no next token -> (..., pos)."""
-    return _token_loss_inplace(np.array(lg, dtype=np.float32), nxt)
+def _token_loss(lg: np.ndarray, nxt: np.ndarray, cap: float = 0.0) -> np.ndarray:
+    """``lg`` (..., pos, d_vocab), ``nxt`` (..., pos) with -1 where there is no next token -> (..., pos); ``cap``:
+    the final soft-cap applied to ``lg`` first (0: none)."""
+    return _token_loss_inplace(np.array(lg, dtype=np.float32), nxt, cap)
 
 
-def _token_loss_inplace(lg: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+def _token_loss_inplace(lg: np.ndarray, nxt: np.ndarray, cap: float = 0.0) -> np.ndarray:
     """``_token_loss`` that uses ``lg`` as its scratch space (one pass fewer, no d_vocab-sized allocation)."""
+    softcap(lg, cap)
     safe = np.where(nxt < 0, 0, nxt)
     picked = np.take_along_axis(lg, safe[..., None], axis=-1)[..., 0]
     m = lg.max(axis=-1, keepdims=True)
@@ -69,6 +78,7 @@ def _block_losses(
     w_o: np.ndarray,
     w_u: np.ndarray,
     only_negative: bool,
+    cap: float = 0.0,
 ) -> np.ndarray:
     """One (batch chunk, layer chunk) block -> losses (batch, layer, mode, head, pos).
 
@@ -77,7 +87,7 @@ def _block_losses(
     blocks cost ~100x (thread hand-off dominates the tiny matmuls).
     """
     with threadpool_limits(limits=1, user_api="blas"):
-        return _block_losses_1(lg, nxt, scale, u, v, pattern, z, w_o, w_u, only_negative)
+        return _block_losses_1(lg, nxt, scale, u, v, pattern, z, w_o, w_u, only_negative, cap)
 
 
 def _block_losses_1(
@@ -91,6 +101,7 @@ def _block_losses_1(
     w_o: np.ndarray,
     w_u: np.ndarray,
     only_negative: bool,
+    cap: float = 0.0,
 ) -> np.ndarray:
     lg, nxt, scale = lead_axes(lg, 2)[:, 0], lead_axes(nxt, 1)[:, 0], lead_axes(scale, 1)[:, 0]
     u = lead_axes(u, 2)[:, 0]  # batch, pos, d_model
@@ -121,25 +132,30 @@ def _block_losses_1(
             d_orig = head_unembed(zs, w_o[li, h], w_u).reshape(n_batch, n_pos, -1)  # result_orig / scale @ W_U
             np.add(lg, d_new, out=buf)
             buf -= d_orig
-            out[:, li, 0, h] = _token_loss_inplace(buf, nxt)  # project
+            out[:, li, 0, h] = _token_loss_inplace(buf, nxt, cap)  # project
             np.subtract(lg, d_new, out=buf)
-            out[:, li, 1, h] = _token_loss_inplace(buf, nxt)  # perpendicular
+            out[:, li, 1, h] = _token_loss_inplace(buf, nxt, cap)  # perpendicular
             np.subtract(lg, d_orig, out=buf)
-            out[:, li, 2, h] = _token_loss_inplace(buf, nxt)  # ablation
+            out[:, li, 2, h] = _token_loss_inplace(buf, nxt, cap)  # ablation
     return out
 
 
 def projection_loss(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Dataset:
     """Per-token loss after keeping only the projection / only the perpendicular part / nothing, per head."""
     require(ds, REQUIRES, "projection-loss")
-    clean = logits(ds).astype(np.float32)  # batch, pos, d_vocab (lazy, chunked along batch)
+    cap = ds.hs.config.final_logit_softcap
+    clean = logits(ds, capped=False).astype(np.float32)  # batch, pos, d_vocab (lazy, chunked along batch)
     nxt = next_tokens(ds)
     scale = ds["ln_final_scale"].astype(np.float32)
+    w_write, inv_post = head_writes(ds, "projection-loss")
+    if inv_post is not None:
+        scale = scale / inv_post  # (batch, layer, pos): ln_final_scale * ln1_post_scale
     w_u = f32(ds["W_U"])
     loss_original = xr.apply_ufunc(
         _token_loss,
         clean,
         nxt,
+        kwargs={"cap": cap},
         input_core_dims=[["pos", "d_vocab"], ["pos"]],
         output_core_dims=[["pos"]],
         dask="parallelized",
@@ -155,9 +171,9 @@ def projection_loss(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datase
     loss = xr.apply_ufunc(
         _block_losses,
         *(block(x) for x in (clean, nxt, scale, unembed_columns(ds), v, f32(ds["pattern"]), f32(ds["z"]))),
-        block(f32(ds["W_O"])),
+        block(w_write),
         w_u,
-        kwargs={"only_negative": only_negative},
+        kwargs={"only_negative": only_negative, "cap": cap},
         input_core_dims=[
             ["pos", "d_vocab"],
             ["pos"],

@@ -19,6 +19,7 @@ parallel residual, rotary dims and style, pre- and post-norms), so analyzers app
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -129,7 +130,26 @@ def _rotary_dim(bridge: Any, hf_config: Any, d_head: int) -> int:
     return d_head
 
 
+@torch.inference_mode()
+def firing_hooks(bridge: Any) -> frozenset[str]:
+    """Every hook name that fires in a forward pass (aliases included): a two-token probe, block 0's names
+    repeated for every layer. ``bridge.hook_dict`` also lists hooks that never fire (Phi-3's ``hook_rot_q``)."""
+    toks = torch.zeros((1, 2), dtype=torch.long, device=bridge.cfg.device)
+    with warnings.catch_warnings():  # "skipped gated-off hook names": those do not fire, as wanted
+        warnings.simplefilter("ignore")
+        _, cache = bridge.run_with_cache(toks, names_filter=lambda n: not n.startswith("blocks.") or n.startswith("blocks.0."))
+    names = set(cache.keys())
+    for name in list(names):
+        if name.startswith("blocks.0."):
+            names.update(name.replace("blocks.0.", f"blocks.{L}.", 1) for L in range(int(bridge.cfg.n_layers)))
+    return frozenset(names)
+
+
 # ---------------------------------------------------------------------------------------------- fields
+
+
+# Fields only some families have: left out of a preset silently where the model has no such part.
+FAMILY_FIELDS = ("ln1_post_scale",)
 
 
 def unrepresentable_fields(hooks: frozenset[str], architecture: str) -> dict[str, str]:
@@ -140,6 +160,8 @@ def unrepresentable_fields(hooks: frozenset[str], architecture: str) -> dict[str
         out["ln1_scale"] = out["ln2_scale"] = reason
     elif "blocks.0.ln2.hook_scale" not in hooks:
         out["ln2_scale"] = "feeds attention and the MLP from one norm, ln1 (its scale is ln1_scale)"
+    if "blocks.0.ln1_post.hook_scale" not in hooks:
+        out["ln1_post_scale"] = "has no norm on the attention output (not a post-norm model)"
     return out
 
 
@@ -147,17 +169,16 @@ def resolve_fields(spec: str, fields: tuple[str, ...], model: Any) -> tuple[str,
     """``fields`` (parsed from ``spec``) less what ``model`` cannot represent.
 
     A field named in ``spec`` that the model cannot represent is refused in one line naming the field and the
-    family; one that came from a preset (``default``, ``all``, ``compact``) is left out with a one-line notice.
+    family; one that came from a preset (``default``, ``all``, ``compact``) is left out, with a one-line
+    notice unless it is a part only some families have (``FAMILY_FIELDS``).
     """
     missing = model.unrepresentable
-    if not missing:
-        return fields
     named = {s.strip() for s in spec.split(",")} - set(PRESETS)
     label = family_label(model.architecture)
     for name in fields:
         if name in missing and name in named:
             raise HeadstoreError(f"--fields {name}: {label} {missing[name]}: leave {name} out of --fields")
-    dropped = [n for n in fields if n in missing]
+    dropped = [n for n in fields if n in missing and n not in FAMILY_FIELDS]
     if dropped:
         print(f"headstore: not storing {', '.join(dropped)}: {label} {missing[dropped[0]]}", file=sys.stderr)
     return tuple(n for n in fields if n not in missing)
@@ -240,7 +261,7 @@ def run_with_cache(model: Any, x: torch.Tensor, names: Sequence[str]) -> tuple[t
         else:
             raise HeadstoreError(f"{family_label(model.architecture)} has no hook {name!r}")
     logits, cache = model.bridge.run_with_cache(x, names_filter=sorted(need))
-    out = {n: cache[n] for n in names if n in need}
+    out = {n: _unflatten(cache[n], x.shape) for n in names if n in need}
     if virtual:
         w_o = model.bridge.W_O
         for name in virtual:
@@ -255,42 +276,81 @@ def run_with_cache(model: Any, x: torch.Tensor, names: Sequence[str]) -> tuple[t
     return logits, out
 
 
+def _unflatten(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """OPT runs its MLP half (``ln2``) on tokens flattened to (batch * pos, ...): give them back their axes."""
+    b, p = shape
+    if p > 1 and t.ndim >= 1 and t.shape[0] == b * p:  # every other hook leads with batch
+        return t.reshape(b, p, *t.shape[1:])
+    return t
+
+
 # ---------------------------------------------------------------------------------------------- weights
 
 
 @torch.inference_mode()
 def norm_affine(norm: Any, d_model: int, normalization_type: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(gain, bias) of a norm module's affine part, measured (``out = normalized * gain + bias``); None when it
-    is the identity (folded). Measured so that gains stored as ``1 + w`` (Gemma) need no special case."""
+    """(gain, bias) of a norm module's affine part (``out = normalized * gain + bias``); None when it is the
+    identity (folded). The module's own ``weight`` (or ``1 + weight``: Gemma's norms, told apart by the output
+    on random inputs) and ``bias``; measured where the module has no weight."""
+    mod = getattr(norm, "original_component", None) or norm
+    param = next(iter(mod.parameters()), None)
+    dtype = param.dtype if param is not None else torch.float32
     g = torch.Generator().manual_seed(0)
     x = torch.randn((4, d_model), generator=g, dtype=torch.float32)
-    x = x.to(next(iter(norm.parameters()), torch.empty(0)).device)
     xc = x - x.mean(-1, keepdim=True) if normalization_type == "LN" else x
-    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)) or 1e-5)
+    eps = float(getattr(mod, "eps", getattr(mod, "variance_epsilon", 1e-5)) or 1e-5)
     normalized = xc / torch.sqrt((xc * xc).mean(-1, keepdim=True) + eps)
-    out = norm(x.unsqueeze(0))[0].float()
+    device = param.device if param is not None else torch.device("cpu")
+    out = norm(x.to(device, dtype).unsqueeze(0))[0].float().cpu()
     a = torch.stack([normalized, torch.ones_like(normalized)], dim=-1)  # per dim: out = a @ (gain, bias)
     sol = torch.linalg.lstsq(a.permute(1, 0, 2), out.T.unsqueeze(-1)).solution[..., 0]  # (d_model, 2)
-    gain, bias = sol[:, 0].cpu().numpy(), sol[:, 1].cpu().numpy()
-    if np.allclose(gain, 1.0, atol=1e-5) and np.allclose(bias, 0.0, atol=1e-5):
+    gain, bias = sol[:, 0], sol[:, 1]
+    w, b = getattr(mod, "weight", None), getattr(mod, "bias", None)
+    if isinstance(w, torch.Tensor) and w.shape == gain.shape:
+        w = w.detach().float().cpu()
+        gain = min((w, 1.0 + w), key=lambda c: float((gain - c).abs().max()))  # the closer (bf16: 1e-2 apart at most)
+        bias = b.detach().float().cpu() if isinstance(b, torch.Tensor) and b.shape == bias.shape else torch.zeros_like(bias)
+        if bool((gain == 1).all()) and bool((bias == 0).all()):
+            return None
+    elif torch.allclose(gain, torch.ones_like(gain), atol=1e-5) and torch.allclose(bias, torch.zeros_like(bias), atol=1e-5):
         return None
-    return gain.astype(np.float32), bias.astype(np.float32)
+    return gain.numpy().astype(np.float32), bias.numpy().astype(np.float32)
 
 
 @torch.inference_mode()
-def q_norm_gain(model: Any, layers: Sequence[int]) -> np.ndarray:
-    """(layer, head, d_head) the gain of each layer's q norm (``per_head``: one d_head vector for every head;
-    ``full``: one over all heads' queries), measured as the norm's output on a vector of ones."""
+def qk_norm_gain(model: Any, layers: Sequence[int], which: str) -> np.ndarray:
+    """(layer, head or kv_head, d_head) the gain of each layer's q (``which="q"``) or k norm: ``per_head`` one
+    d_head vector for every head, ``full`` one over all heads' queries (keys), reshaped per head. Read as the
+    weight (Qwen3, OLMo-2) or ``1 + weight`` (Gemma-3), whichever the norm applies to a vector of ones."""
     cfg = model.config_dict()
-    n_h, d_h = cfg["n_heads"], cfg["d_head"]
+    n_h = cfg["n_heads"] if which == "q" else cfg["n_key_value_heads"]
+    d_h = cfg["d_head"]
     out = []
     for L in layers:
-        norm = hf_attention(model.bridge, L).q_norm
+        norm = getattr(hf_attention(model.bridge, L), f"{which}_norm")
         size = d_h if model.traits["qk_norm"] == "per_head" else n_h * d_h
         eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-        w = norm.weight.detach().float()
-        got = norm(torch.ones((1, size), dtype=torch.float32, device=w.device))[0].float() * np.sqrt(1.0 + eps)
-        # the weight itself (Qwen3, OLMo-2) or 1 + weight (Gemma-3), else the measured gain
-        gain = next((c for c in (w, 1.0 + w) if torch.allclose(got, c, rtol=1e-5, atol=1e-6)), got).cpu().numpy()
+        w = norm.weight.detach()
+        got = norm(torch.ones((1, size), dtype=w.dtype, device=w.device))[0].float() * np.sqrt(1.0 + eps)
+        # the weight itself or 1 + weight (Gemma-3), whichever the norm applies
+        gain = min((w.float(), 1.0 + w.float()), key=lambda c: float((got - c).abs().max())).cpu().numpy()
         out.append(np.broadcast_to(gain, (n_h, d_h)) if size == d_h else gain.reshape(n_h, d_h))
+    return np.stack(out).astype(np.float32)
+
+
+@torch.inference_mode()
+def post_norm_gain(model: Any, layers: Sequence[int]) -> np.ndarray:
+    """(layer, d_model) the gain of each layer's norm on the attention output (``ln1_post``), measured; a norm
+    with a bias (an additive term no head owns) is refused."""
+    cfg = model.config_dict()
+    out = []
+    for L in layers:
+        affine = norm_affine(model.bridge.blocks[L].ln1_post, cfg["d_model"], cfg["normalization_type"])
+        if affine is None:
+            out.append(np.ones(cfg["d_model"], np.float32))
+            continue
+        gain, bias = affine
+        if not np.allclose(bias, 0.0, atol=1e-6):
+            raise HeadstoreError(f"{family_label(model.architecture)}: its post-attention norm has a bias: not supported")
+        out.append(gain)
     return np.stack(out).astype(np.float32)

@@ -12,12 +12,14 @@ import importlib.util
 import os
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from headstore.extract import families
 from headstore.store_schema.errors import HeadstoreError
 
 PROCESSING = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
@@ -30,10 +32,18 @@ EMBEDDED = ("smollm2-135m", *TINY)
 
 @dataclass
 class LoadedModel:
+    """A booted bridge and what headstore read from it once (``families``: traits, hooks, fields)."""
+
     name: str
     bridge: Any
     tokenizer: Any
     source: dict[str, Any] = field(default_factory=dict)
+    hooks: frozenset[str] = frozenset()  # every hook name that fires (aliases included)
+    traits: dict[str, Any] = field(default_factory=dict)  # ModelConfig's non-linearity fields
+    has_result_hook: bool = True  # False where set_use_attn_result is unavailable (GPT-J, OPT)
+    processing: dict[str, Any] = field(default_factory=lambda: dict(PROCESSING))  # as applied
+    unrepresentable: dict[str, str] = field(default_factory=dict)  # field -> why this family cannot store it
+    memo: dict[Any, Any] = field(default_factory=dict)  # per-model caches (rotary tables)
 
     @property
     def cfg(self) -> Any:
@@ -42,6 +52,10 @@ class LoadedModel:
     @property
     def rotary(self) -> bool:
         return str(self.cfg.positional_embedding_type) == "rotary"
+
+    @property
+    def architecture(self) -> str:
+        return str(getattr(self.cfg, "architecture", "") or "")
 
     def config_dict(self) -> dict[str, Any]:
         c = self.cfg
@@ -53,10 +67,11 @@ class LoadedModel:
             "d_head": int(c.d_head),
             "d_vocab": int(c.d_vocab),
             "n_ctx": int(c.n_ctx),
-            "normalization_type": "RMS" if "RMS" in str(c.normalization_type) else "LN",
+            "normalization_type": _norm_type(c),
             "eps": float(c.eps),
             "positional_embedding_type": str(c.positional_embedding_type),
-            "architecture": str(getattr(c, "architecture", "")),
+            "architecture": self.architecture,
+            **self.traits,
         }
 
 
@@ -105,12 +120,42 @@ def _boot(name: str, where: str, device: str, source: dict[str, Any], dtype: str
     except OSError as e:
         raise HeadstoreError(f"cannot load model {name!r} ({str(e).splitlines()[0][:120]}): check the name or folder") from e
     hf.eval()
+    hf_config = hf.config
     bridge = TransformerBridge.boot_transformers(
         where, hf_model=hf, tokenizer=tok, device=device, dtype=MODEL_DTYPES[dtype]
     )
-    bridge.enable_compatibility_mode(disable_warnings=True, **PROCESSING)
-    bridge.set_use_attn_result(True)
-    return LoadedModel(name=name, bridge=bridge, tokenizer=bridge.tokenizer, source=source)
+    with warnings.catch_warnings():  # e.g. "does not support fold_ln": recorded in processing instead
+        warnings.simplefilter("ignore")
+        bridge.enable_compatibility_mode(disable_warnings=True, **PROCESSING)
+    try:
+        bridge.set_use_attn_result(True)
+        has_result = True
+    except NotImplementedError:  # GPT-J, OPT: extract computes result = z @ W_O (families.run_with_cache)
+        has_result = False
+    hooks = families.firing_hooks(bridge)
+    traits = families.read_traits(bridge, hf_config, hooks)
+    return LoadedModel(
+        name=name, bridge=bridge, tokenizer=bridge.tokenizer, source=source, hooks=hooks, traits=traits,
+        has_result_hook=has_result, processing=_processing(bridge, traits),
+        unrepresentable=families.unrepresentable_fields(hooks, str(getattr(bridge.cfg, "architecture", ""))),
+    )  # fmt: skip
+
+
+def _processing(bridge: Any, traits: dict[str, Any]) -> dict[str, Any]:
+    """PROCESSING as TransformerBridge applied it: no unembedding centring under a final soft-cap (not
+    translation invariant); ``fold_ln`` False where the adapter cannot fold (OLMo-2's post-norms: headstore
+    folds ln_final into W_U, b_U itself, ``ln_final_folded``)."""
+    out: dict[str, Any] = dict(PROCESSING)
+    if traits["final_logit_softcap"] > 0:
+        out["center_unembed"] = False
+    if families.norm_affine(bridge.ln_final, int(bridge.cfg.d_model), _norm_type(bridge.cfg)) is not None:
+        out["fold_ln"] = False
+        out["ln_final_folded"] = True
+    return out
+
+
+def _norm_type(c: Any) -> str:
+    return "RMS" if "RMS" in str(c.normalization_type) else "LN"
 
 
 def _folder_sha(folder: Path) -> str:

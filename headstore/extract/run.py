@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from headstore.extract.compact import check_pattern_derivable, derives_pattern
 from headstore.extract.data import DataRequest, TokenDataset, build_dataset
-from headstore.extract.models import PROCESSING, LoadedModel, load_model
+from headstore.extract.families import resolve_fields, run_with_cache
+from headstore.extract.models import LoadedModel, load_model
 from headstore.extract.plan import Plan, check_space, disk_full, plan_extract
 from headstore.extract.weights import collect_weights, effective_embedding, vocab_strings, weights_sha256
 from headstore.store_schema import (
@@ -201,6 +202,7 @@ def extract(req: ExtractRequest) -> ExtractResult:
     existing = _check_out(out)
     _quiet_hf_loading()
     model = load_model(req.model, req.device, req.model_dtype)
+    fields = resolve_fields(req.fields, fields, model)  # less what this family cannot represent
     cfg = model.config_dict()
     layers = parse_layers(req.layers, cfg["n_layers"])
     pattern_layers = _parse_pattern_layers(req.pattern_layers, cfg["n_layers"], layers, fields)
@@ -214,7 +216,7 @@ def extract(req: ExtractRequest) -> ExtractResult:
             "name": req.model,
             "source": model.source,
             "config": cfg,
-            "processing": dict(PROCESSING),
+            "processing": dict(model.processing),
             "dtype": req.model_dtype,
             "weights_sha256": weights_sha256(weights),
         },
@@ -414,7 +416,7 @@ def run_batch(model: LoadedModel, toks: np.ndarray, prov: Provenance, hooks: dic
     bridge = model.bridge
     x = torch.as_tensor(toks, dtype=torch.long, device=bridge.cfg.device)
     names = sorted({h for hs in hooks.values() for h in hs})
-    logits, cache = bridge.run_with_cache(x, names_filter=names)
+    logits, cache = run_with_cache(model, x, names)  # hooks the bridge lacks computed from what it has
     tensors: dict[str, torch.Tensor] = {}
     for name, hs in hooks.items():
         dims = FIELDS[name].dims

@@ -10,6 +10,7 @@ import einops
 import numpy as np
 import torch
 
+from headstore.extract import families
 from headstore.extract.models import LoadedModel
 
 
@@ -44,46 +45,73 @@ def collect_weights(m: LoadedModel, layers: Sequence[int], seq_len: int) -> dict
         "W_U": _np(b.W_U),
         "b_U": _np(b.b_U),
     }
+    if m.processing.get("ln_final_folded"):  # the bridge could not fold ln_final (OLMo-2): fold it here
+        affine = families.norm_affine(b.ln_final, dm, cfg["normalization_type"])
+        if affine is not None:
+            gain, bias = affine
+            out["b_U"] = (out["b_U"] + bias.astype(np.float64) @ out["W_U"]).astype(np.float32)
+            out["W_U"] = (gain[:, None] * out["W_U"]).astype(np.float32)
     if m.rotary:
         cos, sin = rotary_tables(m, seq_len)
         out["rotary_cos"], out["rotary_sin"] = cos, sin
     else:
         out["W_pos"] = _np(b.W_pos)
+    if m.traits.get("qk_norm"):
+        out["q_norm_w"] = families.qk_norm_gain(m, idx, "q")
+        out["k_norm_w"] = families.qk_norm_gain(m, idx, "k")
+    if m.traits.get("post_norm"):
+        out["ln1_post_w"] = families.post_norm_gain(m, idx)
     return out
 
 
-@torch.inference_mode()
 def rotary_tables(m: LoadedModel, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin (pos, d_head) as the model applies them, read from ``blocks.0.attn.hook_cos/sin``."""
-    toks = torch.zeros((1, seq_len), dtype=torch.long, device=m.bridge.cfg.device)
-    names = ["blocks.0.attn.hook_cos", "blocks.0.attn.hook_sin"]
-    _, cache = m.bridge.run_with_cache(toks, names_filter=names, stop_at_layer=1)  # block 0 is enough
-    cos, sin = cache["blocks.0.attn.hook_cos"], cache["blocks.0.attn.hook_sin"]
-    return _np(cos.reshape(-1, cos.shape[-1])[-seq_len:]), _np(sin.reshape(-1, sin.shape[-1])[-seq_len:])
+    """cos/sin (pos, d_rot) as the model applies them (``families.rotary_tables``)."""
+    cos, sin = families.rotary_tables(m, seq_len)
+    return _np(cos), _np(sin)
 
 
 @torch.inference_mode()
 def effective_embedding(m: LoadedModel, chunk: int = 4096) -> np.ndarray:
     """Seed's ``get_effective_embedding_2(model)["W_E (including MLPs)"]``.
 
-    ``resid_mid = W_E + sum_head ln1_0(W_E) @ W_V[0, kv(head)] @ W_O[0, head]`` (no biases, as the
-    seed), ``W_EE = resid_mid + MLP0(ln2_0(resid_mid))``.
+    ``resid_mid = E + sum_head ln1_0(E) @ W_V[0, kv(head)] @ W_O[0, head]`` (no biases, as the seed),
+    ``W_EE = resid_mid + MLP0(ln2_0(resid_mid))``, with ``E`` the embedding as it enters the residual stream
+    (Gemma's ``sqrt(d_model)`` included). Per family: a parallel block's MLP reads ``E`` (GPT-NeoX, GPT-J;
+    GPT-J's MLP reads ln1), a block without pre-norms reads its input raw and post-norms (Gemma-2, OLMo-2)
+    normalise the attention and MLP outputs before they are added.
     """
     b = m.bridge
     block = b.blocks[0]
     group = b.cfg.n_heads // (b.cfg.n_key_value_heads or b.cfg.n_heads)
     W_V = torch.repeat_interleave(b.W_V[0], group, dim=0)  # (head, d_model, d_head)
     W_O = b.W_O[0]
-    W_E = b.W_E
+    has = {name: f"blocks.0.{name}.hook_scale" in m.hooks for name in ("ln1", "ln2", "ln1_post", "ln2_post")}
+    ln2 = block.ln2 if has["ln2"] else block.ln1 if has["ln1"] else None
+    parallel = bool(m.traits.get("parallel_residual"))
     rows = []
-    for start in range(0, W_E.shape[0], chunk):
-        resid = W_E[start : start + chunk].unsqueeze(0)
-        pre = block.ln1(resid)
+    n_vocab = int(b.W_E.shape[0])
+    for start in range(0, n_vocab, chunk):
+        ids = torch.arange(start, min(start + chunk, n_vocab), device=W_O.device)
+        resid = b.embed(ids.unsqueeze(0))
+        pre = block.ln1(resid) if has["ln1"] else resid
         attn_out = einops.einsum(pre, W_V, W_O, "b s dm, h dm dh, h dh dmo -> b s dmo")
+        if has["ln1_post"]:
+            attn_out = block.ln1_post(attn_out)
         resid_mid = resid + attn_out
-        mlp_out = block.mlp(block.ln2(resid_mid))
+        mlp_in = resid if parallel else resid_mid
+        mlp_out = _mlp(block, ln2(mlp_in) if ln2 is not None else mlp_in)
+        if has["ln2_post"]:
+            mlp_out = block.ln2_post(mlp_out)
         rows.append(_np((resid_mid + mlp_out)[0]))
     return np.concatenate(rows, axis=0)
+
+
+def _mlp(block: Any, x: torch.Tensor) -> torch.Tensor:
+    """The block's MLP on ``x``; OPT's has no module of its own (fc1, activation, fc2 sit in the layer)."""
+    if getattr(block.mlp, "name", "") is None and hasattr(block.mlp, "in") and hasattr(block.mlp, "out"):
+        act = block.original_component.activation_fn
+        return block.mlp.out(act(getattr(block.mlp, "in")(x)))
+    return block.mlp(x)
 
 
 def weights_sha256(weights: dict[str, np.ndarray]) -> str:

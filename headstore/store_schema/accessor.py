@@ -33,10 +33,26 @@ def normalize_final(resid: xr.DataArray, scale: xr.DataArray, config: ModelConfi
     return resid / scale
 
 
-def final_logits(ds: xr.Dataset, resid: xr.DataArray, scale: xr.DataArray) -> xr.DataArray:
-    """``logits[..., d_vocab] = normalize_final(resid, scale) @ W_U + b_U``."""
+def softcap(logits: Any, cap: float) -> Any:
+    """``cap * tanh(logits / cap)`` (Gemma-2's final-logit soft-cap), ``logits`` itself when ``cap`` is 0.
+    numpy arrays are capped in place; DataArrays lazily."""
+    if cap <= 0:
+        return logits
+    c = np.float32(cap)
+    if isinstance(logits, np.ndarray):
+        logits /= c
+        np.tanh(logits, out=logits)
+        logits *= c
+        return logits
+    return np.tanh(logits / c) * c
+
+
+def final_logits(ds: xr.Dataset, resid: xr.DataArray, scale: xr.DataArray, *, capped: bool = True) -> xr.DataArray:
+    """``logits[..., d_vocab] = cap(normalize_final(resid, scale) @ W_U + b_U)``: ``cap`` is the model's final
+    soft-cap (``config.final_logit_softcap``; none on most models), left out with ``capped=False``."""
     w_u = ds["W_U"] if ds["W_U"].dtype == np.float32 else ds["W_U"].astype(np.float32)
-    return xr.dot(normalize_final(resid, scale, ds.hs.config), w_u, dim="d_model") + ds["b_U"]
+    pre = xr.dot(normalize_final(resid, scale, ds.hs.config), w_u, dim="d_model") + ds["b_U"]
+    return softcap(pre, ds.hs.config.final_logit_softcap) if capped else pre
 
 
 @xr.register_dataset_accessor("hs")
@@ -110,11 +126,14 @@ class HeadstoreAccessor:
             raise HeadstoreError(f"token_ids got {len(values)} strings for {self._ds.sizes['batch']} sequences")
         return xr.DataArray(np.array([self.token_id(str(s)) for s in values], np.int64), dims="batch")
 
-    def logits(self, batch: Any = None, pos: Any = None) -> xr.DataArray:
-        """Logits recomputed from ``resid_final`` with ``ln_final_scale`` frozen: ``normalize(resid) @ W_U + b_U``.
+    def logits(self, batch: Any = None, pos: Any = None, *, capped: bool = True) -> xr.DataArray:
+        """Logits recomputed from ``resid_final`` with ``ln_final_scale`` frozen: ``normalize(resid) @ W_U + b_U``,
+        through the model's final soft-cap where it has one (Gemma-2; ``capped=False``: the pre-cap logits).
 
-        ``batch`` and ``pos`` select as ``isel`` does (an int, a slice, an array); None keeps every one.
+        They equal the model's logits up to one constant per position (``center_unembed`` centres ``W_U`` over
+        the vocabulary; probabilities are unchanged), and exactly on soft-capped models, whose unembedding is
+        not centred. ``batch`` and ``pos`` select as ``isel`` does (an int, a slice, an array); None keeps all.
         """
         sel = {k: v for k, v in (("batch", batch), ("pos", pos)) if v is not None}
         resid = self._ds["resid_final"].isel(sel)
-        return final_logits(self._ds, resid, self._ds["ln_final_scale"].isel(sel))
+        return final_logits(self._ds, resid, self._ds["ln_final_scale"].isel(sel), capped=capped)

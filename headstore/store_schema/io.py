@@ -20,6 +20,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from headstore.store_schema.attention import derived_pattern as derived_pattern
+from headstore.store_schema.attention import pattern_block as pattern_block
 from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.layout import ATTRS_KEY, FIELDS, MANIFEST, WEIGHTS
 from headstore.store_schema.provenance import Provenance
@@ -358,9 +360,9 @@ def open_store(
     if "result" not in ds and "z" in ds and "W_O" in ds:
         ds["result"] = derived_result(ds["z"], ds["W_O"])
     if "pattern" not in ds and "q" in ds and "k" in ds:
-        ds["pattern"] = derived_pattern(ds["q"], ds["k"])
+        ds["pattern"] = derived_pattern(ds["q"], ds["k"], prov.model_config)
     elif "pattern" in ds and "q" in ds and "k" in ds and len(prov.stored_pattern_layers) < len(prov.layers):
-        ds["pattern"] = _fill_unstored_pattern(ds, pattern_layer_index(prov))
+        ds["pattern"] = _fill_unstored_pattern(ds, pattern_layer_index(prov), prov)
     if not done.all():
         if not partial:
             raise HeadstoreError(
@@ -386,10 +388,10 @@ def _check_range_requests(url: str, storage_options: dict[str, Any] | None) -> N
         )
 
 
-def _fill_unstored_pattern(ds: xr.Dataset, stored: list[int]) -> xr.DataArray:
+def _fill_unstored_pattern(ds: xr.Dataset, stored: list[int], prov: Provenance) -> xr.DataArray:
     """``pattern`` with the layers not stored (``--pattern-layers``) derived from ``q``, ``k`` (float32)."""
     missing = [i for i in range(ds.sizes["layer"]) if i not in stored]
-    derived = derived_pattern(ds["q"].isel(layer=missing), ds["k"].isel(layer=missing))
+    derived = derived_pattern(ds["q"].isel(layer=missing), ds["k"].isel(layer=missing), prov.model_config)
     pat = ds["pattern"].astype("float32")
     parts = [
         pat.isel(layer=[i]) if i in stored else derived.isel(layer=[missing.index(i)]) for i in range(ds.sizes["layer"])
@@ -438,53 +440,6 @@ def derived_result(z: xr.DataArray, W_O: xr.DataArray) -> xr.DataArray:
     if z.chunks is not None:  # keep z's chunking (dask's einsum may split it further)
         out = out.chunk({d: z.chunksizes[d] for d in ("batch", "layer", "pos", "head")} | {"d_model": -1})
     return out
-
-
-def derived_pattern(q: xr.DataArray, k: xr.DataArray) -> xr.DataArray:
-    """Attention pattern from stored queries and keys (float32, upcast first; lazy on dask input).
-
-    ``pattern[batch, layer, head, query_pos, key_pos] =
-    softmax_key_pos(q[batch, layer, query_pos, head, :] . k[batch, layer, key_pos, kv(head), :] / sqrt(d_head))``
-    with ``-inf`` where ``key_pos > query_pos`` (causal) and ``kv(head) = head // (n_heads // n_kv_heads)``.
-    This is TransformerLens's computation in compatibility mode (``q``, ``k`` post-rotary on rotary
-    models; no attention mask, as extract passes none). Chunks: one per (batch chunk, layer) of ``q``,
-    all heads and positions, like a stored ``pattern``.
-    """
-    sizes = {"head": q.sizes["head"], "pos": q.sizes["pos"]}
-    dims = ("batch", "layer", "head", "query_pos", "key_pos")
-    qd = q.transpose("batch", "layer", "pos", "head", "d_head")
-    kd = k.transpose("batch", "layer", "pos", "kv_head", "d_head")
-    coords = {c: q.coords[c] for c in ("batch", "layer") if c in q.coords}
-    if q.chunks is None or k.chunks is None:
-        data: Any = pattern_block(np.asarray(qd.values), np.asarray(kd.values))
-    else:
-        import dask.array as da
-
-        qa = qd.data.rechunk({2: -1, 3: -1, 4: -1})
-        ka = kd.data.rechunk({0: qa.chunks[0], 1: qa.chunks[1], 2: -1, 3: -1, 4: -1})
-        out_chunks = (qa.chunks[0], qa.chunks[1], (sizes["head"],), (sizes["pos"],), (sizes["pos"],))
-        data = da.map_blocks(
-            pattern_block, qa, ka, chunks=out_chunks, dtype=np.float32, meta=np.empty((0,) * 5, np.float32)
-        )
-    return xr.DataArray(data, dims=dims, coords=coords)
-
-
-def pattern_block(q: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """numpy kernel of ``derived_pattern``: q (b, l, pos, head, d_head), k (b, l, pos, kv_head, d_head)
-    -> (b, l, head, query_pos, key_pos) float32."""
-    q, k = q.astype(np.float32, copy=False), k.astype(np.float32, copy=False)
-    n_heads, n_kv, d_head = q.shape[3], k.shape[3], q.shape[4]
-    if n_heads % n_kv:
-        raise HeadstoreError(f"q has {n_heads} heads, not a multiple of k's {n_kv} kv heads: the store is damaged")
-    k = np.repeat(k, n_heads // n_kv, axis=3)  # head h reads kv head h // (n_heads // n_kv)
-    # Same float32 ops as TransformerLens: (q @ k^T) * d_head**-0.5, -inf above the diagonal, softmax.
-    scores = np.matmul(q.transpose(0, 1, 3, 2, 4), k.transpose(0, 1, 3, 4, 2)) * np.float32(d_head**-0.5)
-    n = scores.shape[-1]
-    scores += np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1)  # 0 on and below the diagonal
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return scores
 
 
 def provenance(ds: xr.Dataset) -> Provenance:

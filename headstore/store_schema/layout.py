@@ -80,6 +80,13 @@ FIELDS: dict[str, Field] = {
         ),
         Field("ln1_scale", ("batch", "layer", "pos"), "float32", "blocks.{L}.ln1.hook_scale", "ln1 scale"),
         Field("ln2_scale", ("batch", "layer", "pos"), "float32", "blocks.{L}.ln2.hook_scale", "ln2 scale"),
+        Field(
+            "ln1_post_scale",
+            ("batch", "layer", "pos"),
+            "float32",
+            "blocks.{L}.ln1_post.hook_scale",
+            "scale of the norm on the attention output (post-norm models only: Gemma-2, OLMo-2)",
+        ),
         Field("ln_final_scale", ("batch", "pos"), "float32", "ln_final.hook_scale", "ln_final scale"),
         Field(
             "resid_final",
@@ -129,8 +136,11 @@ WEIGHTS: dict[str, Weight] = {
         Weight("b_O", ("layer", "d_model"), "output bias (zeros if bias-free)"),
         Weight("W_U", ("d_model", "d_vocab"), "unembedding"),
         Weight("b_U", ("d_vocab",), "unembedding bias"),
-        Weight("rotary_cos", ("pos", "d_rot"), "rotary cos table (rotary models only)"),
-        Weight("rotary_sin", ("pos", "d_rot"), "rotary sin table (rotary models only)"),
+        Weight("rotary_cos", ("pos", "d_rot"), "rotary cos table of the rotated dims (rotary models only)"),
+        Weight("rotary_sin", ("pos", "d_rot"), "rotary sin table of the rotated dims (rotary models only)"),
+        Weight("q_norm_w", ("layer", "head", "d_head"), "gain of the q norm (models with q/k norm only)"),
+        Weight("k_norm_w", ("layer", "kv_head", "d_head"), "gain of the k norm (models with q/k norm only)"),
+        Weight("ln1_post_w", ("layer", "d_model"), "gain of the norm on the attention output (post-norm models only)"),
     )
 }
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from headstore.store_schema.errors import HeadstoreError
@@ -14,11 +14,18 @@ MODEL_CONFIG_KEYS = (
 )  # fmt: skip
 PROCESSING_KEYS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 NORMALIZATION_TYPES = ("LN", "RMS")
+QK_NORMS = ("", "per_head", "full")
+ROTARY_STYLES = ("half", "interleaved")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The model's shape as the analyzers need it (``ds.hs.config``), typed and checked when a store is opened."""
+    """The model's shape as the analyzers need it (``ds.hs.config``), typed and checked when a store is opened.
+
+    The fields after ``architecture`` are the model's own non-linearities (``headstore.extract.families``); a
+    store made before they were recorded reads as a GPT-2/Llama-shaped model: no soft-caps, scale
+    ``1/sqrt(d_head)``, no sliding window, no q/k norm, sequential pre-norm blocks, full ``rotate_half`` rotary.
+    """
 
     n_layers: int
     n_heads: int
@@ -31,31 +38,63 @@ class ModelConfig:
     eps: float
     positional_embedding_type: str  # "standard", "rotary", ...
     architecture: str = ""
+    final_logit_softcap: float = 0.0  # > 0: logits = c * tanh(logits / c) (Gemma-2)
+    attn_logit_softcap: float = 0.0  # > 0: scores = c * tanh(scores / c) before the mask (Gemma-2)
+    attn_scale: float = 0.0  # scores = q . k * attn_scale; 0 = 1 / sqrt(d_head) (Gemma-2: query_pre_attn_scalar)
+    sliding_window: int = 0  # > 0: a query sees the last sliding_window keys, itself included ...
+    sliding_window_layers: tuple[int, ...] = ()  # ... in these layers (Mistral: all; Gemma-2: every other)
+    qk_norm: str = ""  # "per_head": RMSNorm of each head's q, k over d_head (Qwen3); "full": over all heads (OLMo-2)
+    parallel_residual: bool = False  # attention and MLP read the same residual (GPT-NeoX, GPT-J)
+    rotary_dim: int = 0  # rotated dims of each head (partial rotary: GPT-NeoX, GPT-J, Phi-3); 0 = d_head
+    rotary_style: str = "half"  # "half": rotate_half (Llama, GPT-NeoX); "interleaved": pairs (GPT-J)
+    pre_norm: bool = True  # a norm (ln1, ln2) before attention and the MLP; False: OLMo-2
+    post_norm: bool = False  # a norm on the attention and MLP outputs before the residual add (Gemma-2, OLMo-2)
 
     @property
     def group_size(self) -> int:
         """Query heads per kv head: head ``h`` reads kv head ``h // group_size``."""
         return self.n_heads // self.n_key_value_heads
 
+    @property
+    def score_scale(self) -> float:
+        """The attention score multiplier: ``attn_scale``, or ``1 / sqrt(d_head)`` when not recorded."""
+        return self.attn_scale or self.d_head**-0.5
+
+    @property
+    def d_rot(self) -> int:
+        """Rotated dims per head on rotary models (``rotary_dim``, or all of ``d_head``)."""
+        return self.rotary_dim or self.d_head
+
+    def window(self, layer: int) -> int:
+        """The sliding window of model layer ``layer`` (0: full causal attention)."""
+        return self.sliding_window if layer in self.sliding_window_layers else 0
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
+            optional = f.default is not MISSING
             if f.name not in d:
-                if f.name == "architecture":
+                if optional:
                     continue
                 raise HeadstoreError(f"store attr model.config lacks {f.name}: the store is damaged; re-extract it")
             value, want = d[f.name], f.type
             if want == "int":
-                ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+                ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if optional else value > 0)
             elif want == "float":
                 ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
                 value = float(value) if ok else value
+            elif want == "bool":
+                ok = isinstance(value, bool)
+            elif want == "tuple[int, ...]":
+                ok = isinstance(value, list | tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+                value = tuple(value) if ok else value
             else:
                 ok = isinstance(value, str)
             if not ok:
+                kind = {"int": "non-negative int" if optional else "positive int", "tuple[int, ...]": "list of ints"}
                 raise HeadstoreError(
-                    f"store attr model.config.{f.name} must be a {'positive ' if want == 'int' else ''}{want}, "
+                    f"store attr model.config.{f.name} must be a {kind.get(str(want), want)}, "
                     f"got {value!r}: the store is damaged; re-extract it"
                 )
             kwargs[f.name] = value
@@ -69,6 +108,9 @@ class ModelConfig:
                 f"store attr model.config: n_heads {cfg.n_heads} is not a multiple of n_key_value_heads "
                 f"{cfg.n_key_value_heads}: the store is damaged"
             )
+        for name, value, allowed in (("qk_norm", cfg.qk_norm, QK_NORMS), ("rotary_style", cfg.rotary_style, ROTARY_STYLES)):
+            if value not in allowed:
+                raise HeadstoreError(f"store attr model.config.{name} {value!r} is not one of {allowed}")
         return cfg
 
 
