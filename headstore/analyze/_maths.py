@@ -155,10 +155,10 @@ def rotate(q: xr.DataArray, cos: xr.DataArray, sin: xr.DataArray, style: str = "
     if style == "interleaved":
         perm = np.arange(d_rot) ^ 1  # 1, 0, 3, 2, ...
         sign = np.where(np.arange(d_rot) % 2 == 0, -1, 1).astype(np.float32)
+        turned = part.isel(d_head=perm) * xr.DataArray(sign, dims="d_head")
+        turned = turned.chunk({"d_head": -1}) if turned.chunks is not None else turned
     else:
-        perm = np.concatenate([np.arange(half, d_rot), np.arange(half)])
-        sign = np.concatenate([-np.ones(half), np.ones(d_rot - half)]).astype(np.float32)
-    turned = part.isel(d_head=perm) * xr.DataArray(sign, dims="d_head")
+        turned = xr.concat([-part.isel(d_head=slice(half, d_rot)), part.isel(d_head=slice(0, half))], dim="d_head")
     cos, sin = f32(cos).rename(d_rot="d_head"), f32(sin).rename(d_rot="d_head")
     out = part * cos + turned * sin
     if d_rot < q.sizes["d_head"]:

@@ -61,17 +61,17 @@ def end_query(resid: xr.DataArray, ds: xr.Dataset, layer: int, head: int, end: x
     cfg = ds.hs.config
     w_q, b_q = f32(ds["W_Q"].sel(layer=layer)), f32(ds["b_Q"].sel(layer=layer))
 
-    def queries(x: xr.DataArray) -> xr.DataArray:  # (batch, head, d_head), every head
+    def queries(x: xr.DataArray, w: xr.DataArray, b: xr.DataArray) -> xr.DataArray:
         x = normalize(x, ds) if cfg.pre_norm else f32(x)
-        return xr.dot(x, w_q, dim="d_model") + b_q
+        return xr.dot(x, w, dim="d_model") + b
 
-    if cfg.qk_norm == "full":
-        q_all = queries(resid if clean_resid is None else clean_resid)
+    if cfg.qk_norm == "full":  # (batch, head, d_head): every head's query, the receiver's patched
+        q_all = queries(resid if clean_resid is None else clean_resid, w_q, b_q)
         mine = xr.DataArray(np.arange(cfg.n_heads) == head, dims="head")
-        q_all = xr.where(mine, queries(resid), q_all)
+        q_all = xr.where(mine, queries(resid, w_q, b_q), q_all)
         q = (rms_normalize(q_all, ["head", "d_head"], cfg.eps) * f32(ds["q_norm_w"].sel(layer=layer))).isel(head=head)
     else:
-        q = queries(resid).isel(head=head)
+        q = queries(resid, w_q.isel(head=head), b_q.isel(head=head))
         if cfg.qk_norm == "per_head":
             q = rms_normalize(q, "d_head", cfg.eps) * f32(ds["q_norm_w"].sel(layer=layer).isel(head=head))
     if "rotary_cos" in ds:
