@@ -89,11 +89,17 @@ def info(store: str, as_json: Annotated[bool, typer.Option("--json", help="print
     prov = data["provenance"]
     console.print(f"[bold]{store}[/bold]  schema v{prov['schema_version']}")
     m = prov["model"]
-    console.print(f"model      {m['name']}  ({m['config'].get('architecture', '')}, processing {m['processing']})")
+    console.print(
+        f"model      {m['name']}  ({m['config'].get('architecture', '')}, runs in {m.get('dtype', 'float32')}, "
+        f"processing {m['processing']})"
+    )
     console.print(f"weights    sha256 {m['weights_sha256'][:16]}...")
     if prov.get("weights_store"):
         ref = prov["weights_store"]
-        console.print(f"           {', '.join(ref['arrays'])} from weights store {ref['path']} (sha256 {ref['sha256'][:16]}...)")
+        console.print(
+            f"           {', '.join(ref['arrays'])} from weights store {ref['path']} (sha256 {ref['sha256'][:16]}...)",
+            soft_wrap=True,
+        )
     console.print(f"tokenizer  {prov['tokenizer']['name']}  vocab {prov['tokenizer']['vocab_size']}")
     d = prov["dataset"]
     console.print(f"dataset    {d['kind']} ({d['spec']})  {d['n_sequences']} sequences x {prov['seq_len']} tokens")
@@ -108,7 +114,9 @@ def info(store: str, as_json: Annotated[bool, typer.Option("--json", help="print
         t.add_row(name, f"{nbytes / 1e6:.2f}", f"{per_tok:.1f}")
     console.print(t)
     files = "" if data["n_files"] is None else f", {data['n_files']} files ({prov.get('layout', 'chunked')} layout)"
-    console.print(f"total {data['total_bytes'] / 1e6:.2f} MB, {data['bytes_per_token']:.0f} bytes/token{files}")
+    console.print(
+        f"total {data['total_bytes'] / 1e6:.2f} MB, {data['bytes_per_token']:.0f} bytes/token{files}", soft_wrap=True
+    )
 
 
 @app.command()
