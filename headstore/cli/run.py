@@ -91,14 +91,22 @@ def run_analyzer(
         raise HeadstoreError(f"{spec.name} needs {need} (no default)")
     folder = safe_child(out, spec.name)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with dask_scheduler(scheduler), progress_bar(progress and scheduler is None):
-        result: xr.Dataset = spec.func(*datasets, **params).compute()
-    result.attrs = {k: v for k, v in result.attrs.items() if isinstance(v, str | int | float)}
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _portable_strings(result).to_zarr(tmp / "result.zarr", mode="w", consolidated=False, zarr_format=3)
+        with dask_scheduler(scheduler), progress_bar(progress and scheduler is None):
+            lazy: xr.Dataset = spec.func(*datasets, **params)
+            lazy.attrs = {k: v for k, v in lazy.attrs.items() if isinstance(v, str | int | float)}
+            if scheduler is None and _streamable(lazy):
+                # written block by block as dask computes it: memory holds a few blocks, not the result
+                # (copy-suppression's per_position is n_layers x n_heads floats per token), then read
+                # back lazily for the summary and plots
+                _portable_strings(lazy).to_zarr(tmp / "result.zarr", mode="w", consolidated=False, zarr_format=3)
+                result = xr.open_zarr(tmp / "result.zarr", consolidated=False, zarr_format=3)[list(lazy.data_vars)]
+            else:  # results on a cluster come back to this process (its workers may not see this folder)
+                result = lazy.compute()
+                _portable_strings(result).to_zarr(tmp / "result.zarr", mode="w", consolidated=False, zarr_format=3)
         summary = spec.summary(result)
         summary.to_csv(tmp / "summary.csv", index=False)
         plots = [p.relative_to(tmp) for p in spec.plot(result, tmp)]
@@ -112,6 +120,20 @@ def run_analyzer(
         shutil.rmtree(old)
     tmp.rename(folder)
     return summary, [folder / "result.zarr", folder / "summary.csv", *(folder / p for p in plots)]
+
+
+def _streamable(ds: xr.Dataset) -> bool:
+    """Whether ``to_zarr`` can write ``ds`` as it is computed: its dask arrays' chunks are regular (equal
+    along each dim but the last), which zarr needs, and it has no string arrays left lazy."""
+    for var in ds.variables.values():
+        if var.chunks is None:
+            continue
+        if var.dtype.kind in "UOT":
+            return False
+        for sizes in var.chunks:
+            if len(sizes) > 1 and (len(set(sizes[:-1])) > 1 or sizes[-1] > sizes[0]):
+                return False
+    return True
 
 
 def _portable_strings(ds: xr.Dataset) -> xr.Dataset:
