@@ -23,7 +23,7 @@ import zarr
 from zarr.storage import MemoryStore
 
 from headstore.store_schema import HeadstoreError, Provenance
-from headstore.store_schema.io import _create, field_dtype, write_columns, write_weights
+from headstore.store_schema.io import _create, consolidate, field_dtype, write_columns, write_weights
 from headstore.store_schema.layout import ATTRS_KEY, FIELDS, MANIFEST
 
 
@@ -159,7 +159,7 @@ def make_plan(
     small = {k: v for k, v in weights.items() if v.dtype.kind in "UOT"}  # vocab: encoded for real
     write_weights(root, small, prov.layout)
     write_weights(root, {k: v for k, v in weights.items() if k not in small}, prov.layout, write=False)
-    zarr.consolidate_metadata(mem)
+    consolidate(mem)
     stored = dict(mem._store_dict)  # key -> Buffer
     fields: list[FieldPlan] = []
     n_tok = n * prov.seq_len

@@ -12,6 +12,7 @@ rotary tables depend on ``--layers`` and ``seq_len`` and stay in each store.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import posixpath
 import shutil
@@ -31,18 +32,25 @@ WEIGHTS_ATTRS = "headstore_weights"
 _VERIFIED: dict[tuple[Any, ...], str] = {}  # (where, file stats) -> sha256, once per process
 
 
-def content_sha256(arrays: Mapping[str, np.ndarray]) -> str:
-    """sha256 over the arrays in name order: name, dtype, shape, then the values (strings as UTF-8,
-    NUL-separated)."""
+def content_sha256(arrays: Mapping[str, Any]) -> str:
+    """sha256 over the arrays in name order: name, dtype, shape, then the values in C order (strings as
+    UTF-8, NUL-separated). ``arrays`` may be zarr arrays: they are read ~16 MB of leading-axis rows at
+    a time, so verifying a weights store holds one block, not the vocabulary-sized matrices."""
     h = hashlib.sha256()
     for name in sorted(arrays):
-        a = np.asarray(arrays[name])
-        text = a.dtype.kind in "UOT"  # str arrays come back from zarr as object or StringDType
-        h.update(f"{name}\0{'str' if text else a.dtype.str}\0{a.shape}\0".encode())
+        a = arrays[name]
+        dtype, shape = np.dtype(a.dtype), tuple(a.shape)
+        text = dtype.kind in "UOT"  # str arrays come back from zarr as object or StringDType
+        h.update(f"{name}\0{'str' if text else dtype.str}\0{shape}\0".encode())
         if text:
-            h.update("\0".join(str(x) for x in a.ravel().tolist()).encode())
-        else:
-            h.update(np.ascontiguousarray(a).tobytes())
+            h.update("\0".join(str(x) for x in np.asarray(a[...]).ravel().tolist()).encode())
+            continue
+        if not shape:
+            h.update(np.asarray(a[...], dtype=dtype).tobytes())
+            continue
+        rows = max(1, 2**24 // max(1, dtype.itemsize * math.prod(shape[1:])))
+        for i in range(0, shape[0], rows):
+            h.update(np.ascontiguousarray(a[i : i + rows]).data.cast("B"))
     return h.hexdigest()
 
 
@@ -105,7 +113,7 @@ def verify(
         missing = [n for n in ref["arrays"] if n not in root]
         if missing:
             raise HeadstoreError(f"weights store {where} lacks {', '.join(missing)}, which {store} takes from it")
-        got = content_sha256({name: np.asarray(a[...]) for name, a in root.arrays()})
+        got = content_sha256(dict(root.arrays()))  # read block by block
         _VERIFIED[key] = got
     if got != ref["sha256"]:
         raise HeadstoreError(
@@ -136,7 +144,7 @@ def ensure_weights_store(
     where = str(where)
     if "://" in where or Path(where).exists():
         return _reuse(where, shared)
-    from headstore.store_schema.io import write_weights
+    from headstore.store_schema.io import consolidate, write_weights
 
     arrays = {**shared, **compute_missing()}
     sha = content_sha256(arrays)
@@ -147,7 +155,7 @@ def ensure_weights_store(
         root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
         root.attrs[WEIGHTS_ATTRS] = {"sha256": sha, "arrays": sorted(arrays), "model": dict(model)}
         write_weights(root, arrays, "sharded")
-        zarr.consolidate_metadata(str(tmp))
+        consolidate(str(tmp))
         try:
             os.rename(tmp, path)
         except OSError:
@@ -186,7 +194,7 @@ def pack(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """A self-contained copy of the local store ``src`` at ``out``: the arrays it takes from its weights
     store written into it (as a store made without ``--weights`` holds them), the reference dropped.
     Written under a temporary name and renamed into place."""
-    from headstore.store_schema.io import read_provenance, write_weights
+    from headstore.store_schema.io import consolidate, read_provenance, write_weights
     from headstore.store_schema.layout import ATTRS_KEY
 
     src, out = Path(src), Path(out)
@@ -211,7 +219,7 @@ def pack(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
             attrs = prov.to_dict()
             attrs["weights_store"] = None
             root.attrs[ATTRS_KEY] = attrs
-            zarr.consolidate_metadata(str(tmp))
+            consolidate(str(tmp))
         os.rename(tmp, out)
     finally:
         if tmp.exists():
