@@ -27,14 +27,19 @@ from headstore.analyze._maths import (
     _take_columns,
     f32,
     head_writes,
+    kv_index,
     lead_axes,
     logits_kind,
     not_bos,
-    per_head,
     require,
 )
 
 REQUIRES = ("tokens", "v", "pattern", "ln_final_scale", "W_O", "W_U")
+
+
+# each dask block holds about this many bytes of float32 pattern: layers are grouped so that the number of tasks
+# (~10 per block; the threaded scheduler keeps a few KB per task) stays small against the data at 10^5-10^6 tokens
+BLOCK_BYTES = 32 * 2**20
 
 
 def _block(
@@ -45,21 +50,26 @@ def _block(
     w_u: np.ndarray,
     keep: np.ndarray,
     inv_scale: np.ndarray,
+    kv: np.ndarray,
     only_negative: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One (batch chunk, layer) block, every head: ``(per_position, attn_per_src)``, each (batch, layer, head, key_pos).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One (batch chunk, layer group) block, every head: ``(per_position, num, den)``; ``per_position`` is
+    (batch, layer, head, key_pos), ``per_sequence = num / den`` with ``num = sum_k per_position * attn`` and
+    ``den = sum_k attn`` (batch, layer, head).
 
-    ``v`` (b, l, head, pos, d_head), ``pattern`` (b, l, head, q, k), ``w_o`` (l, head, d_head, d_model),
-    ``tokens`` (b, pos) and ``w_u`` (d_model, d_vocab) give ``u = W_U[:, tokens]`` (b, pos, d_model),
-    ``keep`` / ``inv_scale`` (b, pos; ``inv_scale`` (b, l, pos) on post-norm models): the module docstring's
-    sums, with ``coef[b, l, h, k] = (v[b, l, h, k] @ W_O[l, h]) . u[b, k]``.
+    ``v`` (b, l, kv_head, pos, d_head; query head ``h`` reads ``kv[h]``), ``pattern`` (b, l, head, q, k), as
+    stored (float16 upcast here), ``w_o`` (l, head, d_head, d_model), ``tokens`` (b, pos) and ``w_u``
+    (d_model, d_vocab) give ``u = W_U[:, tokens]`` (b, pos, d_model), ``keep`` / ``inv_scale`` (b, pos;
+    ``inv_scale`` (b, l, pos) on post-norm models): the module docstring's sums, with
+    ``coef[b, l, h, k] = (v[b, l, kv[h], k] @ W_O[l, h]) . u[b, k]``.
     """
     v, pattern = lead_axes(v, 3), lead_axes(pattern, 3)
     # the unembedding columns of this block's tokens, gathered here rather than as a dask input of their
     # own: dask would hold the gathered columns of every batch chunk (batch x pos x d_model floats) while
     # it works through the layers
     w_o, u = lead_axes(w_o, 3)[0], _take_columns(lead_axes(tokens, 1)[:, 0], lead_axes(w_u, 2)[0, 0])
-    keep, inv_scale = lead_axes(keep, 1)[:, 0], lead_axes(inv_scale, 1)[:, 0]
+    keep, inv_scale = lead_axes(keep, 1)[:, 0], lead_axes(inv_scale, 1)  # inv_scale: b, l (or 1), q
+    v = v[:, :, kv].astype(np.float32, copy=False)  # b, l, h, k, d
     n_b, n_l, n_h, n_k, n_d = v.shape
     # (v @ W_O) . u as two BLAS products: W_O[l, h] @ u[b, k] for every (l, h, d_head) x (b, k) at once
     w_ou = w_o.reshape(n_l * n_h * n_d, -1) @ u.reshape(n_b * n_k, -1).T  # (l h d), (b k)
@@ -67,9 +77,11 @@ def _block(
     coef = (v * w_ou).sum(-1)  # b, l, h, k
     if only_negative:
         coef = np.where(coef < 0, coef, np.float32(0.0))
-    a = pattern * (keep[:, None, None, :, None] * keep[:, None, None, None, :])
-    per_position = coef * np.matmul(inv_scale[:, None, None, None, :], a)[..., 0, :]
-    return per_position.astype(np.float32, copy=False), a.sum(axis=3, dtype=np.float32)
+    a = pattern.astype(np.float32)  # a copy: the mask is applied in place
+    a *= keep[:, None, None, :, None] * keep[:, None, None, None, :]
+    per_position = (coef * np.matmul(inv_scale[:, :, None, None, :], a)[..., 0, :]).astype(np.float32, copy=False)
+    attn = a.sum(axis=3, dtype=np.float32)  # b, l, h, k
+    return per_position, (per_position * attn).sum(-1), attn.sum(-1)
 
 
 def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Dataset:
@@ -85,22 +97,25 @@ def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datas
     if inv_post is not None:
         inv_scale = inv_scale * inv_post  # (batch, layer, pos)
     batch_chunks = ds["tokens"].chunksizes.get("batch", ds.sizes["batch"])
+    b_max = max(batch_chunks, default=1) if isinstance(batch_chunks, tuple) else batch_chunks
+    per_layer = ds.sizes["head"] * ds.sizes["query_pos"] * ds.sizes["key_pos"] * 4 * b_max
+    layers = max(1, min(ds.sizes["layer"], BLOCK_BYTES // per_layer))
 
-    def block(x: xr.DataArray) -> xr.DataArray:  # the store's batch chunk x one layer, whole elsewhere
-        return x.chunk({d: (batch_chunks if d == "batch" else 1 if d == "layer" else -1) for d in x.dims})
+    def block(x: xr.DataArray) -> xr.DataArray:  # the store's batch chunk x a group of layers, whole elsewhere
+        return x.chunk({d: (batch_chunks if d == "batch" else layers if d == "layer" else -1) for d in x.dims})
 
-    per_position, attn_per_src = xr.apply_ufunc(
+    per_position, num, den = xr.apply_ufunc(
         _block,
-        block(per_head(f32(ds["v"]), ds)),
-        block(f32(ds["pattern"])),
+        block(ds["v"]),
+        block(ds["pattern"]),
         block(w_write),
         block(ds["tokens"]),
         f32(ds["W_U"]).transpose("d_model", "d_vocab"),  # one chunk, handed to every block as it is
         block(not_bos(ds)),
         block(inv_scale),
-        kwargs={"only_negative": only_negative},
+        kwargs={"kv": kv_index(ds).values, "only_negative": only_negative},
         input_core_dims=[
-            ["head", "pos", "d_head"],
+            ["kv_head", "pos", "d_head"],
             ["head", "query_pos", "key_pos"],
             ["head", "d_head", "d_model"],
             ["pos"],
@@ -108,12 +123,12 @@ def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datas
             ["pos"],
             ["pos"],
         ],
-        output_core_dims=[["head", "key_pos"], ["head", "key_pos"]],
+        output_core_dims=[["head", "key_pos"], ["head"], ["head"]],
         dask="parallelized",
-        output_dtypes=[np.float32, np.float32],
+        output_dtypes=[np.float32, np.float32, np.float32],
     )
-    # skipna=False: a layer without a stored pattern stays NaN (a skipping sum would give 0 / 0)
-    per_sequence = (per_position * attn_per_src).sum("key_pos", skipna=False) / attn_per_src.sum("key_pos", skipna=False)
+    # a layer without a stored pattern stays NaN (its sums are NaN)
+    per_sequence = num / den
     score = per_sequence.mean("batch")
     out = xr.Dataset(
         {
