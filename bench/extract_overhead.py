@@ -76,7 +76,7 @@ def main() -> None:
         ["extract: fill (forward + hooks + overlapped writes)", fw, n_tok / fw, ratio_fill, med(fill_cpu)],
         ["extract: end to end (set-up + fill)", fw + sw, n_tok / (fw + sw), ratio_e2e, ""],
     ]
-    goal = 0.8 if args.device.startswith("cuda") else 0.7
+    goal = 0.8  # issue 13: on this CPU too (it was 0.7 before)
     met = "met" if ratio_fill >= goal else "**not met**"
     print(C.table(["run", "wall s", "tokens/s", "÷ plain", "CPU s (fill)"], rows))
     cmd = "python bench/extract_overhead.py" + (" --quick" if args.quick else "")
