@@ -477,3 +477,17 @@ def test_analyzer_peak_memory_does_not_grow_with_the_store(
     grown = (sum(array_nbytes_on_disk(big).values()) - sum(array_nbytes_on_disk(small).values())) / 1e6
     peaks = [_peak_mb(s, analyzer) for s in (small, big)]
     assert peaks[1] - peaks[0] < 25, (peaks, f"store grew by {grown:.0f} MB")
+
+
+def test_extraction_shows_no_zarr_consolidation_warning(tmp_path: Path) -> None:
+    """headstore consolidates v3 metadata on purpose; zarr's warning about it is not shown to users."""
+    import warnings
+
+    from headstore.extract import ExtractRequest, extract
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        extract(ExtractRequest(model="tiny-gpt2", data="ioi", out=str(tmp_path / "s.zarr"), n_seq=4, batch_size=4,
+                               progress=False, device="cpu"))  # fmt: skip
+    assert validate(str(tmp_path / "s.zarr")).ok  # the store is consolidated and complete all the same
+    assert not [w for w in seen if "Consolidated metadata" in str(w.message)], [str(w.message) for w in seen]
