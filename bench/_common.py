@@ -95,13 +95,21 @@ def store(model: str, data: str, n_seq: int, batch_size: int, *, fields: str = "
 
 
 def plain_forward(bridge: Any, toks: np.ndarray, batch_size: int) -> None:
-    """One ordinary forward pass (logits only, no hooks) over ``toks`` in batches."""
+    """One ordinary forward pass (logits only, no hooks) over ``toks`` in batches: the model's own ``o_proj``, with
+    the bridge's per-head result sums (``use_attn_result``, ~15 % of a SmolLM2 forward) off for the call."""
     import torch
 
-    with torch.inference_mode():
-        for s in range(0, toks.shape[0], batch_size):
-            x = torch.as_tensor(toks[s : s + batch_size], dtype=torch.long, device=bridge.cfg.device)
-            bridge(x, return_type="logits")
+    was = bool(bridge.cfg.use_attn_result)
+    if was:
+        bridge.set_use_attn_result(False)
+    try:
+        with torch.inference_mode():
+            for s in range(0, toks.shape[0], batch_size):
+                x = torch.as_tensor(toks[s : s + batch_size], dtype=torch.long, device=bridge.cfg.device)
+                bridge(x, return_type="logits")
+    finally:
+        if was:
+            bridge.set_use_attn_result(True)
 
 
 def sync(device: str) -> None:

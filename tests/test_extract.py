@@ -196,3 +196,44 @@ def test_text_windows_start_with_bos(make_store):
     ds = headstore.open_store(make_store("tiny-gpt2", "text", n_seq=4, seq_len=16, batch_size=4))
     assert ds.sizes["pos"] == 16 and (ds["tokens"].values[:, 0] == provenance(ds).tokenizer["bos_token_id"]).all()
     assert np.nanmean(ds["loss"].values) > 0.5 * math.log(provenance(ds).config["d_vocab"])  # random init: high loss
+
+
+def test_reused_buffers_survive_a_slow_writer(tmp_path, live_model, monkeypatch):
+    """Batches are stacked into two reused sets of host buffers while the writer thread still writes the previous
+    batch: with the writer slowed down (each batch's write starts 0.2 s late), every batch still holds its own
+    tokens' activations, equal to the live bridge with its per-head result off (no `result` stored), and the
+    loaded model's flag is as it was."""
+    import time
+
+    from headstore.extract import ExtractRequest, extract
+    from headstore.store_schema.io import StoreWriter
+
+    write = StoreWriter.write_batch
+
+    def slow(self, start, arrays):
+        time.sleep(0.2)
+        write(self, start, arrays)
+
+    monkeypatch.setattr(StoreWriter, "write_batch", slow)
+    model = live_model("tiny-llama")
+    monkeypatch.setattr("headstore.extract.run.load_model", lambda *args, **kwargs: model)
+    out = tmp_path / "slow.zarr"
+    extract(ExtractRequest(model="tiny-llama", data="ioi", out=str(out), n_seq=20, batch_size=4, device="cpu",
+                           progress=False))  # fmt: skip: 5 batches, each buffer set reused twice
+    assert model.bridge.cfg.use_attn_result  # restored after extraction turned it off
+    ds = headstore.open_store(out)
+    tokens = ds["tokens"].values
+    model.bridge.set_use_attn_result(False)
+    try:
+        for b0 in range(0, len(tokens), 4):  # the extractor's batches: the same matmul shapes, so equal to the bit
+            logits, cache = _live(model, tokens[b0 : b0 + 4])
+            pairs = _stored_vs_live(ds.isel(batch=slice(b0, b0 + 4)), model, logits, cache)
+            assert {"pattern", "v", "z", "resid_final"} <= set(pairs)
+            for name, (stored, live) in pairs.items():
+                np.testing.assert_array_equal(stored, live, err_msg=f"batch from {b0}: {name}")
+            want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
+                                                     torch.as_tensor(tokens[b0 : b0 + 4, 1:]).long().flatten(),
+                                                     reduction="none").view(4, -1)  # fmt: skip
+            np.testing.assert_allclose(ds["loss"].values[b0 : b0 + 4, :-1], want.numpy(), rtol=1e-6, atol=1e-6)
+    finally:
+        model.bridge.set_use_attn_result(True)

@@ -156,16 +156,26 @@ def family_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Run]
 
 @pytest.fixture(scope="session")
 def live(family_run: Callable[[str], Run]) -> Callable[[str], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """``live(family)`` -> (logits, full run_with_cache) of the bridge on the "all" store's tokens."""
-    cached: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+    """``live(family)`` -> (logits, full run_with_cache) of the bridge on the "all" store's tokens; with
+    ``per_head_result=False`` the bridge runs its attention outputs through ``o_proj`` (no ``hook_result``), as
+    extraction does for a store without ``result``."""
+    cached: dict[tuple[str, bool], tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
 
-    def get(family: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if family not in cached:
+    def get(family: str, per_head_result: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        key = (family, per_head_result)
+        if key not in cached:
             run = family_run(family)
-            with torch.inference_mode():
-                logits, cache = run.model.bridge.run_with_cache(torch.as_tensor(run.ds["tokens"].values).long())
-            cached[family] = logits, dict(cache.items())
-        return cached[family]
+            bridge = run.model.bridge
+            if run.model.has_result_hook:
+                bridge.set_use_attn_result(per_head_result)
+            try:
+                with torch.inference_mode():
+                    logits, cache = bridge.run_with_cache(torch.as_tensor(run.ds["tokens"].values).long())
+            finally:
+                if run.model.has_result_hook:
+                    bridge.set_use_attn_result(True)
+            cached[key] = logits, dict(cache.items())
+        return cached[key]
 
     return get
 
@@ -292,9 +302,13 @@ def test_stored_arrays_equal_live_bridge(family: str, family_run: Callable[[str]
         got = run.ds[name].values
         assert got.shape == want.shape, name
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6, err_msg=f"{family} {name}")
-    # the default store holds the same numbers (result derived from z there)
+    # the default store (no `result`: the model's own o_proj ran) holds that forward's numbers, result derived from z
     default = run.stores["default"]
-    np.testing.assert_allclose(default["result"].values, live_field(run, cache, "result", logits), rtol=1e-5, atol=2e-6)
+    logits, cache = live(family, per_head_result=False)
+    for name in [*provenance(default).fields, "result"]:
+        if name != "tokens":
+            want = live_field(run, cache, name, logits)
+            np.testing.assert_allclose(default[name].values, want, rtol=1e-5, atol=2e-6, err_msg=f"{family} {name}")
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
