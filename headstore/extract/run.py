@@ -13,6 +13,7 @@ import errno
 import functools
 import hashlib
 import importlib.metadata
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -76,7 +77,8 @@ class ExtractResult:
     ``setup_seconds``: model load, dataset, weights and store creation (once per store);
     ``fill_seconds``: the batch loop (forward passes, overlapped writes); ``write_wait_seconds``:
     the part of it the forward loop spent waiting for the background writer; ``fill_cpu_seconds``:
-    the process's CPU time over the batch loop, every thread included.
+    the process's CPU time over the batch loop, every thread included; ``fill_system_seconds``: the kernel's
+    part of it (page-cache writes, page faults).
     """
 
     path: str
@@ -89,6 +91,7 @@ class ExtractResult:
     fill_cpu_seconds: float
     n_tokens_written: int
     plan: Plan | None = None  # what the store takes (bytes, files); the only output of a dry run
+    fill_system_seconds: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -313,7 +316,7 @@ def _fill(
     progress: bool,
     setup_seconds: float,
 ) -> ExtractResult:
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, k0 = time.perf_counter(), time.process_time(), os.times().system
     n = ds.tokens.shape[0]
     bs = prov.batch_size
     starts = list(range(0, n, bs))
@@ -352,7 +355,7 @@ def _fill(
     bar.close()
     return ExtractResult(
         str(out), n, len(todo), len(mine) - len(todo), setup_seconds, time.perf_counter() - t0, waited,
-        time.process_time() - c0, n_tok,
+        time.process_time() - c0, n_tok, fill_system_seconds=os.times().system - k0,
     )  # fmt: skip
 
 
