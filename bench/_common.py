@@ -96,7 +96,7 @@ def store(model: str, data: str, n_seq: int, batch_size: int, *, fields: str = "
 
 def plain_forward(bridge: Any, toks: np.ndarray, batch_size: int) -> None:
     """One ordinary forward pass (logits only, no hooks) over ``toks`` in batches: the model's own ``o_proj``, with
-    the bridge's per-head result sums (``use_attn_result``, ~15 % of a SmolLM2 forward) off for the call."""
+    the bridge's per-head result sums (``use_attn_result``, 3-7 % of a SmolLM2 forward) off for the call."""
     import torch
 
     was = bool(bridge.cfg.use_attn_result)
