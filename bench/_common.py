@@ -99,17 +99,12 @@ def plain_forward(bridge: Any, toks: np.ndarray, batch_size: int) -> None:
     the bridge's per-head result sums (``use_attn_result``, 3-7 % of a SmolLM2 forward) off for the call."""
     import torch
 
-    was = bool(bridge.cfg.use_attn_result)
-    if was:
-        bridge.set_use_attn_result(False)
-    try:
-        with torch.inference_mode():
-            for s in range(0, toks.shape[0], batch_size):
-                x = torch.as_tensor(toks[s : s + batch_size], dtype=torch.long, device=bridge.cfg.device)
-                bridge(x, return_type="logits")
-    finally:
-        if was:
-            bridge.set_use_attn_result(True)
+    from headstore.extract.families import attn_result
+
+    with attn_result(bridge, False), torch.inference_mode():
+        for s in range(0, toks.shape[0], batch_size):
+            x = torch.as_tensor(toks[s : s + batch_size], dtype=torch.long, device=bridge.cfg.device)
+            bridge(x, return_type="logits")
 
 
 def sync(device: str) -> None:

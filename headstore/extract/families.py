@@ -281,7 +281,7 @@ def run_hooked(
             take(name, f(t))
 
     fwd = [(src, functools.partial(hook, outs=outs)) for src, outs in sorted(derived.items())]
-    with attn_result(model, real_result):
+    with attn_result(model.bridge, real_result):  # on only where the bridge has hook_result (real_result)
         logits: torch.Tensor = model.bridge.run_with_hooks(x, fwd_hooks=fwd, return_type="logits")
     return logits
 
@@ -303,13 +303,12 @@ def _result(z: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def attn_result(model: Any, on: bool) -> Iterator[None]:
+def attn_result(bridge: Any, on: bool) -> Iterator[None]:
     """The bridge's per-head ``hook_result`` on or off for one call, as it was afterwards. On, the bridge computes
     every head's ``z_h @ W_O[h]`` and sums them instead of one ``o_proj`` (3-7 % of a SmolLM2 forward on the CPU),
-    so extraction turns it on only when ``result`` is stored."""
-    bridge = model.bridge
+    so extraction turns it on only when ``result`` is stored. Off is a no-op on bridges that cannot turn it on."""
     was = bool(bridge.cfg.use_attn_result)
-    if not model.has_result_hook or was == on:
+    if was == on:
         yield
         return
     bridge.set_use_attn_result(on)
