@@ -137,6 +137,44 @@ def test_kill_at_many_points_then_resume_equals_uninterrupted(tmp_path: Path, re
     assert res.returncode == 0 and "wrote 0 batches, 6 already done" in res.stdout
 
 
+@pytest.mark.parametrize("layout", ["sharded", "chunked"])
+def test_every_file_reaches_disk_before_it_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """A power cut must not leave a store, or a batch marked done, whose data was still in the page cache: each
+    file the creation writes is fdatasync'ed, and each folder fsync'ed, before the store is renamed into place;
+    each file of a batch, and its folders, while the batch's manifest chunk does not exist yet. Only the manifest's
+    own chunks (lost: the batch is redone) are left to the kernel. Then the store validates."""
+    from headstore.extract import ExtractRequest, extract
+
+    out = tmp_path / f"{layout}.zarr"
+    synced: dict[str, set[tuple[str, ...]]] = {"file": set(), "folder": set()}
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+
+    def record(kind: str, fd: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if path == tmp_path:
+            rel: tuple[str, ...] = ("..",)  # the folder the store was renamed into
+        else:
+            top, *rest = path.relative_to(tmp_path).parts
+            assert top == out.name or top.startswith(f".{out.name}.tmp-"), path  # the store, or its creation folder
+            rel = tuple(rest)
+            if top == out.name and len(rel) >= 3 and rel[1] == "c":  # a batch's chunk: not marked done yet
+                assert not (out / MANIFEST / "c" / rel[2]).exists(), f"{path} synced after its batch was marked done"
+        synced[kind].add(rel)
+
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (record("file", fd), real_fdatasync(fd))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (record("folder", fd), real_fsync(fd))[1])
+    extract(ExtractRequest(model="tiny-gpt2", data="ioi", out=str(out), n_seq=N_SEQ, batch_size=BS, device="cpu",
+                           layout=layout, progress=False))  # fmt: skip
+    files = {p.relative_to(out).parts for p in out.rglob("*") if p.is_file()}
+    written_later = {f for f in files if f[0] == MANIFEST and f[1] == "c"}
+    assert len(written_later) == N_SEQ // BS and len(files) > 30
+    assert synced["file"] == files - written_later
+    folders = {f[:i] for f in files - written_later for i in range(len(f))}  # () is the store itself
+    assert synced["folder"] == folders | {("..",)}
+    assert batches_done(out) == list(range(N_SEQ // BS))
+    validate(out)
+
+
 def test_open_store_refuses_incomplete_with_one_line(tmp_path: Path, reference: Path) -> None:
     out = tmp_path / "inc.zarr"
     shutil.copytree(reference, out)

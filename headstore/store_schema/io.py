@@ -23,6 +23,7 @@ from zarr.core.sync import sync
 
 from headstore.store_schema.attention import derived_pattern as derived_pattern
 from headstore.store_schema.attention import pattern_block as pattern_block
+from headstore.store_schema.durable import batch_files, make_durable, sync_folder, sync_tree
 from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.layout import ATTRS_KEY, FIELDS, MANIFEST, WEIGHTS
 from headstore.store_schema.provenance import Provenance
@@ -132,6 +133,7 @@ def create_store(
         write_columns(root, columns, n)
         write_weights(root, weights, prov.layout)
         consolidate(str(tmp))
+        sync_tree(tmp)
         _test_kill("create:before_rename")
         try:
             os.rename(tmp, path)
@@ -139,6 +141,7 @@ def create_store(
             if path.exists():
                 raise HeadstoreError(f"{path} already exists (created concurrently by another process)") from e
             raise
+        sync_folder(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -272,7 +275,9 @@ class StoreWriter:
     A batch owns its files: one shard per field in a sharded store (every layer), one chunk per field
     and layer in a chunked one. Before writing a batch the writer deletes what an interrupted writer
     left of it (torn shards, ``*.partial`` temp files), so each file is written whole, once, from memory
-    (zarr would otherwise read back and merge an existing shard).
+    (zarr would otherwise read back and merge an existing shard). In a local store each field's files are made
+    durable (fdatasync, folders fsync'ed) and dropped from the page cache before the batch is marked done
+    (``durable.py``).
     """
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -280,6 +285,7 @@ class StoreWriter:
         self.root = zarr.open_group(self.path, mode="r+", zarr_format=3)
         self.prov = Provenance.from_dict(self.root.attrs.get(ATTRS_KEY))
         self.partial_pattern = len(self.prov.stored_pattern_layers) < len(self.prov.layers)
+        self.local = _is_local(self.path)  # local files are made durable before their batch is marked done
         self.arrays: dict[str, zarr.Array] = {}
         for name in (*self.prov.fields, MANIFEST):
             arr = self.root[name]
@@ -312,6 +318,8 @@ class StoreWriter:
                         arr[start:stop, i] = value[:, j].astype(arr.dtype, copy=False)
             else:
                 arr[start:stop] = value.astype(arr.dtype, copy=False)
+            if self.local:
+                make_durable(batch_files(Path(self.path) / name, ib), Path(self.path) / name)
             _test_kill(f"batch:{ib}:after_field:{name}", Path(self.path) / name / "c" / str(ib))
         manifest[start:stop] = 1  # also for a tokens-only store (no arrays per batch)
         _test_kill(f"batch:{ib}:after_field:{MANIFEST}", Path(self.path) / MANIFEST / "c" / str(ib))

@@ -25,6 +25,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from headstore.store_schema.durable import sync_folder, sync_tree
 from headstore.store_schema.errors import HeadstoreError
 
 SHARED = ("W_E", "W_EE", "W_U", "b_U", "W_pos", "vocab")
@@ -156,12 +157,14 @@ def ensure_weights_store(
         root.attrs[WEIGHTS_ATTRS] = {"sha256": sha, "arrays": sorted(arrays), "model": dict(model)}
         write_weights(root, arrays, "sharded")
         consolidate(str(tmp))
+        sync_tree(tmp)
         try:
             os.rename(tmp, path)
         except OSError:
             if not path.exists():
                 raise
             return _reuse(where, shared)  # a concurrent extraction made it first
+        sync_folder(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -220,7 +223,9 @@ def pack(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
             attrs["weights_store"] = None
             root.attrs[ATTRS_KEY] = attrs
             consolidate(str(tmp))
+        sync_tree(tmp)
         os.rename(tmp, out)
+        sync_folder(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
