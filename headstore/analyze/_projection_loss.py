@@ -2,7 +2,9 @@
 
 Per head ``(L, h)``: ``result_pre_attn[b, k] = v[b, L, k, kv(h)] @ W_O[L, h]`` is projected onto
 ``u = W_U[:, tokens[b, k]]`` (``proj = (x.u / |u|^2) u``, kept only where the coefficient is negative
-with ``only_negative``), then moved by the head's pattern: ``result_new[b, q] = sum_k pattern[q, k] proj[k]``.
+with ``only_negative``; zero where ``u = 0``, as for a padding token whose embedding row is zero and tied to
+``W_U``: the seed's formula would divide 0 by 0 and make its whole sequence's losses NaN), then moved by the
+head's pattern: ``result_new[b, q] = sum_k pattern[q, k] proj[k]``.
 With ``result_orig = result[b, L, q, h] = z[b, L, q, h] @ W_O[L, h]`` and ``ln_final_scale`` frozen, the logits of the clean run
 change by
 
@@ -111,6 +113,7 @@ def _block_losses_1(
     n_batch, n_layer, n_head, n_pos = v.shape[0], v.shape[1], v.shape[2], v.shape[3]
     out = np.empty((n_batch, n_layer, len(MODES), n_head, n_pos), dtype=np.float32)
     uu = (u * u).sum(-1)  # batch, pos
+    inv_uu = np.divide(1.0, uu, out=np.zeros_like(uu), where=uu > 0)  # a zero direction projects to zero
     buf = np.empty(lg.shape, np.float32)  # batch, pos, d_vocab: the changed logits of one mode at a time
     inv_scale = 1.0 / scale[..., None]
     # new[b, q] = sum_k a[b, q, k] u[b, k], so new @ W_U = a @ (u @ W_U): one unembedding of the source
@@ -119,7 +122,7 @@ def _block_losses_1(
     for li in range(n_layer):
         for h in range(n_head):
             pre = v[:, li, h] @ w_o[li, h]  # batch, key_pos, d_model
-            coeff = (pre * u).sum(-1) / uu
+            coeff = (pre * u).sum(-1) * inv_uu
             if only_negative:
                 coeff = np.where(coeff < 0, coeff, 0.0).astype(np.float32)
             a = pattern[:, li, h] * coeff[:, None, :]  # batch, query_pos, key_pos
