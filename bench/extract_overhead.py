@@ -7,7 +7,10 @@ jobs), and the kernel's part of the CPU seconds (page-cache writes, page faults)
 alone (forward passes with overlapped writes), which is what a long extraction spends its time on;
 ``set-up`` (model load, weights, ``W_EE``, store creation) is paid once per store and is reported on its own.
 
-    python bench/extract_overhead.py [--quick] [--device cuda] [--model tiny-gpt2]
+    python bench/extract_overhead.py [--quick] [--device cuda] [--model tiny-gpt2] [--threads 1]
+
+``--threads N`` runs torch on N threads (both sides), leaving the other cores to the background writer: on this
+2-core box ``--threads 1`` shows what a spare core does, as any GPU box has one. It writes its own section, (b2).
 """
 
 from __future__ import annotations
@@ -32,7 +35,12 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     n_seq = 16 if args.quick else 48
     seq_len, bs = 128, 8
 
@@ -97,10 +105,13 @@ def main() -> None:
     cmd = "python bench/extract_overhead.py" + (" --quick" if args.quick else "")
     cmd += "" if args.device == "cpu" else f" --device {args.device}"
     cmd += "" if args.model == "smollm2-135m" else f" --model {args.model}"
-    body = f"""## (b) Extraction overhead
+    cmd += f" --threads {args.threads}" if args.threads else ""
+    spare = f", torch on {args.threads} of {os.cpu_count()} cores (the rest left to the writer)" if args.threads else ""
+    title = "(b2) Extraction overhead with a spare core" if args.threads else "(b) Extraction overhead"
+    body = f"""## {title}
 
 Command: `{cmd}` — machine: {C.machine()}.
-Model `{args.model}` on `{args.device}`, data `text` (stdlib docstrings), {n_seq} sequences x {seq_len} tokens
+Model `{args.model}` on `{args.device}`{spare}, data `text` (stdlib docstrings), {n_seq} sequences x {seq_len} tokens
 = {n_tok} tokens, batch {bs}, default fields, float32 and float16 storage (bytes/token on disk below).
 Plain forward passes and extractions alternate, {args.repeat} rounds, medians; each extraction
 creates a fresh store (model load included in its set-up).
@@ -123,7 +134,7 @@ Goal fill throughput ≥ {goal} x plain-forward throughput: float32 storage {met
   {", ".join(f"{x:.2f}" for x in fill["float32"]["wall"])}; fill float16
   {", ".join(f"{x:.2f}" for x in fill["float16"]["wall"])}.
 """
-    C.write_section("extract_overhead", body)
+    C.write_section("extract_overhead" + (f"_threads{args.threads}" if args.threads else ""), body)
 
 
 if __name__ == "__main__":
