@@ -543,8 +543,8 @@ def test_projection_loss_equals_live_formula(family: str, family_run: Callable[[
     """All three modes from the live cache: the model's own logits (HF, through its soft-cap) with head (L, h)'s
     frozen direct effect replaced by its projection onto the source tokens' unembeddings (``project``), by the
     rest (``perpendicular``) or removed (``ablation``), changed in the pre-cap logits, then the next-token loss.
-    A source token with a zero unembedding (the padding token of the tied, zero-initialised embedding row of
-    Gemma and others, which these IOI prompts contain) projects to zero."""
+    A source token with a zero unembedding projects to zero: Gemma-2's padding token (a zero-initialised
+    embedding row, tied to ``W_U``), which its IOI prompts contain."""
     run = family_run(family)
     ds, res = run.ds, run.results["projection-loss"]
     assert isinstance(res, xr.Dataset)

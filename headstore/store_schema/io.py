@@ -39,15 +39,16 @@ ZSTD_LEVEL = 1
 TEST_KILL_ENV = "HEADSTORE_TEST_KILL_AT"
 
 
-def _test_kill(point: str, chunk_dir: Path | None = None) -> None:
+def _test_kill(point: str, batch: tuple[Path, int] | None = None) -> None:
+    """``batch``: (field folder, batch index) whose first file "torn_field" cuts."""
     want = os.environ.get(TEST_KILL_ENV)
     if not want or want.replace(":torn_field:", ":after_field:") != point:
         return
-    if ":torn_field:" in want and chunk_dir is not None:
-        files = [chunk_dir] if chunk_dir.is_file() else sorted(p for p in chunk_dir.rglob("*") if p.is_file())
-        data = files[0].read_bytes()
-        files[0].write_bytes(data[: len(data) // 2])
-        files[0].with_suffix(".0123.partial").write_bytes(data[: len(data) // 3])
+    if ":torn_field:" in want and batch is not None:
+        first = batch_files(*batch)[0]
+        data = first.read_bytes()
+        first.write_bytes(data[: len(data) // 2])
+        first.with_suffix(".0123.partial").write_bytes(data[: len(data) // 3])
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -318,11 +319,12 @@ class StoreWriter:
                         arr[start:stop, i] = value[:, j].astype(arr.dtype, copy=False)
             else:
                 arr[start:stop] = value.astype(arr.dtype, copy=False)
+            field_dir = Path(self.path) / name
             if self.local:
-                make_durable(batch_files(Path(self.path) / name, ib), Path(self.path) / name)
-            _test_kill(f"batch:{ib}:after_field:{name}", Path(self.path) / name / "c" / str(ib))
+                make_durable(batch_files(field_dir, ib), field_dir)
+            _test_kill(f"batch:{ib}:after_field:{name}", (field_dir, ib))
         manifest[start:stop] = 1  # also for a tokens-only store (no arrays per batch)
-        _test_kill(f"batch:{ib}:after_field:{MANIFEST}", Path(self.path) / MANIFEST / "c" / str(ib))
+        _test_kill(f"batch:{ib}:after_field:{MANIFEST}", (Path(self.path) / MANIFEST, ib))
 
     def _remove_torn_writes(self, ib: int, names: list[str]) -> None:
         """Delete what a writer killed in batch ``ib`` left behind: ``*.partial`` temp files (local
