@@ -19,7 +19,7 @@ import headstore
 from headstore.analyze import copy_suppression, ioi
 from headstore.cli import app
 from headstore.store_schema import FIELDS, HeadstoreError, parse_fields, provenance
-from headstore.store_schema.io import derived_pattern
+from headstore.store_schema.attention import derived_pattern
 
 MODELS = ("tiny-gpt2", "tiny-llama")
 KW: dict[str, Any] = {"n_seq": 10, "batch_size": 4}  # same arguments as test_extract's default store (shared)

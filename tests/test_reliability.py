@@ -1,7 +1,7 @@
 """Crash-safe resume, integrity checks, provenance refusals and read-only/no-pickle safety.
 
 The crash tests run the real CLI in a subprocess and SIGKILL it at chosen points through the
-test-only hook ``HEADSTORE_TEST_KILL_AT`` (see ``headstore/store_schema/io.py``).
+test-only hook ``HEADSTORE_TEST_KILL_AT`` (see ``headstore/store_schema/crash.py``).
 """
 
 from __future__ import annotations
@@ -369,7 +369,7 @@ def test_no_module_unpickles() -> None:
 
 
 def test_every_read_path_opens_zarr_read_only() -> None:
-    src = (ROOT / "headstore" / "store_schema" / "io.py").read_text()
+    src = "".join((ROOT / "headstore" / "store_schema" / f"{m}.py").read_text() for m in ("create", "writer", "reader"))
     calls = re.findall(r"zarr\.open_group\((.*?)\)\n", src, flags=re.S)
     modes = [re.search(r"mode=\"([^\"]+)\"", c) for c in calls]
     assert all(m for m in modes), calls
@@ -388,7 +388,7 @@ def test_open_store_is_read_only(tmp_path: Path, reference: Path) -> None:
     ds.attrs[ATTRS_KEY]["seq_len"] = 1
     ds["tokens"][0, 0] = 7  # touches only a loaded copy
     # the zarr group behind the readers refuses writes
-    from headstore.store_schema.io import _open_group
+    from headstore.store_schema.reader import _open_group
 
     root = _open_group(out)
     assert root.read_only

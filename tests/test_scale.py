@@ -346,7 +346,7 @@ def _disk_bytes(path: Path) -> int:
 )
 def test_dry_run_plan_matches_the_store_written(kw: dict[str, object], tmp_path: Path) -> None:
     from headstore.extract import ExtractRequest, extract
-    from headstore.store_schema.io import array_nbytes_on_disk
+    from headstore.store_schema.info import array_nbytes_on_disk
 
     out = tmp_path / "s.zarr"
     dry = extract(ExtractRequest(out=str(out), device="cpu", progress=False, dry_run=True, **kw))  # type: ignore[arg-type]
@@ -472,7 +472,7 @@ def test_analyzer_peak_memory_does_not_grow_with_the_store(
 ) -> None:
     """The same analyzer on stores 10x apart: the larger store's peak RSS stays within a fixed margin of
     the smaller one's (a streaming analyzer holds a few blocks, not the store)."""
-    from headstore.store_schema.io import array_nbytes_on_disk
+    from headstore.store_schema.info import array_nbytes_on_disk
 
     kw = {"seq_len": 128} if data == "text" else {}
     small, big = (make_store("tiny-gpt2", data, n_seq=n, batch_size=8, **kw) for n in sizes)

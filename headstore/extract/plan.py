@@ -23,7 +23,7 @@ import zarr
 from zarr.storage import MemoryStore
 
 from headstore.store_schema import HeadstoreError, Provenance
-from headstore.store_schema.io import _create, consolidate, field_dtype, write_columns, write_weights
+from headstore.store_schema.create import _create, consolidate, field_dtype, write_columns, write_weights
 from headstore.store_schema.layout import ATTRS_KEY, FIELDS, MANIFEST
 
 
@@ -220,7 +220,7 @@ def _encoded_bytes(root: zarr.Group, name: str, value: np.ndarray, prov: Provena
     assert isinstance(arr, zarr.Array)
     b = value.shape[0]
     if name == "pattern" and len(prov.stored_pattern_layers) < len(prov.layers):
-        from headstore.store_schema.io import pattern_layer_index
+        from headstore.store_schema.reader import pattern_layer_index
 
         full = np.full((b, arr.shape[1], *value.shape[2:]), np.nan, dtype=arr.dtype)
         full[:, pattern_layer_index(prov)] = value
@@ -297,7 +297,8 @@ def plan_extract(
     """The plan of one extract call: ``mine`` are this process's batch starts; with ``hooks`` (dry run)
     the first batch is run (warm-up, then timed) and encoded for the field bytes."""
     from headstore.extract.weights import vocab_strings
-    from headstore.store_schema.io import done_mask, store_sizes
+    from headstore.store_schema.create import store_sizes
+    from headstore.store_schema.reader import done_mask
     from headstore.store_schema.weights_store import SHARED
 
     t_setup = time.perf_counter()
@@ -324,7 +325,7 @@ def plan_extract(
         todo = [s for s in mine if not done[s : s + bs].all()]
     sample, seconds = None, {}
     if hooks is not None:
-        from headstore.extract.run import run_batch
+        from headstore.extract.batch import run_batch
 
         toks = ds.tokens[:bs]
         run_batch(model, toks, prov, dict(hooks)).arrays()  # warm-up
@@ -340,7 +341,7 @@ def plan_extract(
 
 def disk_full(out: Path, n_sequences: int, batch_size: int) -> HeadstoreError:
     """The one-line error of a full disk mid-run (the store resumes: each batch is marked done last)."""
-    from headstore.store_schema.io import done_mask
+    from headstore.store_schema.reader import done_mask
 
     n_batches, done = -(-n_sequences // batch_size), 0
     if (out / "zarr.json").exists():

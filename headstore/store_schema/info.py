@@ -1,12 +1,14 @@
-"""What ``headstore info`` reports, as a plain dict."""
+"""What ``headstore info`` reports, as a plain dict, and a local store's bytes and files on disk."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from headstore.store_schema.io import _is_local, array_nbytes_on_disk, count_files, done_mask, read_provenance
+from headstore.store_schema.reader import _is_local, done_mask, read_provenance
 
 
 def done_ranges(done: np.ndarray) -> list[tuple[int, int]]:
@@ -37,3 +39,18 @@ def store_info(path: str) -> dict[str, Any]:
         "bytes_per_token": total / n_tokens,
         "n_files": count_files(path) if _is_local(path) else None,
     }
+
+
+def count_files(path: str | os.PathLike[str]) -> int:
+    """Files in a local store (metadata included): what a Hub repository or an object store counts."""
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
+def array_nbytes_on_disk(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Bytes on disk per top-level array of a local store."""
+    out: dict[str, int] = {}
+    root = Path(path)
+    for child in sorted(root.iterdir()):
+        if child.is_dir():
+            out[child.name] = sum(p.stat().st_size for p in child.rglob("*") if p.is_file())
+    return out

@@ -149,7 +149,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "default": DEFAULT_FIELDS,
     "all": tuple(FIELDS),
     # pattern (batch, layer, head, query_pos, key_pos) grows with seq_len**2: store q and k instead and
-    # let open_store derive pattern from them (store_schema.io.derived_pattern).
+    # let open_store derive pattern from them (store_schema.attention.derived_pattern).
     "compact": (*(n for n in DEFAULT_FIELDS if n != "pattern"), "q", "k"),
 }
 

@@ -145,7 +145,7 @@ def ensure_weights_store(
     where = str(where)
     if "://" in where or Path(where).exists():
         return _reuse(where, shared)
-    from headstore.store_schema.io import consolidate, write_weights
+    from headstore.store_schema.create import consolidate, write_weights
 
     arrays = {**shared, **compute_missing()}
     sha = content_sha256(arrays)
@@ -197,8 +197,9 @@ def pack(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """A self-contained copy of the local store ``src`` at ``out``: the arrays it takes from its weights
     store written into it (as a store made without ``--weights`` holds them), the reference dropped.
     Written under a temporary name and renamed into place."""
-    from headstore.store_schema.io import consolidate, read_provenance, write_weights
+    from headstore.store_schema.create import consolidate, write_weights
     from headstore.store_schema.layout import ATTRS_KEY
+    from headstore.store_schema.reader import read_provenance
 
     src, out = Path(src), Path(out)
     if "://" in str(src):

@@ -1,0 +1,160 @@
+"""Validate a store: schema, shapes, dtypes, completeness, and every chunk and shard of completed batches read back."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import crc32c
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from headstore.store_schema.create import field_dtype, store_sizes
+from headstore.store_schema.errors import HeadstoreError
+from headstore.store_schema.layout import FIELDS, WEIGHTS
+from headstore.store_schema.reader import _open_group, done_mask, pattern_layer_index, read_provenance
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    path: str
+    n_sequences: int
+    n_complete: int
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.n_complete == self.n_sequences
+
+
+def validate(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> ValidationReport:
+    """Check schema, shapes, dtypes, completeness, and read every chunk (crc32c) of completed batches."""
+    prov = read_provenance(path, storage_options)
+    root = _open_group(path, storage_options)
+    problems: list[str] = []
+    done = done_mask(path, storage_options)
+    n = int(done.size)
+    cfg = prov.config
+    sizes = store_sizes(cfg, prov, n)
+    for name in prov.fields:
+        f = FIELDS[name]
+        if name not in root:
+            problems.append(f"{name}: missing array")
+            continue
+        arr = root[name]
+        assert isinstance(arr, zarr.Array)
+        want_shape = tuple(sizes[d] for d in f.dims)
+        want_dtype = np.dtype(field_dtype(name, prov.storage_dtype))
+        if tuple(arr.shape) != want_shape:
+            problems.append(f"{name}: shape {tuple(arr.shape)}, expected {want_shape}")
+            continue
+        if arr.dtype != want_dtype:
+            problems.append(f"{name}: dtype {arr.dtype}, expected {want_dtype}")
+            continue
+        # --pattern-layers: chunks of the other layers are never written, so not "missing"
+        layer_ok = pattern_layer_index(prov) if name == "pattern" else None
+        # tokens are written at creation: checked whatever the manifest says
+        problems.extend(_check_chunks(arr, name, None if name == "tokens" else done, layer_ok))
+    for wname in WEIGHTS:
+        if wname in root:
+            arr = root[wname]
+            assert isinstance(arr, zarr.Array)
+            problems.extend(_check_chunks(arr, wname, None))
+    if prov.weights_store is not None:  # every array of it read back (crc32c) and hashed
+        from headstore.store_schema.weights_store import verify
+
+        try:
+            verify(str(path), prov.weights_store, storage_options, fresh=True)
+        except HeadstoreError as e:
+            problems.append(f"weights store: {e}")
+    return ValidationReport(str(path), n, int(done.sum()), tuple(problems))
+
+
+def _check_chunks(arr: zarr.Array, name: str, done: np.ndarray | None, layers: list[int] | None = None) -> list[str]:
+    """Read every chunk of completed batches; ``layers``: only these chunk indices along dim 1 (layer)."""
+    if arr.shards is not None:
+        return _check_shards(arr, name, done, layers)
+    problems = []
+    grid = arr.cdata_shape
+    for idx in np.ndindex(*grid):
+        if layers is not None and idx[1] not in layers:
+            continue
+        if done is not None:
+            b0 = idx[0] * arr.chunks[0]
+            if not done[b0 : b0 + arr.chunks[0]].all():
+                continue
+        key = f"{arr.path}/{arr.metadata.encode_chunk_key(idx)}"
+        if not sync(arr.store.exists(key)):
+            problems.append(f"{name}: chunk {'.'.join(map(str, idx))} is missing")
+            continue
+        sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks, strict=True))
+        try:
+            arr[sel]
+        except Exception as e:
+            problems.append(f"{name}: chunk {'.'.join(map(str, idx))} is damaged ({type(e).__name__})")
+    return problems
+
+
+_EMPTY = np.uint64(2**64 - 1)  # a shard index entry of an inner chunk that was never written
+
+
+def _check_shards(arr: zarr.Array, name: str, done: np.ndarray | None, layers: list[int] | None) -> list[str]:
+    """Every shard of completed batches: present, its index intact (crc32c), every expected inner chunk
+    in it and intact (its own crc32c), then decoded once. Problems name inner chunks by their index in
+    the chunk grid (as in a chunked store) and shards by their file key."""
+    assert arr.shards is not None
+    shards, chunks = arr.shards, arr.chunks
+    per = tuple(s // c for s, c in zip(shards, chunks, strict=True))
+    n_inner = int(np.prod(per))
+    index_bytes = 16 * n_inner + 4  # (offset, nbytes) uint64 pairs + crc32c: zarr's default index codecs
+    problems = []
+    inner: tuple[Any, ...] = tuple(getattr(getattr(arr.metadata, "codecs", [None])[0], "codecs", ()))
+    inner_crc = bool(inner) and isinstance(inner[-1], Crc32cCodec)
+    for sidx in np.ndindex(*(-(-n // s) for n, s in zip(arr.shape, shards, strict=True))):
+        label = ".".join(map(str, sidx))
+        if done is not None:
+            b0 = sidx[0] * shards[0]
+            if not done[b0 : b0 + shards[0]].all():
+                continue
+        buf = sync(arr.store.get(f"{arr.path}/{arr.metadata.encode_chunk_key(sidx)}", default_buffer_prototype()))
+        if buf is None:
+            problems.append(f"{name}: shard {label} is missing")
+            continue
+        data = buf.to_bytes()
+        head, crc = data[-index_bytes:-4], data[-4:]
+        if len(data) < index_bytes or np.uint32(crc32c.crc32c(head)).tobytes() != crc:
+            problems.append(f"{name}: shard {label} is damaged (torn or corrupt index, {len(data)} bytes)")
+            continue
+        index = np.frombuffer(head, dtype="<u8").reshape(*per, 2)
+        bad = False
+        for inner in np.ndindex(*per):
+            cidx = tuple(s * p + i for s, p, i in zip(sidx, per, inner, strict=True))
+            if any(c * k >= n for c, k, n in zip(cidx, chunks, arr.shape, strict=True)):
+                continue  # past the array's edge
+            if layers is not None and cidx[1] not in layers:
+                continue
+            offset, nbytes = (int(x) for x in index[inner])
+            where = f"{name}: chunk {'.'.join(map(str, cidx))}"
+            if offset == int(_EMPTY):
+                problems.append(f"{where} is missing")
+                bad = True
+            elif offset + nbytes > len(data) - index_bytes or nbytes < 4:
+                problems.append(f"{where} is damaged (outside its shard)")
+                bad = True
+            elif inner_crc:
+                body = data[offset : offset + nbytes]
+                if np.uint32(crc32c.crc32c(body[:-4])).tobytes() != body[-4:]:
+                    problems.append(f"{where} is damaged (ValueError)")
+                    bad = True
+        if bad:
+            continue
+        sel = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(sidx, shards, arr.shape, strict=True))
+        try:
+            arr[sel]
+        except Exception as e:
+            problems.append(f"{name}: shard {label} is damaged ({type(e).__name__})")
+    return problems
