@@ -317,8 +317,9 @@ def run_census(job: MainJob, stage: Stages, stores: dict[str, Path]) -> list[Pat
 
 def run_main_job(job: MainJob) -> list[Path]:
     """Extract, census, analyze, report. Rerunning resumes: finished stores and analyzer outputs are reused."""
+    from headstore.cli.analyzer_section import plan
     from headstore.cli.registry import analyzers
-    from headstore.cli.report import plan, write_report
+    from headstore.cli.report import write_report
     from headstore.cli.run import run_analyzer, safe_child, saved_output
 
     stage = Stages()

@@ -23,17 +23,11 @@ import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
+from headstore.cli.attention_viewer import display_token, sequence_length, token_strings
+from headstore.cli.embed import plotly_figures_in_html
+from headstore.cli.parse import parse_heads, parse_sequences
 from headstore.cli.registry import analyzers
-from headstore.cli.report import (
-    display_token,
-    parse_heads,
-    parse_sequences,
-    plotly_figures_in_html,
-    render_report,
-    sequence_length,
-    token_strings,
-    write_report,
-)
+from headstore.cli.report import render_report, write_report
 from headstore.store_schema import HeadstoreError, open_store
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -122,7 +116,7 @@ EXPECTED_ON_IOI = {
 def expected_status(spec: Any, ds: Any) -> str:
     """What the report must do with an analyzer on a one-store page, from its spec alone: 'not applicable'
     (two stores, or a variable the store lacks), 'skipped' (options without defaults), else 'ran'."""
-    from headstore.cli.report import required_params
+    from headstore.cli.analyzer_section import required_params
 
     if spec.n_stores != 1 or not all(r in ds for r in spec.requires):
         return "not applicable"
@@ -431,7 +425,7 @@ def test_analyzers_doc_covers_every_analyzer() -> None:
 
 
 def test_figures_wider_than_the_page_are_fitted() -> None:
-    from headstore.cli.report import PAGE_WIDTH, _Figures
+    from headstore.cli.embed import PAGE_WIDTH, _Figures
 
     figs = _Figures()
     wide = figs.div([{"type": "heatmap", "z": [[1]]}], {"width": PAGE_WIDTH + 500, "height": 400})

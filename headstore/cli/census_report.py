@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from headstore.cli.report import CSS, _Figures, embed_plot_files
+from headstore.cli.embed import _Figures, embed_plot_files
+from headstore.cli.report import CSS
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The one place where command-line strings become the Python values the analyzers take.
 
 ``9.6`` -> ``(9, 6)``; ``9.6,9.9`` -> ``[(9, 6), (9, 9)]``; ``all`` -> ``"all"``; ``io=3`` -> ``3``;
-``io=io_pos`` (a column of the store) -> that column; ``target=" Mary"`` -> its token id. Errors name
-the option as written; the analyzers' own errors pass through unchanged.
+``io=io_pos`` (a column of the store) -> that column; ``target=" Mary"`` -> its token id; the report's
+``--sequences 0,1`` and ``--heads 0.1,1.2``, checked against the store. Errors name the option as written;
+the analyzers' own errors pass through unchanged.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from typing import Any
 
 import xarray as xr
 
+from headstore.analyze import _args
 from headstore.store_schema import HeadstoreError
 
 Parser = Callable[[str, xr.Dataset], Any]
+MAX_DEFAULT_SEQUENCES = 2  # the report's attention viewer, without --sequences
 
 
 def head(text: str, what: str = "head") -> tuple[int, int]:
@@ -148,3 +151,24 @@ def params(pairs: Sequence[str], parsers: Mapping[str, Parser], ds: xr.Dataset) 
         except HeadstoreError as e:
             raise HeadstoreError(f"--param {key}: {e}") from None
     return out
+
+
+def parse_sequences(spec: str | None, n: int) -> list[int]:
+    """``"0,1"`` -> ``[0, 1]`` (indices among the store's completed sequences); default: the first two."""
+    if spec is None or not spec.strip():
+        return list(range(min(MAX_DEFAULT_SEQUENCES, n)))
+    out: list[int] = []
+    for i in integers(spec, "--sequences"):
+        if not 0 <= i < n:
+            raise HeadstoreError(f"--sequences {i} is out of range: the store has {n} sequences (0..{n - 1})")
+        if i not in out:
+            out.append(i)
+    return out
+
+
+def parse_heads(spec: str | None, ds: xr.Dataset) -> list[tuple[int, int]]:
+    """``"0.1,1.2"`` -> ``[(0, 1), (1, 2)]`` (model layer, head); checked against the store, repeats dropped."""
+    if spec is None or not spec.strip():
+        return []
+    pairs = list(dict.fromkeys(heads(spec, "--heads")))
+    return _args.heads(ds, pairs, "--heads")
