@@ -15,6 +15,12 @@ Definitions (per head, means over the dataset's sequences):
   largest positive first;
 - negative name movers (seed 001's ``NEG_NAME_MOVERS``): the same attention condition, most negative
   ``dla`` first.
+
+A NaN score is "not measured", never a rank: ``ranked`` drops NaN heads, so they are in no kind's list. On a
+store whose ``pattern`` was kept for some layers only (``extract --pattern-layers``), the other layers' heads
+have NaN attention (``ioi``) and NaN ``per_head`` (``logit_attribution``), hence NaN ``attn_io``, ``attn_s1``
+and ``dla_io_minus_s`` in :func:`name_mover_table`: they are never name movers nor negative name movers (nor
+anything else), whatever their ``per_head_from_result``.
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ def heads_of(table: pd.DataFrame, k: int) -> list[Head]:
 
 
 def name_mover_table(ioi: xr.Dataset, attribution_io: xr.Dataset, attribution_s: xr.Dataset) -> xr.Dataset:
-    """Per head: mean END->IO and END->S1 attention and the direct effect on ``logit[IO] - logit[S]`` at END."""
+    """Per head: mean END->IO and END->S1 attention and the direct effect on ``logit[IO] - logit[S]`` at END
+    (NaN for heads whose pattern was not stored: see the module docstring)."""
     dla = (attribution_io["per_head"] - attribution_s["per_head"]).mean("batch")
     return xr.Dataset(
         {

@@ -74,3 +74,51 @@ def run_without_torch() -> Callable[[str], dict[str, Any]]:
         return out
 
     return run
+
+
+# Prompts of several lengths (one fills the row: no padding there), tokenised with BOS in front and right-padded.
+PADDED_PROMPTS = (
+    "When Mary and John went to the store, John gave a drink to",
+    "Then, Alice and Bob went to the park.",
+    "x = a if b else c",
+    "After Tom and Sarah went to the school, Sarah gave a ring to Tom because",
+    "def f(a, b):\n    return a + b",
+    "for i in range(10):",
+)
+PAD_TOKEN = "~"  # not in the prompts
+
+
+@pytest.fixture(scope="session")
+def pad_not_bos_store(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, str]]:
+    """``pad_not_bos_store(tiny)`` -> ``(store, model)``: ``PADDED_PROMPTS`` extracted with ``--data jsonl:FILE``
+    (right-padded, with a ``length`` column) by a copy of the tiny model ``tiny`` whose tokenizer pads with a token
+    that is not BOS (as SmolLM2 does: bos 1, pad 2). ``model`` is the copy's folder, for ``live_model``. Built once
+    per model."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from headstore.extract import ExtractRequest, extract
+    from headstore.extract.models import _tiny_folder
+
+    built: dict[str, tuple[Path, str]] = {}
+
+    def make(tiny: str) -> tuple[Path, str]:
+        if tiny not in built:
+            root = tmp_path_factory.mktemp(f"pad-not-bos-{tiny}")
+            folder = root / tiny
+            shutil.copytree(_tiny_folder(tiny), folder)
+            tok = AutoTokenizer.from_pretrained(folder)
+            tok.pad_token = PAD_TOKEN
+            tok.save_pretrained(folder)
+            prompts = root / "prompts.jsonl"
+            prompts.write_text("".join(json.dumps({"text": t}) + "\n" for t in PADDED_PROMPTS))
+            out = root / "store.zarr"
+            extract(
+                ExtractRequest(model=str(folder), data=f"jsonl:{prompts}", out=str(out), progress=False, device="cpu",
+                               batch_size=4)
+            )  # fmt: skip
+            built[tiny] = (out, str(folder))
+        return built[tiny]
+
+    return make

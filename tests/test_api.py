@@ -223,7 +223,7 @@ def test_path_patch_on_token_stores_with_python_positions(llama3: Path, tmp_path
     on_clean, on_patched = online_patched_pattern(bridge, clean_tok, corrupt_tok, senders, receiver)
     rows = np.arange(n)
     io_arr, s1_arr = rng.integers(0, 12, size=n), rng.integers(12, 19, size=n)
-    end_arr = rng.integers(15, 20, size=n)
+    end_arr = np.maximum(rng.integers(15, 20, size=n), s1_arr)  # END attends back to io and s1 (causal)
     io_arr[0], s1_arr[0] = 4, 6  # the corrupted span reaches these through the senders
     for io, s1, end, (io_n, s1_n, end_n) in [
         (4, 6, -1, (np.full(n, 4), np.full(n, 6), np.full(n, seq - 1))),  # ints; -1 = the last token
@@ -243,6 +243,8 @@ def test_path_patch_on_token_stores_with_python_positions(llama3: Path, tmp_path
         A.path_patch_query(clean, corrupt, senders=senders, receiver=receiver, io=seq, s1=1, end=-1)
     with pytest.raises(HeadstoreError, match="before layer 2"):
         A.path_patch_query(clean, corrupt, senders=[(2, 0)], receiver=receiver, io=1, s1=2, end=-1)
+    with pytest.raises(HeadstoreError, match=r"s1 \(18\) is after end \(15\) in sequence 0"):
+        A.path_patch_query(clean, corrupt, senders=senders, receiver=receiver, io=1, s1=18, end=15)
 
 
 def test_path_patch_store_columns_equal_explicit_positions(llama3: Path, tmp_path: Path) -> None:
@@ -296,6 +298,48 @@ def test_every_analyzer_follows_the_return_convention(name: str, make_store: Cal
                if v.dtype.kind == "f")  # fmt: skip
     # every attr is a plain value that zarr and the report can write
     assert all(isinstance(v, str | int | float) for v in res.attrs.values()), res.attrs
+
+
+@pytest.mark.parametrize("name", sorted(analyzers()))
+def test_every_analyzer_refuses_a_dataset_without_layer_dim(name: str, make_store: Callable[..., Path]) -> None:
+    """``ds.sel(layer=1)`` drops the dim: one line naming the fix, for every store an analyzer takes."""
+    spec = analyzers()[name]
+    datasets, kw = _inputs(name, make_store)
+    for i in range(len(datasets)):  # each store of a pair on its own, then (for one store) the only one
+        given = [d.sel(layer=1) if j == i else d for j, d in enumerate(datasets)]
+        with pytest.raises(HeadstoreError) as e:
+            spec.func(*given, **kw)
+        want = f"{name}: ds has no layer dimension (selecting one layer drops it): keep it with ds.sel(layer=[1])"
+        assert str(e.value) == want
+
+
+def test_heads_and_positions_as_numpy(make_store: Callable[..., Path]) -> None:
+    """Heads from ``np.argwhere`` (rows of two integers) and positions as 0-d integer arrays are the plain ints."""
+    ds = open_store(make_store("tiny-gpt2", "ioi", fields="default,k,resid_pre"))
+    abc = open_store(make_store("tiny-gpt2", "ioi-abc", fields="default,k,resid_pre"))
+    mask = np.zeros((2, 4), bool)
+    mask[0, 1] = mask[1, 2] = True  # a (layer, head) grid of a store holding layers 0 and 1
+    rows = np.argwhere(mask)
+    assert rows.dtype.kind == "i" and rows.shape == (2, 2)
+    got = A.calibration(ds, heads=rows, n_bins=10).compute()
+    want = A.calibration(ds, heads=[(0, 1), (1, 2)], n_bins=10).compute()
+    xr.testing.assert_identical(got, want)
+    got = A.path_patch_query(ds, abc, senders=rows[:1], receiver=rows[1], end=np.array(-1), io=np.int32(2)).compute()
+    want = A.path_patch_query(ds, abc, senders=[(0, 1)], receiver=(1, 2), end=-1, io=2).compute()
+    xr.testing.assert_identical(got, want)
+    assert A.path_patch_query(ds, abc, senders=np.empty((0, 2), np.int64), receiver=(1, 2)).attrs["senders"] == ""
+    refusals = [
+        ({"heads": rows.astype(float)}, r"heads must be a \(layer, head\) pair of ints, e\.g\. \(9, 6\), got array"),
+        ({"heads": rows.astype(bool)}, r"heads must be a \(layer, head\) pair of ints"),
+        ({"heads": rows[0]}, r"heads is a list of \(layer, head\) pairs: write \[\(0, 1\)\], not array\(\[0, 1\]\)"),
+        ({"heads": [np.array([0, 1, 2])]}, r"heads must be a \(layer, head\) pair of ints"),
+    ]
+    for kw, match in refusals:
+        with pytest.raises(HeadstoreError, match=match):
+            A.calibration(ds, **kw)
+    for bad in (np.array(2.0), np.array(True), np.array([[2]])):
+        with pytest.raises(HeadstoreError, match=r"end must be an int or 12 integers"):
+            A.ioi(ds, end=bad)
 
 
 def test_cli_params_go_through_the_one_parser(make_store: Callable[..., Path], tmp_path: Path) -> None:

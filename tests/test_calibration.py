@@ -205,3 +205,33 @@ def test_head_unembed_either_order_equals_float64(n: int) -> None:
     got = head_unembed(x, w_o, w_u, out=out)
     assert got is out
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+def test_padding_is_excluded_when_pad_is_not_bos(pad_not_bos_store, live_model, model: str) -> None:
+    """A right-padded store of own prompts (pad token not BOS, as SmolLM2's) counts exactly the predictions of the
+    seed run on each prompt alone, unpadded: position q of row b counts only if q + 1 < length[b]."""
+    path, folder = pad_not_bos_store(model)
+    ds = open_store(path)
+    length = ds["length"].values
+    assert (length < ds.sizes["pos"]).sum() >= 4
+    top_k, n_bins = 3, 20000  # many bins: the random model's probabilities spread over them
+    res = calibration(ds, top_k=top_k, n_bins=n_bins).compute()
+    bridge = live_model(folder).bridge
+    heads = [(int(L), h) for L in ds["layer"].values for h in range(ds.sizes["head"])]
+    tokens = torch.as_tensor(ds["tokens"].values.astype(np.int64))
+    freq, corr = torch.zeros(len(heads) + 1, n_bins), torch.zeros(len(heads) + 1, n_bins)
+    for b, n in enumerate(length):
+        f, c = oracle(bridge, tokens[b : b + 1, : int(n)], heads, top_k, n_bins)
+        freq += f
+        corr += c
+    assert int(freq[0].sum()) == int((length - 1).sum()) * top_k < tokens.shape[0] * (tokens.shape[1] - 1) * top_k
+    assert int((freq[0] > 0).sum()) > 5
+    np.testing.assert_array_equal(res["bucket_frequency"].values, freq[0].numpy().astype(np.int64))
+    np.testing.assert_array_equal(res["bucket_correct_frequency"].values, corr[0].numpy().astype(np.int64))
+    for i, (L, h) in enumerate(heads, start=1):
+        got = res.sel(layer=L).isel(head=h)
+        np.testing.assert_array_equal(got["head_bucket_frequency"].values, freq[i].numpy().astype(np.int64))
+        np.testing.assert_array_equal(got["head_bucket_correct_frequency"].values, corr[i].numpy().astype(np.int64))
+        assert float(got["head_overconfidence"]) == pytest.approx(seed_overconfidence(corr[i] / freq[i]), rel=1e-4)
+    assert float(res["overconfidence"]) == pytest.approx(seed_overconfidence(corr[0] / freq[0]), rel=1e-4)

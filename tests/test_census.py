@@ -16,9 +16,11 @@ import pandas as pd
 import pytest
 import torch
 import transformer_lens.head_detector as HD
+import xarray as xr
 from transformer_lens.head_detector import detect_head
 
-from headstore.analyze import attention_stats, composition, head_scores
+from headstore import census
+from headstore.analyze import attention_stats, composition, head_scores, ioi, logit_attribution
 from headstore.extract.data import DataRequest, build_dataset
 from headstore.store_schema import HeadstoreError, open_store
 
@@ -120,6 +122,46 @@ def test_head_scores_options_and_unstored_layers(make_store: Callable[..., Path]
                        ({"error_measure": "l2"}, "error_measure")]:  # fmt: skip
         with pytest.raises(HeadstoreError, match=match):
             head_scores(ds, **bad)
+
+
+def test_composition_refuses_a_one_layer_store(make_store: Callable[..., Path]) -> None:
+    ds = open_store(make_store("tiny-gpt2", "ioi", layers="1", n_seq=4, batch_size=4))  # test_extract's store
+    with pytest.raises(HeadstoreError, match=r"composition needs at least two layers .* holds only layer 1") as e:
+        composition(ds)
+    assert "\n" not in str(e.value)
+
+
+def test_name_movers_never_rank_heads_not_measured(make_store: Callable[..., Path]) -> None:
+    """``--pattern-layers 1``: layer 0's heads have NaN attention and direct effect, so no list holds them, and
+    layer 1's lists are what the full store's numbers give when ranked by hand."""
+    kw = {"n_seq": 10, "batch_size": 4}
+    tables = []
+    for path in (make_store("tiny-gpt2", "ioi", pattern_layers="1", **kw), make_store("tiny-gpt2", "ioi", **kw)):
+        ds = open_store(path)
+        la_io, la_s = (logit_attribution(ds, target=ds[t]) for t in ("io_token", "s_token"))
+        tables.append(census.name_mover_table(ioi(ds), la_io, la_s).compute())
+    part, full = tables
+    for name in ("attn_io", "attn_s1", "dla_io_minus_s"):
+        assert np.isnan(part[name].sel(layer=0).values).all(), name
+        np.testing.assert_allclose(part[name].sel(layer=1).values, full[name].sel(layer=1).values, rtol=1e-6)
+    attn_io, attn_s1, dla = (full[n].sel(layer=1).values for n in ("attn_io", "attn_s1", "dla_io_minus_s"))
+    for pick, sign in ((census.name_movers, 1), (census.negative_name_movers, -1)):
+        got = census.heads_of(pick(part, k=8), 8)
+        heads = [h for h in range(4) if attn_io[h] > attn_s1[h] and sign * dla[h] > 0]
+        assert got == [(1, h) for h in sorted(heads, key=lambda h: -sign * dla[h])], pick.__name__
+    assert census.heads_of(census.name_movers(part, k=8), 8) + census.heads_of(census.negative_name_movers(part, k=8), 8)
+    # a head with one of the two numbers NaN is not ranked either, whatever the other says
+    table = xr.Dataset(
+        {
+            "attn_io": (("layer", "head"), [[0.9, np.nan, 0.9]]),
+            "attn_s1": (("layer", "head"), [[0.1, 0.1, 0.1]]),
+            "dla_io_minus_s": (("layer", "head"), [[np.nan, 2.0, 1.0]]),
+        },
+        coords={"layer": [3]},
+    )
+    assert census.heads_of(census.name_movers(table), 3) == [(3, 2)]
+    table["dla_io_minus_s"] = -table["dla_io_minus_s"]
+    assert census.heads_of(census.negative_name_movers(table), 3) == [(3, 2)]
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])

@@ -190,3 +190,39 @@ def test_float16_store_is_upcast(make_store: Callable[..., Path], ioi_store: Cal
     r32 = copy_suppression(ds32).compute()
     assert r16["per_position"].dtype == np.float32
     assert rel_err(r16["per_position"].values, r32["per_position"].values) <= 1e-2
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_padding_is_excluded_when_pad_is_not_bos(
+    model: str, pad_not_bos_store: Callable[[str], tuple[Path, str]], live_model: Callable[[str], Any]
+) -> None:
+    """A right-padded store of own prompts whose pad token is not BOS (SmolLM2: bos 1, pad 2) scores each sequence
+    exactly as the seed scores that prompt alone, unpadded, on the live model: padded queries and keys never count."""
+    path, folder = pad_not_bos_store(model)
+    ds = open_store(path)
+    toks, length = ds["tokens"].values, ds["length"].values
+    tk = ds.attrs["headstore"]["tokenizer"]
+    bos, pad = tk["bos_token_id"], tk["pad_token_id"]
+    assert pad != bos and (length < toks.shape[1]).sum() >= 4 and (length == toks.shape[1]).any()
+    real = np.arange(toks.shape[1])[None, :] < length[:, None]
+    assert (toks[~real] == pad).all() and not (toks[real] == pad).any()
+
+    res = copy_suppression(ds).compute()
+    bridge = live_model(folder).bridge
+    n_differ = 0
+    for layer in ds["layer"].values:
+        for h in range(ds.sizes["head"]):
+            rows = [online_copy_suppression(bridge, toks[b : b + 1, : length[b]], int(layer), h, False) for b in
+                    range(len(toks))]  # fmt: skip
+            want_seq = np.concatenate([r["per_sequence"] for r in rows])
+            got_pos = res["per_position"].sel(layer=layer).isel(head=h).values
+            got_seq = res["per_sequence"].sel(layer=layer).isel(head=h).values
+            assert rel_err(got_seq, want_seq) <= 1e-4, (layer, h)
+            assert rel_err(got_pos[real], np.concatenate([r["per_position"][0] for r in rows])) <= 1e-4, (layer, h)
+            assert np.all(got_pos[~real] == 0)  # padded sources carry nothing
+            score = float(res["score"].sel(layer=layer).isel(head=h))
+            assert abs(score - want_seq.mean()) <= 1e-4 * np.abs(want_seq).max()
+            # what counting the padding gives (the seed's BOS-only mask on the padded rows) is another number
+            padded = online_copy_suppression(bridge, toks, int(layer), h, False)["per_sequence"]
+            n_differ += int(np.abs(padded - want_seq).max() > 1e-2 * np.abs(want_seq).max())
+    assert n_differ >= ds.sizes["layer"] * ds.sizes["head"] // 2

@@ -517,13 +517,15 @@ def test_logit_attribution_equals_live_direct_effects(family: str, family_run: C
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_copy_suppression_equals_live_formula(family: str, family_run: Callable[[str], Run], live: Any) -> None:
     """score[L, h] from the live bridge: coef[b, k] = (v[b, k, kv(h)] @ W_O[L, h] * g) . W_U[:, tok[b, k]] weighted
-    by non-BOS attention / (ln_final_scale * ln1_post_scale) at the query (g, ln1_post_scale: post-norm only)."""
+    by the attention between real (``< length``), non-BOS tokens / (ln_final_scale * ln1_post_scale) at the query
+    (g, ln1_post_scale: post-norm only)."""
     run = family_run(family)
     ds, res = run.ds, run.results["copy-suppression"]
     assert isinstance(res, xr.Dataset)
     _, cache = live(family)
     toks = torch.as_tensor(ds["tokens"].values).long()
-    keep = (toks != provenance(ds).tokenizer["bos_token_id"]).float()  # (b, pos)
+    real = torch.arange(toks.shape[1])[None, :] < torch.as_tensor(ds["length"].values)[:, None]  # not padding
+    keep = ((toks != provenance(ds).tokenizer["bos_token_id"]) & real).float()  # (b, pos)
     u = torch.as_tensor(ds["W_U"].values)[:, toks].permute(1, 2, 0)  # (b, k, d_model)
     group = ds.sizes["head"] // ds.sizes["kv_head"]
     for i, L in enumerate(provenance(ds).layers):
@@ -544,7 +546,8 @@ def test_projection_loss_equals_live_formula(family: str, family_run: Callable[[
     frozen direct effect replaced by its projection onto the source tokens' unembeddings (``project``), by the
     rest (``perpendicular``) or removed (``ablation``), changed in the pre-cap logits, then the next-token loss.
     A source token with a zero unembedding projects to zero: Gemma-2's padding token (a zero-initialised
-    embedding row, tied to ``W_U``), which its IOI prompts contain."""
+    embedding row, tied to ``W_U``), which its IOI prompts contain. Only real predictions (``q + 1 < length``) have
+    a loss: the padded ones are NaN."""
     run = family_run(family)
     ds, res = run.ds, run.results["projection-loss"]
     assert isinstance(res, xr.Dataset)
@@ -554,6 +557,8 @@ def test_projection_loss_equals_live_formula(family: str, family_run: Callable[[
     w_u = torch.as_tensor(ds["W_U"].values)
     toks = torch.as_tensor(ds["tokens"].values).long()
     nxt = toks[:, 1:]
+    real = np.arange(1, toks.shape[1])[None, :] < ds["length"].values[:, None]  # (batch, pos - 1): q + 1 < length
+    assert np.isnan(res["loss"].values[..., :-1][..., ~real]).all()
     u = w_u.T[toks]  # batch, key_pos, d_model
     uu = (u * u).sum(-1)
     s_final = cache["ln_final.hook_scale"]
@@ -574,21 +579,25 @@ def test_projection_loss_equals_live_formula(family: str, family_run: Callable[[
                 if cap:
                     lg = cap * torch.tanh(lg / cap)
                 ce = torch.nn.functional.cross_entropy(lg[:, :-1].transpose(1, 2), nxt, reduction="none")
-                got = res["loss"].sel(mode=mode).isel(layer=i, head=h).values[:, :-1]
-                np.testing.assert_allclose(got, ce.numpy(), rtol=1e-4, atol=1e-5, err_msg=f"{family} {L}.{h} {mode}")
+                got = res["loss"].sel(mode=mode).isel(layer=i, head=h).values[:, :-1][real]
+                np.testing.assert_allclose(
+                    got, ce.numpy()[real], rtol=1e-4, atol=1e-5, err_msg=f"{family} {L}.{h} {mode}"
+                )
     if family == "gemma-2":  # its IOI prompts hold the padding token (tied, zero row): the case must be exercised
         assert zero_u
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_calibration_baseline_equals_hugging_face(family: str, family_run: Callable[[str], Run]) -> None:
-    """Baseline bucket counts from the top-3 probabilities of the Hugging Face model's own logits."""
+    """Baseline bucket counts from the top-3 probabilities of the Hugging Face model's own logits, at the real
+    next-token predictions (``q + 1 < length``: IOI prompts are right-padded)."""
     run = family_run(family)
     ds, res = run.ds, run.results["calibration"]
     assert isinstance(res, xr.Dataset)
-    probs = torch.softmax(_hf_logits(run, ds["tokens"].values)[:, :-1], -1)
+    real = torch.as_tensor(np.arange(1, ds.sizes["pos"])[None, :] < ds["length"].values[:, None])
+    probs = torch.softmax(_hf_logits(run, ds["tokens"].values)[:, :-1][real], -1)  # (real predictions, d_vocab)
     top = probs.topk(3, -1)
-    correct = top.indices == torch.as_tensor(ds["tokens"].values[:, 1:]).long()[..., None]
+    correct = top.indices == torch.as_tensor(ds["tokens"].values[:, 1:]).long()[real][..., None]
     n_bins = res.sizes["bin"]
     edges = np.arange(n_bins + 1, dtype=np.float32) / np.float32(n_bins)
     bins = np.searchsorted(edges, top.values.numpy().ravel(), side="right") - 1

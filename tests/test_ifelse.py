@@ -201,3 +201,16 @@ def test_needs_split_columns(make_store: Callable[..., Any]) -> None:
     ds = open_store(make_store("tiny-gpt2", "ioi"))
     with pytest.raises(HeadstoreError, match="split"):
         ifelse_detector(ds)
+
+
+def test_cli_writes_and_plots_the_result_read_back(make_store: Callable[..., Any], tmp_path: Path) -> None:
+    """``headstore analyze ifelse-detector``: the result goes to result.zarr and the plots read it back, where
+    the split/subset strings come back as numpy StringDType (``astype(str)`` on them raised TypeError)."""
+    from headstore.cli.run import run_analyzer
+
+    store = make_store("tiny-gpt2", "code-ifelse", **STORE)
+    summary, paths = run_analyzer(SPEC, [str(store)], tmp_path)
+    res = ifelse_detector(open_store(store)).compute()
+    np.testing.assert_array_equal(summary.to_numpy(), SPEC.summary(res).to_numpy())
+    pngs = [p for p in paths if p.suffix == ".png"]
+    assert pngs and all(p.stat().st_size > 0 for p in pngs)

@@ -165,3 +165,46 @@ def test_ioi_refusals(make_store: Callable[..., Path]) -> None:
     shifted = b.assign(s1_pos=b["s1_pos"] + 1)
     with pytest.raises(HeadstoreError, match=r"s1_pos differ.*not aligned"):
         ioi_pair(a, shifted)
+
+
+def test_key_positions_after_end_are_refused(make_store: Callable[..., Path]) -> None:
+    """Attention from END is causal: an io or s1 after end would read an exact 0, so it is refused per sequence."""
+    a, b = stores(make_store, "tiny-gpt2")
+    end, length = a["end_pos"].values, a["length"].values
+    assert (length > 12).all()
+    with pytest.raises(HeadstoreError, match=r"^io \(12\) is after end \(5\) in sequence 0: attention from end cannot reach it"):
+        ioi(a, io=12, s1=2, end=5)
+    with pytest.raises(HeadstoreError, match=r"^s1 \(12\) is after end \(5\) in sequence 0"):
+        ioi_pair(a, b, io=2, s1=12, end=5)
+    io = a["io_pos"].values
+    early = end.copy()
+    early[3] = io[3] - 1  # one sequence only, named
+    with pytest.raises(HeadstoreError, match=rf"^io \({io[3]}\) is after end \({io[3] - 1}\) in sequence 3: ") as e:
+        ioi(a, end=early)
+    assert "\n" not in str(e.value)
+    with pytest.raises(HeadstoreError, match=r"in sequence 3: "):  # named by its number in the store
+        ioi(a.isel(batch=[1, 3]), end=early[[1, 3]])
+    # a key at the query position itself is allowed: the token attends to itself
+    at_end = ioi(a, io=a["end_pos"]).compute()
+    pattern = a["pattern"].values  # (batch, layer, head, query_pos, key_pos)
+    rows = np.arange(len(end))
+    want = pattern[rows, :, :, end, end] - pattern[rows, :, :, end, a["s1_pos"].values]
+    np.testing.assert_allclose(at_end["attn_diff"].transpose("batch", "layer", "head").values, want, rtol=1e-6)
+
+
+def test_pairing_refusals_name_what_differs(make_store: Callable[..., Path]) -> None:
+    """Same model, other --layers: blamed on the layers (the weights hash differs too, as a consequence); other
+    prompt shapes: blamed on the prompt sets, never on the model."""
+    a, _ = stores(make_store, "tiny-gpt2")
+    one_layer = open_store(make_store("tiny-gpt2", "ioi-abc", layers="1", **KW))
+    pa, pb = a.hs.provenance, one_layer.hs.provenance
+    assert pa.model["name"] == pb.model["name"] and pa.model["weights_sha256"] != pb.model["weights_sha256"]
+    with pytest.raises(HeadstoreError, match=r"differ in layers \(\[0, 1\] vs \[1\]\): extract both with the same --layers"):
+        ioi_pair(a, one_layer)
+    text = open_store(make_store("tiny-gpt2", "text", n_seq=12, seq_len=32, batch_size=4))
+    assert a.sizes["pos"] != 32
+    with pytest.raises(HeadstoreError, match=rf"differ in seq_len \({a.sizes['pos']} vs 32\): the prompt sets") as e:
+        ioi_pair(a, text, io=1, s1=2, end=5, io_token=7, s_token=8)
+    assert "same model" not in str(e.value) and "same shape" in str(e.value)
+    with pytest.raises(HeadstoreError, match=r"batch size \(12 vs 8\), the number of sequences of their prompt sets"):
+        ioi_pair(a, a.isel(batch=slice(0, 8)))

@@ -173,7 +173,7 @@ def test_targets_and_errors(make_store) -> None:
     np.testing.assert_array_equal(by_str["contrib"].values, by_id["contrib"].values)
     np.testing.assert_array_equal(by_seq["contrib"].values, by_id["contrib"].values)
     assert by_str["target_str"].values[0] == vocab[tid]
-    assert list(by_str["key_token_str"].values[:2]) == [vocab[int(t)] for t in ds["tokens"].values[0, :2]]
+    assert list(by_str["key_token_str"].values[0, :2]) == [vocab[int(t)] for t in ds["tokens"].values[0, :2]]
     with pytest.raises(HeadstoreError, match=r"takes token ids: write ds.hs.token_id"):
         logit_attribution(ds, target=vocab[tid])  # type: ignore[arg-type]
     with pytest.raises(HeadstoreError, match=r"takes token ids"):
@@ -202,6 +202,44 @@ def test_targets_and_errors(make_store) -> None:
         logit_attribution(ds, target="next")
     with pytest.raises(TypeError):
         logit_attribution(ds, "next")  # type: ignore[misc]
+
+
+def test_key_token_str_per_sequence_and_scalar_attrs(make_store) -> None:
+    """Each sequence's source tokens are labelled with its own strings; one integer (numpy ones too) is recorded."""
+    ds = open_store(make_store("tiny-gpt2", "ioi", **STORE_KW))
+    vocab = [str(x) for x in np.asarray(ds["vocab"].values).tolist()]
+    toks = ds["tokens"].transpose("batch", "pos").values
+    res = logit_attribution(ds, target=ds["io_token"]).compute()
+    assert res["key_token_str"].dims == ("batch", "key_pos")
+    want = [[vocab[int(t)] for t in row] for row in toks]
+    assert res["key_token_str"].values.tolist() == want
+    assert len({tuple(row) for row in want}) > 1, "the prompts differ, so sequence 0's labels would be wrong"
+    tid = int(ds["io_token"].values[0])
+    for target, dest, want_dest in ((np.int64(tid), np.int64(-1), -1), (np.array(tid), np.array(3), 3), (tid, 3, 3)):
+        attrs = logit_attribution(ds, target=target, dest=dest).attrs
+        assert (attrs["target"], attrs["dest"]) == (tid, want_dest), attrs
+        assert type(attrs["target"]) is int and type(attrs["dest"]) is int  # plain values zarr can write
+    attrs = logit_attribution(ds, target=ds["io_token"], dest=ds["end_pos"]).attrs
+    assert (attrs["target"], attrs["dest"]) == ("per-sequence", "per-sequence")
+
+
+def test_unstored_pattern_layers_are_nan_not_zero(make_store) -> None:
+    """``--pattern-layers 1``: layer 0's source terms and their sum are NaN; layer 1's equal the full store's."""
+    kw = {"n_seq": 10, "batch_size": 4}  # the stores test_pattern_layers and test_census use
+    part = open_store(make_store("tiny-gpt2", "ioi", pattern_layers="1", **kw))
+    full = open_store(make_store("tiny-gpt2", "ioi", **kw))
+    res = logit_attribution(part, target=part["io_token"]).compute()
+    ref = logit_attribution(full, target=full["io_token"]).compute()
+    assert np.isnan(res["contrib"].sel(layer=0).values).all()
+    assert np.isnan(res["per_head"].sel(layer=0).values).all()
+    assert np.isnan(res["reconstruction_error"].values).all()  # the heads' sum is not known
+    np.testing.assert_array_equal(res["per_head"].sel(layer=1).values, ref["per_head"].sel(layer=1).values)
+    # the head's own output is stored for every layer: its projection stays, and equals the full store's sum
+    np.testing.assert_array_equal(res["per_head_from_result"].values, ref["per_head_from_result"].values)
+    np.testing.assert_allclose(
+        res["per_head_from_result"].sel(layer=0).values, ref["per_head"].sel(layer=0).values, rtol=1e-4, atol=1e-6
+    )
+    assert np.abs(ref["per_head"].sel(layer=0).values).max() > 1e-4  # a 0 there would have been a wrong number
 
 
 def test_cli_param_strings(make_store) -> None:

@@ -133,36 +133,46 @@ def test_matches_online_hooks(
     monkeypatch.setattr(pl, "GRAM_MAX_POS_PER_D_MODEL", 1e9 if gram else 0.0)
     ds = open_store(ioi_store(model))
     toks = ds["tokens"].values
+    # IOI rows are right-padded: prediction q is real only if q + 1 < length (the seed's prompts had no padding)
+    real = np.arange(toks.shape[1] - 1)[None, :] + 1 < ds["length"].values[:, None]
+    assert (~real).sum() > 0
     res = projection_loss(ds, only_negative=only_negative).compute()
     assert res.attrs["analyzer"] == "projection-loss" and res.attrs["only_negative"] == int(only_negative)
     assert res["loss"].dims == ("layer", "head", "mode", "batch", "pos")
     assert list(res["mode"].values) == list(MODES) == ["project", "perpendicular", "ablation"]
     assert res["loss_original"].dims == ("batch", "pos")
     assert res["mean_increase"].dims == ("layer", "head", "mode")
-    # no next token at the last position
+    # no next token at the last position, nor where the next token is padding
     assert np.isnan(res["loss_original"].values[:, -1]).all() and np.isnan(res["loss"].values[..., -1]).all()
-    got_clean = res["loss_original"].values[:, :-1]
+    assert np.isnan(res["loss_original"].values[:, :-1][~real]).all()
+    assert np.isnan(res["loss"].values[..., :-1][..., ~real]).all()
+    got_clean = res["loss_original"].values[:, :-1][real]
     bridge = live_model(model).bridge
     for layer in ds["layer"].values:
         for h in range(ds.sizes["head"]):
             clean, want = online_losses(bridge, toks, int(layer), h, only_negative)
+            clean, want = clean[real], want[:, real]  # (n_real,), (mode, n_real)
             # the clean loss recomputed from the store equals the bridge's own
             assert rel_err(got_clean, clean) <= 1e-4
-            got = res["loss"].sel(layer=layer).isel(head=h).transpose("mode", "batch", "pos").values[..., :-1]
+            got = res["loss"].sel(layer=layer).isel(head=h).transpose("mode", "batch", "pos").values[..., :-1][:, real]
             assert rel_err(got, want) <= 1e-4, (layer, h)
             # the changes themselves (small on random-init models) agree too, not only the totals
             d_got, d_want = got - got_clean, want - clean
             assert np.abs(d_want).max() > 1e-4
             assert rel_err(d_got, d_want) <= 2e-3, (layer, h)
             mean_inc = res["mean_increase"].sel(layer=layer).isel(head=h).sel(mode=list(MODES)).values
-            np.testing.assert_allclose(mean_inc, d_want.mean(axis=(1, 2)), rtol=0, atol=2e-3 * np.abs(d_want).max())
+            np.testing.assert_allclose(mean_inc, d_want.mean(axis=1), rtol=0, atol=2e-3 * np.abs(d_want).max())
 
 
 def test_loss_original_matches_stored_loss(ioi_store: Callable[[str], Path]) -> None:
+    """At every real prediction; the stored ``loss`` also holds the padded ones, which projection-loss leaves out."""
     ds = open_store(ioi_store("tiny-llama"))
     res = projection_loss(ds).compute()
     stored = ds["loss"].values
-    assert rel_err(res["loss_original"].values[:, :-1], stored[:, :-1]) <= 1e-5
+    real = np.arange(stored.shape[1])[None, :] + 1 < ds["length"].values[:, None]
+    assert rel_err(res["loss_original"].values[real], stored[real]) <= 1e-5
+    assert np.isnan(res["loss_original"].values[~real]).all()
+    assert np.isfinite(stored[:, :-1][~real[:, :-1]]).all() and (~real[:, :-1]).any()  # stored: padded ones too
 
 
 def test_projection_identities(ioi_store: Callable[[str], Path]) -> None:
@@ -171,7 +181,9 @@ def test_projection_identities(ioi_store: Callable[[str], Path]) -> None:
     full = projection_loss(ds).compute()["loss"]
     neg = projection_loss(ds, only_negative=True).compute()["loss"]
     np.testing.assert_array_equal(full.sel(mode="ablation").values, neg.sel(mode="ablation").values)
-    assert not np.allclose(full.sel(mode="project").values[..., :-1], neg.sel(mode="project").values[..., :-1])
+    real = np.isfinite(full.sel(mode="project").values)
+    assert real.sum() > 0 and (np.isfinite(neg.sel(mode="project").values) == real).all()
+    assert not np.allclose(full.sel(mode="project").values[real], neg.sel(mode="project").values[real])
 
 
 def test_spec_registered_summary_and_plot(ioi_store: Callable[[str], Path], tmp_path: Path) -> None:
@@ -206,3 +218,37 @@ def test_does_not_import_torch(ioi_store: Callable[[str], Path], run_without_tor
         "out['m'] = float(abs(res['mean_increase']).sum())\n"
     )
     assert out["m"] > 0
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_padding_is_excluded_when_pad_is_not_bos(
+    model: str, pad_not_bos_store: Callable[[str], tuple[Path, str]], live_model: Callable[[str], Any]
+) -> None:
+    """A right-padded store of own prompts (pad token not BOS, as SmolLM2's): each real prediction's losses are the
+    seed's on that prompt alone, unpadded, on the live model; the others are NaN, and the mean is over real ones."""
+    path, folder = pad_not_bos_store(model)
+    ds = open_store(path)
+    toks, length = ds["tokens"].values, ds["length"].values
+    assert (length < toks.shape[1]).sum() >= 4 and (length == toks.shape[1]).any()
+    real = np.arange(toks.shape[1])[None, :] + 1 < length[:, None]  # q + 1 < length[b]
+    res = projection_loss(ds).compute()
+    assert np.isnan(res["loss_original"].values[~real]).all() and np.isnan(res["loss"].values[..., ~real]).all()
+    bridge = live_model(folder).bridge
+    n_differ = 0
+    for layer in ds["layer"].values:
+        for h in range(ds.sizes["head"]):
+            rows = [online_losses(bridge, toks[b : b + 1, : length[b]], int(layer), h, False) for b in range(len(toks))]
+            clean = np.concatenate([c[0] for c, _ in rows])  # every real prediction, row by row
+            want = np.concatenate([w[:, 0] for _, w in rows], axis=1)  # mode, prediction
+            assert rel_err(res["loss_original"].values[real], clean) <= 1e-4
+            got = res["loss"].sel(layer=layer).isel(head=h).transpose("mode", "batch", "pos").values[:, real]
+            assert rel_err(got, want) <= 1e-4, (layer, h)
+            d_want = want - clean
+            assert rel_err(got - res["loss_original"].values[real], d_want) <= 2e-3, (layer, h)
+            mean_inc = res["mean_increase"].sel(layer=layer).isel(head=h).sel(mode=list(MODES)).values
+            np.testing.assert_allclose(mean_inc, d_want.mean(axis=1), rtol=0, atol=2e-3 * np.abs(d_want).max())
+            # averaging over the padded positions too (the seed's formula on the padded rows) gives another number
+            p_clean, p_want = online_losses(bridge, toks, int(layer), h, False)
+            padded_mean = (p_want - p_clean).mean(axis=(1, 2))
+            n_differ += int(np.abs(padded_mean - d_want.mean(axis=1)).max() > 1e-2 * np.abs(d_want).max())
+    assert n_differ >= ds.sizes["layer"] * ds.sizes["head"] // 2

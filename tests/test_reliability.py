@@ -339,6 +339,27 @@ def test_pairing_stores_of_different_models_is_refused(make_store: Callable[...,
         a.check_same_model(Provenance.from_dict(d))
 
 
+def test_pairing_refusal_names_the_cause_with_its_hint(reference: Path) -> None:
+    """The weights hash follows from model, processing, dtype and layers: those are named before it, and each
+    difference gets the fix that fits it (a prompt-set shape is not a model difference)."""
+    a = read_provenance(reference)
+    d = a.to_dict()
+    other_weights = {**d["model"], "weights_sha256": "0" * 64}
+    cases = [
+        ({"layers": [1], "pattern_layers": [1], "model": other_weights}, r"layers \(\[0, 1\] vs \[1\]\): extract both with the same --layers$"),
+        ({"model": {**other_weights, "dtype": "bfloat16"}}, r"model\.dtype .*: extract both with the same --model-dtype$"),
+        ({"model": {**other_weights, "processing": {"fold_ln": False}}}, r"model\.processing .*: extract both with the same headstore version"),
+        ({"model": other_weights}, r"model\.weights_sha256 .*: same model name and layers but other weights"),
+        ({"seq_len": d["seq_len"] + 7}, rf"seq_len \({d['seq_len']} vs {d['seq_len'] + 7}\): the prompt sets differ in length: pair stores made from prompt sets of the same shape"),
+    ]  # fmt: skip
+    for patch, match in cases:
+        with pytest.raises(HeadstoreError, match=match) as e:
+            a.check_same_model(Provenance.from_dict({**d, **patch}))
+        assert "\n" not in str(e.value)
+        if "seq_len" in patch:
+            assert "same model" not in str(e.value)
+
+
 # --- 5. safety -----------------------------------------------------------------------------------
 
 UNSAFE = [

@@ -99,3 +99,29 @@ def test_one_shard_then_the_other(single: Path, tmp_path: Path) -> None:
     _wait(_extract(out, "1/2"))
     assert _info(out)["done_ranges"] == [[0, N_SEQ]]
     _assert_same_arrays(out, single)
+
+
+def test_partial_store_keeps_sequence_numbers(single: Path, tmp_path: Path) -> None:
+    """Only shard 1/2 written: the partial Dataset's rows are sequences 8..15 and say so (``batch``), holding the
+    single-process store's rows 8..15 (read with zarr); analyzers keep the labels, and pairing it with a whole
+    store is refused by name until the two are aligned."""
+    import xarray as xr
+
+    from headstore.analyze import ioi, ioi_pair
+    from headstore.store_schema import HeadstoreError
+
+    out = tmp_path / "second-half.zarr"
+    _wait(_extract(out, "1/2"))
+    part, whole = open_store(out, partial=True), open_store(single)
+    second = list(range(N_SEQ // 2, N_SEQ))
+    assert part["batch"].values.tolist() == second
+    tokens = zarr.open_array(str(single / "tokens"), mode="r", zarr_format=3)
+    np.testing.assert_array_equal(part["tokens"].values, np.asarray(tokens[N_SEQ // 2 :]))
+    np.testing.assert_array_equal(part["tokens"].sel(batch=9).values, np.asarray(tokens[9]))
+    diff = ioi(part)["logit_diff"].compute()
+    assert diff["batch"].values.tolist() == second
+    np.testing.assert_allclose(diff.values, ioi(whole)["logit_diff"].values[N_SEQ // 2 :], rtol=1e-6)
+    with pytest.raises(HeadstoreError, match=r"ioi-pair: the two stores hold different sequences \(\[8, 9, 10, 11"):
+        ioi_pair(part, whole)
+    a, b = xr.align(part, whole, join="inner")
+    assert ioi_pair(a, b)["logit_diff_abc"]["batch"].values.tolist() == second

@@ -1,11 +1,15 @@
 """Checking the Python arguments analyzers take: heads, positions, token ids.
 
-- A head is ``(layer, head)`` with the model's layer number; a set of heads a sequence of them or ``"all"``.
+- A head is ``(layer, head)`` with the model's layer number (a tuple, a list or a 2-element integer numpy
+  array); a set of heads a sequence of them, an ``(n, 2)`` integer array (e.g. ``np.argwhere(mask)`` over a
+  ``(layer, head)`` grid of a store holding every layer) or ``"all"``.
 - A position is an ``int`` (the same for every sequence; negative counts back from the end of each
   sequence's real tokens: its ``length`` column when the store has one, else ``seq_len``) or one
   integer per sequence (a list, numpy array or ``xarray.DataArray`` along ``batch``), negatives the same
-  way. ``None`` means the store's column of that name.
+  way. ``None`` means the store's column of that name. numpy integers and 0-d integer arrays count as ints.
 - A token is an id (``int``) or one id per sequence; strings go through ``ds.hs.token_id`` first.
+- A key position must not come after the query position that reads it (causal attention):
+  :func:`check_causal`.
 
 Everything comes back as plain ints or a loaded ``(batch,)`` int64 DataArray (tiny; used as an indexer).
 """
@@ -18,8 +22,10 @@ from typing import Any, Literal, TypeAlias
 import numpy as np
 import xarray as xr
 
-from headstore.analyze._maths import sequence_lengths
-from headstore.store_schema import HeadstoreError
+from headstore.store_schema import HeadstoreError, selection
+from headstore.store_schema.selection import lengths as lengths
+from headstore.store_schema.selection import per_sequence as _per_sequence
+from headstore.store_schema.selection import scalar as scalar
 
 Head: TypeAlias = tuple[int, int]
 Heads: TypeAlias = Sequence[tuple[int, int]] | Literal["all"]
@@ -31,9 +37,16 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
+def _is_pair(value: Any) -> bool:
+    """A ``(layer, head)``: a 2-tuple or list of ints, or a 2-element integer numpy array."""
+    if isinstance(value, np.ndarray):
+        return value.shape == (2,) and value.dtype.kind in "iu"
+    return isinstance(value, tuple | list) and len(value) == 2 and all(_is_int(x) for x in value)
+
+
 def head(ds: xr.Dataset, value: Any, what: str) -> Head:
     """Check one ``(layer, head)`` against the store."""
-    if not (isinstance(value, tuple | list) and len(value) == 2 and all(_is_int(x) for x in value)):
+    if not _is_pair(value):
         raise HeadstoreError(f"{what} must be a (layer, head) pair of ints, e.g. (9, 6), got {value!r}")
     layer, h = int(value[0]), int(value[1])
     layers = ds.hs.layers
@@ -51,8 +64,11 @@ def heads(ds: xr.Dataset, value: Any, what: str) -> list[Head]:
         if value != "all":
             raise HeadstoreError(f"{what} must be 'all' or a list of (layer, head) pairs, got the string {value!r}")
         return ds.hs.heads
-    if isinstance(value, tuple) and len(value) == 2 and all(_is_int(x) for x in value):
-        raise HeadstoreError(f"{what} is a list of (layer, head) pairs: write [{tuple(value)!r}], not {tuple(value)!r}")
+    if (isinstance(value, tuple) or (isinstance(value, np.ndarray) and value.ndim == 1)) and _is_pair(value):
+        pair = (int(value[0]), int(value[1]))
+        raise HeadstoreError(f"{what} is a list of (layer, head) pairs: write [{pair!r}], not {value!r}")
+    if isinstance(value, np.ndarray) and value.ndim == 2 and value.shape[1] == 2 and value.dtype.kind in "iu":
+        value = [(int(a), int(b)) for a, b in value]  # (n, 2), e.g. np.argwhere(mask)
     try:
         items = list(value)
     except TypeError:
@@ -61,27 +77,6 @@ def heads(ds: xr.Dataset, value: Any, what: str) -> list[Head]:
     if len(set(out)) != len(out):
         raise HeadstoreError(f"{what} names a head twice: {out}")
     return out
-
-
-def _per_sequence(ds: xr.Dataset, value: Any, what: str) -> np.ndarray:
-    n = ds.sizes["batch"]
-    if _is_int(value):
-        return np.full(n, int(value), np.int64)
-    if isinstance(value, xr.DataArray):
-        if value.dims != ("batch",):
-            raise HeadstoreError(f"{what} must be a DataArray along batch only, got dims {value.dims}")
-        value = value.values
-    arr = np.asarray(value)
-    if arr.ndim != 1 or arr.shape[0] != n or (arr.size and arr.dtype.kind not in "iu"):
-        raise HeadstoreError(
-            f"{what} must be an int or {n} integers (one per sequence), got {arr.dtype} of shape {arr.shape}"
-        )
-    return arr.astype(np.int64)
-
-
-def lengths(ds: xr.Dataset) -> np.ndarray:
-    """(batch,) real tokens per sequence, loaded (``_maths.sequence_lengths``)."""
-    return np.asarray(sequence_lengths(ds).values, dtype=np.int64)
 
 
 def _or_column(ds: xr.Dataset, value: Any, what: str, column: str | None, hint: str) -> Any:
@@ -94,19 +89,10 @@ def _or_column(ds: xr.Dataset, value: Any, what: str, column: str | None, hint: 
 
 
 def positions(ds: xr.Dataset, value: Any, what: str, column: str | None = None) -> xr.DataArray:
-    """A position argument (see the module docstring) -> (batch,) int64 positions inside each sequence."""
+    """A position argument (see the module docstring) -> (batch,) int64 positions inside each sequence, by the
+    rules ``ds.hs.logits`` follows too (``headstore.store_schema.selection.positions``)."""
     value = _or_column(ds, value, what, column, "an int, or one position per sequence")
-    pos = _per_sequence(ds, value, what)
-    length = lengths(ds)
-    pos = np.where(pos < 0, length + pos, pos)
-    bad = np.flatnonzero((pos < 0) | (pos >= length))
-    if bad.size:
-        i = int(bad[0])
-        raise HeadstoreError(
-            f"{what} is outside sequence {i}: position {int(pos[i])} of its {int(length[i])} tokens "
-            f"({bad.size} sequence(s) out of range)"
-        )
-    return xr.DataArray(pos, dims="batch")
+    return selection.positions(ds, value, what)
 
 
 def token_ids(ds: xr.Dataset, value: Any, what: str, column: str | None = None) -> xr.DataArray:
@@ -127,21 +113,40 @@ def token(ds: xr.Dataset, value: Any, what: str) -> int:
     """One token: an id, or a string that is exactly one vocabulary entry (``ds.hs.token_id``)."""
     if isinstance(value, str):
         return ds.hs.token_id(value)
-    if not _is_int(value) or not 0 <= int(value) < ds.hs.config.d_vocab:
+    one = scalar(value)
+    if one is None or not 0 <= one < ds.hs.config.d_vocab:
         raise HeadstoreError(
             f"{what} must be a token id in [0, {ds.hs.config.d_vocab}) or a token string, got {value!r}"
         )
-    return int(value)
+    return one
+
+
+def check_causal(ds: xr.Dataset, key: xr.DataArray, key_name: str, query: xr.DataArray, query_name: str) -> None:
+    """Refuse a key position after the query position that reads it (both resolved by :func:`positions`): causal
+    attention from ``query`` gives it exactly 0, never a measurement. Names the first such sequence by its
+    ``batch`` label (its number in the store), as :func:`positions` does."""
+    bad = np.flatnonzero(np.asarray(key.values) > np.asarray(query.values))
+    if bad.size:
+        i = int(bad[0])
+        label = int(ds["batch"].values[i]) if "batch" in ds.coords else i
+        more = f" ({bad.size} sequences in all)" if bad.size > 1 else ""
+        raise HeadstoreError(
+            f"{key_name} ({int(key.values[i])}) is after {query_name} ({int(query.values[i])}) in sequence {label}: "
+            f"attention from {query_name} cannot reach it{more}"
+        )
 
 
 def check_aligned(a: xr.Dataset, b: xr.Dataset, analyzer: str, keys: tuple[str, ...] = ()) -> None:
-    """Refuse pairing stores of different models, or whose prompts do not line up position for position."""
+    """Refuse pairing stores of different models, or whose prompts do not line up position for position
+    (nor sequence for sequence: two partial or subset stores must hold the same ``batch`` labels)."""
     a.hs.provenance.check_same_model(b.hs.provenance)
-    for dim in ("batch", "pos"):
+    selection.check_same_sequences(a, b, analyzer)
+    for dim, what in (("batch", "number of sequences"), ("pos", "sequence length")):
         if a.sizes.get(dim) != b.sizes.get(dim):
             raise HeadstoreError(
-                f"{analyzer}: the two stores differ in {dim} size ({a.sizes.get(dim)} vs {b.sizes.get(dim)}): "
-                "extract both with the same --seed and --n-seq"
+                f"{analyzer}: the two stores differ in {dim} size ({a.sizes.get(dim)} vs {b.sizes.get(dim)}), "
+                f"the {what} of their prompt sets: pair stores made from prompt sets of the same shape "
+                "(e.g. --data ioi and ioi-abc with the same --seed and --n-seq)"
             )
     for key in keys:
         if key in a and key in b and not np.array_equal(np.asarray(a[key].values), np.asarray(b[key].values)):

@@ -3,8 +3,12 @@
 Seed 003 (``measure_calibration`` / ``measure_calibration_minus_heads``), offline:
 
 - logits at positions ``0..seq-2`` are recomputed from ``resid_final`` with ``ln_final_scale``
-  frozen (``_ops.logits``); ``probs = softmax``; the top-k probabilities and their indices are
+  frozen (``_maths.logits``); ``probs = softmax``; the top-k probabilities and their indices are
   taken; a top-k entry is *correct* when its index is the next token;
+- only real next-token predictions count: on a right-padded store (own prompts, IOI; its ``length``
+  column) position ``q`` of sequence ``b`` counts only if ``q + 1 < length[b]`` (``_maths.next_tokens``
+  is -1 elsewhere), so padded positions, and the last real token (whose next token is padding), are
+  left out; a store without ``length`` counts every position ``0..seq-2``, as the seed;
 - bins are ``[i/n, (i+1)/n)`` (edges in float32, as the seed's ``t.arange(n + 1) / n``), so a
   probability of exactly 1.0 falls in no bin, as in the seed;
 - ``bucket_frequency`` / ``bucket_correct_frequency`` are counts summed over every batch;
@@ -13,7 +17,7 @@ Seed 003 (``measure_calibration`` / ``measure_calibration_minus_heads``), offlin
 - for head ``(L, h)`` the same is done on ``logits - (result[b, L, q, h] / ln_final_scale) @ W_U``
   (the seed's direct-effect removal: the head's output is taken out through the frozen scale, and
   not centred, exactly as in the seed), with ``result = z @ W_O[L, h]`` multiplied in the cheaper
-  order (``_ops.head_unembed``);
+  order (``_maths.head_unembed``);
 - the model's own non-linearities: under a final soft-cap (Gemma-2) the head is removed from the pre-cap
   logits and the probabilities are taken of ``c * tanh(logits / c)``, the model's logits; on post-norm
   models (Gemma-2, OLMo-2) a head writes through its layer's frozen post-attention norm
@@ -82,7 +86,7 @@ def n_empty_bins(accuracy: Any) -> int:
 
 
 def _bin_counts(logit_rows: np.ndarray, nxt: np.ndarray, top_k: int, edges: np.ndarray) -> np.ndarray:
-    """(tokens, d_vocab) float32 logits, (tokens,) next ids -> (2, n_bins): [frequency, correct].
+    """(tokens, d_vocab) float32 logits, (tokens,) next ids (all real) -> (2, n_bins): [frequency, correct].
 
     The top-k probabilities are the top-k logits' ``exp(logit - max) / sum(exp(logits - max))``.
     Overwrites ``logit_rows``.
@@ -118,20 +122,29 @@ def _block_counts(
     """One batch chunk -> (1 + n_selected_heads, 2, n_bins) counts.
 
     ``lg`` (b, q, d_vocab) pre-cap logits, ``z`` (b, layer, q, head, d_head), ``scale`` (b, q), or (b, layer, q)
-    on post-norm models, ``nxt`` (b, q), ``W_O`` (layer, head, d_head, d_model) the heads' write weights,
-    ``W_U`` (d_model, d_vocab); ``cap``: the final soft-cap applied to each variant's logits (0: none).
+    on post-norm models, ``nxt`` (b, q) with -1 where there is no real next token (those rows are left out),
+    ``W_O`` (layer, head, d_head, d_model) the heads' write weights, ``W_U`` (d_model, d_vocab); ``cap``: the
+    final soft-cap applied to each variant's logits (0: none).
     """
     n_tok = lg.shape[0] * lg.shape[1]
-    lg2 = np.ascontiguousarray(lg, dtype=np.float32).reshape(n_tok, -1)
     nxt1 = nxt.reshape(n_tok)
     out = np.zeros((1 + len(head_idx), 2, edges.size - 1), np.int64)
+    rows = np.flatnonzero(nxt1 >= 0) if (nxt1 < 0).any() else None  # None: every row (no padding here)
+
+    def real(x: np.ndarray) -> np.ndarray:  # (n_tok, ...) -> the rows with a real next token
+        return x if rows is None else x[rows]
+
+    if rows is not None and rows.size == 0:
+        return out
+    lg2 = real(np.ascontiguousarray(lg, dtype=np.float32).reshape(n_tok, -1))
+    nxt1 = real(nxt1)
     buf = np.empty_like(lg2)
     np.copyto(buf, lg2)
     out[0] = _bin_counts(_maths.softcap(buf, cap), nxt1, top_k, edges)
-    inv = (1.0 / scale.astype(np.float32)).reshape(n_tok, 1) if scale.ndim == 2 else None
+    inv = real((1.0 / scale.astype(np.float32)).reshape(n_tok, 1)) if scale.ndim == 2 else None
     for i, (li, h) in enumerate(head_idx):
-        inv_h = inv if inv is not None else (1.0 / scale[:, li].astype(np.float32)).reshape(n_tok, 1)
-        zh = z[:, li, :, h, :].astype(np.float32).reshape(n_tok, -1) * inv_h
+        inv_h = inv if inv is not None else real((1.0 / scale[:, li].astype(np.float32)).reshape(n_tok, 1))
+        zh = real(z[:, li, :, h, :].astype(np.float32).reshape(n_tok, -1)) * inv_h
         _maths.head_unembed(zh, W_O[li, h], W_U, out=buf)
         np.subtract(lg2, buf, out=buf)
         out[1 + i] = _bin_counts(_maths.softcap(buf, cap), nxt1, top_k, edges)
@@ -141,7 +154,8 @@ def _block_counts(
 def calibration(
     ds: xr.Dataset, *, top_k: int = 3, n_bins: int = 50, heads: _args.Heads = "all"
 ) -> xr.Dataset:
-    """Calibration curve and overconfidence, baseline and with each chosen head's direct effect removed.
+    """Calibration curve and overconfidence, baseline and with each chosen head's direct effect removed, over the
+    real next-token predictions (``q + 1 < length[b]`` on a right-padded store: padding never counts).
 
     ``heads``: ``"all"`` or a list of ``(layer, head)``; the others get NaN in the ``head_*`` variables.
     """
@@ -168,7 +182,7 @@ def calibration(
     if inv_post is not None:  # post-norm: ln_final_scale * ln1_post_scale per layer
         scale_da = (scale_da / inv_post).transpose("batch", "layer", "pos")
     scale = scale_da.isel(pos=q).transpose("batch", ..., "pos").data
-    nxt = ds["tokens"].shift(pos=-1, fill_value=-1).astype(np.int64).isel(pos=q).transpose("batch", "pos").data
+    nxt = _maths.next_tokens(ds).isel(pos=q).transpose("batch", "pos").data  # -1: no real next token
     lg_d = dsa.asarray(lg.data).rechunk({0: batch_chunks, 1: -1, 2: -1})
     z = dsa.asarray(z).rechunk({0: batch_chunks, 1: -1, 2: -1, 3: -1, 4: -1})
     scale = dsa.asarray(scale).rechunk({0: batch_chunks, **{i: -1 for i in range(1, scale.ndim)}})

@@ -115,7 +115,7 @@ def _ranked(ds: xr.Dataset, scores: np.ndarray, target: int, prefix: str, top_k:
     rank = (scores > scores[..., target : target + 1]).sum(-1)
     k = min(top_k, n)
     top = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
-    coords = {"layer": ds["layer"].values}
+    coords = {c: ds[c].values for c in ("layer", "head") if c in ds.coords}
     vocab = ds.hs.vocab
     dims3 = ("layer", "head", "top")
     return xr.Dataset(

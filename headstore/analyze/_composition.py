@@ -109,7 +109,8 @@ def composition(ds: xr.Dataset, *, kinds: str | Sequence[str] = KINDS, n_draws: 
     """Q-, K- and V-composition scores of every head pair ``(layer_a, head_a) -> (layer_b, head_b)``.
 
     ``Q[layer_a, head_a, layer_b, head_b] = ||W_OV(a) W_QK(b)||_F / (||W_OV(a)||_F ||W_QK(b)||_F)``,
-    ``K`` the same with ``W_QK(b)^T``, ``V`` with ``W_OV(b)``; NaN where ``layer_b <= layer_a``.
+    ``K`` the same with ``W_QK(b)^T``, ``V`` with ``W_OV(b)``; NaN where ``layer_b <= layer_a``. A store of one
+    layer (``extract --layers 1``) has no such pair and is refused.
     ``baseline_mean[kind]``, ``baseline_std[kind]``: the score of Gaussian matrices of the same shapes
     (``n_draws`` draws, ``seed``). Computed on call (weights only, as TransformerLens: the scores are defined
     on the weight matrices, so soft-caps, sliding windows and q/k norms do not enter them; on post-norm models
@@ -134,6 +135,12 @@ def composition(ds: xr.Dataset, *, kinds: str | Sequence[str] = KINDS, n_draws: 
     n_l, n_h, d_model, d_head = w_q.shape
     flat = lambda x: x.reshape(n_l * n_h, *x.shape[2:])  # noqa: E731
     layers = np.asarray(ds.hs.layers)
+    if layers.size < 2:
+        held = f"only layer {int(layers[0])}" if layers.size else "no layer"
+        raise HeadstoreError(
+            f"composition needs at least two layers (a head composes with heads of later layers), but this store "
+            f"holds {held}: extract with --layers naming two or more layers (or all)"
+        )
     if np.any(np.diff(layers) <= 0):
         raise HeadstoreError(f"composition needs the store's layers in increasing order, got {layers.tolist()}")
     p_left = left_factor(flat(w_v), flat(w_o))  # (heads, d_head, d_model), heads in (layer, head) order

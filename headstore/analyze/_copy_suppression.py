@@ -3,14 +3,17 @@
 For head ``(L, h)`` and source position ``k``, ``result_pre_attn[b, k] = v[b, L, k, kv(h)] @ W_O[L, h]`` is
 what the head would write if it paid full attention to ``k``; its coefficient on the unembedding of
 the source token is ``coef[b, L, h, k] = result_pre_attn[b, k] . W_U[:, tokens[b, k]]``. Weighted by
-the attention that non-BOS queries pay to non-BOS keys and scaled by ``ln_final``:
+the attention that real non-BOS queries pay to real non-BOS keys and scaled by ``ln_final``:
 
 - ``per_position[b, L, h, k] = sum_q coef * a[b, L, h, q, k] / ln_final_scale[b, q]``
 - ``per_sequence[b, L, h] = sum_k per_position * sum_q a / sum_k sum_q a``
 - ``score[L, h] = mean_b per_sequence`` (negative: the head suppresses what it copies)
 
-where ``a = pattern * m`` and ``m[b, q, k] = 1`` when neither ``q`` nor ``k`` holds BOS. Every head
-in one lazy pass; the vocabulary is only ever touched through the columns ``W_U[:, tokens]``.
+where ``a = pattern * m`` and ``m[b, q, k] = 1`` when neither ``q`` nor ``k`` holds BOS or padding. Padding is
+what a right-padded store (own prompts, IOI) holds past each sequence's ``length`` column: ``m`` is 0 where
+``q >= length[b]`` or ``k >= length[b]`` (with causal attention only padded queries attend to padding), whatever the
+pad token is (SmolLM2's pad 2 is not its BOS 1); a store without ``length`` has none. Every head in one lazy pass;
+the vocabulary is only ever touched through the columns ``W_U[:, tokens]``.
 
 On post-norm models (Gemma-2, OLMo-2) a head writes through its layer's post-attention norm, frozen at the
 query: ``W_O`` becomes ``W_O * ln1_post_w`` and ``1 / ln_final_scale[b, q]`` gains a factor
@@ -31,6 +34,7 @@ from headstore.analyze._maths import (
     lead_axes,
     logits_kind,
     not_bos,
+    real_positions,
     require,
 )
 
@@ -61,8 +65,8 @@ def _block(
     ``v`` (b, l, kv_head, pos, d_head; query head ``h`` reads ``kv[h]``), ``pattern`` (b, l, head, q, k), as
     stored (float16 upcast here), ``w_o`` (l, head, d_head, d_model), ``tokens`` (b, pos) and ``w_u``
     (d_model, d_vocab) give ``u = W_U[:, tokens]`` (b, pos, d_model), ``keep`` / ``inv_scale`` (b, pos;
-    ``inv_scale`` (b, l, pos) on post-norm models): the module docstring's sums, with
-    ``coef[b, l, h, k] = (v[b, l, kv[h], k] @ W_O[l, h]) . u[b, k]``.
+    ``inv_scale`` (b, l, pos) on post-norm models; ``keep``: 1 at a real, non-BOS token): the module docstring's
+    sums, with ``coef[b, l, h, k] = (v[b, l, kv[h], k] @ W_O[l, h]) . u[b, k]``.
     """
     v, pattern = lead_axes(v, 3), lead_axes(pattern, 3)
     # the unembedding columns of this block's tokens, gathered here rather than as a dask input of their
@@ -90,7 +94,8 @@ def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datas
 
     ``per_position[b, L, h, k] = coef[b, L, h, k] * sum_q a[b, L, h, q, k] / ln_final_scale[b, q]``,
     ``per_sequence[b, L, h] = sum_k per_position * attn / sum_k attn`` with ``attn = sum_q a``,
-    ``score[L, h] = mean_b per_sequence``; ``coef[b, L, h, k] = (v @ W_O[L, h]) . W_U[:, tokens[b, k]]``.
+    ``score[L, h] = mean_b per_sequence``; ``coef[b, L, h, k] = (v @ W_O[L, h]) . W_U[:, tokens[b, k]]``;
+    ``a = pattern`` where neither ``q`` nor ``k`` is BOS or padding (``>= length[b]``), else 0.
     """
     require(ds, REQUIRES, "copy-suppression")
     w_write, inv_post = head_writes(ds, "copy-suppression")
@@ -112,7 +117,7 @@ def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datas
         block(w_write),
         block(ds["tokens"]),
         f32(ds["W_U"]).transpose("d_model", "d_vocab"),  # one chunk, handed to every block as it is
-        block(not_bos(ds)),
+        block(not_bos(ds) * real_positions(ds).astype(np.float32)),  # real, non-BOS tokens
         block(inv_scale),
         kwargs={"kv": kv_index(ds).values, "only_negative": only_negative},
         input_core_dims=[

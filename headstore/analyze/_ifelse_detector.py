@@ -129,7 +129,7 @@ def ifelse_detector(ds: xr.Dataset, *, effect_token: int | str = " else", max_to
         },
         coords={
             "detector": list(DETECTORS),
-            "layer": ds["layer"].values,
+            **{c: ds[c].values for c in ("layer", "head", "batch") if c in ds.coords},  # labels of a subset kept
             "group": groups,
             "split": ("batch", split),
             "subset": ("batch", subset),

@@ -5,7 +5,8 @@
 ``generate_data_and_caches`` does. Positions (``io``, ``s1``, ``end``) and tokens (``io_token``,
 ``s_token``) default to the store's columns ``io_pos, s1_pos, end_pos, io_token, s_token`` (written by
 ``--data ioi`` and by a researcher's own JSONL/CSV with those columns); pass ints or one per sequence
-to use any other store::
+to use any other store; ``io`` and ``s1`` must not come after ``end`` in any sequence (the end token's
+attention cannot reach a later token: refused)::
 
     logit_diff[b]        = logits[b, end, io_token] - logits[b, end, s_token]     (from resid_final)
     attn_diff[L, h, b]   = pattern[b, L, h, end, io] - pattern[b, L, h, end, s1]
@@ -43,13 +44,16 @@ def _where(
     io_token: _args.TokenIds | None,
     s_token: _args.TokenIds | None,
 ) -> _Where:
-    return _Where(
+    where = _Where(
         io=_args.positions(ds, io, "io", column="io_pos"),
         s1=_args.positions(ds, s1, "s1", column="s1_pos"),
         end=_args.positions(ds, end, "end", column="end_pos"),
         io_token=_args.token_ids(ds, io_token, "io_token", column="io_token"),
         s_token=_args.token_ids(ds, s_token, "s_token", column="s_token"),
     )
+    _args.check_causal(ds, where.io, "io", where.end, "end")
+    _args.check_causal(ds, where.s1, "s1", where.end, "end")
+    return where
 
 
 def end_logit_diff(ds: xr.Dataset, where: _Where) -> xr.DataArray:

@@ -42,6 +42,16 @@ sequence. None (default): the store's ``end_pos`` column when it has one (IOI: t
 else the last real token, or with ``target="next"`` the last one that has a next token. A ``dest``
 with no next token under ``"next"`` is an error. On IOI stores the token after ``end_pos`` is padding,
 so ask for ``target=ds["io_token"]`` there.
+
+Output: ``contrib (layer, head, batch, key_pos)``, ``per_head`` (``sum_k contrib``), ``per_head_from_result``,
+``logit``, ``residual_other``, ``b_U_term``, ``reconstruction_error`` (batch), ``dest``, ``target``, ``key_token
+(batch, key_pos)`` and, when the store has its vocabulary, ``key_token_str (batch, key_pos)`` (each sequence's own
+tokens) and ``target_str (batch)``. ``attrs["target"]``, ``attrs["dest"]``: the value given when it is one
+integer (numpy integers included), else ``"per-sequence"`` (``"default"`` for ``dest=None``).
+
+Layers whose ``pattern`` was not stored (``extract --pattern-layers``) have NaN ``contrib`` and ``per_head``
+(never 0, which would read as "no effect"), and so NaN ``reconstruction_error``; ``per_head_from_result`` reads
+``result`` and stays finite there.
 """
 
 from __future__ import annotations
@@ -89,6 +99,10 @@ def _target(ds: xr.Dataset, target: object, dest: xr.DataArray) -> xr.DataArray:
     return xr.DataArray(toks[np.arange(toks.shape[0]), after].astype(np.int64), dims="batch")
 
 
+def _or_per_sequence(value: int | None) -> int | str:
+    return "per-sequence" if value is None else value
+
+
 def logit_attribution(
     ds: xr.Dataset,
     *,
@@ -104,7 +118,7 @@ def logit_attribution(
     u_c = logit_direction(ds, tgt_da)
     inv = 1.0 / f32(ds["ln_final_scale"]).isel(pos=dest_da)  # (batch,)
     contrib = source_contributions(ds, dest_da, tgt_da)
-    per = contrib.sum("key_pos")
+    per = contrib.sum("key_pos", skipna=False)  # NaN where the pattern was not stored (--pattern-layers), never 0
 
     bvo = xr.dot(f32(per_head(ds["b_V"], ds)), f32(ds["W_O"]), dim="d_head")  # (layer, head, d_model)
     res_dest = f32(ds["result"]).isel(pos=dest_da) - bvo  # (batch, layer, head, d_model)
@@ -117,7 +131,7 @@ def logit_attribution(
     b_U = f32(ds["b_U"]).isel(d_vocab=tgt_da)
     logit = xr.dot(normalize_final(resid, scale, ds.hs.config), u, dim="d_model") + b_U
     other = xr.dot(resid - res_dest.sum(["layer", "head"]), u_c, dim="d_model") * inv
-    recon = logit - (per.sum(["layer", "head"]) + other + b_U)
+    recon = logit - (per.sum(["layer", "head"], skipna=False) + other + b_U)
 
     b_V_zero = bool((np.asarray(ds["b_V"].values) == 0).all())
     out = xr.Dataset(
@@ -137,14 +151,15 @@ def logit_attribution(
     )
     out = out.drop_vars([c for c in ("d_vocab", "pos", "query_pos") if c in out.coords])
     if "vocab" in ds:
-        vocab = ds.hs.vocab
-        out["key_token_str"] = xr.DataArray(vocab[np.asarray(ds["tokens"].isel(batch=0).values)], dims="key_pos")
+        vocab = ds.hs.vocab.astype(object)  # references to the vocabulary's strings, not a fixed-width copy each
+        tokens = ds["tokens"].transpose("batch", "pos")
+        out["key_token_str"] = xr.DataArray(vocab[np.asarray(tokens.values)], dims=("batch", "key_pos"))
         out["target_str"] = xr.DataArray(vocab[tgt_da.values], dims="batch")
     out.attrs.update(
         {
             "analyzer": "logit-attribution",
-            "target": target if isinstance(target, str | int) else "per-sequence",
-            "dest": "default" if dest is None else dest if isinstance(dest, int) else "per-sequence",
+            "target": target if isinstance(target, str) else _or_per_sequence(_args.scalar(target)),
+            "dest": "default" if dest is None else _or_per_sequence(_args.scalar(dest)),
             "b_V_folded": int(b_V_zero),
             "logits": logits_kind(ds),
         }

@@ -17,13 +17,24 @@ from headstore.store_schema.accessor import final_logits as final_logits
 from headstore.store_schema.accessor import normalize_final as normalize_final
 from headstore.store_schema.accessor import softcap as softcap
 from headstore.store_schema.layout import FIELDS
+from headstore.store_schema.selection import check_all_heads
+from headstore.store_schema.selection import sequence_lengths as sequence_lengths
 
 # The extract option that stores each variable (for error messages).
 EXTRACT_OPTION = {name: f"--fields default,{name}" for name in FIELDS}
 
 
 def require(ds: xr.Dataset, names: Iterable[str], analyzer: str) -> None:
-    """Refuse, naming the ``extract`` option that stores what is missing."""
+    """Refuse a Dataset without its ``layer`` dim (``ds.sel(layer=1)`` drops it; every analyzer works per
+    layer), one holding part of the model's heads (``ds.isel(head=...)``: ``check_all_heads``), then one lacking
+    ``names``, naming the ``extract`` option that stores what is missing."""
+    if "layer" not in ds.dims:
+        one = ds.coords["layer"].values if "layer" in ds.coords else None
+        keep = f"ds.sel(layer=[{int(one)}])" if one is not None and one.ndim == 0 else "ds.sel(layer=[L])"
+        raise HeadstoreError(
+            f"{analyzer}: ds has no layer dimension (selecting one layer drops it): keep it with {keep}"
+        )
+    check_all_heads(ds, analyzer)
     missing = [n for n in names if n not in ds]
     if missing:
         hint = "; ".join(f"{n}: extract with {EXTRACT_OPTION.get(n, 'a newer headstore')}" for n in missing)
@@ -127,8 +138,13 @@ def head_writes(ds: xr.Dataset, analyzer: str) -> tuple[xr.DataArray, xr.DataArr
 
 
 def next_tokens(ds: xr.Dataset) -> xr.DataArray:
-    """(batch, pos) token at pos+1; -1 at the last position."""
-    return ds["tokens"].shift(pos=-1, fill_value=-1).astype(np.int64)
+    """(batch, pos) token at pos+1; -1 where there is none: at the last position and, on a right-padded store
+    (one with a ``length`` column), wherever ``pos + 1 >= length[b]`` (the next token is padding)."""
+    nxt = ds["tokens"].shift(pos=-1, fill_value=-1).astype(np.int64)
+    if "length" not in ds:
+        return nxt
+    has_next = xr.DataArray(np.arange(1, ds.sizes["pos"] + 1), dims="pos") < sequence_lengths(ds)
+    return nxt.where(has_next, -1).transpose(*nxt.dims)
 
 
 def causal_softmax(scores: xr.DataArray, valid: xr.DataArray, dim: str) -> xr.DataArray:
@@ -279,11 +295,10 @@ def not_bos(ds: xr.Dataset) -> xr.DataArray:
     return (tokens != bos).astype(np.float32)
 
 
-def sequence_lengths(ds: xr.Dataset) -> xr.DataArray:
-    """(batch,) real tokens per sequence: the ``length`` column, else ``pos`` for every sequence."""
-    if "length" in ds:
-        return ds["length"].astype(np.int64)
-    return xr.DataArray(np.full(ds.sizes["batch"], ds.sizes["pos"], np.int64), dims="batch")
+def real_positions(ds: xr.Dataset) -> xr.DataArray:
+    """(batch, pos) bool: True where the position holds a real token, ``pos < length[b]`` (right-padded stores:
+    own prompts, IOI); True everywhere on a store without a ``length`` column."""
+    return (xr.DataArray(np.arange(ds.sizes["pos"]), dims="pos") < sequence_lengths(ds)).transpose("batch", "pos")
 
 
 def strings(ds: xr.Dataset, name: str) -> np.ndarray:

@@ -20,8 +20,9 @@ OLMo-2) a layer adds ``post(S) = g * S / sqrt(mean(S^2) + eps)`` of its heads' s
 norm recomputed on the patched sum as ln1's is.
 
 Only the end position's query is computed. Positions ``io``, ``s1``, ``end`` are ints or one per
-sequence, and default to the clean store's ``io_pos``, ``s1_pos``, ``end_pos`` columns. Senders must sit in layers before the receiver's:
-their direct path is the only one patched, so later-layer senders would not reach its query.
+sequence, and default to the clean store's ``io_pos``, ``s1_pos``, ``end_pos`` columns; ``io`` and ``s1`` after
+``end`` in some sequence are refused (the end query cannot attend to them). Senders must sit in layers before
+the receiver's: their direct path is the only one patched, so later-layer senders would not reach its query.
 Swap the two stores for the other direction.
 """
 
@@ -127,6 +128,8 @@ def path_patch_query(
     ``senders``: a list of ``(layer, head)`` before the receiver's layer (``[]`` for none, ``"all"`` for every
     head of the earlier layers); ``receiver``: one ``(layer, head)``.
     """
+    require(clean, _needs(clean), NAME)
+    require(corrupt, ("result",), NAME)
     l_r, h_r = _args.head(clean, receiver, "receiver")
     if isinstance(senders, str) and senders == "all":
         snd = [(L, h) for L, h in clean.hs.heads if L < l_r]
@@ -138,14 +141,14 @@ def path_patch_query(
             f"senders must be (layer, head) pairs before layer {l_r} (the receiver's): {late} are not, "
             "and only earlier layers' heads reach its query"
         )
-    require(clean, _needs(clean), NAME)
-    require(corrupt, ("result",), NAME)
     _args.check_aligned(clean, corrupt, NAME, ("io_pos", "s1_pos", "end_pos"))
     if clean.hs.config.positional_embedding_type == "rotary" and "rotary_cos" not in clean:
         raise HeadstoreError(f"{NAME}: this rotary model's store lacks rotary_cos/rotary_sin: re-extract it")
     end_da = _args.positions(clean, end, "end", column="end_pos")
     io_da = _args.positions(clean, io, "io", column="io_pos")
     s1_da = _args.positions(clean, s1, "s1", column="s1_pos")
+    _args.check_causal(clean, io_da, "io", end_da, "end")
+    _args.check_causal(clean, s1_da, "s1", end_da, "end")
 
     resid = f32(clean["resid_pre"].sel(layer=l_r).isel(pos=end_da))  # (batch, d_model)
     patched_resid = resid

@@ -12,8 +12,13 @@ change by
 - ``perpendicular``: ``ablation - project = (-result_new / scale) @ W_U`` (keep only the rest)
 - ``ablation``: ``(-result_orig / scale) @ W_U`` (remove the head)
 
-and ``loss`` is the next-token cross-entropy of the changed logits. The vocabulary-sized work is done
-blockwise (one batch chunk x one layer at a time); only per-token losses leave a block.
+and ``loss`` is the next-token cross-entropy of the changed logits; ``loss_original`` is that of the clean logits,
+recomputed from ``resid_final``; ``mean_increase = mean_{b, q} (loss - loss_original)`` over every real prediction
+pooled (the seed's mean over batch and positions). Only real next-token predictions count: ``loss`` and
+``loss_original`` are NaN where there is no real next token (``_maths.next_tokens``): at the last position and, on a
+right-padded store (own prompts, IOI), wherever ``q + 1 >= length[b]``, so padded positions never enter the mean.
+The vocabulary-sized work is done blockwise (one batch chunk x one layer at a time); only per-token losses leave a
+block.
 
 The model's own non-linearities: under a final soft-cap (Gemma-2) the changes apply to the pre-cap logits and
 the loss is taken on ``c * tanh(logits / c)``, the model's logits; on post-norm models (Gemma-2, OLMo-2) a head
@@ -144,7 +149,11 @@ def _block_losses_1(
 
 
 def projection_loss(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Dataset:
-    """Per-token loss after keeping only the projection / only the perpendicular part / nothing, per head."""
+    """Per-token loss after keeping only the projection / only the perpendicular part / nothing, per head.
+
+    ``loss`` (layer, head, mode, batch, pos) and ``loss_original`` (batch, pos) are NaN where ``q`` has no real next
+    token (the last position, and ``q + 1 >= length[b]`` on a padded store); ``mean_increase`` (layer, head, mode)
+    averages ``loss - loss_original`` over the others."""
     require(ds, REQUIRES, "projection-loss")
     cap = ds.hs.config.final_logit_softcap
     clean = logits(ds, capped=False).astype(np.float32)  # batch, pos, d_vocab (lazy, chunked along batch)
@@ -195,7 +204,7 @@ def projection_loss(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datase
     )
     loss = loss.assign_coords(mode=list(MODES)).transpose("layer", "head", "mode", "batch", "pos")
     loss_original = loss_original.transpose("batch", "pos")
-    mean_increase = (loss - loss_original).mean(["batch", "pos"])  # skips the last position (NaN)
+    mean_increase = (loss - loss_original).mean(["batch", "pos"])  # skips the NaN: no real next token
     out = xr.Dataset(
         {"mean_increase": mean_increase.transpose("layer", "head", "mode"), "loss": loss, "loss_original": loss_original}
     )

@@ -131,7 +131,7 @@ def logit_attribution_plot(res: xr.Dataset, folder: Path) -> list[Path]:
     mat = c0.values.astype(float)
     rows = [f"{int(L)}.{int(h)}" for L, h in zip(c0["layer"].values, c0["head"].values)]
     if "key_token_str" in res:
-        cols = [f"{i}:{s!r}" for i, s in enumerate(res["key_token_str"].values.tolist())]
+        cols = [f"{i}:{s!r}" for i, s in enumerate(res["key_token_str"].isel(batch=0).values.tolist())]
     else:
         cols = [str(i) for i in range(mat.shape[1])]
     dest = int(res["dest"].values[0])
@@ -309,8 +309,9 @@ def ifelse_summary(res: xr.Dataset) -> pd.DataFrame:
 def ifelse_plot(res: xr.Dataset, folder: Path) -> list[Path]:
     """Score histograms per split (trusted train / trusted test / anomalous test) for each detector."""
     dets = [str(d) for d in res["detector"].values]
-    split = np.asarray(res["split"].values).astype(str)
-    subset = np.asarray(res["subset"].values).astype(str)
+    # read back from result.zarr these are numpy StringDType, which .astype(str) refuses
+    split = np.array(res["split"].values.tolist(), dtype=str)
+    subset = np.array(res["subset"].values.tolist(), dtype=str)
     groups = {
         "trusted train": (split == "trusted") & (subset == "train"),
         "trusted test": (split == "trusted") & (subset == "test"),

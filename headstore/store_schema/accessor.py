@@ -6,7 +6,7 @@ Registered with :func:`xarray.register_dataset_accessor` when ``headstore`` is i
     ds.hs.config.n_heads          # typed ModelConfig
     ds.hs.str_tokens(0)           # ['<|endoftext|>', 'Then', ',', ' Mary', ...]
     ds.hs.token_id(" Mary")       # exactly one token of the vocabulary, or an error
-    ds.hs.logits(batch=0, pos=-1) # (d_vocab,) recomputed from resid_final
+    ds.hs.logits(batch=0, pos=-1) # (d_vocab,) recomputed from resid_final, at sequence 0's last real token
 
 It works on any Dataset that carries the store's attrs (``ds.isel(batch=...)`` keeps them).
 """
@@ -23,6 +23,7 @@ import xarray as xr
 from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.layout import ATTRS_KEY
 from headstore.store_schema.provenance import ModelConfig, Provenance
+from headstore.store_schema.selection import positions, scalar
 
 
 def normalize_final(resid: xr.DataArray, scale: xr.DataArray, config: ModelConfig) -> xr.DataArray:
@@ -83,7 +84,8 @@ class HeadstoreAccessor:
     @property
     def heads(self) -> list[tuple[int, int]]:
         """Every ``(layer, head)`` the store holds, in store order."""
-        return [(L, h) for L in self.layers for h in range(self.config.n_heads)]
+        heads = self._ds["head"].values if "head" in self._ds.coords else range(self.config.n_heads)
+        return [(L, int(h)) for L in self.layers for h in np.atleast_1d(heads)]
 
     def kv_head(self, head: int) -> int:
         """The kv head that query head ``head`` reads: ``head // (n_heads // n_key_value_heads)``."""
@@ -132,8 +134,27 @@ class HeadstoreAccessor:
 
         They equal the model's logits up to one constant per position (``center_unembed`` centres ``W_U`` over
         the vocabulary; probabilities are unchanged), and exactly on soft-capped models, whose unembedding is
-        not centred. ``batch`` and ``pos`` select as ``isel`` does (an int, a slice, an array); None keeps all.
+        not centred.
+
+        ``batch`` picks sequences by index, as ``isel`` does (an int, a slice, a list); None keeps all.
+        ``pos`` follows the analyzers' position rules (``headstore.store_schema.selection``): None keeps every
+        position (dims ``batch, pos, d_vocab``); an int is that position in every chosen sequence, negative
+        counting back from the end of each sequence's real tokens (``-1``: the last real token, not the last
+        padded slot); one int per chosen sequence (a list, an array, a DataArray along ``batch`` such as
+        ``ds["end_pos"]``, matched by ``batch`` label) is pointwise. With ``pos`` the dims are
+        ``batch, d_vocab``, and ``d_vocab`` alone when ``batch`` is an int.
         """
-        sel = {k: v for k, v in (("batch", batch), ("pos", pos)) if v is not None}
-        resid = self._ds["resid_final"].isel(sel)
-        return final_logits(self._ds, resid, self._ds["ln_final_scale"].isel(sel), capped=capped)
+        ds, one = self._ds, scalar(batch)
+        if one is not None:
+            n = ds.sizes["batch"]
+            if not -n <= one < n:
+                raise HeadstoreError(f"batch {one} is out of range: the store has {n} sequences")
+            ds = ds.isel(batch=[one])
+        elif batch is not None:
+            ds = ds.isel(batch=batch)
+        resid, scale = ds["resid_final"], ds["ln_final_scale"]
+        if pos is not None:
+            at = positions(ds, pos, "pos")
+            resid, scale = resid.isel(pos=at), scale.isel(pos=at)
+        out = final_logits(self._ds, resid, scale, capped=capped)
+        return out.isel(batch=0) if one is not None else out

@@ -248,13 +248,28 @@ class Provenance:
                 )
 
     def check_same_model(self, other: Provenance) -> None:
-        """Refuse pairing stores (e.g. IOI/ABC) of different models or processing."""
-        for key in ("model.name", "model.weights_sha256", "model.processing", "layers", "seq_len"):
-            a, b = self.identity()[key], other.identity()[key]
-            if a != b:
+        """Refuse pairing stores (e.g. IOI/ABC) of different models, processing or layers, or of prompt sets of
+        different shapes, naming the first difference with a hint that fits it. The weights hash covers the
+        extracted layers' weights, so it is compared after what changes it (model, processing, dtype, layers):
+        a hash difference alone means other weights under the same name."""
+        mine, theirs = self.identity(), other.identity()
+        for key, hint in PAIRING_HINTS.items():
+            if mine[key] != theirs[key]:
                 raise HeadstoreError(
-                    f"the two stores differ in {key} ({_short(a)} vs {_short(b)}): pair stores of the same model"
+                    f"the two stores differ in {key} ({_short(mine[key])} vs {_short(theirs[key])}): {hint}"
                 )
+
+
+# What check_same_model compares, in order, and what to do about each difference.
+PAIRING_HINTS = {
+    "model.name": "pair stores of the same model",
+    "model.processing": "extract both with the same headstore version (the model's weight processing differs)",
+    "model.dtype": "extract both with the same --model-dtype",
+    "layers": "extract both with the same --layers",
+    "model.weights_sha256": "same model name and layers but other weights: pair stores of the same checkpoint",
+    "seq_len": "the prompt sets differ in length: pair stores made from prompt sets of the same shape "
+    "(e.g. --data ioi and ioi-abc with the same --seed, --n-seq and --seq-len)",
+}
 
 
 def _pattern_layers(value: Any, layers: tuple[int, ...], fields: tuple[str, ...]) -> tuple[int, ...] | None:

@@ -67,12 +67,14 @@ def open_store(
 ) -> xr.Dataset:
     """Open a store lazily (dask-backed), read-only.
 
-    Checks the schema; adds the ``layer`` coordinate, the derived ``result = z @ W_O`` when
-    ``result`` was not materialised, and the derived ``pattern = softmax(q . k / sqrt(d_head))``
-    (causal) when ``pattern`` was not stored but ``q`` and ``k`` were (``--fields compact``). With
-    ``--pattern-layers``, the layers whose pattern was not stored read as NaN, or are derived the same
-    way when ``q`` and ``k`` were stored (the whole ``pattern`` is then float32). An incomplete store
-    is refused unless ``partial=True``, which keeps only the completed sequences.
+    Checks the schema; adds the coordinates ``batch`` (each sequence's number in the store, which
+    ``partial=True`` and any ``isel`` keep), ``layer`` (model layer numbers) and ``head``; the derived
+    ``result = z @ W_O`` when ``result`` was not materialised, and the derived ``pattern =
+    softmax(q . k / sqrt(d_head))`` (causal) when ``pattern`` was not stored but ``q`` and ``k`` were
+    (``--fields compact``). With ``--pattern-layers``, the layers whose pattern was not stored read as
+    NaN, or are derived the same way when ``q`` and ``k`` were stored (the whole ``pattern`` is then
+    float32). An incomplete store is refused unless ``partial=True``, which keeps only the completed
+    sequences (their ``batch`` labels say which).
     """
     prov = read_provenance(path, storage_options)
     if prov.layout == "sharded" and str(path).startswith(("http://", "https://")):
@@ -91,7 +93,7 @@ def open_store(
         wds = open_weights(str(path), prov.weights_store, storage_options)
         for name in wds.data_vars:
             ds[name] = wds[name]
-    ds = ds.assign_coords(layer=("layer", np.asarray(prov.layers, dtype=np.int64)))
+    ds = ds.assign_coords(_coordinates(ds, prov))
     if "result" not in ds and "z" in ds and "W_O" in ds:
         ds["result"] = derived_result(ds["z"], ds["W_O"])
     if "pattern" not in ds and "q" in ds and "k" in ds:
@@ -107,6 +109,17 @@ def open_store(
         ds = ds.isel(batch=np.flatnonzero(done))
     ds.attrs[ATTRS_KEY] = prov.to_dict()
     return ds
+
+
+def _coordinates(ds: xr.Dataset, prov: Provenance) -> dict[str, tuple[str, np.ndarray]]:
+    """Labels that survive ``isel``: ``batch`` the sequence's number in the store (so a partial store or a
+    subset says which sequences it holds), ``layer`` the model's layer numbers, ``head`` the query heads."""
+    coords = {
+        "batch": ("batch", np.arange(ds.sizes["batch"], dtype=np.int64)),
+        "layer": ("layer", np.asarray(prov.layers, dtype=np.int64)),
+        "head": ("head", np.arange(prov.model_config.n_heads, dtype=np.int64)),
+    }
+    return {name: c for name, c in coords.items() if name in ds.dims}
 
 
 def _check_range_requests(url: str, storage_options: dict[str, Any] | None) -> None:
