@@ -7,10 +7,11 @@ jobs), and the kernel's part of the CPU seconds (page-cache writes, page faults)
 alone (forward passes with overlapped writes), which is what a long extraction spends its time on;
 ``set-up`` (model load, weights, ``W_EE``, store creation) is paid once per store and is reported on its own.
 
-    python bench/extract_overhead.py [--quick] [--device cuda] [--model tiny-gpt2] [--threads 1]
+    python bench/extract_overhead.py [--quick] [--device cuda] [--model tiny-gpt2] [--threads 1] [--n-seq 192]
 
 ``--threads N`` runs torch on N threads (both sides), leaving the other cores to the background writer: on this
 2-core box ``--threads 1`` shows what a spare core does, as any GPU box has one. It writes its own section, (b2).
+``--n-seq N`` (default 48, 6 batches) times a longer run, closer to a long job's steady state, in section (b3).
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--n-seq", type=int, default=0, help="sequences (0: 48, or 16 with --quick)")
     args = ap.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    n_seq = 16 if args.quick else 48
+    n_seq = args.n_seq or (16 if args.quick else 48)
     seq_len, bs = 128, 8
 
     from headstore.extract import ExtractRequest, extract
@@ -106,8 +108,10 @@ def main() -> None:
     cmd += "" if args.device == "cpu" else f" --device {args.device}"
     cmd += "" if args.model == "smollm2-135m" else f" --model {args.model}"
     cmd += f" --threads {args.threads}" if args.threads else ""
+    cmd += f" --n-seq {args.n_seq}" if args.n_seq else ""
     spare = f", torch on {args.threads} of {os.cpu_count()} cores (the rest left to the writer)" if args.threads else ""
     title = "(b2) Extraction overhead with a spare core" if args.threads else "(b) Extraction overhead"
+    title = f"(b3) Extraction overhead over a longer run ({n_seq} sequences)" if args.n_seq else title
     body = f"""## {title}
 
 Command: `{cmd}` — machine: {C.machine()}.
@@ -134,7 +138,8 @@ Goal fill throughput ≥ {goal} x plain-forward throughput: float32 storage {met
   {", ".join(f"{x:.2f}" for x in fill["float32"]["wall"])}; fill float16
   {", ".join(f"{x:.2f}" for x in fill["float16"]["wall"])}.
 """
-    C.write_section("extract_overhead" + (f"_threads{args.threads}" if args.threads else ""), body)
+    key = "extract_overhead" + (f"_threads{args.threads}" if args.threads else "")
+    C.write_section(key + (f"_nseq{args.n_seq}" if args.n_seq else ""), body)
 
 
 if __name__ == "__main__":
