@@ -33,15 +33,11 @@ Positions: TypeAlias = int | Sequence[int] | np.ndarray | xr.DataArray
 TokenIds: TypeAlias = int | Sequence[int] | np.ndarray | xr.DataArray
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int | np.integer) and not isinstance(x, bool)
-
-
 def _is_pair(value: Any) -> bool:
     """A ``(layer, head)``: a 2-tuple or list of ints, or a 2-element integer numpy array."""
     if isinstance(value, np.ndarray):
         return value.shape == (2,) and value.dtype.kind in "iu"
-    return isinstance(value, tuple | list) and len(value) == 2 and all(_is_int(x) for x in value)
+    return isinstance(value, tuple | list) and len(value) == 2 and all(selection.is_int(x) for x in value)
 
 
 def head(ds: xr.Dataset, value: Any, what: str) -> Head:
@@ -128,7 +124,7 @@ def check_causal(ds: xr.Dataset, key: xr.DataArray, key_name: str, query: xr.Dat
     bad = np.flatnonzero(np.asarray(key.values) > np.asarray(query.values))
     if bad.size:
         i = int(bad[0])
-        label = int(ds["batch"].values[i]) if "batch" in ds.coords else i
+        label = int(selection.labels(ds)[i])
         more = f" ({bad.size} sequences in all)" if bad.size > 1 else ""
         raise HeadstoreError(
             f"{key_name} ({int(key.values[i])}) is after {query_name} ({int(query.values[i])}) in sequence {label}: "

@@ -143,7 +143,7 @@ def next_tokens(ds: xr.Dataset) -> xr.DataArray:
     nxt = ds["tokens"].shift(pos=-1, fill_value=-1).astype(np.int64)
     if "length" not in ds:
         return nxt
-    has_next = xr.DataArray(np.arange(1, ds.sizes["pos"] + 1), dims="pos") < sequence_lengths(ds)
+    has_next = real_positions(ds).shift(pos=-1, fill_value=False)  # the token at pos + 1 is real
     return nxt.where(has_next, -1).transpose(*nxt.dims)
 
 

@@ -48,7 +48,7 @@ def lengths(ds: xr.Dataset) -> np.ndarray:
     return np.asarray(sequence_lengths(ds).values, dtype=np.int64)
 
 
-def _labels(ds: xr.Dataset) -> np.ndarray:
+def labels(ds: xr.Dataset) -> np.ndarray:
     """The ``batch`` labels (original sequence numbers), or 0..n-1 where the Dataset has no such coordinate."""
     return np.asarray(ds["batch"].values) if "batch" in ds.coords else np.arange(ds.sizes["batch"])
 
@@ -104,7 +104,7 @@ def positions(ds: xr.Dataset, value: Any, what: str) -> xr.DataArray:
     if bad.size:
         i = int(bad[0])
         raise HeadstoreError(
-            f"{what} is outside sequence {int(_labels(ds)[i])}: position {int(pos[i])} of its {int(length[i])} "
+            f"{what} is outside sequence {int(labels(ds)[i])}: position {int(pos[i])} of its {int(length[i])} "
             f"tokens ({bad.size} sequence(s) out of range)"
         )
     return xr.DataArray(pos, dims="batch")
@@ -133,7 +133,7 @@ def check_all_heads(ds: xr.Dataset, analyzer: str) -> None:
 def check_same_sequences(a: xr.Dataset, b: xr.Dataset, analyzer: str) -> None:
     """Refuse pairing two Datasets that hold different sequences by ``batch`` label, where either is a part of
     its store (``partial=True`` or a selection); two whole stores of different sizes are left to the size check."""
-    la, lb = _labels(a), _labels(b)
+    la, lb = labels(a), labels(b)
     if np.array_equal(la, lb) or (np.array_equal(la, np.arange(la.size)) and np.array_equal(lb, np.arange(lb.size))):
         return
     raise HeadstoreError(
