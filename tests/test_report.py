@@ -23,8 +23,8 @@ import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
-from headstore.cli.attention_viewer import display_token, sequence_length, token_strings
-from headstore.cli.embed import plotly_figures_in_html
+from headstore.cli.attention_viewer import attention_viewer, display_token, sequence_length, token_strings
+from headstore.cli.embed import _Figures, plotly_figures_in_html
 from headstore.cli.parse import parse_heads, parse_sequences
 from headstore.cli.registry import analyzers
 from headstore.cli.report import render_report, write_report
@@ -243,6 +243,21 @@ def test_selection_parsing(ioi_store: Path) -> None:
     with pytest.raises(HeadstoreError, match=r"LAYER\.HEAD"):
         parse_heads("1", ds)
     assert display_token(" Mary") == "␣Mary" and display_token("\n") == "\\n" and display_token("") == "∅"
+
+
+def test_viewer_names_sequences_by_their_store_number(ioi_store: Path) -> None:
+    """On a subset (or a partial store) row 0 is not sequence 0: titles carry the ``batch`` label, and the
+    heatmap is that sequence's pattern."""
+    ds = open_store(ioi_store)
+    sub = ds.isel(batch=[5, 2])
+    page = attention_viewer(sub, "store", "1", "1.2", [], _Figures())
+    assert "store: sequence 2 (row 1)" in page and "sequence 5" not in page
+    n = sequence_length(ds, 2)
+    want = np.asarray(ds["pattern"].sel(layer=1).isel(batch=2, head=2).values)[:n, :n]
+    z = json.loads(re.search(r'"z":(\[\[.*?\]\])', page).group(1))  # type: ignore[union-attr]
+    np.testing.assert_allclose(np.array(z, dtype=float), want, atol=1e-5)
+    whole = attention_viewer(ds, "store", "2", "1.2", [], _Figures())
+    assert "store: sequence 2 " in whole and "(row" not in whole
 
 
 def test_bad_selection_fails_before_analyzers(ioi_store: Path, tmp_path: Path) -> None:

@@ -34,6 +34,15 @@ def sequence_length(ds: xr.Dataset, b: int) -> int:
     return n
 
 
+def sequence_name(ds: xr.Dataset, b: int) -> str:
+    """Row ``b``'s sequence as the store numbers it (its ``batch`` label): on a partial store or a subset the
+    rows skip the sequences not there, so row 0 may be sequence 8; ``"8 (row 0)"`` then."""
+    if "batch" not in ds.coords:
+        return str(b)
+    label = int(ds["batch"].values[b])
+    return str(b) if label == b else f"{label} (row {b})"
+
+
 def token_strings(ds: xr.Dataset, b: int, n: int) -> list[str]:
     ids = np.asarray(ds["tokens"].isel(batch=b, pos=slice(0, n)).values).astype(np.int64)
     if "vocab" in ds:
@@ -109,12 +118,13 @@ def attention_viewer(
         return "<p class='hs-note'>This store has no <code>pattern</code>: no attention viewer.</p>"
     seqs = parse_sequences(sequences, int(ds.sizes["batch"]))
     chosen = parse_heads(heads, ds) or default_heads(ds, outcomes)
+    names = {b: sequence_name(ds, b) for b in seqs}
     parts = [
-        f"<p class='hs-note'>Sequences {', '.join(map(str, seqs))}; heads "
+        f"<p class='hs-note'>Sequences {', '.join(names.values())}; heads "
         f"{', '.join(f'{L}.{h}' for L, h in chosen)} (pick with <code>--sequences</code> / <code>--heads</code>). "
         "Rows are queries, columns keys; choose the head from the dropdown.</p>"
     ]
     for b in seqs:
-        data, layout = attention_figure(ds, b, chosen, f"{label}: sequence {b}")
+        data, layout = attention_figure(ds, b, chosen, f"{label}: sequence {names[b]}")
         parts.append(f'<div class="hs-figure">{figs.div(data, layout)}</div>')
     return "\n".join(parts)
