@@ -372,25 +372,25 @@ def test_dry_run_plan_matches_the_store_written(kw: dict[str, object], tmp_path:
 
 
 @pytest.fixture()
-def small_disk(tmp_path: Path) -> Iterator[Path]:
+def small_disk(tmpfs: Callable[[str], Path]) -> Path:
     """A 3 MB tmpfs mounted for the test (skipped where mounting is not allowed)."""
-    import subprocess
-
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:100]}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    return tmpfs("3m")
 
 
-def test_full_disk_refused_up_front_then_mid_run_then_resumes(small_disk: Path, make_store: Callable[..., Path]) -> None:
+@pytest.mark.parametrize("direct_min", [None, 1], ids=["zarr_writes", "o_direct_writes"])
+def test_full_disk_refused_up_front_then_mid_run_then_resumes(
+    small_disk: Path, make_store: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, direct_min: int | None
+) -> None:
     import shutil as sh
 
+    import headstore.store_schema.direct as direct
     from headstore.extract import ExtractRequest, extract
+
+    direct_bytes: list[int] = []
+    if direct_min is not None:  # every file past the page cache (this store's are all under 1 MiB)
+        monkeypatch.setattr(direct, "DIRECT_MIN_BYTES", direct_min)
+        real = direct._write_direct
+        monkeypatch.setattr(direct, "_write_direct", lambda tmp, data: direct_bytes.append(real(tmp, data)) or direct_bytes[-1])
 
     kw = {"model": "tiny-gpt2", "data": "ioi", "n_seq": 24, "batch_size": 4}
     out = small_disk / "s.zarr"
@@ -418,6 +418,7 @@ def test_full_disk_refused_up_front_then_mid_run_then_resumes(small_disk: Path, 
         f"error: disk full at {out} after {n_done} of 6 batches: free space and rerun the same command to resume"
     )
     assert 0 < n_done < 6 and done_mask(out).sum() == 4 * n_done
+    assert (sum(direct_bytes) > 0) == (direct_min is not None)  # test_direct.py fills a disk inside one
 
     filler.unlink()  # space freed: the same command resumes and finishes
     res = CliRunner().invoke(app, argv)

@@ -9,7 +9,8 @@ writes again; without it the manifest could say done for data still in the page 
 The synced pages are then dropped from the page cache (``POSIX_FADV_DONTNEED``): an extraction streams
 gigabytes that nobody reads back soon, the way ``dd oflag=nocache`` does. The next batch's writes reuse
 the freed pages instead of growing the cache into fresh memory, which on a VM with free-page reporting
-costs the kernel ~3 ms of CPU per MB (docs/benchmarks.md, (b)).
+costs the kernel ~3 ms of CPU per MB (docs/benchmarks.md, (b)). The writer's large files skip the cache
+altogether (``direct.py``); this still syncs their folders and any tail written through the cache.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import zarr
 from zarr.core.sync import sync
 
 from headstore.store_schema.crash import _test_kill
+from headstore.store_schema.direct import DirectLocalStore
 from headstore.store_schema.durable import batch_files, make_durable
 from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.layout import ATTRS_KEY, MANIFEST
@@ -26,15 +27,16 @@ class StoreWriter:
     left of it (torn shards, ``*.partial`` temp files), so each file is written whole, once, from memory
     (zarr would otherwise read back and merge an existing shard). In a local store each field's files are made
     durable (fdatasync, folders fsync'ed) and dropped from the page cache before the batch is marked done
-    (``durable.py``).
+    (``durable.py``); files of 1 MiB or more are written past the page cache (``direct.py``).
     """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = str(path)
-        self.root = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        self.local = _is_local(self.path)  # local files are made durable before their batch is marked done
+        store = DirectLocalStore(self.path.removeprefix("file://")) if self.local else self.path
+        self.root = zarr.open_group(store, mode="r+", zarr_format=3)
         self.prov = Provenance.from_dict(self.root.attrs.get(ATTRS_KEY))
         self.partial_pattern = len(self.prov.stored_pattern_layers) < len(self.prov.layers)
-        self.local = _is_local(self.path)  # local files are made durable before their batch is marked done
         self.arrays: dict[str, zarr.Array] = {}
         for name in (*self.prov.fields, MANIFEST):
             arr = self.root[name]
