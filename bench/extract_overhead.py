@@ -8,10 +8,13 @@ alone (forward passes with overlapped writes), which is what a long extraction s
 ``set-up`` (model load, weights, ``W_EE``, store creation) is paid once per store and is reported on its own.
 
     python bench/extract_overhead.py [--quick] [--device cuda] [--model tiny-gpt2] [--threads 1] [--n-seq 192]
+                                     [--malloc default]
 
 ``--threads N`` runs torch on N threads (both sides), leaving the other cores to the background writer: on this
 2-core box ``--threads 1`` shows what a spare core does, as any GPU box has one. It writes its own section, (b2).
 ``--n-seq N`` (default 48, 6 batches) times a longer run, closer to a long job's steady state, in section (b3).
+Both sides run with glibc's malloc tuned as ``headstore extract`` runs it (the script starts itself again with
+``GLIBC_TUNABLES``); ``--malloc default`` keeps glibc's defaults and writes a section of its own.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
+from headstore.cli.malloc import DONE as TUNED
+from headstore.cli.malloc import restart_tuned
+
 DTYPES = ("float32", "float16")
 
 
@@ -38,7 +44,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--n-seq", type=int, default=0, help="sequences (0: 48, or 16 with --quick)")
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                    help="glibc malloc as `headstore extract` runs it (tuned, both sides) or glibc's defaults")  # fmt: skip
     args = ap.parse_args()
+    if args.malloc == "tuned":  # start again with GLIBC_TUNABLES set, as `headstore extract` does (cli/malloc.py)
+        restart_tuned([__file__, *sys.argv[1:]])
+    tuned = os.environ.get(TUNED) == "1"
     if args.threads:
         import torch
 
@@ -109,6 +120,9 @@ def main() -> None:
     cmd += "" if args.model == "smollm2-135m" else f" --model {args.model}"
     cmd += f" --threads {args.threads}" if args.threads else ""
     cmd += f" --n-seq {args.n_seq}" if args.n_seq else ""
+    cmd += " --malloc default" if args.malloc == "default" else ""
+    malloc = ("glibc malloc tuned as `headstore extract` runs it (one arena, no mapped blocks, no trimming: "
+              "`headstore/cli/malloc.py`), both sides" if tuned else "glibc malloc at its defaults")  # fmt: skip
     spare = f", torch on {args.threads} of {os.cpu_count()} cores (the rest left to the writer)" if args.threads else ""
     title = "(b2) Extraction overhead with a spare core" if args.threads else "(b) Extraction overhead"
     title = f"(b3) Extraction overhead over a longer run ({n_seq} sequences)" if args.n_seq else title
@@ -118,7 +132,7 @@ Command: `{cmd}` — machine: {C.machine()}.
 Model `{args.model}` on `{args.device}`{spare}, data `text` (stdlib docstrings), {n_seq} sequences x {seq_len} tokens
 = {n_tok} tokens, batch {bs}, default fields, float32 and float16 storage (bytes/token on disk below).
 Plain forward passes and extractions alternate, {args.repeat} rounds, medians; each extraction
-creates a fresh store (model load included in its set-up).
+creates a fresh store (model load included in its set-up); {malloc}.
 
 {C.table(["run", "wall seconds", "tokens/s", "tokens/s ÷ plain", "CPU seconds (all threads)",
           "of which kernel", "store B/token (weights included)"], rows)}
@@ -139,7 +153,8 @@ Goal fill throughput ≥ {goal} x plain-forward throughput: float32 storage {met
   {", ".join(f"{x:.2f}" for x in fill["float16"]["wall"])}.
 """
     key = "extract_overhead" + (f"_threads{args.threads}" if args.threads else "")
-    C.write_section(key + (f"_nseq{args.n_seq}" if args.n_seq else ""), body)
+    key += f"_nseq{args.n_seq}" if args.n_seq else ""
+    C.write_section(key + ("_mallocdefault" if args.malloc == "default" else ""), body)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from headstore.cli.malloc import restart_tuned
 from headstore.store_schema import HeadstoreError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Precomputed activation store for attention heads.")
@@ -266,6 +267,8 @@ def serve(
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["extract"]:  # a job process: glibc malloc settings for it (malloc.py)
+        restart_tuned(["-m", "headstore.cli", *sys.argv[1:]])
     try:  # typer >= 0.2x vendors click as typer._click
         from typer._click.exceptions import ClickException, NoArgsIsHelpError
     except ImportError:  # pragma: no cover
