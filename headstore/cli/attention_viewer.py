@@ -13,6 +13,7 @@ import xarray as xr
 from headstore.cli.analyzer_section import MAX_DEFAULT_HEADS, AnalyzerOutcome
 from headstore.cli.embed import _Figures
 from headstore.cli.parse import parse_heads, parse_sequences
+from headstore.store_schema import selection
 
 
 def display_token(s: str) -> str:
@@ -37,9 +38,7 @@ def sequence_length(ds: xr.Dataset, b: int) -> int:
 def sequence_name(ds: xr.Dataset, b: int) -> str:
     """Row ``b``'s sequence as the store numbers it (its ``batch`` label): on a partial store or a subset the
     rows skip the sequences not there, so row 0 may be sequence 8; ``"8 (row 0)"`` then."""
-    if "batch" not in ds.coords:
-        return str(b)
-    label = int(ds["batch"].values[b])
+    label = int(selection.labels(ds)[b])
     return str(b) if label == b else f"{label} (row {b})"
 
 
