@@ -22,6 +22,7 @@ import threading
 import uuid
 from pathlib import Path
 
+import numpy as np
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
@@ -69,6 +70,10 @@ def _stage() -> memoryview:
     return memoryview(buf)
 
 
+def _address(data: memoryview) -> int:
+    return int(np.frombuffer(data, dtype=np.uint8).ctypes.data) if len(data) else 0
+
+
 def _write_direct(tmp: Path, data: memoryview) -> int:
     """Write the whole 4 KiB blocks of ``data`` to a new ``tmp`` with ``O_DIRECT``, ``STAGE_BYTES`` at a time
     through the staging buffer; how many bytes that was (0 where the file system refuses ``O_DIRECT`` with
@@ -82,13 +87,17 @@ def _write_direct(tmp: Path, data: memoryview) -> int:
         if e.errno == errno.EINVAL:
             return 0
         raise
-    stage = _stage()
+    aligned = _address(data) % _ALIGN == 0  # a page-aligned source (shard_encode.py's buffer) is written as it is
+    stage = None if aligned else _stage()
     try:
         for off in range(0, head, STAGE_BYTES):
             n = min(STAGE_BYTES, head - off)
-            stage[:n] = data[off : off + n]
+            piece = data[off : off + n]
+            if stage is not None:
+                stage[:n] = piece
+                piece = stage[:n]
             try:
-                written = os.write(fd, stage[:n])
+                written = os.write(fd, piece)
             except OSError as e:
                 if e.errno == errno.EINVAL and off == 0:
                     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.core.buffer.cpu import Buffer
 from zarr.core.sync import sync
 
 from headstore.store_schema.crash import _test_kill
@@ -17,6 +18,7 @@ from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.layout import ATTRS_KEY, MANIFEST
 from headstore.store_schema.provenance import Provenance
 from headstore.store_schema.reader import _is_local, pattern_layer_index
+from headstore.store_schema.shard_encode import ShardBuffer, ShardEncoder
 
 
 class StoreWriter:
@@ -45,6 +47,14 @@ class StoreWriter:
             # of --pattern-layers, which a sharded store then leaves out of the shard
             skip_empty = name == "pattern" and self.partial_pattern and arr.shards is not None
             self.arrays[name] = arr.with_config({"write_empty_chunks": not skip_empty})
+        # whole shards in one pass (shard_encode.py); not the partial pattern's, whose unstored layers are left out
+        self.encoders = {
+            name: enc
+            for name, arr in self.arrays.items()
+            if name != MANIFEST and not (name == "pattern" and self.partial_pattern)
+            if (enc := ShardEncoder.for_array(arr)) is not None
+        }
+        self.shard_buffer = ShardBuffer()
 
     def write_batch(self, start: int, arrays: Mapping[str, np.ndarray]) -> None:
         if start % self.prov.batch_size:
@@ -67,6 +77,10 @@ class StoreWriter:
                 else:
                     for j, i in enumerate(index):
                         arr[start:stop, i] = value[:, j].astype(arr.dtype, copy=False)
+            elif name in self.encoders and value.shape == self.encoders[name].shard_shape:
+                shard = self.encoders[name].encode(value.astype(arr.dtype, copy=False), self.shard_buffer)
+                key = f"{arr.path}/{arr.metadata.encode_chunk_key((ib,) + (0,) * (arr.ndim - 1))}"
+                sync(arr.store.set(key, Buffer.from_array_like(np.frombuffer(shard, dtype=np.uint8))))
             else:
                 arr[start:stop] = value.astype(arr.dtype, copy=False)
             field_dir = Path(self.path) / name
