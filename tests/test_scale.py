@@ -209,6 +209,37 @@ def test_missing_or_changed_weights_store_is_refused_by_name(shared: Path, tmp_p
     assert res.exit_code == 2 and len(lines) == 1 and "which is missing" in lines[0], res.stderr
 
 
+def test_validate_checks_a_weights_store(shared: Path, tmp_path: Path) -> None:
+    """`headstore validate` on a weights store reads every chunk back and checks the hash recorded at its creation,
+    the one the stores made with it were given; a changed value and a flipped byte are each a problem."""
+    w = shared / "w" / "tiny.zarr"
+    ref = read_provenance(shared / "a.zarr").weights_store
+    assert ref is not None
+    rep = validate(w)
+    assert rep.ok and rep.problems == () and rep.weights_sha256 == ref["sha256"]
+    res = CliRunner().invoke(app, ["validate", str(w)])
+    assert res.exit_code == 0 and "a weights store" in res.stdout and "0 problems" in res.stdout, res.stdout
+
+    changed = tmp_path / "changed.zarr"
+    shutil.copytree(w, changed)
+    g = zarr.open_group(str(changed), mode="r+", zarr_format=3)
+    g["W_U"][3, 5] = float(g["W_U"][3, 5]) + 1e-3  # type: ignore[index, arg-type]  # valid chunks, other values
+    rep = validate(changed)
+    assert not rep.ok and len(rep.problems) == 1 and "recorded at its creation" in rep.problems[0]
+    assert rep.problems[0].startswith("its arrays hash to sha256 ")
+    res = CliRunner().invoke(app, ["validate", str(changed)])
+    assert res.exit_code == 1 and "recorded at its creation" in res.stderr
+
+    flipped = tmp_path / "flipped.zarr"
+    shutil.copytree(w, flipped)
+    f = max((p for p in (flipped / "W_E" / "c").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside an inner chunk: its crc32c no longer matches
+    f.write_bytes(bytes(data))
+    rep = validate(flipped)
+    assert not rep.ok and any(p.startswith("W_E: ") and "damaged" in p for p in rep.problems), rep.problems
+
+
 def test_pack_writes_a_self_contained_copy(shared: Path, tmp_path: Path, make_store: Callable[..., Path]) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(shared, copy)

@@ -122,7 +122,7 @@ def info(store: str, as_json: Annotated[bool, typer.Option("--json", help="print
 
 @app.command()
 def validate(store: str) -> None:
-    """Check schema, shapes, dtypes, completeness and every chunk's checksum."""
+    """Check schema, shapes, dtypes, completeness and every chunk's checksum (a weights store: chunks and hash)."""
     try:
         from headstore.store_schema import validate as run_validate
 
@@ -131,7 +131,14 @@ def validate(store: str) -> None:
         raise _fail(e) from None
     for p in rep.problems:
         err.print(f"[red]problem:[/red] {p}", highlight=False)
-    console.print(f"{store}: {rep.n_complete}/{rep.n_sequences} sequences complete, {len(rep.problems)} problems")
+    if rep.weights_sha256 is not None:
+        console.print(
+            f"{store}: a weights store (sha256 {rep.weights_sha256[:12]}...), every chunk and its hash checked, "
+            f"{len(rep.problems)} problems; the stores made with it check its hash again when opened",
+            soft_wrap=True,
+        )
+    else:
+        console.print(f"{store}: {rep.n_complete}/{rep.n_sequences} sequences complete, {len(rep.problems)} problems")
     if not rep.ok:
         raise typer.Exit(code=1)
 

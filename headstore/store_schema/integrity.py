@@ -15,16 +15,20 @@ from zarr.core.sync import sync
 
 from headstore.store_schema.create import field_dtype, store_sizes
 from headstore.store_schema.errors import HeadstoreError
-from headstore.store_schema.layout import FIELDS, WEIGHTS
+from headstore.store_schema.layout import ATTRS_KEY, FIELDS, WEIGHTS
 from headstore.store_schema.reader import _open_group, done_mask, pattern_layer_index, read_provenance
 
 
 @dataclass(frozen=True)
 class ValidationReport:
+    """``weights_sha256``: set when ``path`` is a weights store (``extract --weights``; no sequences), the hash
+    recorded at its creation."""
+
     path: str
     n_sequences: int
     n_complete: int
     problems: tuple[str, ...]
+    weights_sha256: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -32,7 +36,11 @@ class ValidationReport:
 
 
 def validate(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> ValidationReport:
-    """Check schema, shapes, dtypes, completeness, and read every chunk (crc32c) of completed batches."""
+    """Check schema, shapes, dtypes, completeness, and read every chunk (crc32c) of completed batches; of a
+    weights store, every chunk and the hash recorded at its creation."""
+    weights = _weights_attrs(path, storage_options)
+    if weights is not None:
+        return _validate_weights(path, storage_options, weights)
     prov = read_provenance(path, storage_options)
     root = _open_group(path, storage_options)
     problems: list[str] = []
@@ -72,6 +80,39 @@ def validate(path: str | os.PathLike[str], storage_options: dict[str, Any] | Non
         except HeadstoreError as e:
             problems.append(f"weights store: {e}")
     return ValidationReport(str(path), n, int(done.sum()), tuple(problems))
+
+
+def _weights_attrs(path: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The attrs of a weights store at ``path``; None for anything else (read_provenance then says what it is)."""
+    from headstore.store_schema.weights_store import WEIGHTS_ATTRS, _group
+
+    try:
+        attrs = _group(str(path), storage_options).attrs
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError, OSError):
+        return None
+    got = attrs.get(WEIGHTS_ATTRS)
+    return got if isinstance(got, dict) and ATTRS_KEY not in attrs else None
+
+
+def _validate_weights(
+    path: str | os.PathLike[str], storage_options: dict[str, Any] | None, attrs: dict[str, Any]
+) -> ValidationReport:
+    """Every chunk of a weights store read back (crc32c), then its arrays hashed as the stores that use it hash
+    them on open (``weights_store.content_sha256``) against the sha256 recorded at its creation."""
+    from headstore.store_schema.weights_store import _group, content_sha256
+
+    root = _group(str(path), storage_options)
+    arrays = dict(root.arrays())
+    recorded = str(attrs.get("sha256"))
+    problems = [f"{n}: missing array" for n in attrs.get("arrays", []) if n not in arrays]
+    for name, arr in sorted(arrays.items()):
+        problems.extend(_check_chunks(arr, name, None))
+    if not problems and (got := content_sha256(arrays)) != recorded:
+        problems.append(
+            f"its arrays hash to sha256 {got[:12]}..., not the {recorded[:12]}... recorded at its creation: it was "
+            "changed, and the stores made with it will refuse it; restore it or re-extract"
+        )
+    return ValidationReport(str(path), 0, 0, tuple(problems), weights_sha256=recorded)
 
 
 def _check_chunks(arr: zarr.Array, name: str, done: np.ndarray | None, layers: list[int] | None = None) -> list[str]:
