@@ -159,3 +159,16 @@ def test_aligned_source_is_written_without_staging(tmp_path: Path, monkeypatch: 
     direct.put_direct(tmp_path / "unaligned", memoryview(data[1:]))
     assert (tmp_path / "unaligned").read_bytes() == data[1:].tobytes()
     assert staged
+
+
+def test_pattern_of_chosen_layers_is_zarrs(tmp_path: Path) -> None:
+    """--pattern-layers: zarr leaves the unstored (NaN) layers out of the shard, so that pattern is not encoded
+    here; the other fields are."""
+    from headstore.store_schema import StoreWriter
+
+    out = tmp_path / "p.zarr"
+    extract(ExtractRequest(model="tiny-gpt2", data="text", out=str(out), n_seq=4, seq_len=16, batch_size=4,
+                           pattern_layers="1", progress=False))  # fmt: skip
+    encoders = StoreWriter(out).encoders
+    assert "pattern" not in encoders and {"v", "z"} <= set(encoders)
+    assert validate(out).ok

@@ -29,7 +29,8 @@ class StoreWriter:
     left of it (torn shards, ``*.partial`` temp files), so each file is written whole, once, from memory
     (zarr would otherwise read back and merge an existing shard). In a local store each field's files are made
     durable (fdatasync, folders fsync'ed) and dropped from the page cache before the batch is marked done
-    (``durable.py``); files of 1 MiB or more are written past the page cache (``direct.py``).
+    (``durable.py``); files of 1 MiB or more are written past the page cache (``direct.py``). A full batch's
+    shards are encoded in one pass over the data (``shard_encode.py``), the rest by zarr.
     """
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -47,12 +48,11 @@ class StoreWriter:
             # of --pattern-layers, which a sharded store then leaves out of the shard
             skip_empty = name == "pattern" and self.partial_pattern and arr.shards is not None
             self.arrays[name] = arr.with_config({"write_empty_chunks": not skip_empty})
-        # whole shards in one pass (shard_encode.py); not the partial pattern's, whose unstored layers are left out
+        # whole shards in one pass (shard_encode.py); not --pattern-layers' pattern (zarr leaves its NaN layers out)
         self.encoders = {
             name: enc
             for name, arr in self.arrays.items()
-            if name != MANIFEST and not (name == "pattern" and self.partial_pattern)
-            if (enc := ShardEncoder.for_array(arr)) is not None
+            if name != MANIFEST and (enc := ShardEncoder.for_array(arr)) is not None
         }
         self.shard_buffer = ShardBuffer()
 
