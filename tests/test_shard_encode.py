@@ -70,7 +70,8 @@ def test_buffer_is_page_aligned_and_reused() -> None:
     addresses = []
     for enc, shape in [(es, (4, 64)), (es, (4, 64)), (eb, (4, 4096)), (eb, (4, 4096))]:
         out = enc.encode(np.ones(shape, np.float32), buf)
-        addresses.append(np.frombuffer(out, np.uint8).ctypes.data)
+        assert out.dtype == np.uint8
+        addresses.append(out.ctypes.data)
     assert all(a % 4096 == 0 for a in addresses)
     assert addresses[0] == addresses[1] and addresses[2] == addresses[3]
 

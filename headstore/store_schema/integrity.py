@@ -38,9 +38,9 @@ class ValidationReport:
 def validate(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> ValidationReport:
     """Check schema, shapes, dtypes, completeness, and read every chunk (crc32c) of completed batches; of a
     weights store, every chunk and the hash recorded at its creation."""
-    weights = _weights_attrs(path, storage_options)
+    weights = _weights_group(path, storage_options)
     if weights is not None:
-        return _validate_weights(path, storage_options, weights)
+        return _validate_weights(path, *weights)
     prov = read_provenance(path, storage_options)
     root = _open_group(path, storage_options)
     problems: list[str] = []
@@ -82,26 +82,26 @@ def validate(path: str | os.PathLike[str], storage_options: dict[str, Any] | Non
     return ValidationReport(str(path), n, int(done.sum()), tuple(problems))
 
 
-def _weights_attrs(path: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The attrs of a weights store at ``path``; None for anything else (read_provenance then says what it is)."""
+def _weights_group(
+    path: str | os.PathLike[str], storage_options: dict[str, Any] | None
+) -> tuple[zarr.Group, dict[str, Any]] | None:
+    """The group of a weights store at ``path`` and its weights attrs; None for anything else (read_provenance
+    then says what it is)."""
     from headstore.store_schema.weights_store import WEIGHTS_ATTRS, _group
 
     try:
-        attrs = _group(str(path), storage_options).attrs
+        root = _group(str(path), storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError, OSError):
         return None
-    got = attrs.get(WEIGHTS_ATTRS)
-    return got if isinstance(got, dict) and ATTRS_KEY not in attrs else None
+    got = root.attrs.get(WEIGHTS_ATTRS)
+    return (root, got) if isinstance(got, dict) and ATTRS_KEY not in root.attrs else None
 
 
-def _validate_weights(
-    path: str | os.PathLike[str], storage_options: dict[str, Any] | None, attrs: dict[str, Any]
-) -> ValidationReport:
+def _validate_weights(path: str | os.PathLike[str], root: zarr.Group, attrs: dict[str, Any]) -> ValidationReport:
     """Every chunk of a weights store read back (crc32c), then its arrays hashed as the stores that use it hash
     them on open (``weights_store.content_sha256``) against the sha256 recorded at its creation."""
-    from headstore.store_schema.weights_store import _group, content_sha256
+    from headstore.store_schema.weights_store import content_sha256
 
-    root = _group(str(path), storage_options)
     arrays = dict(root.arrays())
     recorded = str(attrs.get("sha256"))
     problems = [f"{n}: missing array" for n in attrs.get("arrays", []) if n not in arrays]

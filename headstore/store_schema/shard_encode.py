@@ -85,9 +85,9 @@ class ShardEncoder:
         chunk = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
         return len(self.order) * (chunk + chunk // 8 + 1024) + len(self.order) * 16 + 4
 
-    def encode(self, value: np.ndarray, buf: ShardBuffer) -> memoryview:
-        """The encoded shard of ``value`` (exactly the shard's shape and dtype), in ``buf``, valid until ``buf``'s
-        next use."""
+    def encode(self, value: np.ndarray, buf: ShardBuffer) -> np.ndarray:
+        """The encoded shard of ``value`` (exactly the shard's shape and dtype): uint8 bytes in ``buf``, valid until
+        ``buf``'s next use."""
         if value.shape != self.shard_shape or value.dtype != self.dtype:
             raise ValueError(f"shard {value.shape} {value.dtype}, expected {self.shard_shape} {self.dtype}")
         out = buf.take(self.max_bytes())
@@ -116,7 +116,7 @@ class ShardEncoder:
         out[off : off + raw_index.size] = raw_index
         off += raw_index.size
         out[off : off + 4] = _crc(raw_index)
-        return out[: off + 4].data
+        return out[: off + 4]
 
 
 def _crc(data: np.ndarray) -> np.ndarray:

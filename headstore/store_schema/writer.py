@@ -80,7 +80,7 @@ class StoreWriter:
             elif name in self.encoders and value.shape == self.encoders[name].shard_shape:
                 shard = self.encoders[name].encode(value.astype(arr.dtype, copy=False), self.shard_buffer)
                 key = f"{arr.path}/{arr.metadata.encode_chunk_key((ib,) + (0,) * (arr.ndim - 1))}"
-                sync(arr.store.set(key, Buffer.from_array_like(np.frombuffer(shard, dtype=np.uint8))))
+                sync(arr.store.set(key, Buffer.from_array_like(shard)))
             else:
                 arr[start:stop] = value.astype(arr.dtype, copy=False)
             field_dir = Path(self.path) / name
