@@ -284,7 +284,9 @@ def run_census(job: MainJob, stage: Stages, stores: dict[str, Path]) -> list[Pat
 
     chosen = list(dict.fromkeys([*senders, *C.heads_of(negative, k), *receivers[:k], *induction]))
     cal, cal_figs = run("text", "calibration", [stores["text"]], {"heads": chosen})
-    cal_table = C.ranked(cal["overconfidence_change"], where=cal["selected"]).rename(columns={"value": "overconfidence_change"})
+    cal_table = C.ranked(cal["overconfidence_change"], where=cal["selected"]).rename(
+        columns={"value": "overconfidence_change"}
+    )
     n_tok = int(open_store(stores["text"]).sizes["batch"]) * (job.text_seq_len - 1)
     sections.append(Section(
         "Calibration with heads removed (seed 003)",
@@ -334,7 +336,9 @@ def run_main_job(job: MainJob) -> list[Path]:
     groups = {"ioi": [ioi], "ioi-vs-abc": [ioi, abc]}
     by_weights: dict[tuple[str, ...], Path] = {}  # weights-only analyzer + weights -> its output folder
     comp = analyzers()["composition"]  # the census computed it already: copy, don't recompute
-    by_weights[_weights_key(comp, [open_store(ioi)], ()) or ("",)] = safe_child(job.out / "census" / "weights", comp.name)
+    by_weights[_weights_key(comp, [open_store(ioi)], ()) or ("",)] = safe_child(
+        job.out / "census" / "weights", comp.name
+    )
     for group, paths in groups.items():
         stores = [str(p) for p in paths]
         datasets = [open_store(s) for s in stores]
@@ -347,7 +351,10 @@ def run_main_job(job: MainJob) -> list[Path]:
             saved, why = saved_output(spec, job.out / group), "reused"
             if saved is None and key in by_weights:
                 _copy_output(by_weights[key], folder)
-                saved, why = saved_output(spec, job.out / group), f"same weights as {by_weights[key].parent.name}: copied"
+                saved, why = (
+                    saved_output(spec, job.out / group),
+                    f"same weights as {by_weights[key].parent.name}: copied",
+                )
             if saved is not None:
                 stage.skip(name, why)
                 outputs.extend(saved[1])

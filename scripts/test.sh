@@ -10,5 +10,6 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then  # the repo
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 ruff check headstore tests bench
+ruff format --check headstore tests bench
 mypy
 python3 -m pytest -q -x -p no:cacheprovider "$@"

@@ -114,7 +114,9 @@ def test_accessor_against_the_live_tokenizer_and_model(
     with pytest.raises(HeadstoreError, match="out of range"):
         ds.hs.kv_head(4)
     names = xr.DataArray(np.array([" Mary", " John"] * 6), dims="batch")
-    np.testing.assert_array_equal(ds.hs.token_ids(names).values, [mary, tok.encode(" John", add_special_tokens=False)[0]] * 6)
+    np.testing.assert_array_equal(
+        ds.hs.token_ids(names).values, [mary, tok.encode(" John", add_special_tokens=False)[0]] * 6
+    )
     # logits recomputed from the store == the Hugging Face model's own logits on the same tokens
     hf_logits = m.bridge.original_model(torch.as_tensor(ds["tokens"].values[:2], dtype=torch.long)).logits
     got = ds.hs.logits(batch=slice(0, 2)).transpose("batch", "pos", "d_vocab").values

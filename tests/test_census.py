@@ -149,7 +149,9 @@ def test_name_movers_never_rank_heads_not_measured(make_store: Callable[..., Pat
         got = census.heads_of(pick(part, k=8), 8)
         heads = [h for h in range(4) if attn_io[h] > attn_s1[h] and sign * dla[h] > 0]
         assert got == [(1, h) for h in sorted(heads, key=lambda h: -sign * dla[h])], pick.__name__
-    assert census.heads_of(census.name_movers(part, k=8), 8) + census.heads_of(census.negative_name_movers(part, k=8), 8)
+    assert census.heads_of(census.name_movers(part, k=8), 8) + census.heads_of(
+        census.negative_name_movers(part, k=8), 8
+    )
     # a head with one of the two numbers NaN is not ranked either, whatever the other says
     table = xr.Dataset(
         {

@@ -82,7 +82,9 @@ def test_cli_bad_drop_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("model_name", MODELS)
-def test_derived_pattern_equals_live_and_stored(model_name: str, make_store: Callable[..., Path], live_model: Callable[[str], Any]) -> None:
+def test_derived_pattern_equals_live_and_stored(
+    model_name: str, make_store: Callable[..., Path], live_model: Callable[[str], Any]
+) -> None:
     path = make_store(model_name, "ioi", fields="compact", **KW)
     ds = headstore.open_store(path)
     prov = provenance(ds)
@@ -129,7 +131,9 @@ def test_derived_pattern_in_memory_and_one_head_read(make_store: Callable[..., P
     np.testing.assert_array_equal(one, loaded.values[2:7, 1, 3])
 
 
-def test_float16_compact_store_within_tolerance(make_store: Callable[..., Path], live_model: Callable[[str], Any]) -> None:
+def test_float16_compact_store_within_tolerance(
+    make_store: Callable[..., Path], live_model: Callable[[str], Any]
+) -> None:
     """q, k rounded to float16 (relative 2**-11), derivation in float32: pattern within 1e-4 of the live one.
 
     The error is the float16 rounding of the scores (about 2**-10 * |q| |k| / sqrt(d_head)) passed through
@@ -172,7 +176,9 @@ def test_open_and_analyze_compact_store_without_torch(
     )
     # every query row sums to 1: batch * layers * heads * positions
     ds = headstore.open_store(path)
-    assert out["sum"] == pytest.approx(ds.sizes["batch"] * ds.sizes["layer"] * ds.sizes["head"] * ds.sizes["pos"], rel=1e-5)
+    assert out["sum"] == pytest.approx(
+        ds.sizes["batch"] * ds.sizes["layer"] * ds.sizes["head"] * ds.sizes["pos"], rel=1e-5
+    )
 
 
 # --- the extraction-time check ------------------------------------------------------------------------

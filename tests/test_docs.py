@@ -116,7 +116,10 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Servers,
     fsspec.config.conf["s3"] = {**saved_conf, "endpoint_url": f"http://127.0.0.1:{port}", "key": "x", "secret": "x"}
     cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp", dashboard_address=None)
     try:
-        yield Servers(f"127.0.0.1:{httpd.server_address[1]}", cluster.scheduler_address, f"http://127.0.0.1:{port}"), root
+        yield (
+            Servers(f"127.0.0.1:{httpd.server_address[1]}", cluster.scheduler_address, f"http://127.0.0.1:{port}"),
+            root,
+        )
     finally:
         cluster.close()
         fsspec.config.conf["s3"] = saved_conf
@@ -171,7 +174,7 @@ def test_doc_blocks_run(doc: str, tmp_path: Path, servers: tuple[Servers, Path])
                        capture_output=True, timeout=600)  # fmt: skip
     bin_dir = tmp_path / ".bin"  # `headstore` on PATH, running this checkout
     bin_dir.mkdir()
-    (bin_dir / "headstore").write_text(f"#!/bin/sh\nexec {sys.executable} -m headstore.cli \"$@\"\n")
+    (bin_dir / "headstore").write_text(f'#!/bin/sh\nexec {sys.executable} -m headstore.cli "$@"\n')
     (bin_dir / "headstore").chmod(0o755)
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     py = subprocess.Popen([sys.executable, "-c", DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

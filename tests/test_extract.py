@@ -102,7 +102,9 @@ def test_derived_result_logits_loss_and_z(model_name, make_store, live_model):
     np.testing.assert_allclose(rec, logits.numpy(), rtol=0, atol=1e-4)
     # loss == per-token cross entropy of the model's logits
     ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), torch.as_tensor(tokens[:, 1:]).long().reshape(-1), reduction="none"
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        torch.as_tensor(tokens[:, 1:]).long().reshape(-1),
+        reduction="none",
     ).reshape(tokens.shape[0], -1)
     loss = ds["loss"].values
     np.testing.assert_allclose(loss[:, :-1], ce.numpy(), rtol=1e-5, atol=1e-5)
@@ -175,7 +177,9 @@ def test_ioi_positions_and_abc_alignment(make_store, live_model):
 def test_resume_skips_completed_batches(make_store, tmp_path):
     from headstore.extract import ExtractRequest, extract
 
-    req = ExtractRequest(model="tiny-gpt2", data="ioi", out=str(tmp_path / "s.zarr"), n_seq=8, batch_size=4, progress=False)
+    req = ExtractRequest(
+        model="tiny-gpt2", data="ioi", out=str(tmp_path / "s.zarr"), n_seq=8, batch_size=4, progress=False
+    )
     first = extract(req)
     assert (first.written, first.skipped) == (2, 0)
     before = headstore.open_store(req.out)["z"].values
@@ -218,8 +222,11 @@ def test_reused_buffers_survive_a_slow_writer(tmp_path, live_model, monkeypatch)
     model = live_model("tiny-llama")
     monkeypatch.setattr("headstore.extract.run.load_model", lambda *args, **kwargs: model)
     out = tmp_path / "slow.zarr"
-    extract(ExtractRequest(model="tiny-llama", data="ioi", out=str(out), n_seq=20, batch_size=4, device="cpu",
-                           progress=False))  # fmt: skip: 5 batches, each buffer set reused twice
+    extract(
+        ExtractRequest(
+            model="tiny-llama", data="ioi", out=str(out), n_seq=20, batch_size=4, device="cpu", progress=False
+        )
+    )  # fmt: skip: 5 batches, each buffer set reused twice
     assert model.bridge.cfg.use_attn_result  # restored after extraction turned it off
     ds = headstore.open_store(out)
     tokens = ds["tokens"].values

@@ -27,6 +27,7 @@ def rank_auroc(scores: np.ndarray, anomalous: np.ndarray) -> float:
     a, t = scores[anomalous][:, None], scores[~anomalous][None, :]
     return float(((a > t).sum() + 0.5 * (a == t).sum()) / (a.size * t.size))
 
+
 SOURCE = b"""\
 def f(a, b):
     x = a if b > 0 else -a
@@ -110,9 +111,11 @@ def test_detector_core_separates_shifted_and_not_unshifted() -> None:
     assert auc_shift > 0.95
     assert abs(auc_same - 0.5) < 0.15
     # ties count one half; one class only: NaN
-    assert auroc(np.array([1.0, 1.0, 2.0, 0.0]), np.array([0, 1, 1, 0])) == rank_auroc(
-        np.array([1.0, 1.0, 2.0, 0.0]), np.array([0, 1, 1, 0])
-    ) == pytest.approx(0.875)
+    assert (
+        auroc(np.array([1.0, 1.0, 2.0, 0.0]), np.array([0, 1, 1, 0]))
+        == rank_auroc(np.array([1.0, 1.0, 2.0, 0.0]), np.array([0, 1, 1, 0]))
+        == pytest.approx(0.875)
+    )
     assert np.isnan(auroc(np.arange(3.0), np.zeros(3))) and np.isnan(auroc(np.arange(3.0), np.ones(3)))
     # the scores are Ledoit-Wolf squared Mahalanobis distances of the standardised features
     from sklearn.covariance import ledoit_wolf

@@ -172,7 +172,9 @@ def test_key_positions_after_end_are_refused(make_store: Callable[..., Path]) ->
     a, b = stores(make_store, "tiny-gpt2")
     end, length = a["end_pos"].values, a["length"].values
     assert (length > 12).all()
-    with pytest.raises(HeadstoreError, match=r"^io \(12\) is after end \(5\) in sequence 0: attention from end cannot reach it"):
+    with pytest.raises(
+        HeadstoreError, match=r"^io \(12\) is after end \(5\) in sequence 0: attention from end cannot reach it"
+    ):
         ioi(a, io=12, s1=2, end=5)
     with pytest.raises(HeadstoreError, match=r"^s1 \(12\) is after end \(5\) in sequence 0"):
         ioi_pair(a, b, io=2, s1=12, end=5)
@@ -199,7 +201,9 @@ def test_pairing_refusals_name_what_differs(make_store: Callable[..., Path]) -> 
     one_layer = open_store(make_store("tiny-gpt2", "ioi-abc", layers="1", **KW))
     pa, pb = a.hs.provenance, one_layer.hs.provenance
     assert pa.model["name"] == pb.model["name"] and pa.model["weights_sha256"] != pb.model["weights_sha256"]
-    with pytest.raises(HeadstoreError, match=r"differ in layers \(\[0, 1\] vs \[1\]\): extract both with the same --layers"):
+    with pytest.raises(
+        HeadstoreError, match=r"differ in layers \(\[0, 1\] vs \[1\]\): extract both with the same --layers"
+    ):
         ioi_pair(a, one_layer)
     text = open_store(make_store("tiny-gpt2", "text", n_seq=12, seq_len=32, batch_size=4))
     assert a.sizes["pos"] != 32

@@ -231,20 +231,28 @@ def test_refusals(make_store: Callable[..., Path]) -> None:
         shifted = corrupt_ds.assign({col: corrupt_ds[col] + 1})
         with pytest.raises(HeadstoreError, match=rf"{col} differ.*not aligned"):
             path_patch_query(clean_ds, shifted, senders=SENDERS, receiver=RECEIVER)
-    with pytest.raises(HeadstoreError, match=r"senders must be \(layer, head\) pairs before layer 1 .*\[\(1, 2\)\] are not"):
+    with pytest.raises(
+        HeadstoreError, match=r"senders must be \(layer, head\) pairs before layer 1 .*\[\(1, 2\)\] are not"
+    ):
         path_patch_query(clean_ds, corrupt_ds, senders=[(0, 1), (1, 2)], receiver=(1, 3))
     # the end query cannot attend to a later token: refused, naming the sequence
-    with pytest.raises(HeadstoreError, match=r"^io \(12\) is after end \(5\) in sequence 0: attention from end cannot reach"):
+    with pytest.raises(
+        HeadstoreError, match=r"^io \(12\) is after end \(5\) in sequence 0: attention from end cannot reach"
+    ):
         path_patch_query(clean_ds, corrupt_ds, senders=SENDERS, receiver=RECEIVER, io=12, s1=2, end=5)
     end = clean_ds["end_pos"].values.copy()
     end[2] = int(clean_ds["s1_pos"][2]) - 1
     with pytest.raises(HeadstoreError, match=rf"^s1 \({end[2] + 1}\) is after end \({end[2]}\) in sequence 2: "):
         path_patch_query(clean_ds, corrupt_ds, senders=SENDERS, receiver=RECEIVER, io=0, end=end)
-    with pytest.raises(HeadstoreError, match=r"senders must be 'all' or a list of \(layer, head\) pairs, got the string"):
+    with pytest.raises(
+        HeadstoreError, match=r"senders must be 'all' or a list of \(layer, head\) pairs, got the string"
+    ):
         path_patch_query(clean_ds, corrupt_ds, senders="0.1", receiver=(1, 3))  # strings are for the CLI
     with pytest.raises(HeadstoreError, match=r"not LAYER\.HEAD"):
         parse.heads("0-1", "senders")
-    with pytest.raises(HeadstoreError, match=r"senders is a list of \(layer, head\) pairs: write \[\(0, 1\)\], not \(0, 1\)"):
+    with pytest.raises(
+        HeadstoreError, match=r"senders is a list of \(layer, head\) pairs: write \[\(0, 1\)\], not \(0, 1\)"
+    ):
         path_patch_query(clean_ds, corrupt_ds, senders=(0, 1), receiver=(1, 3))  # type: ignore[arg-type]
     with pytest.raises(HeadstoreError, match=r"senders names a head twice"):
         path_patch_query(clean_ds, corrupt_ds, senders=[(0, 1), (0, 1)], receiver=(1, 3))
@@ -256,5 +264,7 @@ def test_refusals(make_store: Callable[..., Path]) -> None:
         path_patch_query(clean_ds, corrupt_ds, senders=[(0, 1)], receiver="1.3")  # type: ignore[arg-type]
     with pytest.raises(HeadstoreError, match=r"heads 0\.\.3"):
         path_patch_query(clean_ds, corrupt_ds, senders=[(0, 1)], receiver=(1, 7))
-    with pytest.raises(HeadstoreError, match=r"receiver \(5, 0\): layer 5 is not in this store \(it holds layers \[0, 1\]\)"):
+    with pytest.raises(
+        HeadstoreError, match=r"receiver \(5, 0\): layer 5 is not in this store \(it holds layers \[0, 1\]\)"
+    ):
         path_patch_query(clean_ds, corrupt_ds, senders=[(0, 1)], receiver=(5, 0))

@@ -61,7 +61,9 @@ def _one_line_error(argv: list[str]) -> str:
 # --- the stored layer is exact, the others are NaN and absent from disk -----------------------------------
 
 
-def test_chosen_layer_stored_exactly_others_nan(make_store: Callable[..., Path], live_model: Callable[[str], Any]) -> None:
+def test_chosen_layer_stored_exactly_others_nan(
+    make_store: Callable[..., Path], live_model: Callable[[str], Any]
+) -> None:
     path = make_store("tiny-gpt2", "ioi", pattern_layers="1", **KW)
     full_path = make_store("tiny-gpt2", "ioi", **KW)
     ds, full = headstore.open_store(path), headstore.open_store(full_path)
@@ -138,7 +140,9 @@ def test_analyzers_stored_layer_equal_others_nan(make_store: Callable[..., Path]
     )
 
 
-def test_unstored_layers_derived_when_q_k_stored(make_store: Callable[..., Path], live_model: Callable[[str], Any]) -> None:
+def test_unstored_layers_derived_when_q_k_stored(
+    make_store: Callable[..., Path], live_model: Callable[[str], Any]
+) -> None:
     ds = headstore.open_store(make_store("tiny-llama", "ioi", fields="default,q,k", pattern_layers="1", **KW))
     full = headstore.open_store(make_store("tiny-llama", "ioi", **KW))
     pat = ds["pattern"]

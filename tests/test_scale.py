@@ -157,7 +157,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     common = {"model": "tiny-gpt2", "progress": False, "device": "cpu", "weights": str(root / "w" / "tiny.zarr")}
     extract(ExtractRequest(data="ioi", out=str(root / "a.zarr"), n_seq=8, batch_size=4, **common))  # type: ignore[arg-type]
     before = {p: p.stat().st_mtime_ns for p in (root / "w").rglob("*") if p.is_file()}
-    extract(ExtractRequest(data="text", out=str(root / "b.zarr"), n_seq=4, seq_len=16, batch_size=4, layers="1", **common))  # type: ignore[arg-type]
+    extract(
+        ExtractRequest(data="text", out=str(root / "b.zarr"), n_seq=4, seq_len=16, batch_size=4, layers="1", **common)
+    )  # type: ignore[arg-type]
     assert {p: p.stat().st_mtime_ns for p in (root / "w").rglob("*") if p.is_file()} == before, "reused, not rewritten"
     return root
 
@@ -319,7 +321,9 @@ def test_bfloat16_model_stored_as_its_live_cache(store_dtype: str, tmp_path: Pat
             ref = [cache[hook.format(L=L)] for L in (0, 1)] if "{L}" in hook else [cache[hook]]
             want = torch.stack(ref, 1) if "{L}" in hook else ref[0]
             want = want[..., 0] if name.endswith("_scale") else want
-            assert got.dtype == (np.float16 if store_dtype == "float16" and name in ("pattern", "v", "z") else np.float32)
+            assert got.dtype == (
+                np.float16 if store_dtype == "float16" and name in ("pattern", "v", "z") else np.float32
+            )
             np.testing.assert_array_equal(got, want.to(torch.from_numpy(got[:0]).dtype).numpy(), err_msg=name)
             if name in ("pattern", "v", "z"):
                 assert want.dtype == torch.bfloat16, name  # the model really ran in bfloat16
@@ -370,8 +374,17 @@ def _disk_bytes(path: Path) -> int:
     "kw",
     [
         {"model": "tiny-gpt2", "data": "ioi", "n_seq": 10, "batch_size": 4},  # a short last batch
-        {"model": "tiny-llama", "data": "text", "n_seq": 8, "seq_len": 32, "batch_size": 4, "fields": "all",
-         "dtype": "float16", "layout": "chunked", "pattern_layers": "1"},
+        {
+            "model": "tiny-llama",
+            "data": "text",
+            "n_seq": 8,
+            "seq_len": 32,
+            "batch_size": 4,
+            "fields": "all",
+            "dtype": "float16",
+            "layout": "chunked",
+            "pattern_layers": "1",
+        },
     ],
     ids=["gpt2-ioi", "llama-text-all-f16-chunked"],
 )
@@ -421,7 +434,9 @@ def test_full_disk_refused_up_front_then_mid_run_then_resumes(
     if direct_min is not None:  # every file past the page cache (this store's are all under 1 MiB)
         monkeypatch.setattr(direct, "DIRECT_MIN_BYTES", direct_min)
         real = direct._write_direct
-        monkeypatch.setattr(direct, "_write_direct", lambda tmp, data: direct_bytes.append(real(tmp, data)) or direct_bytes[-1])
+        monkeypatch.setattr(
+            direct, "_write_direct", lambda tmp, data: direct_bytes.append(real(tmp, data)) or direct_bytes[-1]
+        )
 
     kw = {"model": "tiny-gpt2", "data": "ioi", "n_seq": 24, "batch_size": 4}
     out = small_disk / "s.zarr"

@@ -151,9 +151,7 @@ def _block_counts(
     return out
 
 
-def calibration(
-    ds: xr.Dataset, *, top_k: int = 3, n_bins: int = 50, heads: _args.Heads = "all"
-) -> xr.Dataset:
+def calibration(ds: xr.Dataset, *, top_k: int = 3, n_bins: int = 50, heads: _args.Heads = "all") -> xr.Dataset:
     """Calibration curve and overconfidence, baseline and with each chosen head's direct effect removed, over the
     real next-token predictions (``q + 1 < length[b]`` on a right-padded store: padding never counts).
 

@@ -206,7 +206,11 @@ def projection_loss(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datase
     loss_original = loss_original.transpose("batch", "pos")
     mean_increase = (loss - loss_original).mean(["batch", "pos"])  # skips the NaN: no real next token
     out = xr.Dataset(
-        {"mean_increase": mean_increase.transpose("layer", "head", "mode"), "loss": loss, "loss_original": loss_original}
+        {
+            "mean_increase": mean_increase.transpose("layer", "head", "mode"),
+            "loss": loss,
+            "loss_original": loss_original,
+        }
     )
     out.attrs.update({"analyzer": "projection-loss", "only_negative": int(only_negative)})
     return out

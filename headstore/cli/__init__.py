@@ -27,25 +27,64 @@ def _fail(e: BaseException) -> typer.Exit:
 @app.command()
 def extract(
     model: Annotated[str, typer.Option(help="smollm2-135m, tiny-gpt2, tiny-llama, a HF id or a model folder")],
-    data: Annotated[str, typer.Option(help="ioi, ioi-abc, text[:PATHS], code-ifelse[:PATHS], repeated-random, tokens:FILE.npy[,COLUMNS], jsonl:FILE, csv:FILE, parquet:FILE (your own prompts)")],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="ioi, ioi-abc, text[:PATHS], code-ifelse[:PATHS], repeated-random, tokens:FILE.npy[,COLUMNS], jsonl:FILE, csv:FILE, parquet:FILE (your own prompts)"
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="store folder to create (or resume)")],
-    fields: Annotated[str, typer.Option(help="comma list: presets default, all, compact (= default,-pattern,q,k), field names (q, k, result...), -NAME drops one")] = "default",
+    fields: Annotated[
+        str,
+        typer.Option(
+            help="comma list: presets default, all, compact (= default,-pattern,q,k), field names (q, k, result...), -NAME drops one"
+        ),
+    ] = "default",
     layers: Annotated[str, typer.Option(help="all, 0,3,5 or 2-5")] = "all",
-    pattern_layers: Annotated[str, typer.Option(help="extracted layers whose pattern is stored (others read as NaN): all, 0,3,5 or 2-5")] = "all",
+    pattern_layers: Annotated[
+        str, typer.Option(help="extracted layers whose pattern is stored (others read as NaN): all, 0,3,5 or 2-5")
+    ] = "all",
     seq_len: Annotated[int | None, typer.Option(help="tokens per sequence (default: per dataset)")] = None,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass (= chunk along batch)")] = 8,
     n_seq: Annotated[int | None, typer.Option(help="number of sequences")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1")] = "auto",
-    dtype: Annotated[str, typer.Option(help="storage dtype of activations: float32 or float16 (a value beyond float16's range is refused, never stored as inf)")] = "float32",
-    model_dtype: Annotated[str, typer.Option(help="dtype the model runs in: float32, bfloat16 (as GPU jobs run; store as --dtype float16 or float32) or float16")] = "float32",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="storage dtype of activations: float32 or float16 (a value beyond float16's range is refused, never stored as inf)"
+        ),
+    ] = "float32",
+    model_dtype: Annotated[
+        str,
+        typer.Option(
+            help="dtype the model runs in: float32, bfloat16 (as GPU jobs run; store as --dtype float16 or float32) or float16"
+        ),
+    ] = "float32",
     seed: Annotated[int, typer.Option(help="seed of generated datasets")] = 0,
     prepend_bos: Annotated[bool, typer.Option(help="prepend BOS to each sequence")] = True,
     shard: Annotated[str, typer.Option(help="i/N: fill the i-th of N disjoint batch ranges")] = "0/1",
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
-    layout: Annotated[str, typer.Option(help="files of a new store: sharded (one file per field and batch, all layers) or chunked (one per layer too)")] = "sharded",
-    weights: Annotated[str | None, typer.Option(help="shared weights store to create or reuse (W_E, W_EE, W_U, ... once per model); the store references it")] = None,
-    dry_run: Annotated[bool, typer.Option(help="print the plan (bytes per field, files, weights, time from one timed batch) and write nothing")] = False,
-    ignore_space: Annotated[bool, typer.Option(help="start even when the target has less free space than the plan")] = False,
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="files of a new store: sharded (one file per field and batch, all layers) or chunked (one per layer too)"
+        ),
+    ] = "sharded",
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="shared weights store to create or reuse (W_E, W_EE, W_U, ... once per model); the store references it"
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            help="print the plan (bytes per field, files, weights, time from one timed batch) and write nothing"
+        ),
+    ] = False,
+    ignore_space: Annotated[
+        bool, typer.Option(help="start even when the target has less free space than the plan")
+    ] = False,
 ) -> None:
     """Run the model once over the data and write every per-head field into a Zarr store."""
     try:
@@ -163,7 +202,12 @@ def analyze(
         if name not in specs:
             raise HeadstoreError(f"unknown analyzer {name!r}: choose from {', '.join(specs)}")
         summary, paths = run_analyzer(
-            specs[name], stores, out, param_strings=param or [], scheduler=scheduler, partial=partial,
+            specs[name],
+            stores,
+            out,
+            param_strings=param or [],
+            scheduler=scheduler,
+            partial=partial,
             progress=progress,
         )
     except HeadstoreError as e:
@@ -207,10 +251,14 @@ def list_analyzers() -> None:
 
 @app.command()
 def report(
-    stores: Annotated[list[str], typer.Argument(help="one store, or two (e.g. IOI and its ABC twin) for two-store analyzers")],
+    stores: Annotated[
+        list[str], typer.Argument(help="one store, or two (e.g. IOI and its ABC twin) for two-store analyzers")
+    ],
     out: Annotated[Path, typer.Option(help="HTML file to write")] = Path("report.html"),
     sequences: Annotated[str | None, typer.Option(help="sequences in the attention viewer, e.g. 0,1")] = None,
-    heads: Annotated[str | None, typer.Option(help="heads in the attention viewer, LAYER.HEAD list, e.g. 0.1,1.2")] = None,
+    heads: Annotated[
+        str | None, typer.Option(help="heads in the attention viewer, LAYER.HEAD list, e.g. 0.1,1.2")
+    ] = None,
     partial: Annotated[bool, typer.Option(help="report on the completed part of an incomplete store")] = False,
     scheduler: Annotated[str | None, typer.Option(help="address of a dask.distributed scheduler")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
@@ -254,7 +302,9 @@ def pack(
 
 @app.command()
 def serve(
-    folder: Annotated[Path, typer.Argument(help="folder to serve (stores inside it are read as http://HOST:PORT/NAME.zarr)")] = Path("."),
+    folder: Annotated[
+        Path, typer.Argument(help="folder to serve (stores inside it are read as http://HOST:PORT/NAME.zarr)")
+    ] = Path("."),
     port: Annotated[int, typer.Option(help="port")] = 8000,
     host: Annotated[str, typer.Option(help="address to bind (0.0.0.0: every interface)")] = "127.0.0.1",
 ) -> None:

@@ -51,7 +51,10 @@ def projection_loss_summary(res: xr.Dataset) -> pd.DataFrame:
 def projection_loss_plot(res: xr.Dataset, folder: Path) -> list[Path]:
     m = res["mean_increase"]
     return layer_head_heatmaps(
-        [m.sel(mode=md) for md in MODES], list(PROJECTION_TITLES), "Change in loss from projecting", folder / "projection_loss"
+        [m.sel(mode=md) for md in MODES],
+        list(PROJECTION_TITLES),
+        "Change in loss from projecting",
+        folder / "projection_loss",
     )
 
 

@@ -139,7 +139,9 @@ def firing_hooks(bridge: Any) -> frozenset[str]:
     toks = torch.zeros((1, 2), dtype=torch.long, device=bridge.cfg.device)
     with warnings.catch_warnings():  # "skipped gated-off hook names": those do not fire, as wanted
         warnings.simplefilter("ignore")
-        _, cache = bridge.run_with_cache(toks, names_filter=lambda n: not n.startswith("blocks.") or n.startswith("blocks.0."))
+        _, cache = bridge.run_with_cache(
+            toks, names_filter=lambda n: not n.startswith("blocks.") or n.startswith("blocks.0.")
+        )
     names = set(cache.keys())
     for name in list(names):
         if name.startswith("blocks.0."):
@@ -351,10 +353,16 @@ def norm_affine(norm: Any, d_model: int, normalization_type: str) -> tuple[np.nd
     if isinstance(w, torch.Tensor) and w.shape == gain.shape:
         w = w.detach().float().cpu()
         gain = min((w, 1.0 + w), key=lambda c: float((gain - c).abs().max()))  # the closer (bf16: 1e-2 apart at most)
-        bias = b.detach().float().cpu() if isinstance(b, torch.Tensor) and b.shape == bias.shape else torch.zeros_like(bias)
+        bias = (
+            b.detach().float().cpu()
+            if isinstance(b, torch.Tensor) and b.shape == bias.shape
+            else torch.zeros_like(bias)
+        )
         if bool((gain == 1).all()) and bool((bias == 0).all()):
             return None
-    elif torch.allclose(gain, torch.ones_like(gain), atol=1e-5) and torch.allclose(bias, torch.zeros_like(bias), atol=1e-5):
+    elif torch.allclose(gain, torch.ones_like(gain), atol=1e-5) and torch.allclose(
+        bias, torch.zeros_like(bias), atol=1e-5
+    ):
         return None
     return gain.numpy().astype(np.float32), bias.numpy().astype(np.float32)
 
@@ -393,6 +401,8 @@ def post_norm_gain(model: Any, layers: Sequence[int]) -> np.ndarray:
             continue
         gain, bias = affine
         if not np.allclose(bias, 0.0, atol=1e-6):
-            raise HeadstoreError(f"{family_label(model.architecture)}: its post-attention norm has a bias: not supported")
+            raise HeadstoreError(
+                f"{family_label(model.architecture)}: its post-attention norm has a bias: not supported"
+            )
         out.append(gain)
     return np.stack(out).astype(np.float32)

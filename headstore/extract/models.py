@@ -118,7 +118,9 @@ def _boot(name: str, where: str, device: str, source: dict[str, Any], dtype: str
         tok = AutoTokenizer.from_pretrained(where)
         hf = AutoModelForCausalLM.from_pretrained(where, dtype=MODEL_DTYPES[dtype])
     except OSError as e:
-        raise HeadstoreError(f"cannot load model {name!r} ({str(e).splitlines()[0][:120]}): check the name or folder") from e
+        raise HeadstoreError(
+            f"cannot load model {name!r} ({str(e).splitlines()[0][:120]}): check the name or folder"
+        ) from e
     hf.eval()
     hf_config = hf.config
     bridge = TransformerBridge.boot_transformers(

@@ -84,7 +84,9 @@ class Plan:
         how = "measured on one encoded batch" if self.measured else "estimated from raw sizes"
         out = [f"plan for {self.out}: {self.n_tokens:,} tokens in {self.n_batches} batches ({how})"]
         for f in self.fields:
-            out.append(f"  {f.name:<15} {f.bytes_per_token:>12,.1f} B/token {_gb(f.total_bytes):>11}  {f.files:>7,} files")
+            out.append(
+                f"  {f.name:<15} {f.bytes_per_token:>12,.1f} B/token {_gb(f.total_bytes):>11}  {f.files:>7,} files"
+            )
         out.append(f"  {'weights':<15} {'':>12}         {_gb(self.weights_bytes):>11}  {self.weights_files:>7,} files")
         out.append(f"  {'other':<15} {'':>12}         {_gb(self.other_bytes):>11}  {self.other_files:>7,} files"
                    "  (tokens, columns, manifest, metadata)")  # fmt: skip
@@ -274,8 +276,10 @@ def describe(plan: Plan) -> dict[str, Any]:
         "out": plan.out,
         "n_tokens": plan.n_tokens,
         "n_batches": plan.n_batches,
-        "fields": {f.name: {"bytes_per_token": f.bytes_per_token, "bytes": f.total_bytes, "files": f.files}
-                   for f in plan.fields},
+        "fields": {
+            f.name: {"bytes_per_token": f.bytes_per_token, "bytes": f.total_bytes, "files": f.files}
+            for f in plan.fields
+        },
         "weights_bytes": plan.weights_bytes,
         "total_bytes": plan.total_bytes,
         "n_files": plan.n_files,

@@ -51,7 +51,9 @@ def build_tiny(name: str, folder: Path) -> None:
     model: torch.nn.Module
     if name == "tiny-gpt2":
         model = GPT2LMHeadModel(
-            GPT2Config(vocab_size=vocab, n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+            GPT2Config(
+                vocab_size=vocab, n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+            )
         )
     else:
         model = LlamaForCausalLM(

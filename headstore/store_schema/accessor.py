@@ -79,7 +79,9 @@ class HeadstoreAccessor:
     @property
     def layers(self) -> list[int]:
         """Model layer numbers along ``layer`` (a store may hold a subset)."""
-        return [int(x) for x in self._ds["layer"].values] if "layer" in self._ds.coords else list(self.provenance.layers)
+        return (
+            [int(x) for x in self._ds["layer"].values] if "layer" in self._ds.coords else list(self.provenance.layers)
+        )
 
     @property
     def heads(self) -> list[tuple[int, int]]:

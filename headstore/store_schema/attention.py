@@ -94,7 +94,5 @@ def derived_pattern(q: xr.DataArray, k: xr.DataArray, config: ModelConfig | None
             lo, hi = block_info[0]["array-location"][1] if block_info else (0, qb.shape[1])
             return pattern_block(qb, kb, scale, cap, windows[lo:hi])
 
-        data = da.map_blocks(
-            block, qa, ka, chunks=out_chunks, dtype=np.float32, meta=np.empty((0,) * 5, np.float32)
-        )
+        data = da.map_blocks(block, qa, ka, chunks=out_chunks, dtype=np.float32, meta=np.empty((0,) * 5, np.float32))
     return xr.DataArray(data, dims=dims, coords=coords)

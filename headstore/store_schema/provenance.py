@@ -87,7 +87,9 @@ class ModelConfig:
             elif want == "bool":
                 ok = isinstance(value, bool)
             elif want == "tuple[int, ...]":
-                ok = isinstance(value, list | tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+                ok = isinstance(value, list | tuple) and all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in value
+                )
                 value = tuple(value) if ok else value
             else:
                 ok = isinstance(value, str)
@@ -108,7 +110,10 @@ class ModelConfig:
                 f"store attr model.config: n_heads {cfg.n_heads} is not a multiple of n_key_value_heads "
                 f"{cfg.n_key_value_heads}: the store is damaged"
             )
-        for name, value, allowed in (("qk_norm", cfg.qk_norm, QK_NORMS), ("rotary_style", cfg.rotary_style, ROTARY_STYLES)):
+        for name, value, allowed in (
+            ("qk_norm", cfg.qk_norm, QK_NORMS),
+            ("rotary_style", cfg.rotary_style, ROTARY_STYLES),
+        ):
             if value not in allowed:
                 raise HeadstoreError(f"store attr model.config.{name} {value!r} is not one of {allowed}")
         return cfg
@@ -166,15 +171,14 @@ class Provenance:
             raise HeadstoreError("store attrs lack an integer schema_version: is this a headstore store?")
         if version > SCHEMA_VERSION:
             raise HeadstoreError(
-                f"store has schema version {version} but this headstore reads up to {SCHEMA_VERSION}: "
-                "upgrade headstore"
+                f"store has schema version {version} but this headstore reads up to {SCHEMA_VERSION}: upgrade headstore"
             )
         if version < SCHEMA_VERSION:
-            raise HeadstoreError(
-                f"store has schema version {version}, older than {SCHEMA_VERSION}: re-extract it"
-            )
+            raise HeadstoreError(f"store has schema version {version}, older than {SCHEMA_VERSION}: re-extract it")
         names = {f.name for f in fields(cls)}
-        missing = sorted(n for n in names - set(d) if n not in ("versions", "created", "pattern_layers", "layout", "weights_store"))
+        missing = sorted(
+            n for n in names - set(d) if n not in ("versions", "created", "pattern_layers", "layout", "weights_store")
+        )
         if missing:
             raise HeadstoreError(f"store attrs lack {', '.join(missing)}: the store is damaged; re-extract it")
         kwargs = {k: d[k] for k in names if k in d}

@@ -124,9 +124,7 @@ def verify(
     return where
 
 
-def open_weights(
-    store: str, ref: Mapping[str, Any], storage_options: dict[str, Any] | None = None
-) -> xr.Dataset:
+def open_weights(store: str, ref: Mapping[str, Any], storage_options: dict[str, Any] | None = None) -> xr.Dataset:
     """The arrays ``store`` takes from its weights store, lazily, after ``verify``."""
     where = verify(store, ref, storage_options)
     opts = storage_options if "://" in where else None
