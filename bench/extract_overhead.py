@@ -158,10 +158,10 @@ Goal fill throughput ≥ {goal} x plain-forward throughput: float32 storage {met
   as a plain forward does the plain side: the first extraction in a process grows its heap to its working size.
   Their fills ran at {cold["float32"]:.0f} (float32) and {cold["float16"]:.0f} (float16) tokens/s, i.e.
   {cold["float32"] / (n_tok / pw):.2f} and {cold["float16"] / (n_tok / pw):.2f} x the plain forward: a job pays this once.
-- Set-up, paid once per store: {sw:.1f} s wall (model load alone {t_load:.1f} s; the rest is the
+- Set-up, paid once per store: {sw:.1f} s wall (a model load from the warm file cache, the
   dataset, the processed weights, `W_EE` = the vocabulary through attention 0 and MLP0, and writing
   ~{3 * 4 * lm.config_dict()["d_vocab"] * lm.config_dict()["d_model"] / 1e6:.0f} MB of vocabulary-sized
-  weights). It is {sw / (f32["wall"] + sw):.0%} of this {n_tok}-token float32 run; from about {tokens_for_90:,.0f}
+  weights; the process's first model load, from a cold start, took {t_load:.1f} s). It is {sw / (f32["wall"] + sw):.0%} of this {n_tok}-token float32 run; from about {tokens_for_90:,.0f}
   tokens on it is under 10 %, and the end-to-end ratio tends to the fill ratio.
 - Per round (wall s): plain {", ".join(f"{x:.2f}" for x in plain["wall"])}; fill float32
   {", ".join(f"{x:.2f}" for x in fill["float32"]["wall"])}; fill float16
