@@ -222,11 +222,11 @@ def test_reused_buffers_survive_a_slow_writer(tmp_path, live_model, monkeypatch)
     model = live_model("tiny-llama")
     monkeypatch.setattr("headstore.extract.run.load_model", lambda *args, **kwargs: model)
     out = tmp_path / "slow.zarr"
-    extract(
+    extract(  # 5 batches, each buffer set reused twice
         ExtractRequest(
             model="tiny-llama", data="ioi", out=str(out), n_seq=20, batch_size=4, device="cpu", progress=False
         )
-    )  # fmt: skip: 5 batches, each buffer set reused twice
+    )
     assert model.bridge.cfg.use_attn_result  # restored after extraction turned it off
     ds = headstore.open_store(out)
     tokens = ds["tokens"].values

@@ -158,8 +158,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     extract(ExtractRequest(data="ioi", out=str(root / "a.zarr"), n_seq=8, batch_size=4, **common))  # type: ignore[arg-type]
     before = {p: p.stat().st_mtime_ns for p in (root / "w").rglob("*") if p.is_file()}
     extract(
-        ExtractRequest(data="text", out=str(root / "b.zarr"), n_seq=4, seq_len=16, batch_size=4, layers="1", **common)
-    )  # type: ignore[arg-type]
+        ExtractRequest(data="text", out=str(root / "b.zarr"), n_seq=4, seq_len=16, batch_size=4, layers="1", **common)  # type: ignore[arg-type]
+    )
     assert {p: p.stat().st_mtime_ns for p in (root / "w").rglob("*") if p.is_file()} == before, "reused, not rewritten"
     return root
 
