@@ -80,9 +80,14 @@ class ShardEncoder:
         middle = tuple(c for c in inner[1:-1] if isinstance(c, BytesBytesCodec))  # all of them (checked above)
         return cls(tuple(arr.shards), tuple(sc.chunk_shape), per, dtype, tuple(morton_order_iter(per)), middle, spec)
 
+    @property
+    def chunk_nbytes(self) -> int:
+        """Bytes of one raw inner chunk."""
+        return int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+
     def max_bytes(self) -> int:
         """An upper bound of an encoded shard's size (compressors may grow incompressible data a little)."""
-        chunk = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+        chunk = self.chunk_nbytes
         return len(self.order) * (chunk + chunk // 8 + 1024) + len(self.order) * 16 + 4
 
     def encode(self, value: np.ndarray, buf: ShardBuffer) -> np.ndarray:
@@ -92,7 +97,7 @@ class ShardEncoder:
             raise ValueError(f"shard {value.shape} {value.dtype}, expected {self.shard_shape} {self.dtype}")
         out = buf.take(self.max_bytes())
         index = np.full((*self.chunks_per_shard, 2), _EMPTY, dtype="<u8")  # every inner chunk is written
-        chunk_nbytes = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+        chunk_nbytes = self.chunk_nbytes
         off = 0
         for coords in self.order:
             part = value[tuple(slice(c * n, (c + 1) * n) for c, n in zip(coords, self.chunk_shape, strict=True))]
