@@ -14,25 +14,32 @@ are ints or one per sequence; options are keyword-only; every result has ``attrs
 per-head variables with ``layer, head`` leading. Implementation lives in private modules.
 """
 
+from headstore.analyze._attention_search import Relation, attention_search
 from headstore.analyze._attention_stats import attention_stats
 from headstore.analyze._calibration import calibration, n_empty_bins, overconfidence
 from headstore.analyze._circuits import circuits
 from headstore.analyze._composition import composition
 from headstore.analyze._copy_suppression import copy_suppression
 from headstore.analyze._head_scores import head_scores
+from headstore.analyze._head_similarity import head_similarity
 from headstore.analyze._ifelse_detector import ifelse_detector
 from headstore.analyze._ioi import ioi, ioi_pair
 from headstore.analyze._logit_attribution import logit_attribution
 from headstore.analyze._path_patch import path_patch_query
 from headstore.analyze._projection_loss import projection_loss
+from headstore.analyze._top_attention import top_attention
+from headstore.analyze._top_effects import top_effects
 
 __all__ = [
+    "Relation",
+    "attention_search",
     "attention_stats",
     "calibration",
     "circuits",
     "composition",
     "copy_suppression",
     "head_scores",
+    "head_similarity",
     "ifelse_detector",
     "ioi",
     "ioi_pair",
@@ -41,4 +48,6 @@ __all__ = [
     "overconfidence",
     "path_patch_query",
     "projection_loss",
+    "top_attention",
+    "top_effects",
 ]

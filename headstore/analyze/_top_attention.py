@@ -1,0 +1,124 @@
+"""``top_attention``: each head's k largest attention weights over the whole store, with their tokens.
+
+For head ``(L, h)`` the candidates are the entries ``pattern[b, L, h, q, k]`` with ``k <= q`` and both
+``q`` and ``k`` real tokens (``< length[b]`` on a right-padded store), less the keys holding the BOS token
+(``exclude_bos``) and the diagonal ``k == q`` (``exclude_self``); a NaN weight (a layer whose pattern was
+not stored) is never a candidate. The k largest are kept; ties go to the entry that comes first in the
+store (earlier sequence, then earlier query, then earlier key: ``_blocks``). Streamed one batch chunk and
+one layer at a time, keeping k candidates per head and block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from headstore.analyze import _args
+from headstore.analyze._blocks import batch_slices, masked, merge_top, stream, token_strings, tokens_at, top_k_rows
+from headstore.analyze._maths import bos_id, require, sequence_lengths
+from headstore.store_schema import HeadstoreError, selection
+
+
+def _block(
+    start: int,
+    pattern: np.ndarray,
+    tokens: np.ndarray,
+    length: np.ndarray,
+    heads: np.ndarray,
+    k: int,
+    bos: int,
+    exclude_self: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One (batch chunk, layer) block -> (weights (l, h, k), where (l, h, k, 3): row, query, key)."""
+    n_b, n_l, _, n_q, n_k = pattern.shape
+    q, key = np.arange(n_q)[:, None], np.arange(n_k)[None, :]
+    keep = (key <= q)[None] & (q < length[:, None, None]) & (key < length[:, None, None])  # b, q, k
+    if bos >= 0:
+        keep &= (tokens != bos)[:, None, :]
+    if exclude_self:
+        keep &= (key != q)[None]
+    pat = pattern[:, :, heads].transpose(1, 2, 0, 3, 4)  # l, h, b, q, k
+    vals = masked(pat, keep[None, None]).reshape(n_l * heads.size, -1)
+    idx = top_k_rows(vals, k)
+    weights = np.where(idx >= 0, np.take_along_axis(vals, np.maximum(idx, 0), 1), np.nan)
+    b, qq, kk = np.unravel_index(np.maximum(idx, 0), (n_b, n_q, n_k))
+    where = np.stack([b + start, qq, kk], -1)
+    return weights.reshape(n_l, heads.size, k), where.reshape(n_l, heads.size, k, 3)
+
+
+def top_attention(
+    ds: xr.Dataset, *, heads: _args.Heads = "all", k: int = 20, exclude_bos: bool = True, exclude_self: bool = False
+) -> xr.Dataset:
+    """Each head's ``k`` largest attention weights over the store, largest first.
+
+    ``weight[layer, head, rank] = pattern[b, layer, head, q, key]`` for the rank-th largest entry with
+    ``key <= q < length[b]``, BOS keys left out (``exclude_bos``), ``key != q`` (``exclude_self``); ties go to the
+    earlier sequence, then query, then key. Also ``sequence`` (the ``batch`` label of ``b``), ``query_pos``,
+    ``key_pos``, ``query_token``, ``key_token`` (ids) and ``query_str``, ``key_str``. A rank with no entry
+    (a head whose pattern was not stored, or fewer than ``k`` entries) has weight NaN and -1 elsewhere.
+    Computed on call, streaming one batch chunk and one layer at a time.
+    """
+    require(ds, ("tokens", "pattern"), "top-attention")
+    chosen = _args.heads(ds, heads, "heads")
+    if not selection.is_int(k) or int(k) < 1:
+        raise HeadstoreError(f"k must be a positive integer, got {k!r}")
+    k = int(k)
+    layers = ds.hs.layers
+    by_layer = {i: np.array(sorted(h for L, h in chosen if L == layer)) for i, layer in enumerate(layers)}
+    todo = [i for i, hs in by_layer.items() if hs.size]
+    bos = bos_id(ds) if exclude_bos else None
+    arrays = {"pattern": ds["pattern"], "tokens": ds["tokens"], "length": sequence_lengths(ds)}
+    n_l, n_h = len(layers), ds.sizes["head"]
+    cand_w = [[[] for _ in range(n_h)] for _ in range(n_l)]  # type: list[list[list[Any]]]
+    cand_at = [[[] for _ in range(n_h)] for _ in range(n_l)]  # type: list[list[list[Any]]]
+    for i in todo:  # one stream per layer: its heads are the same in every block
+        for _bs, _group, (w, at) in stream(
+            _block, arrays, batch_slices(ds), [[i]], heads=by_layer[i], k=k,
+            bos=-1 if bos is None else bos, exclude_self=bool(exclude_self),
+        ):  # fmt: skip
+            for j, h in enumerate(by_layer[i]):
+                cand_w[i][h].append(w[0, j])
+                cand_at[i][h].append(at[0, j])
+    weight = np.full((n_l, n_h, k), np.nan, np.float32)
+    where = np.full((n_l, n_h, k, 3), -1, np.int64)
+    for i in todo:
+        for h in by_layer[i]:
+            w, at = np.concatenate(cand_w[i][h])[None], np.concatenate(cand_at[i][h])[None]
+            best = merge_top(w, at, k)[0]
+            ok = best >= 0
+            weight[i, h, : ok.sum()] = w[0, best[ok]]
+            where[i, h, : ok.sum()] = at[0, best[ok]]
+    return _result(ds, weight, where, heads, k, exclude_bos, exclude_self)
+
+
+def _result(
+    ds: xr.Dataset, weight: np.ndarray, where: np.ndarray, heads: Any, k: int, exclude_bos: bool, exclude_self: bool
+) -> xr.Dataset:
+    """The Dataset of :func:`top_attention` from the merged (layer, head, rank) weights and (row, q, key)."""
+    row, q, key = where[..., 0], where[..., 1], where[..., 2]
+    ok = row >= 0
+    q_tok, k_tok = tokens_at(ds, row, q), tokens_at(ds, row, key)
+    labels = selection.labels(ds)
+    dims = ("layer", "head", "rank")
+    out = xr.Dataset(
+        {
+            "weight": (dims, weight),
+            "sequence": (dims, np.where(ok, labels[np.maximum(row, 0)], -1).astype(np.int64)),
+            "query_pos": (dims, q),
+            "key_pos": (dims, key),
+            "query_token": (dims, q_tok.astype(np.int64)),
+            "key_token": (dims, k_tok.astype(np.int64)),
+            "query_str": (dims, token_strings(ds, q_tok)),
+            "key_str": (dims, token_strings(ds, k_tok)),
+        },
+        coords={"layer": ds.hs.layers, "head": np.arange(ds.sizes["head"]), "rank": np.arange(k)},
+    )
+    out.attrs.update(
+        {
+            "analyzer": "top-attention", "k": k, "exclude_bos": int(bool(exclude_bos)),
+            "exclude_self": int(bool(exclude_self)), "heads": heads if isinstance(heads, str) else "selected",
+        }
+    )  # fmt: skip
+    return out
