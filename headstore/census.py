@@ -115,3 +115,22 @@ def rank_of_score(comp: xr.Dataset, kind: str, a: Head, b: Head) -> int:
     col = comp[kind].sel(layer_b=b[0], head_b=b[1])
     v = float(col.sel(layer_a=a[0], head_a=a[1]))
     return int((col > v).sum())
+
+
+# The kinds a head can be given by :func:`head_kinds`, in the order ties between them are broken.
+KINDS = ("previous_token", "induction", "duplicate_token", "bos")
+
+
+def head_kinds(scores: xr.Dataset, threshold: float = 0.4) -> xr.DataArray:
+    """(layer, head) kind of each head from ``head_scores``: the kind among :data:`KINDS` with the highest score,
+    when that score reaches ``threshold`` (ties: the earlier in :data:`KINDS`), else ``"other"``; ``"not measured"``
+    where every score is NaN (a layer whose pattern was not stored)."""
+    stacked = np.stack([scores[k].transpose("layer", "head").values for k in KINDS])  # kind, layer, head
+    finite = np.isfinite(stacked)
+    best = np.argmax(np.where(finite, stacked, -np.inf), axis=0)
+    value = np.take_along_axis(np.where(finite, stacked, -np.inf), best[None], 0)[0]
+    names = np.array([*KINDS, "other", "not measured"], dtype=object)
+    idx = np.where(value >= threshold, best, len(KINDS))
+    idx = np.where(finite.any(0), idx, len(KINDS) + 1)
+    like = scores[KINDS[0]].transpose("layer", "head")
+    return xr.DataArray(names[idx], dims=("layer", "head"), coords=like.coords)

@@ -4,6 +4,7 @@ dashboard site, opened in headless Chromium."""
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -300,3 +301,87 @@ def test_compact_store_derives_the_pattern(make_store: Callable[..., Path]) -> N
     np.testing.assert_allclose(
         head_similarity(full)["similarity"].values, head_similarity(compact)["similarity"].values, atol=1e-5
     )
+
+
+# ------------------------------------------------------------------------------------------------ the dashboard
+
+
+def _dom(url: str, tmp: Path) -> str:
+    """The DOM of ``url`` after headless Chromium loaded it (skips where no Chromium is installed)."""
+    import shutil
+    import subprocess
+
+    binary = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    if binary is None:
+        pytest.skip("chromium is not installed: the browser check needs it (scripts/test.sh installs it)")
+    (tmp / "profile").mkdir(exist_ok=True)
+    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+           f"--user-data-dir={tmp / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", url]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-2000:]
+    return res.stdout.decode("utf-8")
+
+
+@pytest.fixture(scope="module")
+def site(make_store: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(store, site folder): ``headstore dashboard STORE OUT --k 5`` through the CLI."""
+    from typer.testing import CliRunner
+
+    from headstore.cli import app
+
+    store = make_store("tiny-gpt2", "ioi", n_seq=6)
+    out = tmp_path_factory.mktemp("site") / "site"
+    res = CliRunner().invoke(app, ["dashboard", str(store), str(out), "--k", "5"])
+    assert res.exit_code == 0, res.output
+    return store, out
+
+
+def test_dashboard_in_chromium(site: tuple[Path, Path], tmp_path: Path) -> None:
+    """Open the index (served by ``headstore serve``'s server, and from file://), follow head 1.2's link, and check
+    its page shows that head's top examples with the right tokens highlighted: brute force over the store."""
+    import threading
+    from urllib.parse import urljoin
+
+    from headstore.cli.serve import make_server
+
+    store, out = site
+    server = make_server(str(out), port=0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        index_url = f"http://127.0.0.1:{server.server_address[1]}/index.html"
+        index = _dom(index_url, tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    links = dict(re.findall(r'<a class="hs-head" href="([^"]+)"[^>]*>(\d+\.\d+)</a>', index))
+    ds = headstore.open_store(store)
+    assert sorted(links.values()) == sorted(f"{L}.{h}" for L, h in ds.hs.heads)
+    href = next(h for h, name in links.items() if name == "1.2")
+    page = _dom(urljoin((out / "index.html").resolve().as_uri(), href), tmp_path)
+    assert "Head 1.2" in page
+    pat, tokens, length = ds["pattern"].values[:, 1, 2], ds["tokens"].values, ds["length"].values
+    bos = ds.hs.provenance.tokenizer["bos_token_id"]
+    entries = [(pat[b, q, k], b, q, k) for b in range(len(length)) for q in range(length[b]) for k in range(q + 1)
+               if tokens[b, k] != bos]  # fmt: skip
+    want = sorted(entries, key=lambda e: (-e[0], e[1], e[2], e[3]))[:5]
+    attention = page[page.index("Top attention") : page.index("Top direct effects")]
+    shown = re.findall(r'<div class="hs-ex">(.*?)</div>', attention, flags=re.S)
+    assert len(shown) == 5
+    vocab = ds.hs.vocab
+    for (w, b, q, k), ex in zip(want, shown):
+        assert f"sequence {b}, query {q} → key {k}" in ex
+        key = re.search(r'<span class="hs-tok hs-key[^"]*" data-pos="(\d+)" data-weight="([0-9.]+)"[^>]*>([^<]*)<', ex)
+        assert key is not None and int(key.group(1)) == k
+        assert abs(float(key.group(2)) - w) < 1e-4
+        assert html.unescape(key.group(3)) == vocab[tokens[b, k]].replace("\n", "↵")
+        weights = {int(p): float(x) for p, x in re.findall(r'data-pos="(\d+)" data-weight="([0-9.]+)"', ex)}
+        for p, x in weights.items():  # every highlighted key carries the query's weight on it
+            assert abs(x - pat[b, q, p]) < 1e-4
+
+
+def test_dashboard_pages_stay_small(site: tuple[Path, Path]) -> None:
+    _, out = site
+    pages = list((out / "heads").glob("*.html"))
+    assert len(pages) == 8
+    assert max(p.stat().st_size for p in pages) < 40_000
+    assert "<script" not in (out / "index.html").read_text() + pages[0].read_text()

@@ -286,6 +286,23 @@ def report(
 
 
 @app.command()
+def dashboard(
+    store: Annotated[str, typer.Argument(help="store path or URL")],
+    out: Annotated[Path, typer.Argument(help="folder to write the site into (index.html, heads/)")],
+    k: Annotated[int, typer.Option(help="examples per head")] = 10,
+    partial: Annotated[bool, typer.Option(help="use only the completed part of an incomplete store")] = False,
+) -> None:
+    """A static site about every head: a grid by census kind, a page per head with its top examples."""
+    try:
+        from headstore.cli.dashboard import write_dashboard
+
+        index = write_dashboard(store, out, k=k, partial=partial)
+    except HeadstoreError as e:
+        raise _fail(e) from None
+    console.print(f"wrote {index} (open it, or: headstore serve {out})", soft_wrap=True)
+
+
+@app.command()
 def pack(
     store: Annotated[Path, typer.Argument(help="a local store (it may reference a shared weights store)")],
     out: Annotated[Path, typer.Argument(help="the self-contained copy to write")],

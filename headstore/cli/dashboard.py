@@ -1,0 +1,161 @@
+"""``headstore dashboard STORE OUT/``: a static site about every head of a store, from the store alone.
+
+``OUT/index.html`` is a grid of every head coloured by its census kind (``headstore.census.head_kinds`` on
+``head_scores``); ``OUT/heads/L{layer}H{head}.html`` is one page per head: its census scores, its top-attention
+examples as text with the attended tokens highlighted (hovering a token shows its weight), its top direct
+effects, OV top tokens and QK top pairs (from the weights, for the tokens of its examples) and its most similar
+heads. Plain HTML and CSS with relative links: it opens from ``file://`` and from ``headstore serve OUT``. Each
+page holds examples, never arrays: its size depends on ``k`` and the window, not on the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from headstore.analyze import copy_suppression, head_scores, head_similarity, top_attention, top_effects
+from headstore.analyze._circuits import _embedding, _keys, _ln1, _queries, _w, _w_write
+from headstore.analyze._maths import kv_index, normalize_rows
+from headstore.census import head_kinds
+from headstore.cli.dashboard_pages import head_page, index_page
+from headstore.store_schema import HeadstoreError, open_store
+
+N_SIMILAR = 5  # most similar heads listed per head
+N_CIRCUIT = 3  # tokens of the examples looked up in the OV / QK circuits
+N_CIRCUIT_TOP = 5  # outputs / keys listed per token
+
+
+@dataclass
+class SiteData:
+    """Everything the pages show, computed once for the whole store."""
+
+    ds: xr.Dataset
+    title: str
+    scores: xr.Dataset
+    kinds: xr.DataArray
+    top: xr.Dataset
+    rows: dict[tuple[int, int, int], np.ndarray]  # (layer index, head, rank) -> the query's attention row
+    effects: xr.Dataset | None
+    similarity: xr.Dataset
+    circuits: dict[tuple[int, int], dict[str, list[tuple[str, str, float]]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _query_rows(ds: xr.Dataset, top: xr.Dataset) -> dict[tuple[int, int, int], np.ndarray]:
+    """The attention row ``pattern[b, L, h, q, :]`` of every top example, read one layer at a time (only the
+    sequences some example of that layer comes from)."""
+    labels = {int(v): i for i, v in enumerate(np.asarray(ds["batch"].values))}
+    out: dict[tuple[int, int, int], np.ndarray] = {}
+    for i in range(ds.sizes["layer"]):
+        seq = top["sequence"].isel(layer=i).values  # head, rank
+        rows = sorted({labels[int(s)] for s in seq.ravel() if s >= 0})
+        if not rows:
+            continue
+        block = np.asarray(ds["pattern"].isel(layer=i, batch=rows).values)  # b, head, q, k
+        for h, r in zip(*np.nonzero(seq >= 0)):
+            q = int(top["query_pos"].values[i, h, r])
+            out[(i, int(h), int(r))] = block[rows.index(labels[int(seq[h, r])]), h, q, : q + 1]
+    return out
+
+
+def _ov_qk(ds: xr.Dataset, top: xr.Dataset) -> dict[tuple[int, int], dict[str, list[tuple[str, str, float]]]]:
+    """Per head: ``ov`` (source token, output token, C_OV) for the first distinct key tokens of its examples and
+    their top outputs; ``qk`` (query token, key token, C_QK) for the first distinct query tokens and their top
+    keys over the vocabulary (``analyze/_circuits.py``'s circuits, one row at a time)."""
+    if any(n not in ds for n in ("W_E", "W_Q", "W_K", "W_V", "W_O", "W_U", "vocab")):
+        return {}
+    emb = _ln1(ds, _embedding(ds, "W_E"))  # (d_vocab, d_model)
+    w_v, w_q, w_k, w_o, w_u = _w(ds, "W_V"), _w(ds, "W_Q"), _w(ds, "W_K"), _w_write(ds), _w(ds, "W_U")
+    vocab, kv = ds.hs.vocab, kv_index(ds).values
+    out: dict[tuple[int, int], dict[str, list[tuple[str, str, float]]]] = {}
+    for i in range(ds.sizes["layer"]):
+        keys_all = _keys(ds, emb, i) if ds.hs.config.qk_norm else None  # (d_vocab, kv, d_head)
+        for h in range(ds.sizes["head"]):
+            ex = top.isel(layer=i, head=h)
+            srcs = _distinct(ex["key_token"].values)
+            queries = _distinct(ex["query_token"].values)
+            ov = normalize_rows((emb[srcs] @ w_v[i, kv[h]]) @ w_o[i, h], ds) @ w_u if srcs else np.zeros((0, 0))
+            if keys_all is not None:
+                qs = _queries(ds, emb[queries], i)[:, h]  # (n, d_head)
+                qk = qs @ keys_all[:, kv[h]].T
+            else:
+                qk = (emb[queries] @ w_q[i, h]) @ (emb @ w_k[i, kv[h]]).T if queries else np.zeros((0, 0))
+            out[(i, h)] = {"ov": _best(vocab, srcs, ov), "qk": _best(vocab, queries, qk)}
+    return out
+
+
+def _distinct(ids: np.ndarray) -> list[int]:
+    return [int(t) for t in dict.fromkeys(ids.tolist()) if t >= 0][:N_CIRCUIT]
+
+
+def _best(vocab: np.ndarray, rows: list[int], scores: np.ndarray) -> list[tuple[str, str, float]]:
+    """(row token, column token, score) of each row's top columns, largest first (ties: the smaller id)."""
+    out = []
+    for r, t in enumerate(rows):
+        top = np.argsort(-scores[r], kind="stable")[:N_CIRCUIT_TOP]
+        out += [(str(vocab[t]), str(vocab[c]), float(scores[r, c])) for c in top]
+    return out
+
+
+def collect(ds: xr.Dataset, title: str, k: int = 10) -> SiteData:
+    """Compute what the site shows: census scores and kinds, top attention, top effects, similarity, circuits."""
+    if "pattern" not in ds:
+        raise HeadstoreError(
+            "dashboard needs pattern, which this store lacks and cannot derive: extract with --fields default "
+            "(or compact, which derives it from q and k)"
+        )
+    notes: list[str] = []
+    scores = head_scores(ds).compute()
+    if all(n in ds for n in ("v", "ln_final_scale", "W_O", "W_U")):
+        scores["copy_suppression"] = copy_suppression(ds)["score"].compute()
+    top = top_attention(ds, k=k)
+    effects = None
+    if all(n in ds for n in ("z", "ln_final_scale", "W_O", "W_U")):
+        effects = top_effects(ds, k=k, by="next")
+    else:
+        notes.append("no top effects: the store lacks z, ln_final_scale, W_O or W_U")
+    data = SiteData(ds, title, scores, head_kinds(scores), top, _query_rows(ds, top), effects, head_similarity(ds))
+    data.circuits = _ov_qk(ds, top)
+    if not data.circuits:
+        notes.append("no OV / QK circuits: the store lacks some of W_E, W_Q, W_K, W_V, W_O, W_U, vocab")
+    data.notes = notes
+    return data
+
+
+def similar_heads(sim: xr.Dataset, layer: int, head: int) -> list[tuple[int, int, float]]:
+    """The ``N_SIMILAR`` heads most correlated with ``(layer, head)``, highest first (NaN left out)."""
+    row = sim["similarity"].sel(layer_a=layer, head_a=head).values  # layer_b, head_b
+    layers = sim["layer_b"].values
+    flat = [(float(row[i, h]), int(layers[i]), h) for i in range(row.shape[0]) for h in range(row.shape[1])]
+    flat = [x for x in flat if np.isfinite(x[0]) and (x[1], x[2]) != (layer, head)]
+    flat.sort(key=lambda x: (-x[0], x[1], x[2]))
+    return [(L, h, v) for v, L, h in flat[:N_SIMILAR]]
+
+
+def page_name(layer: int, head: int) -> str:
+    return f"L{layer}H{head}.html"
+
+
+def write_dashboard(store: str, out: Path, *, k: int = 10, partial: bool = False) -> Path:
+    """Write the site under ``out`` (``index.html``, ``heads/*.html``); returns the index page."""
+    if not 1 <= int(k) <= 100:
+        raise HeadstoreError(f"--k {k}: give between 1 and 100 examples per head")
+    ds = open_store(store, partial=partial)
+    data = collect(ds, Path(str(store).rstrip("/")).name, int(k))
+    (out / "heads").mkdir(parents=True, exist_ok=True)
+    for i, layer in enumerate(ds.hs.layers):
+        for h in range(ds.sizes["head"]):
+            page = head_page(data, i, layer, h, similar_heads(data.similarity, layer, h), page_name)
+            _write(out / "heads" / page_name(layer, h), page)
+    index = out / "index.html"
+    _write(index, index_page(data, page_name))
+    return index
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
