@@ -75,18 +75,22 @@ def _calls(run: Run) -> dict[str, Callable[[], xr.Dataset]]:
     """Every registered analyzer, called as a researcher would on this family's stores."""
     ds, abc = run.ds, run.stores["abc"]
     return {
+        "attention-search": lambda: A.attention_search(ds, query=A.Relation.ANY, key=A.Relation.PREVIOUS),
         "attention-stats": lambda: A.attention_stats(ds),
         "calibration": lambda: A.calibration(ds),
         "circuits": lambda: A.circuits(ds),
         "composition": lambda: A.composition(ds, n_draws=8),
         "copy-suppression": lambda: A.copy_suppression(ds),
         "head-scores": lambda: A.head_scores(ds),
+        "head-similarity": lambda: A.head_similarity(ds),
         "ifelse-detector": lambda: A.ifelse_detector(run.stores["ifelse"]),
         "ioi": lambda: A.ioi(ds),
         "ioi-pair": lambda: A.ioi_pair(ds, abc),
         "logit-attribution": lambda: A.logit_attribution(ds, target=ds["io_token"]),
         "path-patch-query": lambda: A.path_patch_query(ds, abc, senders=SENDERS, receiver=RECEIVER),
         "projection-loss": lambda: A.projection_loss(ds),
+        "top-attention": lambda: A.top_attention(ds),
+        "top-effects": lambda: A.top_effects(ds),
     }
 
 
@@ -422,8 +426,9 @@ def test_config_of_older_stores_reads_with_defaults() -> None:
 
 # ------------------------------------------------------------------------------------------------ (d) analyzers
 
-# Analyzers checked against an oracle below, for every family.
-ORACLES = ("calibration", "copy-suppression", "ioi", "logit-attribution", "path-patch-query", "projection-loss")
+# Analyzers checked against an oracle below (the example analyzers: in test_dashboard.py), for every family.
+ORACLES = ("calibration", "copy-suppression", "ioi", "logit-attribution", "path-patch-query", "projection-loss",
+           "attention-search", "head-similarity", "top-attention", "top-effects")  # fmt: skip
 # (family, analyzer) -> text of the documented one-line refusal; every other pair must run.
 REFUSALS: dict[tuple[str, str], str] = {}
 

@@ -137,6 +137,34 @@ def token_ids(text: str, ds: xr.Dataset) -> int | str | xr.DataArray:
     return ds.hs.token_id(text)
 
 
+def number(text: str, ds: xr.Dataset) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise HeadstoreError(f"{text!r} is not a number") from None
+
+
+def predicate(text: str, ds: xr.Dataset) -> Any:
+    """attention-search's ``query`` / ``key``: ``rel:any``, ``rel:previous``, ``rel:earlier-copy``, ``re:REGEX``,
+    an integer (a token id), else a token string (``' if'``)."""
+    import re
+
+    from headstore.analyze import Relation
+
+    relations = {"rel:any": Relation.ANY, "rel:previous": Relation.PREVIOUS, "rel:earlier-copy": Relation.EARLIER_COPY}
+    if text.startswith("rel:"):
+        if text not in relations:
+            raise HeadstoreError(f"{text!r}: the relations are {', '.join(relations)}")
+        return relations[text]
+    if text.startswith("re:"):
+        try:
+            return re.compile(text[3:])
+        except re.error as e:
+            raise HeadstoreError(f"{text!r} is not a regular expression ({e})") from None
+    value = _int(text)
+    return text if value is None else value
+
+
 def params(pairs: Sequence[str], parsers: Mapping[str, Parser], ds: xr.Dataset) -> dict[str, Any]:
     """``["top_k=3", "senders=9.6,9.9"]`` -> keyword arguments, each value through its parser."""
     out: dict[str, Any] = {}

@@ -13,6 +13,7 @@ import pandas as pd
 import xarray as xr
 
 from headstore import analyze as A
+from headstore.cli import example_figures as X
 from headstore.cli import figures as F
 from headstore.cli import parse as P
 
@@ -38,6 +39,12 @@ class AnalyzerSpec:
 
 
 SPECS = (
+    AnalyzerSpec(
+        "attention-search", A.attention_search, ("tokens", "pattern"),
+        X.attention_search_summary, X.attention_search_plot,
+        doc="Heads ranked by attention mass from query positions matching one predicate to keys matching another",
+        params={"query": P.predicate, "key": P.predicate},
+    ),
     AnalyzerSpec(
         "attention-stats", A.attention_stats, ("tokens", "pattern"),
         F.attention_stats_summary, F.attention_stats_plot,
@@ -80,6 +87,12 @@ SPECS = (
         },
     ),
     AnalyzerSpec(
+        "head-similarity", A.head_similarity, ("tokens", "pattern"),
+        X.head_similarity_summary, X.head_similarity_plot,
+        doc="Correlation of every pair of heads' attention over the store, clustering order and families",
+        params={"threshold": P.number},
+    ),
+    AnalyzerSpec(
         "ifelse-detector", A.ifelse_detector,
         ("pattern", "v", "ln_final_scale", "resid_final", "tokens", "W_O", "W_U", "split", "subset"),
         F.ifelse_summary, F.ifelse_plot,
@@ -118,6 +131,18 @@ SPECS = (
         F.projection_loss_summary, F.projection_loss_plot,
         doc="Change in loss when each head keeps only its projection onto the source tokens' unembeddings (seed 000).",
         params={"only_negative": P.boolean},
+    ),
+    AnalyzerSpec(
+        "top-attention", A.top_attention, ("tokens", "pattern"),
+        X.top_attention_summary, X.top_attention_plot,
+        doc="Each head's k largest attention weights over the store, with sequence, positions and tokens",
+        params={"heads": P.heads_param, "k": P.integer, "exclude_bos": P.boolean, "exclude_self": P.boolean},
+    ),
+    AnalyzerSpec(
+        "top-effects", A.top_effects, ("tokens", "z", "ln_final_scale", "W_O", "W_U"),
+        X.top_effects_summary, X.top_effects_plot,
+        doc="Each head's (sequence, position) pairs with the largest and most negative direct effect on a logit",
+        params={"heads": P.heads_param, "k": P.integer, "by": P.one_of("next", "attended")},
     ),
 )  # fmt: skip
 
