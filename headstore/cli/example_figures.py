@@ -112,7 +112,7 @@ def attention_search_plot(res: xr.Dataset, folder: Path) -> list[Path]:
 
 # head-similarity
 def head_similarity_summary(res: xr.Dataset) -> pd.DataFrame:
-    """Per head: its cluster and its most similar other head; in the clustering's order."""
+    """Per head: its cluster and its most similar other head (-1: none); in the clustering's order."""
     sim = res["similarity"].transpose("layer_a", "head_a", "layer_b", "head_b").values
     n_l, n_h = sim.shape[:2]
     flat = sim.reshape(n_l * n_h, n_l * n_h).copy()
@@ -126,11 +126,11 @@ def head_similarity_summary(res: xr.Dataset) -> pd.DataFrame:
         rows.append(
             {
                 "layer": int(L), "head": int(h), "cluster": int(res["cluster"].sel(layer=L, head=h)),
-                "nearest": f"{int(layers[j // n_h])}.{j % n_h}" if j >= 0 else "",
+                "nearest_layer": int(layers[j // n_h]) if j >= 0 else -1, "nearest_head": j % n_h if j >= 0 else -1,
                 "similarity": float(row[j]) if j >= 0 else float("nan"),
             }
         )  # fmt: skip
-    return pd.DataFrame(rows, columns=["layer", "head", "cluster", "nearest", "similarity"])
+    return pd.DataFrame(rows, columns=["layer", "head", "cluster", "nearest_layer", "nearest_head", "similarity"])
 
 
 def head_similarity_plot(res: xr.Dataset, folder: Path) -> list[Path]:
