@@ -278,6 +278,8 @@ def _inputs(name: str, make_store: Callable[..., Path]) -> tuple[list[xr.Dataset
         return [ioi], {"target": ioi["io_token"]}
     if name == "calibration":
         return [ioi], {"heads": [(1, 2), (0, 0)]}
+    if name == "attention-search":
+        return [ioi], {"query": A.Relation.ANY, "key": A.Relation.PREVIOUS}
     return ([ioi, abc] if name == "ioi-pair" else [ioi]), {}
 
 
@@ -291,7 +293,11 @@ def test_every_analyzer_follows_the_return_convention(name: str, make_store: Cal
         if "layer" in var.dims and "head" in var.dims:
             assert var.dims[:2] == ("layer", "head"), (var_name, var.dims)
     lazy = [k for k, v in res.data_vars.items() if v.chunks is not None]
-    if name in ("circuits", "composition", "ifelse-detector"):  # weights-only scores, fitted detectors: on call
+    # on call: weights-only scores, fitted detectors, and the example analyzers' selections over the whole store
+    # (top-k, sums, similarity: streamed block by block, memory flat in the store's size)
+    on_call = ("circuits", "composition", "ifelse-detector", "attention-search", "head-similarity", "top-attention",
+               "top-effects")  # fmt: skip
+    if name in on_call:
         assert not lazy
     else:
         assert lazy, "an analyzer over activations must stay lazy until .compute()"

@@ -14,7 +14,8 @@ are ints or one per sequence; options are keyword-only; every result has ``attrs
 per-head variables with ``layer, head`` leading. Implementation lives in private modules.
 """
 
-from headstore.analyze._attention_search import Relation, attention_search
+from headstore.analyze._attention_search import Relation as Relation  # attention_search's predicates (a class)
+from headstore.analyze._attention_search import attention_search
 from headstore.analyze._attention_stats import attention_stats
 from headstore.analyze._calibration import calibration, n_empty_bins, overconfidence
 from headstore.analyze._circuits import circuits
@@ -31,7 +32,6 @@ from headstore.analyze._top_attention import top_attention
 from headstore.analyze._top_effects import top_effects
 
 __all__ = [
-    "Relation",
     "attention_search",
     "attention_stats",
     "calibration",
