@@ -385,3 +385,15 @@ def test_dashboard_pages_stay_small(site: tuple[Path, Path]) -> None:
     assert len(pages) == 8
     assert max(p.stat().st_size for p in pages) < 40_000
     assert "<script" not in (out / "index.html").read_text() + pages[0].read_text()
+
+
+def test_a_subset_reports_its_sequence_labels(live_family: Callable[[str], Live]) -> None:
+    """On ``ds.isel(batch=rows)`` the examples name sequences by their store labels, ties in the subset's order."""
+    ds = live_family("gpt2").ds
+    rows = [5, 3, 1]
+    sub = top_attention(ds.isel(batch=rows), k=K, exclude_bos=False, heads=[(0, 1)]).sel(layer=0, head=1)
+    pat, length = ds["pattern"].values[:, 0, 1], ds["length"].values
+    entries = [(pat[b, q, k], i, q, k) for i, b in enumerate(rows) for q in range(length[b]) for k in range(q + 1)]
+    want = sorted(entries, key=lambda e: (-e[0], e[1], e[2], e[3]))[:K]
+    got = list(zip(sub["sequence"].values, sub["query_pos"].values, sub["key_pos"].values))
+    assert got == [(rows[i], q, k) for _, i, q, k in want]

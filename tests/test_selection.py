@@ -14,6 +14,7 @@ import torch
 import xarray as xr
 
 import headstore.analyze as A
+from headstore.analyze import Relation
 from headstore.cli.registry import analyzers
 from headstore.store_schema import HeadstoreError, open_store
 
@@ -67,6 +68,7 @@ def _inputs(name: str, make_store: Callable[..., Path]) -> tuple[list[xr.Dataset
         "path-patch-query": {"senders": [(0, 1)], "receiver": (1, 2)},
         "logit-attribution": {"target": ioi["io_token"]},
         "calibration": {"heads": [(1, 2), (0, 0)]},
+        "attention-search": {"query": Relation.ANY, "key": Relation.PREVIOUS},
     }
     return ([ioi, abc] if name in ("ioi-pair", "path-patch-query") else [ioi]), kw.get(name, {})
 
@@ -86,7 +88,9 @@ def test_every_analyzer_keeps_sequence_labels_and_refuses_a_head_cut(
     # (logit-attribution's target is the whole store's io_token column: matched to the subset by label)
     sub = spec.func(*(d.isel(batch=rows) for d in datasets), **kw).compute()
     per_sequence = [v for v in sub.data_vars if "batch" in sub[v].dims]
-    assert per_sequence or name in ("calibration", "circuits", "composition"), name
+    no_batch = ("calibration", "circuits", "composition", "attention-search", "head-similarity", "top-attention",
+                "top-effects")  # fmt: skip
+    assert per_sequence or name in no_batch, name
     if per_sequence:
         assert sub["batch"].values.tolist() == rows.tolist()
     if name == "ifelse-detector":  # the detector is refitted on the subset: its labels, not its values, compare
