@@ -41,6 +41,7 @@ class SiteData:
     effects: xr.Dataset | None
     similarity: xr.Dataset
     circuits: dict[tuple[int, int], dict[str, list[tuple[str, str, float]]]] = field(default_factory=dict)
+    token_ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # (batch, pos), loaded once
     notes: list[str] = field(default_factory=list)
 
 
@@ -82,7 +83,8 @@ def _ov_qk(ds: xr.Dataset, top: xr.Dataset) -> dict[tuple[int, int], dict[str, l
                 qs = _queries(ds, emb[queries], i)[:, h]  # (n, d_head)
                 qk = qs @ keys_all[:, kv[h]].T
             else:
-                qk = (emb[queries] @ w_q[i, h]) @ (emb @ w_k[i, kv[h]]).T if queries else np.zeros((0, 0))
+                # (query rows through W_Q, then back through W_K^T) against every key row: never (d_vocab, d_head)
+                qk = ((emb[queries] @ w_q[i, h]) @ w_k[i, kv[h]].T) @ emb.T if queries else np.zeros((0, 0))
             out[(i, h)] = {"ov": _best(vocab, srcs, ov), "qk": _best(vocab, queries, qk)}
     return out
 
@@ -118,6 +120,7 @@ def collect(ds: xr.Dataset, title: str, k: int = 10) -> SiteData:
     else:
         notes.append("no top effects: the store lacks z, ln_final_scale, W_O or W_U")
     data = SiteData(ds, title, scores, head_kinds(scores), top, _query_rows(ds, top), effects, head_similarity(ds))
+    data.token_ids = np.asarray(ds["tokens"].values)
     data.circuits = _ov_qk(ds, top)
     if not data.circuits:
         notes.append("no OV / QK circuits: the store lacks some of W_E, W_Q, W_K, W_V, W_O, W_U, vocab")

@@ -124,7 +124,7 @@ def example(tokens: list[str], q: int, k: int, row: np.ndarray | None, meta: str
 def _tokens(data: SiteData, seq: int) -> list[str]:
     row = int(np.flatnonzero(np.asarray(data.ds["batch"].values) == seq)[0])
     n = int(data.ds["length"].values[row]) if "length" in data.ds else data.ds.sizes["pos"]
-    return data.ds.hs.str_tokens(row)[:n]
+    return [str(t) for t in data.ds.hs.vocab[data.token_ids[row, :n]].tolist()]
 
 
 def _attention_examples(data: SiteData, i: int, h: int) -> str:
