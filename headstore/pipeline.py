@@ -6,7 +6,8 @@ repeated random tokens (for induction). The census (``OUT/census/``, page ``OUT/
 scores, attention statistics, composition, copy suppression, name movers (``headstore.census`` says how
 each kind is chosen), path patching from the top name movers into the top copy-suppressive heads in
 both directions (seed 001) and calibration with those heads' direct effects removed (seed 003). Then the
-per-store reports of every applicable analyzer on the IOI store and the IOI/ABC pair.
+per-store reports of every applicable analyzer on the IOI store and the IOI/ABC pair, and the head dashboard
+of the IOI store (``OUT/dashboard/index.html``, ``headstore dashboard``).
 
 Rerunning resumes: finished stores are reused (extraction skips the batches already written),
 and so are finished analyzer outputs (``OUT/GROUP/NAME/``, written under a temporary name and
@@ -374,5 +375,20 @@ def run_main_job(job: MainJob) -> list[Path]:
             write_report(stores, report, results=job.out / group, progress=False, exclude=exclude)
         console.print(f"  [green]report[/green] {report}", highlight=False)
         outputs.append(report)
+    outputs.append(_dashboard(stage, ioi, job.out / "dashboard"))
     console.print(stage.table())
     return outputs
+
+
+def _dashboard(stage: Stages, store: Path, out: Path) -> Path:
+    """The head dashboard of the IOI store (``headstore dashboard``) under ``out``, unless already written."""
+    from headstore.cli.dashboard import write_dashboard
+
+    index = out / "index.html"
+    if index.is_file():
+        stage.skip("dashboard", "reused")
+        return index
+    with stage("dashboard"):
+        write_dashboard(str(store), out)
+    console.print(f"  [green]dashboard[/green] {index}", highlight=False)
+    return index

@@ -397,3 +397,17 @@ def test_a_subset_reports_its_sequence_labels(live_family: Callable[[str], Live]
     want = sorted(entries, key=lambda e: (-e[0], e[1], e[2], e[3]))[:K]
     got = list(zip(sub["sequence"].values, sub["query_pos"].values, sub["key_pos"].values))
     assert got == [(rows[i], q, k) for _, i, q, k in want]
+
+
+def test_layers_without_a_stored_pattern_are_not_measured(make_store: Callable[..., Path]) -> None:
+    """``--pattern-layers 1``: layer 0's heads have no examples, NaN mass (rank -1) and NaN similarity, never a
+    rank among the measured heads; layer 1 is as on a full store."""
+    ds = headstore.open_store(make_store("tiny-gpt2", "ioi", n_seq=4, pattern_layers="1"))
+    full = headstore.open_store(make_store("tiny-gpt2", "ioi", n_seq=4))
+    top = top_attention(ds, k=3)
+    assert np.isnan(top["weight"].sel(layer=0)).all() and (top["sequence"].sel(layer=0) == -1).all()
+    xr.testing.assert_equal(top.sel(layer=1), top_attention(full, k=3).sel(layer=1))
+    hits = attention_search(ds, query=Relation.ANY, key=Relation.PREVIOUS)
+    assert (hits["rank"].sel(layer=0) == -1).all() and sorted(hits["rank"].sel(layer=1).values) == [0, 1, 2, 3]
+    sim = head_similarity(ds)
+    assert np.isnan(sim["similarity"].sel(layer_a=0)).all() and (sim["cluster"].sel(layer=0) == -1).all()

@@ -401,6 +401,7 @@ def test_main_job_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert sorted(second) == sorted(first)
     for group in ("ioi", "ioi-vs-abc"):
         assert (job.out / f"report-{group}.html").is_file()
+    assert job.out / "dashboard" / "index.html" in first and (job.out / "dashboard" / "heads" / "L1H2.html").is_file()
     pair = (job.out / "report-ioi-vs-abc.html").read_text(encoding="utf-8")
     assert "id='an-ioi-pair'" in pair and "saved output reused" in pair
 
