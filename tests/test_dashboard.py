@@ -411,3 +411,27 @@ def test_layers_without_a_stored_pattern_are_not_measured(make_store: Callable[.
     assert (hits["rank"].sel(layer=0) == -1).all() and sorted(hits["rank"].sel(layer=1).values) == [0, 1, 2, 3]
     sim = head_similarity(ds)
     assert np.isnan(sim["similarity"].sel(layer_a=0)).all() and (sim["cluster"].sel(layer=0) == -1).all()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_dashboard_circuits_equal_the_circuit_rows(family: str, live_family: Callable[[str], Live]) -> None:
+    """The OV / QK entries of a head page are the top of ``C_OV[src, :]`` / ``C_QK[query, :]`` over the vocabulary,
+    as the circuits analyzer's row functions compute them (checked against a one-token forward in test_families),
+    for the key / query tokens of the head's top examples (qwen3: through its q/k norms)."""
+    from headstore.analyze._circuits import _ov_row, _qk_row
+    from headstore.cli.dashboard import N_CIRCUIT_TOP, collect
+
+    ds = live_family(family).ds
+    data = collect(ds, "test", k=3)
+    vocab = ds.hs.vocab
+    for (i, h), circ in data.circuits.items():
+        ex = data.top.isel(layer=i, head=h)
+        for kind, ids, row in (("ov", ex["key_token"].values, _ov_row), ("qk", ex["query_token"].values, _qk_row)):
+            want = []
+            for t in dict.fromkeys(int(x) for x in ids if x >= 0):
+                scores = row(ds, t)[i, h]
+                top = np.argsort(-scores, kind="stable")[:N_CIRCUIT_TOP]
+                want += [(vocab[t], vocab[c], scores[c]) for c in top]
+            got = circ[kind]
+            assert [(a, b) for a, b, _ in got] == [(a, b) for a, b, _ in want], (kind, i, h)
+            np.testing.assert_allclose([v for *_, v in got], [v for *_, v in want], rtol=1e-4, atol=1e-5)
