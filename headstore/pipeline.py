@@ -34,6 +34,7 @@ from rich.table import Table
 
 from headstore.cli.registry import AnalyzerSpec
 from headstore.store_schema import HeadstoreError, open_store
+from headstore.store_schema.hashing import content_sha256
 from headstore.store_schema.layout import FIELDS, WEIGHTS
 
 console = Console()
@@ -126,11 +127,8 @@ def _weights_key(spec: AnalyzerSpec, datasets: list[xr.Dataset], params: tuple[s
     # Every stored weight (it may read optional ones, like W_EE), but the positional tables cut to
     # the store's seq_len unless it asks for them: stores of one model then share the key.
     positional = {w for w in WEIGHTS if "pos" in WEIGHTS[w].dims} - set(spec.requires)
-    h = hashlib.sha256()
-    for name in sorted(n for n in [*WEIGHTS, "vocab"] if n in ds and n not in positional):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(ds[name].values).tobytes())
-    return (spec.name, h.hexdigest(), repr(ds["layer"].values.tolist()), repr(sorted(params)))
+    sha = content_sha256({n: ds[n].values for n in [*WEIGHTS, "vocab"] if n in ds and n not in positional})
+    return (spec.name, sha, repr(ds["layer"].values.tolist()), repr(sorted(params)))
 
 
 def _copy_output(src: Path, dst: Path) -> None:

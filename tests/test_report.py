@@ -149,7 +149,7 @@ def test_page_is_self_contained(report_html: Path) -> None:
 
 
 def test_page_content(report_html: Path, ioi_store: Path) -> None:
-    from headstore.store_schema.info import store_info
+    from headstore.store_schema.read.info import store_info
 
     page = report_html.read_text(encoding="utf-8")
     info = store_info(str(ioi_store))

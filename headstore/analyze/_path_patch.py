@@ -43,6 +43,7 @@ from headstore.analyze._maths import (
     softcap,
 )
 from headstore.store_schema import HeadstoreError
+from headstore.store_schema.attention import visible
 
 NAME = "path-patch-query"
 NEEDS = ("resid_pre", "k", "result", "W_Q", "b_Q")
@@ -85,13 +86,10 @@ def end_pattern(q: xr.DataArray, k: xr.DataArray, end: xr.DataArray, ds: xr.Data
     """(batch, key_pos) softmax of ``cap(q . k * scale)`` for the end query over the keys it sees (causal, and
     within the layer's sliding window); ``ds`` None: ``1/sqrt(d_head)``, causal only."""
     pos = xr.DataArray(np.arange(k.sizes["pos"]), dims="pos")
-    valid = pos <= end
     if ds is None:
-        return causal_softmax(attention_scores(q, k), valid, "pos").rename(pos="key_pos")
+        return causal_softmax(attention_scores(q, k), visible(end, pos), "pos").rename(pos="key_pos")
     cfg = ds.hs.config
-    window = cfg.window(int(layer)) if layer is not None else 0
-    if window:
-        valid = valid & (pos > end - window)
+    valid = visible(end, pos, cfg.window(int(layer)) if layer is not None else 0)
     scale = None if cfg.score_scale == cfg.d_head**-0.5 else cfg.score_scale  # None: divide by sqrt(d_head), as before
     scores = softcap(attention_scores(q, k, scale), cfg.attn_logit_softcap)
     return causal_softmax(scores, valid, "pos").rename(pos="key_pos")

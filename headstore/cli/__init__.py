@@ -118,7 +118,7 @@ def extract(
 def info(store: str, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Schema, model, dataset, fields, sizes on disk, bytes per token, completeness."""
     try:
-        from headstore.store_schema.info import store_info
+        from headstore.store_schema.read.info import store_info
 
         data = store_info(store)
     except HeadstoreError as e:
@@ -292,7 +292,7 @@ def pack(
 ) -> None:
     """Write a self-contained copy of a store: the weights it takes from a shared weights store copied in."""
     try:
-        from headstore.store_schema.weights_store import pack as run_pack
+        from headstore.store_schema.write.weights import pack as run_pack
 
         path = run_pack(store, out)
     except HeadstoreError as e:

@@ -21,7 +21,7 @@ from headstore.cli.embed import _Figures
 from headstore.cli.parse import parse_heads, parse_sequences
 from headstore.cli.provenance_section import provenance_section
 from headstore.store_schema import HeadstoreError, open_store
-from headstore.store_schema.info import store_info
+from headstore.store_schema.read.info import store_info
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1300px;color:#222;padding:0 16px}
