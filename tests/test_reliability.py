@@ -400,7 +400,7 @@ def test_no_module_unpickles() -> None:
 
 
 def test_every_read_path_opens_zarr_read_only() -> None:
-    mods = ("write/create", "write/writer", "read/reader", "read/guard")
+    mods = ("write/create", "write/writer", "paths", "read/reader", "read/guard")
     src = "".join((ROOT / "headstore" / "store_schema" / f"{m}.py").read_text() for m in mods)
     calls = re.findall(r"zarr\.open_group\((.*?)\)\n", src, flags=re.S)
     modes = [re.search(r"mode=\"([^\"]+)\"", c) for c in calls]

@@ -326,6 +326,22 @@ def test_store_and_weights_store_over_http(shared: Path) -> None:
         server.server_close()
 
 
+def test_store_and_weights_store_over_http_read_each_group_metadata_once(shared: Path) -> None:
+    """Two groups (the store and its weights store), two metadata requests: each root ``zarr.json`` once."""
+    server = __import__("http.server").server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Counting, directory=str(shared))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Counting.sent.clear()
+    try:
+        open_store(f"http://127.0.0.1:{server.server_address[1]}/a.zarr")
+    finally:
+        server.shutdown()
+        server.server_close()
+    metadata = sorted(path for path, _ in _Counting.sent if path.endswith("zarr.json"))
+    assert metadata == ["/a.zarr/zarr.json", "/w/tiny.zarr/zarr.json"], _Counting.sent
+
+
 # --- bfloat16 models -----------------------------------------------------------------------------
 
 LIVE_HOOKS = {  # field -> TransformerLens hook of layer L, written out here (not taken from the extractor)

@@ -151,7 +151,8 @@ def make_plan(
     """
     n, bs = tokens.shape[0], prov.batch_size
     n_batches = -(-n // bs)
-    mem = MemoryStore()
+    held: dict[str, Any] = {}  # key -> Buffer: what the in-memory store holds
+    mem = MemoryStore(held)
     root = zarr.open_group(mem, mode="w", zarr_format=3)
     root.attrs[ATTRS_KEY] = prov.to_dict()
     create_arrays(root, store_layout(prov, sizes).values())
@@ -163,7 +164,7 @@ def make_plan(
     write_weights(root, small, prov.layout)
     write_weights(root, {k: v for k, v in weights.items() if k not in small}, prov.layout, write=False)
     consolidate(mem)
-    stored = dict(mem._store_dict)  # key -> Buffer
+    stored = dict(held)
     fields: list[FieldPlan] = []
     n_tok = n * prov.seq_len
     t_encode = 0.0
@@ -177,7 +178,7 @@ def make_plan(
             files = files * len(prov.stored_pattern_layers) // max(len(prov.layers), 1)
         if sample is not None and name in sample:
             t0 = time.perf_counter()
-            per_batch = _encoded_bytes(root, name, sample[name], prov) * bs / sample[name].shape[0]
+            per_batch = _encoded_bytes(root, held, name, sample[name], prov) * bs / sample[name].shape[0]
             t_encode += time.perf_counter() - t0
         else:
             per_batch = _raw_bytes_per_token(name, sizes, prov) * bs * prov.seq_len
@@ -226,7 +227,7 @@ def _weights_size(root: zarr.Group, stored: Mapping[str, Any], weights: Mapping[
     return w_bytes, w_files
 
 
-def _encoded_bytes(root: zarr.Group, name: str, value: np.ndarray, prov: Provenance) -> int:
+def _encoded_bytes(root: zarr.Group, held: Mapping[str, Any], name: str, value: np.ndarray, prov: Provenance) -> int:
     """Bytes of one batch of ``name`` written with the store's layout and codecs (in memory)."""
     arr = root[name]
     assert isinstance(arr, zarr.Array)
@@ -237,11 +238,9 @@ def _encoded_bytes(root: zarr.Group, name: str, value: np.ndarray, prov: Provena
         full = np.full((b, arr.shape[1], *value.shape[2:]), np.nan, dtype=arr.dtype)
         full[:, pattern_layer_index(prov)] = value
         value = full
-    store = arr.store
-    assert isinstance(store, MemoryStore)
-    before = {k for k in store._store_dict if k.startswith(f"{name}/c")}
+    before = {k for k in held if k.startswith(f"{name}/c")}
     arr.with_config({"write_empty_chunks": False})[0:b] = value.astype(arr.dtype, copy=False)
-    return sum(len(v) for k, v in store._store_dict.items() if k.startswith(f"{name}/c") and k not in before)
+    return sum(len(v) for k, v in held.items() if k.startswith(f"{name}/c") and k not in before)
 
 
 def _raw_bytes_per_token(name: str, sizes: Mapping[str, int], prov: Provenance) -> float:

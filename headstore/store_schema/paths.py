@@ -57,8 +57,9 @@ class StorePath:
         """``ref_path`` as seen from this store: a URL or an absolute path as is, else relative to it."""
         return StorePath(resolve(self.url, ref_path), self.storage_options)
 
-    def open_group(self, mode: str = "r") -> zarr.Group:
-        return zarr.open_group(self.url, mode=mode, zarr_format=3, storage_options=self.options)  # type: ignore[arg-type]
+    def open_group(self) -> zarr.Group:
+        """The root group, read-only (its metadata read once)."""
+        return zarr.open_group(self.url, mode="r", zarr_format=3, storage_options=self.options)
 
     def __str__(self) -> str:
         return self.url

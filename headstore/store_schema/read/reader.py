@@ -22,7 +22,7 @@ def open_group(path: str | os.PathLike[str] | StorePath, storage_options: dict[s
     """A store's root group, read-only, its metadata read once (consolidated: every array's with it)."""
     where = StorePath.of(path, storage_options)
     try:
-        root = zarr.open_group(where.url, mode="r", zarr_format=3, storage_options=where.options)
+        root = where.open_group()
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError) as e:
         raise HeadstoreError(
             f"{where} is not a Zarr v3 store ({type(e).__name__}): pass the folder made by extract"
