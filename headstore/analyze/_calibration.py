@@ -47,6 +47,8 @@ import numpy as np
 import xarray as xr
 
 from headstore.analyze import _args, _maths
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
+from headstore.analyze.types import Heads
 from headstore.store_schema import HeadstoreError
 
 REQUIRES = ("tokens", "resid_final", "ln_final_scale", "z", "W_O", "W_U", "b_U")
@@ -251,3 +253,11 @@ def calibration(ds: xr.Dataset, *, top_k: int = 3, n_bins: int = 50, heads: _arg
         }
     )
     return out
+
+
+SPEC = AnalyzerSpec(
+    "calibration", calibration, REQUIRES,
+    doc="Calibration curve and overconfidence; change when each head's direct effect is removed (seed 003).",
+    params={"top_k": int, "n_bins": int, "heads": Heads},
+)  # fmt: skip
+register_analyzer(SPEC)

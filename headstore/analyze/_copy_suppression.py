@@ -37,6 +37,7 @@ from headstore.analyze._maths import (
     real_positions,
     require,
 )
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
 
 REQUIRES = ("tokens", "v", "pattern", "ln_final_scale", "W_O", "W_U")
 
@@ -145,3 +146,13 @@ def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datas
     )
     out.attrs.update({"analyzer": "copy-suppression", "only_negative": int(only_negative), "logits": logits_kind(ds)})
     return out
+
+
+SPEC = AnalyzerSpec(
+    "copy-suppression",
+    copy_suppression,
+    REQUIRES,
+    doc="How much each head suppresses the logit of the token it attends to (seed 000, Part 1).",
+    params={"only_negative": bool},
+)
+register_analyzer(SPEC)

@@ -2,8 +2,8 @@
 figures and top-head tables, and an attention-pattern viewer with token labels.
 
 The page needs no network: plotly.js is inlined once in ``<head>``, figures are inlined by
-``headstore.cli.embed``. With a results folder (``results=``, ``--results``) analyzer outputs already
-there are reused and the missing ones computed into it (``headstore.cli.analyzer_section``). No torch here.
+``headstore.report.embed``. With a results folder (``results=``, ``--results``) analyzer outputs already
+there are reused and the missing ones computed into it (``headstore.report.analyzer_section``). No torch here.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from headstore.cli.analyzer_section import TOP_ROWS, run_analyzers
-from headstore.cli.attention_viewer import attention_viewer
-from headstore.cli.embed import _Figures
-from headstore.cli.parse import parse_heads, parse_sequences
-from headstore.cli.provenance_section import provenance_section
+from headstore.report.analyzer_section import TOP_ROWS, run_analyzers
+from headstore.report.attention_viewer import attention_viewer
+from headstore.report.embed import _Figures
+from headstore.report.options import parse_heads, parse_sequences
+from headstore.report.provenance_section import provenance_section
 from headstore.store_schema import HeadstoreError, open_store
 from headstore.store_schema.info import store_info
 
