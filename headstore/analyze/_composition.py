@@ -57,7 +57,7 @@ def gram_root(a: np.ndarray) -> np.ndarray:
 def left_factor(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``A B`` (stacks of ``(d_model, d_head) @ (d_head, d_model)``) -> ``P = R_A B`` (n, d_head, d_model):
     ``||P X||_F = ||A B X||_F`` for every ``X``."""
-    with threadpool_limits(1):  # stacks of small products: BLAS threads only slow them down (~12x)
+    with threadpool_limits(1):  # stacks of small products: BLAS threads only slow them down (docs/benchmarks.md)
         return gram_root(a) @ b
 
 

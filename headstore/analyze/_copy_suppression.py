@@ -43,8 +43,7 @@ REQUIRES = ("tokens", "v", "pattern", "ln_final_scale", "W_O", "W_U")
 
 
 # each dask block holds about this many bytes of float32 pattern: layers are grouped so that the number of tasks
-# (~28 per block, measured: 13,741 for 98 batch chunks x 5 layer groups of SmolLM2; the threaded scheduler keeps a
-# few KB per task) stays small against the data at 10^5-10^6 tokens
+# stays small against the data at 10^5-10^6 tokens (the measurement: docs/benchmarks.md, "Figures behind constants")
 BLOCK_BYTES = 32 * 2**20
 
 
