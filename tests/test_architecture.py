@@ -246,3 +246,19 @@ def test_main_job_views_derive_from_the_declarations() -> None:
         for name in plan.analyzers:
             need = {DERIVED_FROM.get(r, r) for r in specs[name].requires if r in FIELDS}
             assert need <= held, (store, name, need - held)
+
+
+def test_registry_refuses_unknown_and_twice_declared_names() -> None:
+    import dataclasses
+
+    from headstore.analyze import registry
+    from headstore.store_schema import HeadstoreError
+
+    with pytest.raises(HeadstoreError, match="unknown analyzer 'nope': choose from attention-stats, calibration"):
+        registry.get_analyzer("nope")
+    spec = registry.get_analyzer("ioi")
+    registry.register_analyzer(spec)  # the same declaration again (a module imported twice): harmless
+    assert registry.get_analyzer("ioi") is spec
+    with pytest.raises(HeadstoreError, match="analyzer 'ioi' is declared twice"):
+        registry.register_analyzer(dataclasses.replace(spec, func=lambda ds: ds))
+    assert registry.get_analyzer("ioi") is spec
