@@ -42,11 +42,15 @@ from headstore.analyze._maths import (
     rotate,
     softcap,
 )
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
+from headstore.analyze.types import Head, Heads, Positions
 from headstore.store_schema import HeadstoreError
 from headstore.store_schema.attention import visible
 
 NAME = "path-patch-query"
 NEEDS = ("resid_pre", "k", "result", "W_Q", "b_Q")
+COLUMNS = ("io_pos", "s1_pos", "end_pos")  # read when no value is passed
+REQUIRES = (*NEEDS, *COLUMNS)
 
 
 def _needs(ds: xr.Dataset) -> tuple[str, ...]:
@@ -186,3 +190,14 @@ def path_patch_query(
         "corrupt_dataset": str(corrupt.hs.provenance.dataset.get("kind", "")),
     }
     return out
+
+
+SPEC = AnalyzerSpec(
+    NAME,
+    path_patch_query,
+    REQUIRES,
+    n_stores=2,
+    doc="path-patch senders' outputs (2nd store) into a receiver head's query (1st store): END->IO minus END->S1",
+    params={"senders": Heads, "receiver": Head, "io": Positions, "s1": Positions, "end": Positions},
+)
+register_analyzer(SPEC)

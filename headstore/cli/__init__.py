@@ -268,7 +268,7 @@ def report(
 ) -> None:
     """One self-contained HTML page: provenance, every applicable analyzer, attention patterns."""
     try:
-        from headstore.cli.report import write_report
+        from headstore.report.page import write_report
 
         path = write_report(
             stores,
