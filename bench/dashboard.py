@@ -28,7 +28,7 @@ RUN = """
 import json, sys, time
 from pathlib import Path
 t0 = time.perf_counter()
-from headstore.cli.dashboard import write_dashboard
+from headstore.report.dashboard import write_dashboard
 write_dashboard(sys.argv[1], Path(sys.argv[2]))
 seconds = time.perf_counter() - t0
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]

@@ -82,7 +82,7 @@ def test_imports_and_figures_leave_matplotlib_backend_alone(make_store: Callable
     code = f"""
 import json, sys, matplotlib
 before = dict.__getitem__(matplotlib.rcParams, "backend")
-import headstore, headstore.analyze, headstore.cli, headstore.cli.registry, headstore.cli.report, headstore.pipeline
+import headstore, headstore.analyze, headstore.cli, headstore.cli.registry, headstore.report.page, headstore.pipeline
 from headstore.cli.run import run_analyzer
 from headstore.cli.registry import analyzers
 paths = run_analyzer(analyzers()["copy-suppression"], [{str(store)!r}], __import__("pathlib").Path({str(tmp_path)!r}))[1]

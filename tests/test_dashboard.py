@@ -419,7 +419,7 @@ def test_dashboard_circuits_equal_the_circuit_rows(family: str, live_family: Cal
     as the circuits analyzer's row functions compute them (checked against a one-token forward in test_families),
     for the key / query tokens of the head's top examples (qwen3: through its q/k norms)."""
     from headstore.analyze._circuits import _ov_row, _qk_row
-    from headstore.cli.dashboard import N_CIRCUIT_TOP, collect
+    from headstore.report.dashboard import N_CIRCUIT_TOP, collect
 
     ds = live_family(family).ds
     data = collect(ds, "test", k=3)

@@ -11,10 +11,11 @@ They read only the store (no torch, no model, no tokenizer) and run lazily with 
 
 Conventions: heads are ``(layer, head)`` tuples (a set of heads a list of them, or ``"all"``); positions
 are ints or one per sequence; options are keyword-only; every result has ``attrs["analyzer"]`` and
-per-head variables with ``layer, head`` leading. Implementation lives in private modules.
+per-head variables with ``layer, head`` leading. Implementation lives in private modules, each ending with
+its declaration (``registry.AnalyzerSpec``: name, function, required fields, parameter types), which
+importing this package registers: ``headstore.analyze.registry.analyzers()`` lists them.
 """
 
-from headstore.analyze._attention_search import Relation as Relation  # attention_search's predicates (a class)
 from headstore.analyze._attention_search import attention_search
 from headstore.analyze._attention_stats import attention_stats
 from headstore.analyze._calibration import calibration, n_empty_bins, overconfidence
@@ -30,6 +31,7 @@ from headstore.analyze._path_patch import path_patch_query
 from headstore.analyze._projection_loss import projection_loss
 from headstore.analyze._top_attention import top_attention
 from headstore.analyze._top_effects import top_effects
+from headstore.analyze.types import Relation as Relation  # attention_search's predicates (a class)
 
 __all__ = [
     "attention_search",

@@ -18,27 +18,19 @@ chunk and one layer at a time (sums only).
 
 from __future__ import annotations
 
-import enum
 import re
-from typing import Any, TypeAlias
+from typing import Any
 
 import numpy as np
 import xarray as xr
 
 from headstore.analyze._blocks import batch_slices, stream
 from headstore.analyze._maths import require, sequence_lengths
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
+from headstore.analyze.types import Predicate, Relation
 from headstore.store_schema import HeadstoreError, selection
 
-
-class Relation(enum.Enum):
-    """A predicate defined by position, not by token (see the module docstring)."""
-
-    ANY = "any"
-    PREVIOUS = "previous token"
-    EARLIER_COPY = "earlier copy of the query token"
-
-
-Predicate: TypeAlias = "str | int | re.Pattern[str] | Relation"
+REQUIRES = ("tokens", "pattern")
 
 
 def _token_ids(ds: xr.Dataset, value: Any, what: str) -> tuple[np.ndarray, str]:
@@ -107,7 +99,7 @@ def attention_search(ds: xr.Dataset, *, query: Predicate, key: Predicate) -> xr.
     a token string, a token id, ``re.compile(...)`` over token strings, or a :class:`Relation` (``ANY``; for
     ``key`` also ``PREVIOUS`` and ``EARLIER_COPY``). Computed on call, streaming over the store.
     """
-    require(ds, ("tokens", "pattern"), "attention-search")
+    require(ds, REQUIRES, "attention-search")
     if isinstance(query, Relation) and query is not Relation.ANY:
         raise HeadstoreError(f"query cannot be Relation.{query.name} (a relation to the query): give it as key")
     qmask, qdesc = _position_mask(ds, query, "query")
@@ -147,3 +139,11 @@ def _result(ds: xr.Dataset, mass: np.ndarray, n_queries: int, n_pairs: int, qdes
     )
     out.attrs.update({"analyzer": "attention-search", "query": qdesc, "key": kdesc})
     return out
+
+
+SPEC = AnalyzerSpec(
+    "attention-search", attention_search, REQUIRES,
+    doc="Heads ranked by attention mass from query positions matching one predicate to keys matching another",
+    params={"query": Predicate, "key": Predicate},
+)  # fmt: skip
+register_analyzer(SPEC)

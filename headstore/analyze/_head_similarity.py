@@ -26,7 +26,10 @@ import xarray as xr
 
 from headstore.analyze._blocks import batch_slices, stream
 from headstore.analyze._maths import require, sequence_lengths
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
 from headstore.store_schema import HeadstoreError
+
+REQUIRES = ("tokens", "pattern")
 
 
 def _block(start: int, pattern: np.ndarray, length: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
@@ -71,7 +74,7 @@ def head_similarity(ds: xr.Dataset, *, threshold: float = 0.5) -> xr.Dataset:
     ``1 - similarity``; ``cluster[layer, head]`` the clusters at distance ``1 - threshold``. Computed on call,
     one batch chunk (all layers) at a time.
     """
-    require(ds, ("tokens", "pattern"), "head-similarity")
+    require(ds, REQUIRES, "head-similarity")
     if not -1.0 <= float(threshold) <= 1.0:
         raise HeadstoreError(f"threshold is a correlation in [-1, 1], got {threshold!r}")
     n_l, n_h = ds.sizes["layer"], ds.sizes["head"]
@@ -99,3 +102,11 @@ def head_similarity(ds: xr.Dataset, *, threshold: float = 0.5) -> xr.Dataset:
     )  # fmt: skip
     out.attrs.update({"analyzer": "head-similarity", "threshold": float(threshold), "n_entries": int(n)})
     return out
+
+
+SPEC = AnalyzerSpec(
+    "head-similarity", head_similarity, REQUIRES,
+    doc="Correlation of every pair of heads' attention over the store, clustering order and families",
+    params={"threshold": float},
+)  # fmt: skip
+register_analyzer(SPEC)

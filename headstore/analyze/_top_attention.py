@@ -18,7 +18,11 @@ import xarray as xr
 from headstore.analyze import _args
 from headstore.analyze._blocks import batch_slices, masked, merge_top, stream, token_strings, tokens_at, top_k_rows
 from headstore.analyze._maths import bos_id, require, sequence_lengths
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
+from headstore.analyze.types import Heads
 from headstore.store_schema import HeadstoreError, selection
+
+REQUIRES = ("tokens", "pattern")
 
 
 def _block(
@@ -49,7 +53,7 @@ def _block(
 
 
 def top_attention(
-    ds: xr.Dataset, *, heads: _args.Heads = "all", k: int = 20, exclude_bos: bool = True, exclude_self: bool = False
+    ds: xr.Dataset, *, heads: Heads = "all", k: int = 20, exclude_bos: bool = True, exclude_self: bool = False
 ) -> xr.Dataset:
     """Each head's ``k`` largest attention weights over the store, largest first.
 
@@ -60,7 +64,7 @@ def top_attention(
     (a head whose pattern was not stored, or fewer than ``k`` entries) has weight NaN and -1 elsewhere.
     Computed on call, streaming one batch chunk and one layer at a time.
     """
-    require(ds, ("tokens", "pattern"), "top-attention")
+    require(ds, REQUIRES, "top-attention")
     chosen = _args.heads(ds, heads, "heads")
     if not selection.is_int(k) or int(k) < 1:
         raise HeadstoreError(f"k must be a positive integer, got {k!r}")
@@ -122,3 +126,11 @@ def _result(
         }
     )  # fmt: skip
     return out
+
+
+SPEC = AnalyzerSpec(
+    "top-attention", top_attention, REQUIRES,
+    doc="Each head's k largest attention weights over the store, with sequence, positions and tokens",
+    params={"heads": Heads, "k": int, "exclude_bos": bool, "exclude_self": bool},
+)  # fmt: skip
+register_analyzer(SPEC)

@@ -19,8 +19,6 @@ Streamed one batch chunk and one layer at a time. The logit is the pre-soft-cap 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import xarray as xr
 
@@ -36,6 +34,8 @@ from headstore.analyze._maths import (
     require,
     sequence_lengths,
 )
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
+from headstore.analyze.types import Heads, TopEffectsBy
 from headstore.store_schema import HeadstoreError, selection
 
 BY = ("next", "attended")
@@ -43,6 +43,7 @@ NEEDS = {
     "next": ("tokens", "z", "ln_final_scale", "W_O", "W_U"),
     "attended": ("tokens", "v", "pattern", "ln_final_scale", "W_O", "W_U"),
 }
+REQUIRES = NEEDS["next"]  # the default, by="next"
 ORDERS = ("largest", "most_negative")
 
 
@@ -96,9 +97,7 @@ def _block(
     return np.stack(out_v), np.stack(out_at)
 
 
-def top_effects(
-    ds: xr.Dataset, *, heads: _args.Heads = "all", k: int = 20, by: Literal["next", "attended"] = "next"
-) -> xr.Dataset:
+def top_effects(ds: xr.Dataset, *, heads: Heads = "all", k: int = 20, by: TopEffectsBy = "next") -> xr.Dataset:
     """Each head's ``k`` (sequence, position) pairs with the largest and the most negative direct effect.
 
     ``effect[layer, head, order, rank]``: ``by="next"`` the head's direct effect at ``pos`` on the logit of the
@@ -178,3 +177,11 @@ def _result(ds: xr.Dataset, effect: np.ndarray, where: np.ndarray, heads: object
          "logits": logits_kind(ds)}
     )  # fmt: skip
     return out
+
+
+SPEC = AnalyzerSpec(
+    "top-effects", top_effects, REQUIRES,
+    doc="Each head's (sequence, position) pairs with the largest and most negative direct effect on a logit",
+    params={"heads": Heads, "k": int, "by": TopEffectsBy},
+)  # fmt: skip
+register_analyzer(SPEC)

@@ -1,6 +1,6 @@
 """Tables and figures of the example analyzers (issue 28) for the CLI and the report: ``NAME_summary(result) ->
 DataFrame`` (``summary.csv``, one row per head) and ``NAME_plot(result, folder) -> [paths]`` (PNG + HTML), as in
-``headstore.cli.figures``."""
+``headstore.report.figures``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from headstore.cli.plots import layer_head_heatmaps, matrix_heatmaps
+from headstore.report.plots import layer_head_heatmaps, matrix_heatmaps
 
 
 def _heads(res: xr.Dataset) -> list[tuple[int, int, int]]:

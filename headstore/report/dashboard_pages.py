@@ -1,4 +1,4 @@
-"""The dashboard's HTML (``headstore.cli.dashboard``): the index grid and one page per head. Plain HTML and
+"""The dashboard's HTML (``headstore.report.dashboard``): the index grid and one page per head. Plain HTML and
 inline CSS, no scripts; hover text is the ``title`` attribute.
 
 An example is a window of its sequence's tokens as text: ``WINDOW`` tokens either side of the attended key and
@@ -11,12 +11,29 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import xarray as xr
 
-if TYPE_CHECKING:
-    from headstore.cli.dashboard import SiteData
+
+@dataclass
+class SiteData:
+    """Everything the pages show, computed once for the whole store."""
+
+    ds: xr.Dataset
+    title: str
+    scores: xr.Dataset
+    kinds: xr.DataArray
+    top: xr.Dataset
+    rows: dict[tuple[int, int, int], np.ndarray]  # (layer index, head, rank) -> the query's attention row
+    effects: xr.Dataset | None
+    similarity: xr.Dataset
+    circuits: dict[tuple[int, int], dict[str, list[tuple[str, str, float]]]] = field(default_factory=dict)
+    token_ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # (batch, pos), loaded once
+    notes: list[str] = field(default_factory=list)
+
 
 WINDOW = 8
 COLOURS = {

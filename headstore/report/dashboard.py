@@ -1,6 +1,6 @@
 """``headstore dashboard STORE OUT/``: a static site about every head of a store, from the store alone.
 
-``OUT/index.html`` is a grid of every head coloured by its census kind (``headstore.census.head_kinds`` on
+``OUT/index.html`` is a grid of every head coloured by its census kind (``headstore.pipeline.census.head_kinds`` on
 ``head_scores``); ``OUT/heads/L{layer}H{head}.html`` is one page per head: its census scores, its top-attention
 examples as text with the attended tokens highlighted (hovering a token shows its weight), its top direct
 effects, OV top tokens and QK top pairs (from the weights, for the tokens of its examples) and its most similar
@@ -10,7 +10,6 @@ page holds examples, never arrays: its size depends on ``k`` and the window, not
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,30 +18,13 @@ import xarray as xr
 from headstore.analyze import copy_suppression, head_scores, head_similarity, top_attention, top_effects
 from headstore.analyze._circuits import _embedding, _keys, _ln1, _queries, _w, _w_write
 from headstore.analyze._maths import kv_index, normalize_rows
-from headstore.census import head_kinds
-from headstore.cli.dashboard_pages import head_page, index_page
+from headstore.pipeline.census import head_kinds
+from headstore.report.dashboard_pages import SiteData, head_page, index_page
 from headstore.store_schema import HeadstoreError, open_store
 
 N_SIMILAR = 5  # most similar heads listed per head
 N_CIRCUIT = 3  # tokens of the examples looked up in the OV / QK circuits
 N_CIRCUIT_TOP = 5  # outputs / keys listed per token
-
-
-@dataclass
-class SiteData:
-    """Everything the pages show, computed once for the whole store."""
-
-    ds: xr.Dataset
-    title: str
-    scores: xr.Dataset
-    kinds: xr.DataArray
-    top: xr.Dataset
-    rows: dict[tuple[int, int, int], np.ndarray]  # (layer index, head, rank) -> the query's attention row
-    effects: xr.Dataset | None
-    similarity: xr.Dataset
-    circuits: dict[tuple[int, int], dict[str, list[tuple[str, str, float]]]] = field(default_factory=dict)
-    token_ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # (batch, pos), loaded once
-    notes: list[str] = field(default_factory=list)
 
 
 def _query_rows(ds: xr.Dataset, top: xr.Dataset) -> dict[tuple[int, int, int], np.ndarray]:
