@@ -253,7 +253,9 @@ def test_registry_refuses_unknown_and_twice_declared_names() -> None:
     from headstore.analyze import registry
     from headstore.store_schema import HeadstoreError
 
-    with pytest.raises(HeadstoreError, match="unknown analyzer 'nope': choose from attention-search, attention-stats, calibration"):
+    with pytest.raises(
+        HeadstoreError, match="unknown analyzer 'nope': choose from attention-search, attention-stats, calibration"
+    ):
         registry.get_analyzer("nope")
     spec = registry.get_analyzer("ioi")
     registry.register_analyzer(spec)  # the same declaration again (a module imported twice): harmless
