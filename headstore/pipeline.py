@@ -97,7 +97,7 @@ class Stages:
         return t
 
 
-def _extract(job: MainJob, stage: Stages, data: str, fields: str, **kw: object) -> Path:
+def _extract(job: MainJob, stage: Stages, data: str, fields: tuple[str, ...], **kw: object) -> Path:
     from headstore.extract import ExtractRequest, extract
 
     path = job.out / "stores" / f"{data}.zarr"
@@ -325,11 +325,11 @@ def run_main_job(job: MainJob) -> list[Path]:
     from headstore.cli.run import run_analyzer, safe_child, saved_output
 
     stage = Stages()
-    ioi = _extract(job, stage, "ioi", "default,k,resid_pre", n_seq=job.n_ioi)
-    abc = _extract(job, stage, "ioi-abc", "default,k,resid_pre", n_seq=job.n_ioi)
-    text = _extract(job, stage, "text", "z,resid_final,ln_final_scale,loss", n_seq=job.n_text,
+    ioi = _extract(job, stage, "ioi", ("default", "k", "resid_pre"), n_seq=job.n_ioi)
+    abc = _extract(job, stage, "ioi-abc", ("default", "k", "resid_pre"), n_seq=job.n_ioi)
+    text = _extract(job, stage, "text", ("z", "resid_final", "ln_final_scale", "loss"), n_seq=job.n_text,
                     seq_len=job.text_seq_len, dtype="float16")  # fmt: skip
-    rep = _extract(job, stage, "repeated-random", "pattern", n_seq=job.n_repeat, seq_len=job.repeat_seq_len,
+    rep = _extract(job, stage, "repeated-random", ("pattern",), n_seq=job.n_repeat, seq_len=job.repeat_seq_len,
                    dtype="float16")  # fmt: skip
     outputs = run_census(job, stage, {"ioi": ioi, "ioi-abc": abc, "text": text, "repeated-random": rep})
     # Each group of stores gets a folder of analyzer outputs, then a report built from them.

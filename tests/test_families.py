@@ -63,11 +63,11 @@ class Run:
 
 
 STORES = {  # name -> (data, fields)
-    "default": ("ioi", "default"),
-    "all": ("ioi", "all"),
-    "abc": ("ioi-abc", "all"),
-    "compact": ("ioi", "compact"),
-    "ifelse": ("code-ifelse", "default"),  # built once (tokenizer shared), extracted from tokens:FILE.npy,COLUMNS
+    "default": ("ioi", ("default",)),
+    "all": ("ioi", ("all",)),
+    "abc": ("ioi-abc", ("all",)),
+    "compact": ("ioi", ("compact",)),
+    "ifelse": ("code-ifelse", ("default",)),  # built once (tokenizer shared), extracted from tokens:FILE.npy,COLUMNS
 }
 
 
@@ -205,7 +205,7 @@ def test_unrepresentable_field_named_is_refused_in_one_line(family: str, family_
     run = family_run(family)
     for name in run.model.unrepresentable:
         out = tmp_path / f"{name}.zarr"
-        req = ExtractRequest(model=str(run.folder), data="ioi", out=str(out), fields=f"default,{name}", **KW)
+        req = ExtractRequest(model=str(run.folder), data="ioi", out=str(out), fields=("default", name), **KW)
         with pytest.raises(HeadstoreError) as ei:
             extract(req)
         msg = str(ei.value)

@@ -27,7 +27,7 @@ from headstore.extract.data.ioi_prompts import sample_prompts
 from headstore.store_schema import HeadstoreError, read_provenance
 
 # One small field: a tokens-only store (--fields '') is never marked complete today, so open_store refuses it.
-SMALL = "ln_final_scale"
+SMALL = ("ln_final_scale",)
 IOI_COLUMNS = ("io_pos", "s1_pos", "s2_pos", "end_pos", "length", "io_token", "s_token")
 
 
@@ -390,7 +390,7 @@ def test_cli_subprocess_own_prompts(tmp_path: Path, tok: Any) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     runs = {
         "bad": [*bad_args, "--out", str(tmp_path / "bad.zarr")],
-        "good": ["--data", f"jsonl:{good}", "--fields", SMALL, "--out", str(tmp_path / "good.zarr")],
+        "good": ["--data", f"jsonl:{good}", "--fields", ",".join(SMALL), "--out", str(tmp_path / "good.zarr")],
     }
     procs = {
         name: subprocess.Popen([*_cli(), *BASE, *args], cwd=tmp_path, env=env, text=True,

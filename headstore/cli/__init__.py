@@ -5,23 +5,52 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from headstore.cli.malloc import restart_tuned
 from headstore.store_schema import HeadstoreError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Precomputed activation store for attention heads.")
 console = Console()
 err = Console(stderr=True)
 
 
+def _close_progress_bars() -> None:
+    """Close every open tqdm bar (it ends its line), so that what is printed next starts a line of its own."""
+    std = sys.modules.get("tqdm.std")  # tqdm not imported: no bar to close
+    if std is not None:
+        for bar in list(std.tqdm._instances):
+            bar.close()
+
+
 def _fail(e: BaseException) -> typer.Exit:
-    err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+    """Print ``e`` as the last line of the output, on a line of its own, and exit with status 2."""
+    _close_progress_bars()
+    err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
+
+
+class _Commands(TyperGroup):
+    """The one error handler: a command's ``HeadstoreError`` becomes one line on stderr (``_fail``)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HeadstoreError as e:
+            raise _fail(e) from None
+
+
+app = typer.Typer(
+    cls=_Commands,
+    add_completion=False,
+    no_args_is_help=True,
+    help="Precomputed activation store for attention heads.",
+)
 
 
 @app.command()
@@ -87,21 +116,20 @@ def extract(
     ] = False,
 ) -> None:
     """Run the model once over the data and write every per-head field into a Zarr store."""
-    try:
-        from headstore.extract import ExtractRequest
-        from headstore.extract import extract as run_extract
+    from headstore.cli.extract_args import fields_option, layers_option, shard_option
+    from headstore.extract import ExtractRequest
+    from headstore.extract import extract as run_extract
 
-        res = run_extract(
-            ExtractRequest(
-                model=model, data=data, out=str(out), fields=fields, layers=layers,
-                pattern_layers=pattern_layers, seq_len=seq_len,
-                batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, model_dtype=model_dtype, seed=seed,
-                prepend_bos=prepend_bos, shard=shard, progress=progress, layout=layout, weights=weights,
-                dry_run=dry_run, ignore_space=ignore_space,
-            )
-        )  # fmt: skip
-    except HeadstoreError as e:
-        raise _fail(e) from None
+    names, drop = fields_option(fields)
+    res = run_extract(
+        ExtractRequest(
+            model=model, data=data, out=str(out), fields=names, drop=drop, layers=layers_option(layers),
+            pattern_layers=layers_option(pattern_layers, "--pattern-layers"), seq_len=seq_len,
+            batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, model_dtype=model_dtype, seed=seed,
+            prepend_bos=prepend_bos, shard=shard_option(shard), progress=progress, layout=layout, weights=weights,
+            dry_run=dry_run, ignore_space=ignore_space,
+        )
+    )  # fmt: skip
     if dry_run and res.plan is not None:
         for line in res.plan.lines():
             console.print(line, highlight=False, soft_wrap=True)
@@ -117,12 +145,9 @@ def extract(
 @app.command()
 def info(store: str, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Schema, model, dataset, fields, sizes on disk, bytes per token, completeness."""
-    try:
-        from headstore.store_schema.info import store_info
+    from headstore.store_schema.info import store_info
 
-        data = store_info(store)
-    except HeadstoreError as e:
-        raise _fail(e) from None
+    data = store_info(store)
     if as_json:
         console.print_json(json.dumps(data))
         return
@@ -162,12 +187,9 @@ def info(store: str, as_json: Annotated[bool, typer.Option("--json", help="print
 @app.command()
 def validate(store: str) -> None:
     """Check schema, shapes, dtypes, completeness and every chunk's checksum (a weights store: chunks and hash)."""
-    try:
-        from headstore.store_schema import validate as run_validate
+    from headstore.store_schema import validate as run_validate
 
-        rep = run_validate(store)
-    except HeadstoreError as e:
-        raise _fail(e) from None
+    rep = run_validate(store)
     for p in rep.problems:
         err.print(f"[red]problem:[/red] {p}", highlight=False)
     if rep.weights_sha256 is not None:
@@ -291,12 +313,9 @@ def pack(
     out: Annotated[Path, typer.Argument(help="the self-contained copy to write")],
 ) -> None:
     """Write a self-contained copy of a store: the weights it takes from a shared weights store copied in."""
-    try:
-        from headstore.store_schema.weights_store import pack as run_pack
+    from headstore.store_schema.weights_store import pack as run_pack
 
-        path = run_pack(store, out)
-    except HeadstoreError as e:
-        raise _fail(e) from None
+    path = run_pack(store, out)
     console.print(f"wrote {path} (self-contained)")
 
 
@@ -312,7 +331,7 @@ def serve(
     from headstore.cli.serve import make_server
 
     if not folder.is_dir():
-        raise _fail(HeadstoreError(f"{folder} is not a folder"))
+        raise HeadstoreError(f"{folder} is not a folder: give a folder of stores to serve")
     server = make_server(str(folder), host, port)
     console.print(f"serving {folder} at http://{host}:{server.server_address[1]}/ (Ctrl-C stops)")
     try:
@@ -332,10 +351,7 @@ def main() -> None:
         from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[assignment]
 
     try:
-        rv = app(standalone_mode=False)
-    except HeadstoreError as e:  # pragma: no cover - commands catch their own
-        err.print(f"error: {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        rv = app(standalone_mode=False)  # a command's HeadstoreError: _Commands.invoke
     except NoArgsIsHelpError as e:  # bare `headstore` / `headstore CMD`: show help
         print(e.ctx.get_help() if e.ctx else "")
         sys.exit(e.exit_code)
