@@ -272,3 +272,60 @@ def test_cli_subprocess_exit_codes(tmp_path: Path, args: list[str], must: str) -
     assert_one_line_error(stderr, res.returncode, must)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+# --- ExtractRequest takes Python values; the CLI turns its strings into them -------------------------
+
+FIELD_SPECS = ["default", "all", "compact", "", "default,q,k", "default,-pattern,q,k", "-pattern, q ,default,k",
+               "all,-result,-resid_pre", "compact,pattern", "default,-loss,-z", "tokens,pattern"]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", FIELD_SPECS)
+def test_fields_option_selects_what_the_string_parser_selects(spec: str) -> None:
+    from headstore.cli.extract_args import fields_option
+    from headstore.extract import ExtractRequest
+    from headstore.store_schema import parse_fields
+
+    names, drop = fields_option(spec)
+    assert all(isinstance(x, str) and "," not in x and not x.startswith("-") for x in (*names, *drop))
+    req = ExtractRequest(model="tiny-gpt2", data="ioi", out="x.zarr", fields=names, drop=drop)
+    assert req.selected_fields() == parse_fields(spec)
+
+
+def test_layers_and_shard_options_become_ints() -> None:
+    from headstore.cli.extract_args import layers_option, shard_option
+
+    assert layers_option("all") == "all" and layers_option("") == "all"
+    assert layers_option("2-4,0,3") == (0, 2, 3, 4)
+    assert layers_option("1", "--pattern-layers") == (1,)
+    assert shard_option("1/3") == (1, 3)
+    with pytest.raises(HeadstoreError, match=r"^--pattern-layers '4-2' is not 'all'"):
+        layers_option("4-2", "--pattern-layers")
+
+
+@pytest.mark.parametrize(
+    ("kw", "must"),
+    [
+        ({"fields": "default,q"}, r"^fields='default,q', drop=\(\): give tuples of names"),
+        ({"drop": "pattern"}, r"give tuples of names"),
+        ({"fields": ("default", "bogus")}, r"unknown field 'bogus'"),
+        ({"drop": ("tokens",)}, r"tokens is always stored"),
+        ({"fields": ("q",), "drop": ("pattern",)}, r"dropping pattern, which no other item selects"),
+        ({"layers": "1"}, r"^--layers '1': give 'all' or a tuple of layer indices"),
+        ({"layers": (0, -1)}, r"^--layers \(0, -1\): give 'all' or a tuple"),
+        ({"layers": ()}, r"^--layers \(\): give 'all' or a tuple"),
+        ({"pattern_layers": [1]}, r"^--pattern-layers \[1\]: give 'all' or a tuple"),
+        ({"shard": "0/1"}, r"^--shard '0/1' must be a pair \(index, count\)"),
+        ({"shard": (2, 2)}, r"^--shard \(2, 2\) needs 0 <= index < count$"),
+        ({"shard": (0, True)}, r"must be a pair"),
+        ({"batch_size": 0}, r"^--batch-size must be positive, got 0$"),
+        ({"dtype": "bfloat16"}, r"^--dtype 'bfloat16': choose float32 or float16$"),
+        ({"layout": "flat"}, r"^--layout 'flat': choose sharded or chunked$"),
+    ],
+)
+def test_extract_request_refuses_wrong_types_and_values(kw: dict[str, Any], must: str) -> None:
+    from headstore.extract import ExtractRequest
+
+    with pytest.raises(HeadstoreError, match=must) as e:
+        ExtractRequest(model="tiny-gpt2", data="ioi", out="x.zarr", **kw)
+    assert "\n" not in str(e.value)

@@ -198,7 +198,7 @@ def test_layer_subset(make_store, live_model):
 
 def test_text_windows_start_with_bos(make_store):
     ds = headstore.open_store(make_store("tiny-gpt2", "text", n_seq=4, seq_len=16, batch_size=4))
-    assert ds.sizes["pos"] == 16 and (ds["tokens"].values[:, 0] == provenance(ds).tokenizer["bos_token_id"]).all()
+    assert ds.sizes["pos"] == 16 and (ds["tokens"].values[:, 0] == provenance(ds).tokenizer.bos_token_id).all()
     assert np.nanmean(ds["loss"].values) > 0.5 * math.log(provenance(ds).config["d_vocab"])  # random init: high loss
 
 

@@ -200,7 +200,7 @@ def test_pairing_refusals_name_what_differs(make_store: Callable[..., Path]) -> 
     a, _ = stores(make_store, "tiny-gpt2")
     one_layer = open_store(make_store("tiny-gpt2", "ioi-abc", layers=(1,), **KW))
     pa, pb = a.hs.provenance, one_layer.hs.provenance
-    assert pa.model["name"] == pb.model["name"] and pa.model["weights_sha256"] != pb.model["weights_sha256"]
+    assert pa.model.name == pb.model.name and pa.model.weights_sha256 != pb.model.weights_sha256
     with pytest.raises(
         HeadstoreError, match=r"differ in layers \(\[0, 1\] vs \[1\]\): extract both with the same --layers"
     ):

@@ -183,8 +183,8 @@ def test_two_stores_share_one_weights_store(shared: Path, make_store: Callable[.
         assert not any((store / n).exists() for n in ("W_E", "W_U", "W_EE", "vocab")), "weights left in the store"
     ref_a, ref_b = read_provenance(a).weights_store, read_provenance(b).weights_store
     assert ref_a is not None and ref_b is not None
-    assert ref_a["path"] == "../w/tiny.zarr" and ref_a["sha256"] == ref_b["sha256"]
-    assert "W_EE" in ref_a["arrays"] and "W_EE" not in ref_b["arrays"]  # W_EE only with layer 0 extracted
+    assert ref_a.path == "../w/tiny.zarr" and ref_a.sha256 == ref_b.sha256
+    assert "W_EE" in ref_a.arrays and "W_EE" not in ref_b.arrays  # W_EE only with layer 0 extracted
     # open_store presents what a self-contained store holds, value for value
     _same_dataset(open_store(a), open_store(make_store("tiny-gpt2", "ioi", n_seq=8, batch_size=4)))
     _same_dataset(
@@ -220,7 +220,7 @@ def test_validate_checks_a_weights_store(shared: Path, tmp_path: Path) -> None:
     ref = read_provenance(shared / "a.zarr").weights_store
     assert ref is not None
     rep = validate(w)
-    assert rep.ok and rep.problems == () and rep.weights_sha256 == ref["sha256"]
+    assert rep.ok and rep.problems == () and rep.weights_sha256 == ref.sha256
     res = CliRunner().invoke(app, ["validate", str(w)])
     assert res.exit_code == 0 and "a weights store" in res.stdout and "0 problems" in res.stdout, res.stdout
 
@@ -309,7 +309,7 @@ def test_bfloat16_model_stored_as_its_live_cache(store_dtype: str, tmp_path: Pat
     extract(ExtractRequest(model="tiny-llama", data="ioi", out=str(out), n_seq=8, batch_size=4, device="cpu",
                            model_dtype="bfloat16", dtype=store_dtype, progress=False))  # fmt: skip
     ds = open_store(out)
-    assert read_provenance(out).model["dtype"] == "bfloat16"
+    assert read_provenance(out).model.dtype == "bfloat16"
     live = load_model("tiny-llama", "cpu", "bfloat16")
     assert live.bridge.W_U.dtype == torch.bfloat16
     # No `result` stored: extraction ran the model's own o_proj, not the bridge's per-head sum (bf16 rounds them apart)

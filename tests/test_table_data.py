@@ -107,7 +107,7 @@ def test_own_ioi_prompts_equal_ioi_data(tmp_path: Path, make_store: Callable[...
     np.testing.assert_allclose(a["logit_diff"].values, b["logit_diff"].values, rtol=1e-6)
     np.testing.assert_allclose(a["attn_diff"].values, b["attn_diff"].values, rtol=1e-6)
     d = read_provenance(out).dataset
-    assert d["kind"] == "jsonl" and d["options"]["file"] == "prompts.jsonl" and d["n_sequences"] == 12
+    assert d.kind == "jsonl" and d.options["file"] == "prompts.jsonl" and d.n_sequences == 12
 
 
 def test_csv_and_parquet_store_what_jsonl_stores(tmp_path: Path, tok: Any) -> None:
@@ -168,8 +168,8 @@ def test_text_rows_padding_seq_len_and_n_seq(tmp_path: Path, tok: Any) -> None:
     first = build(f"jsonl:{src}", tok, n_seq=2)
     assert first.tokens.shape[0] == 2 and first.columns["length"].tolist() == lens[:2]
     assert (
-        ds.describe()["sha256"]
-        != build(f"jsonl:{write_jsonl(tmp_path / 'u.jsonl', [{'text': texts[0]}])}", tok).describe()["sha256"]
+        ds.describe().sha256
+        != build(f"jsonl:{write_jsonl(tmp_path / 'u.jsonl', [{'text': texts[0]}])}", tok).describe().sha256
     )
 
 
@@ -312,7 +312,7 @@ def test_tokens_npy_with_a_csv_sidecar(tmp_path: Path, tok: Any) -> None:
         np.testing.assert_array_equal(ds[c].values, ref.columns[c], err_msg=c)
     assert ds["label"].values.tolist() == [f"row{i}" for i in range(6)]
     assert "length" not in ds  # the array is used as is: no columns but the file's
-    opts = read_provenance(out).dataset["options"]
+    opts = read_provenance(out).dataset.options
     assert opts["columns_file"] == "cols.csv" and "io_token" in opts["columns"]
     assert build(f"tokens:{tmp_path / 'toks.npy'},{tmp_path / 'cols.csv'}", tok, n_seq=2).columns["label"].tolist() == [
         "row0",

@@ -14,7 +14,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from headstore.cli.malloc import restart_tuned
-from headstore.store_schema import HeadstoreError
+from headstore.store_schema import HeadstoreError, Provenance
 
 console = Console()
 err = Console(stderr=True)
@@ -151,37 +151,43 @@ def info(store: str, as_json: Annotated[bool, typer.Option("--json", help="print
     if as_json:
         console.print_json(json.dumps(data))
         return
-    prov = data["provenance"]
-    console.print(f"[bold]{store}[/bold]  schema v{prov['schema_version']}")
-    m = prov["model"]
-    console.print(
-        f"model      {m['name']}  ({m['config'].get('architecture', '')}, runs in {m.get('dtype', 'float32')}, "
-        f"processing {m['processing']})"
-    )
-    console.print(f"weights    sha256 {m['weights_sha256'][:16]}...")
-    if prov.get("weights_store"):
-        ref = prov["weights_store"]
-        console.print(
-            f"           {', '.join(ref['arrays'])} from weights store {ref['path']} (sha256 {ref['sha256'][:16]}...)",
-            soft_wrap=True,
-        )
-    console.print(f"tokenizer  {prov['tokenizer']['name']}  vocab {prov['tokenizer']['vocab_size']}")
-    d = prov["dataset"]
-    console.print(f"dataset    {d['kind']} ({d['spec']})  {d['n_sequences']} sequences x {prov['seq_len']} tokens")
-    console.print(f"layers     {prov['layers']}  dtype {prov['storage_dtype']}  batch {prov['batch_size']}")
-    if "pattern" in prov["fields"]:
-        pl = prov.get("pattern_layers")
-        rest = "" if pl in (None, prov["layers"]) else " (the other layers are not stored: NaN)"
-        console.print(f"pattern    layers {prov['layers'] if pl is None else pl}{rest}")
+    prov = Provenance.from_dict(data["provenance"])
+    _print_provenance(store, prov)
     console.print(f"complete   {data['n_complete']}/{data['n_sequences']} sequences; done ranges {data['done_ranges']}")
     t = Table("array", "MB on disk", "bytes/token")
     for name, (nbytes, per_tok) in data["sizes"].items():
         t.add_row(name, f"{nbytes / 1e6:.2f}", f"{per_tok:.1f}")
     console.print(t)
-    files = "" if data["n_files"] is None else f", {data['n_files']} files ({prov.get('layout', 'chunked')} layout)"
+    files = "" if data["n_files"] is None else f", {data['n_files']} files ({prov.layout} layout)"
     console.print(
         f"total {data['total_bytes'] / 1e6:.2f} MB, {data['bytes_per_token']:.0f} bytes/token{files}", soft_wrap=True
     )
+
+
+def _print_provenance(store: str, prov: Provenance) -> None:
+    """``headstore info``'s lines on what the store was made from."""
+    console.print(f"[bold]{store}[/bold]  schema v{prov.schema_version}")
+    m = prov.model
+    console.print(
+        f"model      {m.name}  ({m.config.get('architecture', '')}, runs in {m.dtype or 'float32'}, "
+        f"processing {m.processing})"
+    )
+    console.print(f"weights    sha256 {m.weights_sha256[:16]}...")
+    if prov.weights_store is not None:
+        ref = prov.weights_store
+        console.print(
+            f"           {', '.join(ref.arrays)} from weights store {ref.path} (sha256 {ref.sha256[:16]}...)",
+            soft_wrap=True,
+        )
+    console.print(f"tokenizer  {prov.tokenizer.name}  vocab {prov.tokenizer.vocab_size}")
+    d = prov.dataset
+    console.print(f"dataset    {d.kind} ({d.spec})  {d.n_sequences} sequences x {prov.seq_len} tokens")
+    layers = list(prov.layers)
+    console.print(f"layers     {layers}  dtype {prov.storage_dtype}  batch {prov.batch_size}")
+    if "pattern" in prov.fields:
+        pl = None if prov.pattern_layers is None else list(prov.pattern_layers)
+        rest = "" if pl in (None, layers) else " (the other layers are not stored: NaN)"
+        console.print(f"pattern    layers {layers if pl is None else pl}{rest}")
 
 
 @app.command()

@@ -252,8 +252,7 @@ def run_hooked(
     ``attn.hook_result``) are computed from what it has, inside the hook of their source.
 
     Nothing is cached: ``take`` copies what it keeps, so the model's activations are freed layer by layer as in a
-    plain forward (SmolLM2, default fields, 8 x 128 tokens: ``run_with_cache`` +26 % over a plain forward, hooks
-    copying into reused buffers +5 %)."""
+    plain forward (what ``run_with_cache`` costs instead: docs/benchmarks.md, "Figures behind extract's code")."""
     hooks = model.hooks
     derived: dict[str, list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]] = {}
     real_result, w_o = False, None
@@ -304,8 +303,8 @@ def _result(z: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def attn_result(bridge: Any, on: bool) -> Iterator[None]:
     """The bridge's per-head ``hook_result`` on or off for one call, as it was afterwards. On, the bridge computes
-    every head's ``z_h @ W_O[h]`` and sums them instead of one ``o_proj`` (3-7 % of a SmolLM2 forward on the CPU),
-    so extraction turns it on only when ``result`` is stored. Off is a no-op on bridges that cannot turn it on."""
+    every head's ``z_h @ W_O[h]`` and sums them instead of one ``o_proj`` (its cost: docs/benchmarks.md,
+    "Figures behind extract's code"), so extraction turns it on only when ``result`` is stored. Off is a no-op on bridges that cannot turn it on."""
     was = bool(bridge.cfg.use_attn_result)
     if was == on:
         yield

@@ -51,7 +51,7 @@ class ExtractRequest:
         if self.dtype not in STORAGE_DTYPES:
             raise HeadstoreError(f"--dtype {self.dtype!r}: choose float32 or float16")
         if not _is_int(self.batch_size) or self.batch_size <= 0:
-            raise HeadstoreError(f"--batch-size must be positive, got {self.batch_size}")
+            raise HeadstoreError(f"--batch-size must be positive, got {self.batch_size!r}")
         if self.layout not in LAYOUTS:
             raise HeadstoreError(f"--layout {self.layout!r}: choose {' or '.join(LAYOUTS)}")
         _check_shard(self.shard)

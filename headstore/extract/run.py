@@ -40,6 +40,7 @@ from headstore.store_schema import (
 )
 from headstore.store_schema.create import store_sizes
 from headstore.store_schema.layout import SCHEMA_VERSION
+from headstore.store_schema.provenance_parts import ModelInfo, TokenizerInfo, WeightsRef
 from headstore.store_schema.weights_store import SHARED, ensure_weights_store, relative_ref
 
 
@@ -81,16 +82,16 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _tokenizer_info(tok: Any) -> dict[str, Any]:
+def _tokenizer_info(tok: Any) -> TokenizerInfo:
     vocab = tok.get_vocab()
     h = hashlib.sha256("\n".join(f"{k}\t{v}" for k, v in sorted(vocab.items(), key=lambda kv: kv[1])).encode())
-    return {
-        "name": str(getattr(tok, "name_or_path", "")).split("/")[-1],
-        "bos_token_id": tok.bos_token_id,
-        "pad_token_id": tok.pad_token_id,
-        "vocab_size": len(tok),
-        "vocab_sha256": h.hexdigest(),
-    }
+    return TokenizerInfo(
+        name=str(getattr(tok, "name_or_path", "")).split("/")[-1],
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        vocab_sha256=h.hexdigest(),
+    )
 
 
 def _check_out(out: Path) -> Provenance | None:
@@ -164,14 +165,14 @@ def _describe(req: ExtractRequest, model: LoadedModel) -> tuple[Provenance, Toke
     weights = collect_weights(model, layers, seq_len)
     prov = Provenance(
         schema_version=SCHEMA_VERSION,
-        model={
-            "name": req.model,
-            "source": model.source,
-            "config": cfg,
-            "processing": dict(model.processing),
-            "dtype": req.model_dtype,
-            "weights_sha256": weights_sha256(weights),
-        },
+        model=ModelInfo(
+            name=req.model,
+            source=model.source,
+            config=cfg,
+            processing=dict(model.processing),
+            dtype=req.model_dtype,
+            weights_sha256=weights_sha256(weights),
+        ),
         tokenizer=_tokenizer_info(model.tokenizer),
         dataset=ds.describe(),
         prepend_bos=req.prepend_bos,
@@ -224,10 +225,10 @@ def _create(
             weights["W_EE"] = effective_embedding(model)
     else:
         shared = {k: weights.pop(k) for k in SHARED if k in weights}
-        model_info = {"name": prov.model["name"], "weights_sha256": prov.model["weights_sha256"]}
+        model_info = {"name": prov.model.name, "weights_sha256": prov.model.weights_sha256}
         sha = ensure_weights_store(shared_dir, shared, lambda: {"W_EE": effective_embedding(model)}, model_info)
         taken = sorted([*shared, *(["W_EE"] if 0 in prov.layers else [])])
-        ref = {"path": relative_ref(out, shared_dir), "sha256": sha, "arrays": taken}
+        ref = WeightsRef(path=relative_ref(out, shared_dir), sha256=sha, arrays=tuple(taken))
         prov = dataclasses.replace(prov, weights_store=ref)
     sizes = store_sizes(prov.config, prov, ds.tokens.shape[0])
     try:

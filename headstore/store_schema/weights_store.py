@@ -27,6 +27,7 @@ import zarr
 
 from headstore.store_schema.durable import sync_folder, sync_tree
 from headstore.store_schema.errors import HeadstoreError
+from headstore.store_schema.provenance_parts import WeightsRef
 
 SHARED = ("W_E", "W_EE", "W_U", "b_U", "W_pos", "vocab")
 WEIGHTS_ATTRS = "headstore_weights"
@@ -90,20 +91,18 @@ def _stats(where: str) -> tuple[Any, ...]:
     )
 
 
-def verify(
-    store: str, ref: Mapping[str, Any], storage_options: dict[str, Any] | None = None, *, fresh: bool = False
-) -> str:
+def verify(store: str, ref: WeightsRef, storage_options: dict[str, Any] | None = None, *, fresh: bool = False) -> str:
     """The resolved location of ``store``'s weights store, after checking its arrays hash to
-    ``ref["sha256"]`` (once per process while its files are unchanged, unless ``fresh``); one-line
+    ``ref.sha256`` (once per process while its files are unchanged, unless ``fresh``); one-line
     errors by name."""
-    where = resolve(store, str(ref["path"]))
-    short = str(ref["sha256"])[:12]
+    where = resolve(store, ref.path)
+    short = ref.sha256[:12]
     try:
         root = _group(where, storage_options)
         attrs = root.attrs.get(WEIGHTS_ATTRS)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError, OSError):
         raise HeadstoreError(
-            f"{store} takes its weights from the weights store {ref['path']} ({where}, sha256 {short}...), which is "
+            f"{store} takes its weights from the weights store {ref.path} ({where}, sha256 {short}...), which is "
             "missing: put it back there, or share a self-contained copy made with `headstore pack`"
         ) from None
     if not isinstance(attrs, dict):
@@ -111,12 +110,12 @@ def verify(
     key = (where, _stats(where))
     got = None if fresh else _VERIFIED.get(key)
     if got is None:
-        missing = [n for n in ref["arrays"] if n not in root]
+        missing = [n for n in ref.arrays if n not in root]
         if missing:
             raise HeadstoreError(f"weights store {where} lacks {', '.join(missing)}, which {store} takes from it")
         got = content_sha256(dict(root.arrays()))  # read block by block
         _VERIFIED[key] = got
-    if got != ref["sha256"]:
+    if got != ref.sha256:
         raise HeadstoreError(
             f"weights store {where} holds different weights (sha256 {got[:12]}...) from those {store} was made "
             f"with ({short}...): it was changed or replaced; restore it or re-extract"
@@ -124,12 +123,12 @@ def verify(
     return where
 
 
-def open_weights(store: str, ref: Mapping[str, Any], storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+def open_weights(store: str, ref: WeightsRef, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
     """The arrays ``store`` takes from its weights store, lazily, after ``verify``."""
     where = verify(store, ref, storage_options)
     opts = storage_options if "://" in where else None
     wds = xr.open_zarr(where, chunks={}, consolidated=True, storage_options=opts, zarr_format=3)
-    return wds[list(ref["arrays"])]
+    return wds[list(ref.arrays)]
 
 
 def ensure_weights_store(
@@ -187,7 +186,7 @@ def _reuse(where: str, shared: Mapping[str, np.ndarray]) -> str:
                 f"--weights {where} holds another model's weights ({name} differs): choose another folder"
             )
     ref_path = where if "://" in where else os.path.abspath(where)
-    verify(where, {"path": ref_path, "sha256": attrs["sha256"], "arrays": list(shared)})
+    verify(where, WeightsRef(path=ref_path, sha256=attrs["sha256"], arrays=tuple(shared)))
     return str(attrs["sha256"])
 
 
@@ -209,9 +208,9 @@ def pack(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     arrays = {}
     if ref is not None:
         verify(str(src), ref)
-        where = resolve(str(src), str(ref["path"]))
+        where = resolve(str(src), ref.path)
         root = _group(where, None)
-        arrays = {name: np.asarray(root[name][...]) for name in ref["arrays"]}  # type: ignore[index]
+        arrays = {name: np.asarray(root[name][...]) for name in ref.arrays}  # type: ignore[index]
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         shutil.copytree(src, tmp)
