@@ -90,6 +90,51 @@ def test_from_dict_accepts_real_attrs(good_attrs: dict[str, Any]) -> None:
     assert Provenance.from_dict(prov.to_dict()) == prov
 
 
+def test_typed_parts_write_the_attrs_json_key_for_key(good_attrs: dict[str, Any]) -> None:
+    """The parts are typed (no dict read by string keys), and ``to_dict`` writes back the JSON the store holds,
+    in the same key order; a store made before ``model.dtype`` was recorded keeps it absent."""
+    from headstore.store_schema.provenance_parts import DatasetInfo, ModelInfo, TokenizerInfo
+
+    prov = Provenance.from_dict(good_attrs)
+    assert isinstance(prov.model, ModelInfo) and prov.model.name == good_attrs["model"]["name"] == "tiny-gpt2"
+    assert (
+        isinstance(prov.tokenizer, TokenizerInfo) and prov.tokenizer.vocab_size == good_attrs["tokenizer"]["vocab_size"]
+    )
+    assert isinstance(prov.dataset, DatasetInfo) and prov.dataset.kind == "ioi" and prov.dataset.n_sequences == 12
+    assert json.dumps(prov.to_dict()) == json.dumps(good_attrs)
+    old = {**good_attrs, "model": {k: v for k, v in good_attrs["model"].items() if k != "dtype"}}
+    again = Provenance.from_dict(old)
+    assert again.model.dtype is None and again.identity()["model.dtype"] == "float32"
+    assert json.dumps(again.to_dict()) == json.dumps(old)
+
+
+@pytest.mark.parametrize(
+    ("part", "patch", "msg"),
+    [
+        (
+            "model",
+            {"weights_sha256": 7},
+            r"^store attr model\.weights_sha256 must be a str, got 7: the store is damaged",
+        ),
+        ("model", {"dtype": None}, r"^store attr model\.dtype must be a str"),
+        ("tokenizer", {"bos_token_id": "1"}, r"^store attr tokenizer\.bos_token_id must be a int\|None"),
+        ("dataset", {"n_sequences": True}, r"^store attr dataset\.n_sequences must be a int"),
+        ("dataset", {"options": []}, r"^store attr dataset\.options must be a dict"),
+        (
+            "weights_store",
+            {"path": "w.zarr", "sha256": "0" * 64, "arrays": "W_U"},
+            r"^store attr weights_store must be",
+        ),
+    ],
+)
+def test_typed_parts_refuse_wrong_types(good_attrs: dict[str, Any], part: str, patch: dict[str, Any], msg: str) -> None:
+    d = json.loads(json.dumps(good_attrs))
+    d[part] = patch if part == "weights_store" else {**d[part], **patch}
+    with pytest.raises(HeadstoreError, match=msg) as e:
+        Provenance.from_dict(d)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize(
     ("patch", "msg"),
     [
