@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from headstore.store_schema.errors import HeadstoreError
+from headstore.store_schema.provenance_parts import DatasetInfo
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,15 @@ class TokenDataset:
             h.update(np.asarray(self.columns[name]).astype(str).tobytes())
         return h.hexdigest()
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "spec": self.spec,
-            "options": self.options,
-            "n_sequences": int(self.tokens.shape[0]),
-            "sha256": self.sha256(),
-        }
+    def describe(self) -> DatasetInfo:
+        """The dataset as the store's provenance records it."""
+        return DatasetInfo(
+            kind=self.kind,
+            spec=self.spec,
+            options=self.options,
+            n_sequences=int(self.tokens.shape[0]),
+            sha256=self.sha256(),
+        )
 
 
 @dataclass(frozen=True)
