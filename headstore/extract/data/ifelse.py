@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from headstore.extract.data import DataRequest, TokenDataset, bos_id
+from headstore.extract.data.base import DataRequest, TokenDataset, bos_id
 from headstore.extract.data.text import stdlib_files
 from headstore.store_schema.errors import HeadstoreError
 
