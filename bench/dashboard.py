@@ -57,7 +57,7 @@ def main() -> None:
     sizes = (8, 32) if args.quick else (80, 800)  # sequences of 128 tokens
     rows = []
     for n_seq in sizes:
-        store = C.store(model, "text", n_seq, 8, fields="default", dtype="float16", seq_len=128)
+        store = C.store(model, "text", n_seq, 8, dtype="float16", seq_len=128)
         r = dashboard(store)
         print(f"{n_seq * 128} tokens: {r}")
         rows.append([n_seq * 128, r["pages"] - 1, round(r["s"], 1), round(r["peak_mb"]), round(r["site_mb"], 2),

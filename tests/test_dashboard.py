@@ -84,7 +84,7 @@ def live_family(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Liv
 def _real(live: Live) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """tokens (b, pos), lengths (b,), BOS id."""
     ds = live.ds
-    return ds["tokens"].values, ds["length"].values, int(ds.hs.provenance.tokenizer["bos_token_id"])
+    return ds["tokens"].values, ds["length"].values, int(ds.hs.provenance.tokenizer.bos_token_id)
 
 
 def _check_top(got_vals: np.ndarray, got_at: list[tuple[int, ...]], entries: list[tuple[float, tuple[int, ...]]],
@@ -283,7 +283,7 @@ def test_refusals_name_the_problem(live_family: Callable[[str], Live], make_stor
         (lambda: top_effects(ds, by="sideways"), "by must be"),  # type: ignore[arg-type]
         (lambda: top_attention(ds, k=0), "positive integer"),
     ]
-    no_pattern = headstore.open_store(make_store("tiny-gpt2", "ioi", n_seq=4, fields="default,-pattern"))
+    no_pattern = headstore.open_store(make_store("tiny-gpt2", "ioi", n_seq=4, fields=("default",), drop=("pattern",)))
     cases += [(lambda f=f: f(no_pattern), "needs pattern") for f in (  # type: ignore[misc]
         top_attention, head_similarity, lambda d: attention_search(d, query=" to", key=Relation.ANY),
         lambda d: top_effects(d, by="attended"))]  # fmt: skip
@@ -295,7 +295,7 @@ def test_refusals_name_the_problem(live_family: Callable[[str], Live], make_stor
 
 def test_compact_store_derives_the_pattern(make_store: Callable[..., Path]) -> None:
     full = headstore.open_store(make_store("tiny-llama", "ioi", n_seq=4))
-    compact = headstore.open_store(make_store("tiny-llama", "ioi", n_seq=4, fields="compact"))
+    compact = headstore.open_store(make_store("tiny-llama", "ioi", n_seq=4, fields=("compact",)))
     a, b = top_attention(full, k=4), top_attention(compact, k=4)
     np.testing.assert_allclose(a["weight"].values, b["weight"].values, atol=2e-6)
     np.testing.assert_allclose(
@@ -360,7 +360,7 @@ def test_dashboard_in_chromium(site: tuple[Path, Path], tmp_path: Path) -> None:
     page = _dom(urljoin((out / "index.html").resolve().as_uri(), href), tmp_path)
     assert "Head 1.2" in page
     pat, tokens, length = ds["pattern"].values[:, 1, 2], ds["tokens"].values, ds["length"].values
-    bos = ds.hs.provenance.tokenizer["bos_token_id"]
+    bos = ds.hs.provenance.tokenizer.bos_token_id
     entries = [(pat[b, q, k], b, q, k) for b in range(len(length)) for q in range(length[b]) for k in range(q + 1)
                if tokens[b, k] != bos]  # fmt: skip
     want = sorted(entries, key=lambda e: (-e[0], e[1], e[2], e[3]))[:5]
@@ -402,7 +402,7 @@ def test_a_subset_reports_its_sequence_labels(live_family: Callable[[str], Live]
 def test_layers_without_a_stored_pattern_are_not_measured(make_store: Callable[..., Path]) -> None:
     """``--pattern-layers 1``: layer 0's heads have no examples, NaN mass (rank -1) and NaN similarity, never a
     rank among the measured heads; layer 1 is as on a full store."""
-    ds = headstore.open_store(make_store("tiny-gpt2", "ioi", n_seq=4, pattern_layers="1"))
+    ds = headstore.open_store(make_store("tiny-gpt2", "ioi", n_seq=4, pattern_layers=(1,)))
     full = headstore.open_store(make_store("tiny-gpt2", "ioi", n_seq=4))
     top = top_attention(ds, k=3)
     assert np.isnan(top["weight"].sel(layer=0)).all() and (top["sequence"].sel(layer=0) == -1).all()

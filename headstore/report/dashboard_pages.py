@@ -88,8 +88,8 @@ def index_page(data: SiteData, page_name: Callable[[int, int], str]) -> str:
     notes = "".join(f"<p class='hs-note'>{html.escape(n)}</p>" for n in data.notes)
     body = (
         f"<h1>Heads of {html.escape(data.title)}</h1>"
-        f"<p class='hs-note'>Model {html.escape(str(prov.model.get('name', '')))}, dataset "
-        f"{html.escape(str(prov.dataset.get('spec', prov.dataset.get('kind', ''))))}: "
+        f"<p class='hs-note'>Model {html.escape(str(prov.model.name))}, dataset "
+        f"{html.escape(str(prov.dataset.spec or prov.dataset.kind))}: "
         f"{ds.sizes['batch']} sequences x {ds.sizes['pos']} positions. Colour: the census kind "
         "(the highest head-scores kind reaching 0.4, else other). Click a head for its examples.</p>"
         f"{_legend()}{notes}<table class='hs-grid'><tr><th></th>{header}</tr>{''.join(rows)}</table>"
