@@ -80,7 +80,7 @@ def parse_source(arg: str) -> HFSource:
     rest = [p or None for p in parts[1:]]
     if len(rest) == 1:
         rest = [None, rest[0]] if _no_configs(name) else [rest[0], None]
-    config, split = (rest + [None, None])[:2]
+    config, split = [*rest, None, None][:2]
     kw: dict[str, Any] = {"data_files": []}
     for opt in opts:
         key, eq, value = opt.partition("=")
@@ -139,9 +139,7 @@ def _pick_split(src: HFSource, loaded: Any) -> tuple[str, Any]:
     names = list(loaded)
     if src.split is not None:
         if src.split not in loaded:
-            raise HeadstoreError(
-                f"dataset {src.label} has no split {src.split!r}: its splits are {', '.join(names)}"
-            )
+            raise HeadstoreError(f"dataset {src.label} has no split {src.split!r}: its splits are {', '.join(names)}")
         return src.split, loaded[src.split]
     if "train" in loaded or len(names) == 1:
         split = "train" if "train" in loaded else names[0]
@@ -172,7 +170,7 @@ def open_split(src: HFSource) -> tuple[Any, dict[str, Any]]:
     split, ds = _pick_split(src, _load_all(src))
     ds = _check_column(src, split, ds)
     prov: dict[str, Any] = {
-        "source": "hf", "name": src.name if not src.saved_folder else Path(src.name).name,
+        "source": "hf", "name": Path(src.name).name if Path(src.name).exists() else src.name,
         "config": src.config or getattr(ds.info, "config_name", None), "split": split, "column": src.column,
         "revision": src.revision, "data_files": [Path(f).name for f in src.data_files], "streaming": src.streaming,
         "shuffle_seed": src.shuffle, "fingerprint": getattr(ds, "_fingerprint", None),
@@ -244,7 +242,9 @@ def _quiet() -> Iterator[None]:
 
 def _check_tokenizer(tokenizer: Any, prepend_bos: bool) -> None:
     if tokenizer.eos_token_id is None:
-        raise HeadstoreError("data 'hf' joins documents with EOS, and this tokenizer has no EOS token: use another model")
+        raise HeadstoreError(
+            "data 'hf' joins documents with EOS, and this tokenizer has no EOS token: use another model"
+        )
     if prepend_bos and tokenizer.bos_token_id is None:
         raise HeadstoreError("the tokenizer has no BOS token to start each window: pass --no-prepend-bos")
 
@@ -255,7 +255,13 @@ def build_hf(arg: str, req: DataRequest, tokenizer: Any) -> TokenDataset:
     seq_len = req.seq_len or DEFAULT_SEQ_LEN
     with _quiet():
         ds, prov = open_split(src)
-        rows = list(itertools.islice(iter_windows(ds, tokenizer, seq_len, req.prepend_bos, src.column), req.n_seq))
+        try:
+            rows = list(itertools.islice(iter_windows(ds, tokenizer, seq_len, req.prepend_bos, src.column), req.n_seq))
+        except (TypeError, ValueError) as e:  # the tokenizer on a missing (None) text, or a row datasets cannot read
+            raise HeadstoreError(
+                f"reading dataset {src.label} split {prov['split']!r} failed: {_first_line(e)} "
+                f"(every row's {src.column!r} must be a string)"
+            ) from e
         if len(rows) <= 1:  # one window may be padding after a short dataset: count what it has
             body = seq_len - 1 if req.prepend_bos else seq_len
             counted = _count_tokens(ds, src.column, tokenizer, limit=_map_batch())
