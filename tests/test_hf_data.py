@@ -133,6 +133,9 @@ def test_data_files_and_dataset_dict(tmp_path: Path, tok: Any, cache: Path) -> N
     np.testing.assert_array_equal(build(f"hf:json,data_files={path},column=body", tok).tokens, want)
     np.testing.assert_array_equal(build(f"hf:json:train,data_files={path},column=body,streaming", tok).tokens, want)
     assert list(cache.iterdir())  # the non-streaming load was prepared in the cache it was given
+    (tmp_path / "corpus").mkdir()  # a folder of data files: load_dataset(FOLDER)
+    (tmp_path / "corpus" / "part-0.jsonl").write_text(path.read_text())
+    np.testing.assert_array_equal(build(f"hf:{tmp_path / 'corpus'}:train,column=body", tok).tokens, want)
     dd = datasets.DatasetDict({"train": online, "test": online.select(range(100))})
     dd.save_to_disk(str(tmp_path / "dd"))
     want = reference(dd["test"], tok, 16, column="body")
@@ -183,6 +186,18 @@ def test_too_short_names_its_tokens(tmp_path: Path, tok: Any) -> None:
     ):
         build(f"hf:{tmp_path / 'short'}", tok, seq_len=64)
     assert build(f"hf:{tmp_path / 'short'}", tok, seq_len=n_tok + 1).tokens.shape == (1, n_tok + 1)
+
+
+def test_a_tokenizer_without_eos_or_bos(folder: Path, tok: Any) -> None:
+    no_eos = copy.deepcopy(tok)
+    no_eos.eos_token = None
+    with pytest.raises(HeadstoreError, match="joins documents with EOS, and this tokenizer has no EOS token"):
+        build(f"hf:{folder}", no_eos, n_seq=2)
+    no_bos = copy.deepcopy(tok)
+    no_bos.bos_token = None
+    with pytest.raises(HeadstoreError, match="no BOS token to start each window: pass --no-prepend-bos"):
+        build(f"hf:{folder}", no_bos, n_seq=2)
+    assert build(f"hf:{folder}", no_bos, n_seq=2, bos=False).tokens.shape == (2, 16)
 
 
 def test_a_missing_text_is_one_line(tmp_path: Path, tok: Any) -> None:

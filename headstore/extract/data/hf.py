@@ -116,8 +116,9 @@ def _load_all(src: HFSource) -> Any:
             raise HeadstoreError(
                 f"{src.name} is a save_to_disk folder: it takes no CONFIG, data_files or revision (hf:FOLDER[:SPLIT])"
             )
-        return datasets.load_from_disk(src.name)
     try:
+        if src.saved_folder:
+            return datasets.load_from_disk(src.name)
         return datasets.load_dataset(
             src.name, src.config, data_files=list(src.data_files) or None, revision=src.revision,
             streaming=src.streaming,
