@@ -123,6 +123,20 @@ def test_shuffle_seed(folder: Path, tok: Any) -> None:
     np.testing.assert_array_equal(got, reference(full.to_iterable_dataset().shuffle(seed=7), tok, 16)[:200])
 
 
+def test_num_proc_matches_that_call(tmp_path: Path, tok: Any) -> None:
+    """``num_proc=N``: the one call over the whole split with N processes, whose pieces are packed apart."""
+    texts = documents(N_DOCS, seed=3)
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "docs"))
+    got = build(f"hf:{tmp_path / 'docs'},num_proc=2", tok).tokens
+    fresh = datasets.Dataset.from_dict({"text": texts})  # in memory: no cache files shared with the store's call
+    from transformer_lens.utilities import tokenize_and_concatenate
+
+    two = tokenize_and_concatenate(fresh, copy.deepcopy(tok), max_length=16, num_proc=2, set_format=False)
+    np.testing.assert_array_equal(got, np.asarray(two["tokens"]))
+    one = reference(fresh, tok, 16)
+    assert not (got.shape == one.shape and np.array_equal(got, one))  # the second piece starts mid-batch
+
+
 def test_data_files_and_dataset_dict(tmp_path: Path, tok: Any, cache: Path) -> None:
     """Data files go through load_dataset (the Hub's path); a saved DatasetDict picks its split."""
     texts = documents(1500, seed=1)
@@ -160,10 +174,11 @@ def test_bad_specs_are_one_line(folder: Path, tok: Any, tmp_path: Path) -> None:
         f"hf:{folder},column=n": "column 'n' of dataset",
         f"hf:{folder}:test": "has no split 'test': its splits are train",
         f"hf:{folder},colour=red": "hf option 'colour' is unknown",
-        f"hf:{folder},shuffle=x": "the seed must be an integer",
+        f"hf:{folder},shuffle=x": "hf option shuffle='x': it must be an integer",
         f"hf:{folder},streaming=1": "write it as streaming (no value)",
         f"hf:{tmp_path / 'nothing'}": "cannot load dataset",
         "hf:": "data 'hf' needs a dataset",
+        f"hf:{folder},streaming,num_proc=2": "num_proc=N needs N >= 1 and no streaming",
     }
     for spec, must in cases.items():
         with pytest.raises(HeadstoreError) as e:

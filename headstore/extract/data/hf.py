@@ -4,15 +4,18 @@
 ``parquet``, ``text`` with ``data_files=``), a folder of data files, or a folder written by
 ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (read with ``load_from_disk``). A folder and a
 data-file builder have no configs: ``hf:NAME:SPLIT``. Options, after commas: ``column=NAME`` (the text
-column, default ``text``), ``shuffle=SEED``, ``streaming``, ``data_files=GLOB`` (repeatable) and
-``revision=REV``.
+column, default ``text``), ``shuffle=SEED``, ``streaming``, ``data_files=GLOB`` (repeatable),
+``revision=REV`` and ``num_proc=N``.
 
 Documents become windows through ``transformer_lens.utilities.tokenize_and_concatenate``, called on the
 split as an ``IterableDataset`` (a non-streaming split is turned into one with ``to_iterable_dataset``).
 ``datasets`` feeds it 1,000 documents at a time, as it does a whole ``Dataset`` in one process, so the
 windows are exactly those of ``tokenize_and_concatenate(split, tokenizer, max_length=seq_len,
 num_proc=None)`` (or ``streaming=True``), read lazily: only the documents the first ``--n-seq`` windows
-need are read and tokenised, and a streaming split is never held in memory.
+need are read and tokenised, and a streaming split is never held in memory. ``num_proc=N`` (not
+streaming) instead calls it once on the whole split with that ``num_proc``, as TransformerLens's default
+``num_proc=10`` does: ``datasets`` then packs N contiguous pieces of the split apart, so the windows
+differ from the one-process ones after the first piece.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from headstore.store_schema.errors import HeadstoreError
 
 DEFAULT_SEQ_LEN = 128
 SHUFFLE_BUFFER = 1000  # IterableDataset.shuffle's default buffer, recorded with a streaming shuffle
-OPTIONS = ("column", "shuffle", "streaming", "data_files", "revision")
-USAGE = "hf:NAME[:CONFIG][:SPLIT][,column=TEXT][,shuffle=SEED][,streaming][,data_files=GLOB][,revision=REV]"
+OPTIONS = ("column", "shuffle", "streaming", "data_files", "revision", "num_proc")
+USAGE = (
+    "hf:NAME[:CONFIG][:SPLIT][,column=TEXT][,shuffle=SEED][,streaming][,data_files=GLOB][,revision=REV][,num_proc=N]"
+)
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class HFSource:
     streaming: bool = False
     data_files: tuple[str, ...] = ()
     revision: str | None = None
+    num_proc: int | None = None
 
     @property
     def saved_folder(self) -> bool:
@@ -91,14 +97,16 @@ def parse_source(arg: str) -> HFSource:
             raise HeadstoreError(f"hf option {opt!r}: write it as {form}")
         if key == "data_files":
             kw["data_files"].append(value)
-        elif key == "shuffle":
+        elif key in ("shuffle", "num_proc"):
             try:
-                kw["shuffle"] = int(value)
+                kw[key] = int(value)
             except ValueError:
-                raise HeadstoreError(f"hf option shuffle={value!r}: the seed must be an integer") from None
+                raise HeadstoreError(f"hf option {key}={value!r}: it must be an integer") from None
         else:
             kw[key] = True if key == "streaming" else value
     kw["data_files"] = tuple(kw["data_files"])
+    if kw.get("num_proc") is not None and (kw["num_proc"] < 1 or kw.get("streaming")):
+        raise HeadstoreError("hf option num_proc=N needs N >= 1 and no streaming (a stream is packed in one process)")
     return HFSource(name, config, split, **kw)
 
 
@@ -176,7 +184,7 @@ def open_split(src: HFSource) -> tuple[Any, dict[str, Any]]:
         "revision": src.revision, "data_files": [Path(f).name for f in src.data_files], "streaming": src.streaming,
         "shuffle_seed": src.shuffle, "fingerprint": getattr(ds, "_fingerprint", None),
         "versions": {p: importlib.metadata.version(p) for p in ("datasets", "transformer-lens")},
-        "windows": "transformer_lens.utilities.tokenize_and_concatenate(num_proc=None)",
+        "windows": f"transformer_lens.utilities.tokenize_and_concatenate(num_proc={src.num_proc})",
     }  # fmt: skip
     if src.streaming:
         import datasets
@@ -189,18 +197,24 @@ def open_split(src: HFSource) -> tuple[Any, dict[str, Any]]:
     else:
         if src.shuffle is not None:
             ds = ds.shuffle(seed=src.shuffle)  # a full permutation, as Dataset.shuffle gives
-        ds = ds.to_iterable_dataset()
+        if src.num_proc is None:  # else the whole split in one call, with that num_proc
+            ds = ds.to_iterable_dataset()
     return ds, prov
 
 
-def iter_windows(ds: Any, tokenizer: Any, seq_len: int, prepend_bos: bool, column: str) -> Iterator[np.ndarray]:
-    """The windows of ``tokenize_and_concatenate`` over the IterableDataset ``ds``, one int32 row at a time."""
+def iter_windows(
+    ds: Any, tokenizer: Any, seq_len: int, prepend_bos: bool, column: str, num_proc: int | None = None
+) -> Iterator[np.ndarray]:
+    """The windows of ``tokenize_and_concatenate`` over ``ds``, one int32 row at a time: lazily over an
+    IterableDataset, or in one call with ``num_proc`` over a Dataset."""
+    import datasets
     from transformer_lens.utilities import tokenize_and_concatenate
 
+    streaming = isinstance(ds, datasets.IterableDataset)
     # it adds a pad token to a tokenizer without one: keep the model's tokenizer as it is
     tokenized = tokenize_and_concatenate(
-        ds, copy.deepcopy(tokenizer), streaming=True, max_length=seq_len, column_name=column,
-        add_bos_token=prepend_bos, set_format=False,
+        ds, copy.deepcopy(tokenizer), streaming=streaming, max_length=seq_len, column_name=column,
+        add_bos_token=prepend_bos, num_proc=None if streaming else num_proc, set_format=False,
     )  # fmt: skip
     for row in tokenized:
         yield np.asarray(row["tokens"], dtype=np.int32)
@@ -257,7 +271,11 @@ def build_hf(arg: str, req: DataRequest, tokenizer: Any) -> TokenDataset:
     with _quiet():
         ds, prov = open_split(src)
         try:
-            rows = list(itertools.islice(iter_windows(ds, tokenizer, seq_len, req.prepend_bos, src.column), req.n_seq))
+            rows = list(
+                itertools.islice(
+                    iter_windows(ds, tokenizer, seq_len, req.prepend_bos, src.column, src.num_proc), req.n_seq
+                )
+            )
         except (TypeError, ValueError) as e:  # the tokenizer on a missing (None) text, or a row datasets cannot read
             raise HeadstoreError(
                 f"reading dataset {src.label} split {prov['split']!r} failed: {_first_line(e)} "
