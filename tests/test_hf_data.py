@@ -147,6 +147,9 @@ def test_data_files_and_dataset_dict(tmp_path: Path, tok: Any, cache: Path) -> N
     np.testing.assert_array_equal(build(f"hf:json,data_files={path},column=body", tok).tokens, want)
     np.testing.assert_array_equal(build(f"hf:json:train,data_files={path},column=body,streaming", tok).tokens, want)
     assert list(cache.iterdir())  # the non-streaming load was prepared in the cache it was given
+    stream = datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)  # online, streaming
+    got = build(f"hf:json:train,data_files={path},column=body,streaming,shuffle=3", tok).tokens
+    np.testing.assert_array_equal(got, reference(stream.shuffle(seed=3), tok, 16, column="body"))
     (tmp_path / "corpus").mkdir()  # a folder of data files: load_dataset(FOLDER)
     (tmp_path / "corpus" / "part-0.jsonl").write_text(path.read_text())
     np.testing.assert_array_equal(build(f"hf:{tmp_path / 'corpus'}:train,column=body", tok).tokens, want)
