@@ -159,6 +159,24 @@ def test_data_files_and_dataset_dict(tmp_path: Path, tok: Any, cache: Path) -> N
     np.testing.assert_array_equal(build(f"hf:{tmp_path / 'dd'}:test,column=body", tok).tokens, want)
 
 
+def test_configs_of_a_dataset_repository(tmp_path: Path, tok: Any, cache: Path) -> None:
+    """A dataset with configs (a Hub-style folder: its README names them): hf:NAME:CONFIG:SPLIT picks one;
+    a missing or unknown config is one line naming the configs there are."""
+    repo = tmp_path / "repo"
+    for config, texts in (("small", documents(40, seed=5)), ("big", documents(90, seed=6))):
+        (repo / config).mkdir(parents=True)
+        (repo / config / "part.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    configs = "".join(f"- config_name: {c}\n  data_files: {c}/*.jsonl\n" for c in ("small", "big"))
+    (repo / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    want = reference(datasets.load_dataset(str(repo), "big", split="train"), tok, 16)
+    np.testing.assert_array_equal(build(f"hf:{repo}:big:train", tok).tokens, want)
+    for spec, must in ((f"hf:{repo}", "Config name is missing"), (f"hf:{repo}:nope:train", "'nope' not found")):
+        with pytest.raises(
+            HeadstoreError, match=rf"{must}.*'small', 'big'.*: name a config, hf:NAME:CONFIG\[:SPLIT\]$"
+        ):
+            build(spec, tok)
+
+
 def test_the_models_tokenizer_is_left_as_it_is(folder: Path, tok: Any) -> None:
     """tokenize_and_concatenate adds a pad token to a tokenizer without one; headstore's is not touched."""
     bare = copy.deepcopy(tok)

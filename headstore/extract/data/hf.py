@@ -134,8 +134,9 @@ def _load_all(src: HFSource) -> Any:
     except Exception as e:  # datasets raises many types (not found, offline, no config, bad files)
         why = _first_line(e)
         if "BuilderConfig" in why or "Config name is missing" in why:
+            configs = next((ln.strip() for ln in str(e).splitlines() if "available configs" in ln), "")
             raise HeadstoreError(
-                f"{src.label}: {why}: write hf:NAME:CONFIG:SPLIT (hf:NAME::SPLIT picks a split of the default config)"
+                f"{src.label}: {' '.join(filter(None, (why, configs)))}: name a config, hf:NAME:CONFIG[:SPLIT]"
             ) from e
         raise HeadstoreError(f"cannot load dataset {src.label}: {why}") from e
 
