@@ -15,10 +15,12 @@ per-head variables with ``layer, head`` leading. Implementation lives in private
 """
 
 from headstore.analyze._attention_stats import attention_stats
+from headstore.analyze._attribution_patching import attribution_patching
 from headstore.analyze._calibration import calibration, n_empty_bins, overconfidence
 from headstore.analyze._circuits import circuits
 from headstore.analyze._composition import composition
 from headstore.analyze._copy_suppression import copy_suppression
+from headstore.analyze._edge_attribution import edge_attribution, top_edges
 from headstore.analyze._head_scores import head_scores
 from headstore.analyze._ifelse_detector import ifelse_detector
 from headstore.analyze._ioi import ioi, ioi_pair
@@ -28,10 +30,12 @@ from headstore.analyze._projection_loss import projection_loss
 
 __all__ = [
     "attention_stats",
+    "attribution_patching",
     "calibration",
     "circuits",
     "composition",
     "copy_suppression",
+    "edge_attribution",
     "head_scores",
     "ifelse_detector",
     "ioi",
@@ -41,4 +45,5 @@ __all__ = [
     "overconfidence",
     "path_patch_query",
     "projection_loss",
+    "top_edges",
 ]

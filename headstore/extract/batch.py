@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from headstore.extract.families import run_hooked
+from headstore.extract.grad import GradTargets, grad_batch
 from headstore.extract.models import LoadedModel
 from headstore.store_schema import FIELDS, HeadstoreError, Provenance
 
@@ -133,6 +134,7 @@ def run_batch(
     prov: Provenance,
     hooks: dict[str, list[str]],
     buffers: HostBuffers | None = None,
+    grad: GradTargets | None = None,
 ) -> HostBatch:
     """One forward pass; returns its fields in storage layout, copying to host (see HostBatch). Each hook's tensor
     is copied, in its storage dtype, into its layer of the field's tensor in ``buffers`` as it fires."""
@@ -167,6 +169,8 @@ def run_batch(
         assert t.ndim == len(FIELDS[name].dims), (name, t.shape, FIELDS[name].dims)
     if "loss" in prov.fields:
         tensors["loss"] = next_token_nll(logits, x)
+    if grad is not None:  # extract --grad: one more forward pass with autograd, and its backward pass
+        tensors.update(grad_batch(model, toks, prov.layers, grad, prov.storage_dtype == "float16"))
     return HostBatch(tensors, x.device)
 
 

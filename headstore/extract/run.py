@@ -26,6 +26,7 @@ from headstore.extract.batch import HostBuffers, hook_names, run_batch
 from headstore.extract.compact import check_pattern_derivable, derives_pattern
 from headstore.extract.data import DataRequest, TokenDataset, build_dataset
 from headstore.extract.families import resolve_fields
+from headstore.extract.grad import check_grad_model, parse_metric, resolve_metric, targets_for, with_grad_fields
 from headstore.extract.models import LoadedModel, load_model
 from headstore.extract.plan import Plan, check_space, disk_full, plan_extract
 from headstore.extract.weights import collect_weights, effective_embedding, vocab_strings, weights_sha256
@@ -65,6 +66,7 @@ class ExtractRequest:
     weights: str | None = None  # a shared weights store to create or reuse (W_E, W_EE, W_U, ...)
     dry_run: bool = False  # plan only (bytes, files, time from one timed batch): nothing written
     ignore_space: bool = False  # start even when the target has less free space than the plan
+    grad: str | None = None  # a metric (headstore.extract.grad): store its gradients, e.g. "loss"
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,8 @@ def _quiet_hf_loading() -> None:
 def extract(req: ExtractRequest) -> ExtractResult:
     """Run ``req.model`` over ``req.data`` once and fill (or resume) the store at ``req.out``."""
     t0 = time.perf_counter()
-    fields = parse_fields(req.fields)
+    metric = parse_metric(req.grad) if req.grad is not None else None
+    fields = with_grad_fields(parse_fields(req.fields), metric)
     if req.dtype not in STORAGE_DTYPES:
         raise HeadstoreError(f"--dtype {req.dtype!r}: choose float32 or float16")
     if req.batch_size <= 0:
@@ -183,12 +186,16 @@ def extract(req: ExtractRequest) -> ExtractResult:
     _quiet_hf_loading()
     model = load_model(req.model, req.device, req.model_dtype)
     fields = resolve_fields(req.fields, fields, model)  # less what this family cannot represent
+    if metric is not None:
+        check_grad_model(model)
     cfg = model.config_dict()
     layers = parse_layers(req.layers, cfg["n_layers"])
     pattern_layers = _parse_pattern_layers(req.pattern_layers, cfg["n_layers"], layers, fields)
     data_req = DataRequest(req.data, req.n_seq, req.seq_len, req.seed, req.prepend_bos)
     ds = build_dataset(data_req, model.tokenizer, cfg["n_ctx"])
     seq_len = int(ds.tokens.shape[1])
+    if metric is not None:  # a missing column or a position outside a sequence: refused before anything runs
+        resolve_metric(metric, ds.tokens, ds.columns, cfg["d_vocab"])
     weights = collect_weights(model, layers, seq_len)
     prov = Provenance(
         schema_version=SCHEMA_VERSION,
@@ -212,6 +219,7 @@ def extract(req: ExtractRequest) -> ExtractResult:
         layout=req.layout,
         versions=_versions(),
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        grad=None if metric is None else str(metric),
     )
     if existing is not None:
         existing.check_same_run(prov)
@@ -312,12 +320,14 @@ def _fill(
     )
     pending: Future[None] | None = None
     buffers = HostBuffers()
+    targets = targets_for(prov, ds)
     waited, n_tok = 0.0, 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="headstore-writer") as pool:
         for start in todo:
             toks = ds.tokens[start : start + bs]
             buffers.next_batch()
-            batch = run_batch(model, toks, prov, hooks, buffers)
+            grad = None if targets is None else targets.rows(start, start + bs)
+            batch = run_batch(model, toks, prov, hooks, buffers, grad)
             if pending is not None:
                 tw = time.perf_counter()
                 pending.result()  # at most one batch in flight: memory bounded by two batches

@@ -146,6 +146,9 @@ class Provenance:
     # {"path": relative to the store or a URL, "sha256": of its arrays, "arrays": names taken}; None:
     # self-contained. Not part of ``identity`` (the weights themselves are, via model.weights_sha256).
     weights_store: dict[str, Any] | None = None
+    # the metric whose gradients the store holds (``extract --grad``, e.g. "logit-diff:io_token,s_token@end_pos");
+    # None: no gradients (and what stores made before the option read as).
+    grad: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -177,7 +180,7 @@ class Provenance:
             raise HeadstoreError(f"store has schema version {version}, older than {SCHEMA_VERSION}: re-extract it")
         names = {f.name for f in fields(cls)}
         missing = sorted(
-            n for n in names - set(d) if n not in ("versions", "created", "pattern_layers", "layout", "weights_store")
+            n for n in names - set(d) if n not in ("versions", "created", "pattern_layers", "layout", "weights_store", "grad")
         )
         if missing:
             raise HeadstoreError(f"store attrs lack {', '.join(missing)}: the store is damaged; re-extract it")
@@ -194,6 +197,8 @@ class Provenance:
         if kwargs.setdefault("layout", "chunked") not in LAYOUTS:
             raise HeadstoreError(f"store attr layout must be one of {LAYOUTS}, got {_short(kwargs['layout'])}")
         kwargs["weights_store"] = _weights_ref(kwargs.get("weights_store"))
+        if not isinstance(kwargs.setdefault("grad", None), str | None):
+            raise HeadstoreError(f"store attr grad must be null or a metric string, got {_short(kwargs['grad'])}")
         if kwargs["storage_dtype"] not in STORAGE_DTYPES:
             raise HeadstoreError(f"store attr storage_dtype must be one of {STORAGE_DTYPES}")
         _expect(kwargs, "fields", list)
@@ -238,6 +243,7 @@ class Provenance:
             "layers": list(self.layers),
             "pattern_layers": list(self.stored_pattern_layers),
             "batch_size": self.batch_size,
+            "grad": self.grad,
         }
 
     def check_same_run(self, other: Provenance) -> None:
