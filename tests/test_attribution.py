@@ -4,8 +4,9 @@ own inputs, ``hook_mlp_in``, ``hook_result`` and ``hook_mlp_out`` for the sender
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +38,18 @@ def pair(make_store: Callable[..., Path]) -> Callable[[str], tuple[Any, Any]]:
 
 @contextmanager
 def _live_mode(bridge: Any) -> Iterator[None]:
-    bridge.set_use_split_qkv_input(True)
-    bridge.set_use_hook_mlp_in(True)
-    bridge.set_use_attn_result(True)
+    """Split q/k/v inputs, hook_mlp_in and per-head results on (where the bridge has them), as they were after."""
+    names = ("split_qkv_input", "hook_mlp_in", "attn_result")
+    was = {n: bool(getattr(bridge.cfg, f"use_{n}", False)) for n in names}
     try:
+        for n in names:
+            with suppress(NotImplementedError):
+                getattr(bridge, f"set_use_{n}")(True)
         yield
     finally:
-        bridge.set_use_split_qkv_input(False)
-        bridge.set_use_hook_mlp_in(False)
-        bridge.set_use_attn_result(False)
+        for n in names:
+            with suppress(NotImplementedError):
+                getattr(bridge, f"set_use_{n}")(was[n])
 
 
 def live_run(
@@ -226,3 +230,67 @@ def test_bad_input(pair: Any, make_store: Callable[..., Path], tmp_path: Path) -
         extract(
             ExtractRequest(model="tiny-gpt2", data="ioi", out=str(out), fields="default,grad_z", device="cpu", **KW)
         )
+
+
+# ------------------------------------------------------------------------------------------------ the families
+
+SERVED = ("gpt-neox", "gemma", "qwen2", "mistral", "phi-3")  # + gpt2, llama above (tiny-gpt2, tiny-llama)
+REFUSED = {"gpt-j": "feeds its MLP from ln1", "opt": "flattens tokens in its MLP", "gemma-2": "post-norm",
+           "qwen3": "q/k norm", "olmo-2": "q/k norm"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def family_folder(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    from headstore.extract.tiny import build_family, build_tokenizer
+
+    root = tmp_path_factory.mktemp("grad-families")
+
+    def get(family: str) -> Path:
+        if not (root / "tok").exists():
+            build_tokenizer(root / "tok")
+        if not (root / family).exists():
+            build_family(family, root / family, root / "tok")
+        return root / family
+
+    return get
+
+
+@pytest.mark.parametrize("family", SERVED)
+def test_family_grads_and_eap_equal_live(family: str, family_folder: Callable[[str], Path], tmp_path: Path) -> None:
+    """Per family: stored gradients (z, mlp_in, final residual), the receivers' rebuilt q/k/v input gradients and
+    EAP against live autograd (GQA, rotary partial or not, parallel residual, Gemma's scaled embedding)."""
+    from headstore.extract.models import load_model
+
+    folder = family_folder(family)
+    kw: dict[str, Any] = {"n_seq": 4, "batch_size": 4, "progress": False, "device": "cpu", "seed": 1}
+    extract(ExtractRequest(model=str(folder), data="ioi", out=str(tmp_path / "c.zarr"), grad=METRIC, **kw))
+    extract(
+        ExtractRequest(
+            model=str(folder), data="ioi-abc", out=str(tmp_path / "k.zarr"), fields="default,resid_pre", **kw
+        )
+    )
+    clean, corrupt = headstore.open_store(tmp_path / "c.zarr"), headstore.open_store(tmp_path / "k.zarr")
+    m = load_model(str(folder), "cpu")
+    _, grads = live_run(m, np.asarray(clean["tokens"].values), clean)
+    n_layers, layer_norm = m.bridge.cfg.n_layers, clean.hs.config.normalization_type == "LN"
+    resid_pre, scale = np.asarray(clean["resid_pre"].values), np.asarray(clean["ln1_scale"].values)
+    for L in range(n_layers):
+        _close(np.asarray(clean["grad_z"].isel(layer=L).values), grads[f"blocks.{L}.attn.hook_z"].numpy(), 1e-5)
+        _close(np.asarray(clean["grad_mlp_in"].isel(layer=L).values), grads[f"blocks.{L}.hook_mlp_in"].numpy(), 1e-5)
+        for which in "qkv":
+            w, g = (np.asarray(clean[f"{n}"].isel(layer=L).values) for n in (f"W_{which.upper()}", f"grad_{which}"))
+            got = np.stack([head_input_grads(g[b], w, resid_pre[b, L], scale[b, L], layer_norm) for b in range(len(g))])
+            _close(got, grads[f"blocks.{L}.hook_{which}_input"].numpy(), 1e-5)
+    _close(np.asarray(clean["grad_resid_final"].values), grads[f"blocks.{n_layers - 1}.hook_resid_post"].numpy(), 1e-5)
+    res = edge_attribution(clean, corrupt)
+    edge = res["edge"].values
+    _close(res["score"].values[edge], _online_eap(m, clean, corrupt)[edge], 1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_family_refused_with_grad(family: str, family_folder: Callable[[str], Path], tmp_path: Path) -> None:
+    out = tmp_path / "c.zarr"
+    with pytest.raises(HeadstoreError, match=rf"^--grad: .*{re.escape(REFUSED[family])}.*extract without --grad$"):
+        extract(ExtractRequest(model=str(family_folder(family)), data="ioi", out=str(out), grad=METRIC, n_seq=4,
+                               progress=False, device="cpu"))  # fmt: skip
+    assert not out.exists()

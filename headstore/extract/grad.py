@@ -164,6 +164,7 @@ def check_grad_model(model: Any) -> None:
         "normalises q and k per head (q/k norm)" if traits.get("qk_norm")
         else "has norms on the attention and MLP outputs (post-norm)" if traits.get("post_norm") or not traits.get("pre_norm", True)
         else "flattens tokens in its MLP (no per-position hook_mlp_in)" if model.architecture == "OPTForCausalLM"
+        else "feeds its MLP from ln1's output (no hook_mlp_in)" if "ln2_scale" in model.unrepresentable
         else ""
     )  # fmt: skip
     if why:
@@ -205,7 +206,7 @@ def grad_batch(
     """One forward and one backward pass of ``toks``: every grad field of the batch, (batch, layer, ...) in its
     storage dtype (float16 when ``f16``)."""
     from headstore.extract.batch import check_float16
-    from headstore.extract.families import _unflatten
+    from headstore.extract.families import _unflatten, attn_result
 
     bridge = model.bridge
     sources = hook_sources(layers, int(bridge.cfg.n_layers))
@@ -218,7 +219,7 @@ def grad_batch(
         return t  # returned, so the bridge computes on with this very tensor and its gradient is defined
 
     names = sorted({"blocks.0.hook_resid_pre", *(h for hs in sources.values() for h in hs)})
-    with _grad_mode(bridge):
+    with _grad_mode(bridge), attn_result(bridge, False):  # the model's own o_proj, as a store without result
         x = torch.as_tensor(toks, dtype=torch.long, device=bridge.cfg.device)
         fwd = [(n, lambda t, hook, n=n: keep(t, hook, n)) for n in names]
         logits = bridge.run_with_hooks(x, fwd_hooks=fwd, return_type="logits")
