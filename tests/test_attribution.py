@@ -294,3 +294,18 @@ def test_family_refused_with_grad(family: str, family_folder: Callable[[str], Pa
         extract(ExtractRequest(model=str(family_folder(family)), data="ioi", out=str(out), grad=METRIC, n_seq=4,
                                progress=False, device="cpu"))  # fmt: skip
     assert not out.exists()
+
+
+def test_cli_grad_dry_run_counts_the_gradients(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from headstore.cli import app
+
+    args = ["extract", "--model", "tiny-gpt2", "--data", "ioi", "--out", str(tmp_path / "s.zarr"), "--n-seq", "4",
+            "--device", "cpu", "--no-progress", "--dry-run", "--grad", METRIC]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert all(name in res.output for name in ("grad_z", "grad_q", "grad_k", "grad_v", "grad_mlp_in", "resid_pre"))
+    assert not (tmp_path / "s.zarr").exists()
+    res = CliRunner().invoke(app, [*args[:-1], "logit:io_token@nowhere"])
+    assert res.exit_code != 0 and "column 'nowhere', which this data lacks" in res.output

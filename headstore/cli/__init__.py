@@ -85,6 +85,13 @@ def extract(
     ignore_space: Annotated[
         bool, typer.Option(help="start even when the target has less free space than the plan")
     ] = False,
+    grad: Annotated[
+        str | None,
+        typer.Option(
+            help="store gradients of a metric (+ resid_pre): loss, logit:TOK@POS or logit-diff:TOK_A,TOK_B@POS, "
+            "TOK an id or a column (io_token), POS an int or a column (end_pos)"
+        ),
+    ] = None,
 ) -> None:
     """Run the model once over the data and write every per-head field into a Zarr store."""
     try:
@@ -97,7 +104,7 @@ def extract(
                 pattern_layers=pattern_layers, seq_len=seq_len,
                 batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, model_dtype=model_dtype, seed=seed,
                 prepend_bos=prepend_bos, shard=shard, progress=progress, layout=layout, weights=weights,
-                dry_run=dry_run, ignore_space=ignore_space,
+                dry_run=dry_run, ignore_space=ignore_space, grad=grad,
             )
         )  # fmt: skip
     except HeadstoreError as e:
