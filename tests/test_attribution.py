@@ -61,6 +61,8 @@ def live_run(
     n_layers = bridge.cfg.n_layers
     per_layer = ("attn.hook_z", "attn.hook_result", "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in",
                  "hook_mlp_out", "hook_resid_pre")  # fmt: skip
+    if not model.has_result_hook:  # GPT-J, OPT: the per-head result is z @ W_O (_online_eap)
+        per_layer = tuple(h for h in per_layer if h != "attn.hook_result")
     names = [f"blocks.{L}.{h}" for L in range(n_layers) for h in per_layer] + [f"blocks.{n_layers - 1}.hook_resid_post"]
     acts: dict[str, torch.Tensor] = {}
     grads: dict[str, torch.Tensor] = {}
@@ -144,7 +146,10 @@ def _online_eap(m: Any, clean: Any, corrupt: Any) -> np.ndarray:
     send = [d["blocks.0.hook_resid_pre"][:, :, None]]
     recv = []
     for L in range(n_layers):
-        send += [d[f"blocks.{L}.attn.hook_result"], d[f"blocks.{L}.hook_mlp_out"][:, :, None]]
+        result = d.get(f"blocks.{L}.attn.hook_result")
+        if result is None:
+            result = torch.einsum("bphe,hem->bphm", d[f"blocks.{L}.attn.hook_z"], m.bridge.W_O[L].detach())
+        send += [result, d[f"blocks.{L}.hook_mlp_out"][:, :, None]]
         recv += [grads[f"blocks.{L}.hook_{w}_input"] for w in "qkv"] + [grads[f"blocks.{L}.hook_mlp_in"][:, :, None]]
     recv.append(grads[f"blocks.{n_layers - 1}.hook_resid_post"][:, :, None])
     s, r = torch.cat(send, 2).double(), torch.cat(recv, 2).double()
@@ -234,9 +239,9 @@ def test_bad_input(pair: Any, make_store: Callable[..., Path], tmp_path: Path) -
 
 # ------------------------------------------------------------------------------------------------ the families
 
-SERVED = ("gpt-neox", "gemma", "qwen2", "mistral", "phi-3")  # + gpt2, llama above (tiny-gpt2, tiny-llama)
-REFUSED = {"gpt-j": "feeds its MLP from ln1", "opt": "flattens tokens in its MLP", "gemma-2": "post-norm",
-           "qwen3": "q/k norm", "olmo-2": "q/k norm"}  # fmt: skip
+SERVED = ("gpt-neox", "gemma", "qwen2", "qwen3", "mistral", "phi-3")  # + gpt2, llama above (tiny-gpt2, tiny-llama)
+POST_NORM = ("gemma-2", "olmo-2")  # gradients and AtP; edge attribution refused
+REFUSED = {"gpt-j": "feeds its MLP from ln1", "opt": "no split q/k/v inputs"}
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +290,35 @@ def test_family_grads_and_eap_equal_live(family: str, family_folder: Callable[[s
     res = edge_attribution(clean, corrupt)
     edge = res["edge"].values
     _close(res["score"].values[edge], _online_eap(m, clean, corrupt)[edge], 1e-5)
+    _close(attribution_patching(clean, corrupt)["score"].values, _online_atp(m, clean, corrupt), 1e-5)
+
+
+def _online_atp(m: Any, clean: Any, corrupt: Any) -> np.ndarray:
+    acts, grads = live_run(m, np.asarray(clean["tokens"].values), clean)
+    bad, _ = live_run(m, np.asarray(corrupt["tokens"].values))
+    z = [f"blocks.{L}.attn.hook_z" for L in range(m.bridge.cfg.n_layers)]
+    return np.stack([((bad[n] - acts[n]) * grads[n]).sum((1, 3)).mean(0).numpy() for n in z])
+
+
+@pytest.mark.parametrize("family", POST_NORM)
+def test_post_norm_family_grads_and_atp(family: str, family_folder: Callable[[str], Path], tmp_path: Path) -> None:
+    """Post-norm families (Gemma-2, OLMo-2, whose q/k norm comes after hook_q): the stored gradients and AtP equal
+    the live ones; edge attribution is refused (a head's result is not what it adds to the residual)."""
+    from headstore.extract.models import load_model
+
+    folder = family_folder(family)
+    kw: dict[str, Any] = {"n_seq": 4, "batch_size": 4, "progress": False, "device": "cpu", "seed": 1}
+    extract(ExtractRequest(model=str(folder), data="ioi", out=str(tmp_path / "c.zarr"), grad=METRIC, **kw))
+    extract(ExtractRequest(model=str(folder), data="ioi-abc", out=str(tmp_path / "k.zarr"), **kw))
+    clean, corrupt = headstore.open_store(tmp_path / "c.zarr"), headstore.open_store(tmp_path / "k.zarr")
+    m = load_model(str(folder), "cpu")
+    _, grads = live_run(m, np.asarray(clean["tokens"].values), clean)
+    for name, hook in (("grad_z", "attn.hook_z"), ("grad_mlp_in", "hook_mlp_in")):
+        for L in range(m.bridge.cfg.n_layers):
+            _close(np.asarray(clean[name].isel(layer=L).values), grads[f"blocks.{L}.{hook}"].numpy(), 1e-5)
+    _close(attribution_patching(clean, corrupt)["score"].values, _online_atp(m, clean, corrupt), 1e-5)
+    with pytest.raises(HeadstoreError, match=r"post-norm.*attribution_patching scores its heads"):
+        edge_attribution(clean, corrupt)
 
 
 @pytest.mark.parametrize("family", sorted(REFUSED))
@@ -309,3 +343,17 @@ def test_cli_grad_dry_run_counts_the_gradients(tmp_path: Path) -> None:
     assert not (tmp_path / "s.zarr").exists()
     res = CliRunner().invoke(app, [*args[:-1], "logit:io_token@nowhere"])
     assert res.exit_code != 0 and "column 'nowhere', which this data lacks" in res.output
+
+
+def test_api_conventions(pair: Any) -> None:
+    """Lazy until .compute(), plain attrs, and the one-line refusal of a Dataset whose layer dim was dropped."""
+    clean, corrupt = pair("tiny-gpt2")
+    for name, func in (("attribution-patching", attribution_patching), ("edge-attribution", edge_attribution)):
+        res = func(clean, corrupt)
+        assert res.attrs["analyzer"] == name and all(isinstance(v, str | int | float) for v in res.attrs.values())
+        assert res["score"].chunks is not None, "lazy until .compute()"
+        for given in ((clean.sel(layer=1), corrupt), (clean, corrupt.sel(layer=1))):
+            with pytest.raises(HeadstoreError) as e:
+                func(*given)
+            want = f"{name}: ds has no layer dimension (selecting one layer drops it): keep it with ds.sel(layer=[1])"
+            assert str(e.value) == want

@@ -69,8 +69,14 @@ def _edges(n_layers: int, n_heads: int, n_kv: int, parallel: bool) -> np.ndarray
 def edge_attribution(clean: xr.Dataset, corrupt: xr.Dataset) -> xr.Dataset:
     """EAP score of every edge (module docstring): ``score`` (sender, receiver), NaN where there is no edge, and
     ``edge`` (sender, receiver) True where there is one. Needs every layer of the model in both stores."""
-    metric = check_pair(clean, corrupt, "edge-attribution", NEEDS)
     cfg = clean.hs.config
+    if cfg.post_norm or not cfg.pre_norm:
+        raise HeadstoreError(
+            f"edge-attribution: {cfg.architecture or 'this model'} normalises the attention and MLP outputs before "
+            "the residual (post-norm), so a head's result is not what it adds to the residual: not supported; "
+            "attribution_patching scores its heads"
+        )
+    metric = check_pair(clean, corrupt, "edge-attribution", NEEDS)
     if list(clean.hs.layers) != list(range(cfg.n_layers)):
         raise HeadstoreError(
             f"edge-attribution needs every layer of the model (its MLP outputs are derived from consecutive "

@@ -14,8 +14,8 @@ model's own (after a final soft-cap where the family has one).
 Each batch runs one more forward pass with autograd on, and one backward pass of the sum over its
 sequences of M (sequences do not interact, so each sequence's slice is its own gradient). Stored, per
 extracted layer L (``headstore.store_schema.layout.GRAD_FIELDS``): ``grad_z`` = dM/d ``attn.hook_z``,
-``grad_q`` / ``grad_k`` / ``grad_v`` at ``attn.hook_q`` / ``hook_k`` / ``hook_v`` (pre-rotary; k and v per kv
-head), ``grad_mlp_in`` at ``hook_mlp_in`` (the MLP's own copy of the residual, before its norm) and
+``grad_q`` / ``grad_k`` / ``grad_v`` at ``attn.hook_q`` / ``hook_k`` / ``hook_v`` (pre-rotary, and before the
+q/k norm of Qwen3, OLMo-2; k and v per kv head), ``grad_mlp_in`` at ``hook_mlp_in`` (the MLP's own copy of the residual, before its norm) and
 ``grad_resid_final`` at the last block's ``hook_resid_post`` (the logits' input). With ``resid_pre``, the
 ln1 scales and the weights they give every receiver's input gradient (``headstore.analyze._attribution``).
 """
@@ -156,18 +156,19 @@ def metric_values(logits: torch.Tensor, x: torch.Tensor, t: GradTargets) -> torc
 
 
 def check_grad_model(model: Any) -> None:
-    """Refuse the families whose receivers' input gradients the stored head-space gradients do not give."""
+    """Refuse the families whose gradients headstore cannot take at every receiver: GPT-J (its MLP reads ln1's
+    output: no ``hook_mlp_in``) and OPT (TransformerBridge gives it no split q/k/v inputs, nor a per-position
+    MLP input)."""
     from headstore.extract.families import family_label
 
-    traits, label = model.traits, family_label(model.architecture)
+    missing = model.unrepresentable
     why = (
-        "normalises q and k per head (q/k norm)" if traits.get("qk_norm")
-        else "has norms on the attention and MLP outputs (post-norm)" if traits.get("post_norm") or not traits.get("pre_norm", True)
-        else "flattens tokens in its MLP (no per-position hook_mlp_in)" if model.architecture == "OPTForCausalLM"
-        else "feeds its MLP from ln1's output (no hook_mlp_in)" if "ln2_scale" in model.unrepresentable
-        else ""
+        "feeds its MLP from ln1's output (no hook_mlp_in)" if "ln2_scale" in missing and "ln1_scale" not in missing
+        else "has no split q/k/v inputs nor a per-position MLP input in TransformerBridge"
+        if model.architecture == "OPTForCausalLM" else ""
     )  # fmt: skip
     if why:
+        label = family_label(model.architecture)
         raise HeadstoreError(
             f"--grad: {label} {why}, which headstore's gradients do not cover yet: extract without --grad"
         )

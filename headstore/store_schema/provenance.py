@@ -180,7 +180,9 @@ class Provenance:
             raise HeadstoreError(f"store has schema version {version}, older than {SCHEMA_VERSION}: re-extract it")
         names = {f.name for f in fields(cls)}
         missing = sorted(
-            n for n in names - set(d) if n not in ("versions", "created", "pattern_layers", "layout", "weights_store", "grad")
+            n
+            for n in names - set(d)
+            if n not in ("versions", "created", "pattern_layers", "layout", "weights_store", "grad")
         )
         if missing:
             raise HeadstoreError(f"store attrs lack {', '.join(missing)}: the store is damaged; re-extract it")
