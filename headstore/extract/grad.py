@@ -174,6 +174,13 @@ def check_grad_model(model: Any) -> None:
         )
 
 
+def check_grad(model: Any, metric: GradMetric, ds: Any) -> None:
+    """Refuse, before anything runs, a family ``--grad`` does not cover and a metric the dataset ``ds`` (a
+    TokenDataset) cannot resolve."""
+    check_grad_model(model)
+    resolve_metric(metric, ds.tokens, ds.columns, int(model.config_dict()["d_vocab"]))
+
+
 def hook_sources(layers: tuple[int, ...], n_layers: int) -> dict[str, list[str]]:
     """Grad field -> the hook names whose gradient it holds (one per extracted layer where per-layer)."""
     out = {}

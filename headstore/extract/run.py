@@ -26,7 +26,7 @@ from headstore.extract.batch import HostBuffers, hook_names, run_batch
 from headstore.extract.compact import check_pattern_derivable, derives_pattern
 from headstore.extract.data import DataRequest, TokenDataset, build_dataset
 from headstore.extract.families import resolve_fields
-from headstore.extract.grad import check_grad_model, parse_metric, resolve_metric, targets_for, with_grad_fields
+from headstore.extract.grad import check_grad, parse_metric, targets_for, with_grad_fields
 from headstore.extract.models import LoadedModel, load_model
 from headstore.extract.plan import Plan, check_space, disk_full, plan_extract
 from headstore.extract.weights import collect_weights, effective_embedding, vocab_strings, weights_sha256
@@ -186,16 +186,14 @@ def extract(req: ExtractRequest) -> ExtractResult:
     _quiet_hf_loading()
     model = load_model(req.model, req.device, req.model_dtype)
     fields = resolve_fields(req.fields, fields, model)  # less what this family cannot represent
-    if metric is not None:
-        check_grad_model(model)
     cfg = model.config_dict()
     layers = parse_layers(req.layers, cfg["n_layers"])
     pattern_layers = _parse_pattern_layers(req.pattern_layers, cfg["n_layers"], layers, fields)
     data_req = DataRequest(req.data, req.n_seq, req.seq_len, req.seed, req.prepend_bos)
     ds = build_dataset(data_req, model.tokenizer, cfg["n_ctx"])
     seq_len = int(ds.tokens.shape[1])
-    if metric is not None:  # a missing column or a position outside a sequence: refused before anything runs
-        resolve_metric(metric, ds.tokens, ds.columns, cfg["d_vocab"])
+    if metric is not None:  # the family, a missing column, a position outside a sequence: refused before any run
+        check_grad(model, metric, ds)
     weights = collect_weights(model, layers, seq_len)
     prov = Provenance(
         schema_version=SCHEMA_VERSION,
