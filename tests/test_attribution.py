@@ -357,3 +357,36 @@ def test_api_conventions(pair: Any) -> None:
                 func(*given)
             want = f"{name}: ds has no layer dimension (selecting one layer drops it): keep it with ds.sel(layer=[1])"
             assert str(e.value) == want
+
+
+def test_loss_metric_grads_equal_live_autograd(make_store: Callable[..., Path], live_model: Any) -> None:
+    """``--grad loss``: the sum of each sequence's next-token losses over its real positions (right-padded IOI,
+    so the pads' predictions are left out), against torch's cross-entropy on the live logits."""
+    store = headstore.open_store(make_store("tiny-gpt2", "ioi-abc", grad="loss", **KW))
+    assert store.hs.provenance.grad == "loss"
+    m = live_model("tiny-gpt2")
+    toks = torch.as_tensor(np.asarray(store["tokens"].values), dtype=torch.long)
+    length = np.asarray(store["length"].values)
+    assert (length < toks.shape[1]).any(), "some sequences are padded"
+    z: dict[str, torch.Tensor] = {}
+
+    def keep(t: torch.Tensor, hook: Any) -> torch.Tensor:
+        z[hook.name] = t
+        t.retain_grad()
+        return t
+
+    logits = m.bridge.run_with_hooks(toks, fwd_hooks=[(lambda n: n.endswith("attn.hook_z"), keep)])
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), toks[:, 1:], reduction="none")
+    real = torch.arange(toks.shape[1] - 1)[None] + 1 < torch.as_tensor(length)[:, None]
+    (nll * real).sum().backward()
+    got = np.asarray(store["grad_z"].values)
+    want = np.stack([z[f"blocks.{L}.attn.hook_z"].grad.numpy() for L in range(2)], axis=1)
+    _close(got, want, 1e-5)
+
+
+def test_float16_store_holds_the_gradients_rounded(make_store: Callable[..., Path], pair: Any) -> None:
+    clean, _ = pair("tiny-llama")
+    half = headstore.open_store(make_store("tiny-llama", "ioi", grad=METRIC, dtype="float16", **KW))
+    for name in ("grad_z", "grad_q", "grad_k", "grad_v", "grad_mlp_in", "grad_resid_final"):
+        assert half[name].dtype == np.float16
+        _close(np.asarray(half[name].values, np.float32), np.asarray(clean[name].values), 2e-3)

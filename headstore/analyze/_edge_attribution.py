@@ -121,8 +121,8 @@ def _chunk_scores(a: dict[str, np.ndarray], w: dict[str, np.ndarray], layer_norm
     for b in range(a["c_z"].shape[0]):
         send = _senders({k: v[b] for k, v in a.items()}, w)  # (sender, pos, d_model)
         recv = _receivers({k: v[b] for k, v in a.items()}, w, layer_norm)  # (receiver, pos, d_model)
-        part = send.reshape(send.shape[0], -1).astype(np.float64) @ recv.reshape(recv.shape[0], -1).T.astype(np.float64)
-        acc = part if acc is None else acc + part
+        part = (send.reshape(send.shape[0], -1) @ recv.reshape(recv.shape[0], -1).T).astype(np.float64)
+        acc = part if acc is None else acc + part  # float32 products, float64 across sequences
     assert acc is not None
     return acc
 
