@@ -390,3 +390,18 @@ def test_float16_store_holds_the_gradients_rounded(make_store: Callable[..., Pat
     for name in ("grad_z", "grad_q", "grad_k", "grad_v", "grad_mlp_in", "grad_resid_final"):
         assert half[name].dtype == np.float16
         _close(np.asarray(half[name].values, np.float32), np.asarray(clean[name].values), 2e-3)
+
+
+def test_grad_store_fills_by_shards_and_resumes(pair: Any, tmp_path: Path) -> None:
+    """Two shard runs into one store (the second a resume of the same command) give the one-run store's gradients;
+    resuming with another metric is refused."""
+    clean, _ = pair("tiny-gpt2")
+    out = tmp_path / "s.zarr"
+    kw: dict[str, Any] = {**KW, "progress": False, "device": "cpu", "grad": METRIC}
+    for shard in ("1/2", "0/2"):
+        extract(ExtractRequest(model="tiny-gpt2", data="ioi", out=str(out), shard=shard, **kw))
+    ds = headstore.open_store(out)
+    for name in ("grad_z", "grad_q", "grad_k", "grad_v", "grad_mlp_in", "grad_resid_final", "resid_pre"):
+        np.testing.assert_array_equal(ds[name].values, clean[name].values)
+    with pytest.raises(HeadstoreError, match="different grad"):
+        extract(ExtractRequest(model="tiny-gpt2", data="ioi", out=str(out), **{**kw, "grad": "loss"}))
