@@ -405,3 +405,17 @@ def test_grad_store_fills_by_shards_and_resumes(pair: Any, tmp_path: Path) -> No
         np.testing.assert_array_equal(ds[name].values, clean[name].values)
     with pytest.raises(HeadstoreError, match="different grad"):
         extract(ExtractRequest(model="tiny-gpt2", data="ioi", out=str(out), **{**kw, "grad": "loss"}))
+
+
+def test_tables_and_figures(pair: Any, tmp_path: Path) -> None:
+    from headstore.cli import attribution_figures as F
+
+    clean, corrupt = pair("tiny-llama")
+    atp = attribution_patching(clean, corrupt).compute()
+    table = F.attribution_patching_summary(atp)
+    assert len(table) == 8 and abs(table["score"].iloc[0]) == pytest.approx(float(np.abs(atp["score"]).max()))
+    eap = edge_attribution(clean, corrupt).compute()
+    edges = F.edge_attribution_summary(eap, 5)
+    assert list(edges.columns) == ["edge", "sender", "receiver", "score"] and len(edges) == 5
+    paths = F.attribution_patching_plot(atp, tmp_path) + F.edge_attribution_plot(eap, tmp_path)
+    assert [p.suffix for p in paths] == [".png", ".html", ".png", ".html"] and all(p.stat().st_size > 0 for p in paths)
