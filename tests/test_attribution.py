@@ -330,7 +330,7 @@ def test_family_refused_with_grad(family: str, family_folder: Callable[[str], Pa
     assert not out.exists()
 
 
-def test_cli_grad_dry_run_counts_the_gradients(tmp_path: Path) -> None:
+def test_cli_grad_dry_run_counts_the_gradients(tmp_path: Path, make_store: Callable[..., Path]) -> None:
     from typer.testing import CliRunner
 
     from headstore.cli import app
@@ -341,6 +341,8 @@ def test_cli_grad_dry_run_counts_the_gradients(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert all(name in res.output for name in ("grad_z", "grad_q", "grad_k", "grad_v", "grad_mlp_in", "resid_pre"))
     assert not (tmp_path / "s.zarr").exists()
+    res = CliRunner().invoke(app, ["info", str(make_store("tiny-gpt2", "ioi", grad=METRIC, **KW))])
+    assert res.exit_code == 0 and f"gradients  of {METRIC}" in res.output
     res = CliRunner().invoke(app, [*args[:-1], "logit:io_token@nowhere"])
     assert res.exit_code != 0 and "column 'nowhere', which this data lacks" in res.output
 

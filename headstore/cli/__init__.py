@@ -155,6 +155,8 @@ def info(store: str, as_json: Annotated[bool, typer.Option("--json", help="print
         pl = prov.get("pattern_layers")
         rest = "" if pl in (None, prov["layers"]) else " (the other layers are not stored: NaN)"
         console.print(f"pattern    layers {prov['layers'] if pl is None else pl}{rest}")
+    if prov.get("grad"):
+        console.print(f"gradients  of {prov['grad']} (grad_z, grad_q, grad_k, grad_v, grad_mlp_in, grad_resid_final)")
     console.print(f"complete   {data['n_complete']}/{data['n_sequences']} sequences; done ranges {data['done_ranges']}")
     t = Table("array", "MB on disk", "bytes/token")
     for name, (nbytes, per_tok) in data["sizes"].items():
