@@ -82,7 +82,7 @@ def test_imports_and_figures_leave_matplotlib_backend_alone(make_store: Callable
     code = f"""
 import json, sys, matplotlib
 before = dict.__getitem__(matplotlib.rcParams, "backend")
-import headstore, headstore.analyze, headstore.cli, headstore.cli.registry, headstore.cli.report, headstore.pipeline
+import headstore, headstore.analyze, headstore.cli, headstore.cli.registry, headstore.report.page, headstore.pipeline
 from headstore.cli.run import run_analyzer
 from headstore.cli.registry import analyzers
 paths = run_analyzer(analyzers()["copy-suppression"], [{str(store)!r}], __import__("pathlib").Path({str(tmp_path)!r}))[1]
@@ -272,6 +272,8 @@ def _inputs(name: str, make_store: Callable[..., Path]) -> tuple[list[xr.Dataset
     if name == "ifelse-detector":
         return [open_store(make_store("tiny-gpt2", "code-ifelse", n_seq=24))], {}
     ioi, abc = open_store(make_store("tiny-gpt2", "ioi", **kw)), open_store(make_store("tiny-gpt2", "ioi-abc", **kw))
+    if name in ("attribution-patching", "edge-attribution"):  # a clean store with gradients (extract --grad)
+        return [open_store(make_store("tiny-gpt2", "ioi", grad="logit-diff:io_token,s_token@end_pos")), abc], {}
     if name == "path-patch-query":
         return [ioi, abc], {"senders": [(0, 1)], "receiver": (1, 2)}
     if name == "logit-attribution":

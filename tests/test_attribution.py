@@ -16,7 +16,7 @@ import torch
 
 import headstore
 from headstore.analyze import attribution_patching, edge_attribution, top_edges
-from headstore.analyze._attribution import head_input_grads
+from headstore.analyze._attribution_patching import head_input_grads
 from headstore.extract import ExtractRequest, extract
 from headstore.extract.grad import GradMetric, parse_metric, resolve_metric
 from headstore.store_schema import HeadstoreError, validate
@@ -410,7 +410,7 @@ def test_grad_store_fills_by_shards_and_resumes(pair: Any, tmp_path: Path) -> No
 
 
 def test_tables_and_figures(pair: Any, tmp_path: Path) -> None:
-    from headstore.cli import attribution_figures as F
+    from headstore.report import attribution_figures as F
 
     clean, corrupt = pair("tiny-llama")
     atp = attribution_patching(clean, corrupt).compute()

@@ -19,9 +19,9 @@ import transformer_lens.head_detector as HD
 import xarray as xr
 from transformer_lens.head_detector import detect_head
 
-from headstore import census
 from headstore.analyze import attention_stats, composition, head_scores, ioi, logit_attribution
 from headstore.extract.data import DataRequest, build_dataset
+from headstore.pipeline import census
 from headstore.store_schema import HeadstoreError, open_store
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -211,7 +211,7 @@ def test_reused_buffers_survive_a_slow_writer(tmp_path, live_model, monkeypatch)
     import time
 
     from headstore.extract import ExtractRequest, extract
-    from headstore.store_schema.writer import StoreWriter
+    from headstore.store_schema.write.writer import StoreWriter
 
     write = StoreWriter.write_batch
 

@@ -88,7 +88,28 @@ def _calls(run: Run) -> dict[str, Callable[[], xr.Dataset]]:
         "logit-attribution": lambda: A.logit_attribution(ds, target=ds["io_token"]),
         "path-patch-query": lambda: A.path_patch_query(ds, abc, senders=SENDERS, receiver=RECEIVER),
         "projection-loss": lambda: A.projection_loss(ds),
+        # against live autograd in tests/test_attribution.py; here: they run, or refuse as documented
+        "attribution-patching": lambda: A.attribution_patching(_grad_store(run), abc),
+        "edge-attribution": lambda: A.edge_attribution(_grad_store(run), abc),
     }
+
+
+GRAD = "logit-diff:io_token,s_token@end_pos"
+
+
+def _grad_store(run: Run) -> xr.Dataset:
+    """The family's IOI store with gradients (``extract --grad``), or the extraction's refusal raised."""
+    got = run.stores.get("grad")
+    if got is None:
+        out = run.folder.parent / f"{run.family}-grad.zarr"
+        from unittest import mock
+
+        import headstore.extract.run as extract_run
+
+        with mock.patch.object(extract_run, "load_model", lambda *args, **kwargs: run.model):
+            extract(ExtractRequest(model=str(run.folder), data="ioi", out=str(out), grad=GRAD, **KW))
+        got = run.stores["grad"] = headstore.open_store(out)
+    return got
 
 
 @pytest.fixture(scope="session")
@@ -426,7 +447,12 @@ def test_config_of_older_stores_reads_with_defaults() -> None:
 # Analyzers checked against an oracle below, for every family.
 ORACLES = ("calibration", "copy-suppression", "ioi", "logit-attribution", "path-patch-query", "projection-loss")
 # (family, analyzer) -> text of the documented one-line refusal; every other pair must run.
-REFUSALS: dict[tuple[str, str], str] = {}
+_GRAD_REFUSED = "which headstore's gradients do not cover yet: extract without --grad"
+_POST_NORM = "(post-norm), so a head's result is not what it adds to the residual: not supported"
+REFUSALS: dict[tuple[str, str], str] = {
+    **{(f, n): _GRAD_REFUSED for f in ("gpt-j", "opt") for n in ("attribution-patching", "edge-attribution")},
+    **{(f, "edge-attribution"): _POST_NORM for f in ("gemma-2", "olmo-2")},
+}
 
 
 def test_matrix_calls_every_registered_analyzer(family_run: Callable[[str], Run]) -> None:

@@ -12,9 +12,9 @@ import torch
 import xarray as xr
 
 from headstore.analyze import ioi, ioi_pair
-from headstore.cli.figures import ioi_pair_plot, ioi_pair_summary
 from headstore.cli.registry import analyzers
 from headstore.cli.run import run_analyzer
+from headstore.report.figures import ioi_pair_plot, ioi_pair_summary
 from headstore.store_schema import HeadstoreError, open_store
 
 FIELDS = "default,resid_pre,k,q"

@@ -271,7 +271,7 @@ def test_cli_outputs(make_store, tmp_path: Path) -> None:
     assert len(summary) == 8 and {"layer", "head", "mean_contribution"} <= set(summary.columns)
     assert all(p.exists() for p in paths)
     assert {p.name for p in paths} >= {"sources_seq0.png", "sources_seq0.html", "per_head.png", "summary.csv"}
-    from headstore.cli.embed import plotly_figures_in_html
+    from headstore.report.embed import plotly_figures_in_html
 
     (sources,) = [p for p in paths if p.name == "sources_seq0.html"]
     ((data, layout, _),) = plotly_figures_in_html(sources.read_text(encoding="utf-8"))

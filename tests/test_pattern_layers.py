@@ -22,7 +22,7 @@ from headstore.analyze import copy_suppression, ioi
 from headstore.cli import app
 from headstore.extract.batch import hook_names
 from headstore.store_schema import HeadstoreError, Provenance, provenance, read_provenance, validate
-from headstore.store_schema.info import array_nbytes_on_disk
+from headstore.store_schema.read.info import array_nbytes_on_disk
 
 KW: dict[str, Any] = {"n_seq": 10, "batch_size": 4}  # same arguments as test_compact's stores (shared)
 ARGV = ["extract", "--model", "tiny-gpt2", "--data", "ioi", "--n-seq", "10", "--batch-size", "4",

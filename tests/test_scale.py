@@ -242,6 +242,49 @@ def test_validate_checks_a_weights_store(shared: Path, tmp_path: Path) -> None:
     assert not rep.ok and any(p.startswith("W_E: ") and "damaged" in p for p in rep.problems), rep.problems
 
 
+def _flip_byte(f: Path) -> None:
+    data = bytearray(f.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside the chunk's bytes: its crc32c no longer matches
+    f.write_bytes(bytes(data))
+
+
+def test_flipped_byte_in_a_weights_store_is_refused_naming_store_array_chunk(shared: Path, tmp_path: Path) -> None:
+    """zarr's bare ``ValueError: Stored and computed checksum do not match`` becomes one line naming the weights
+    store, the array and the chunk (W_E is one chunk: ``c/0/0``), saying to run ``headstore validate``."""
+    from headstore.store_schema import HeadstoreError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shared, copy)
+    _flip_byte(copy / "w" / "tiny.zarr" / "W_E" / "c" / "0" / "0")
+    for store in ("a.zarr", "b.zarr"):
+        with pytest.raises(HeadstoreError) as ei:
+            open_store(copy / store)
+        msg = str(ei.value)
+        assert "\n" not in msg and msg.startswith(f"{copy / 'w' / 'tiny.zarr'}: array 'W_E' has a damaged chunk"), msg
+        assert "(chunk 0.0): ValueError: Stored and computed checksum do not match" in msg, msg
+        assert f"run `headstore validate {copy / 'w' / 'tiny.zarr'}`" in msg, msg
+        assert isinstance(ei.value.__cause__, ValueError)
+
+
+def test_flipped_byte_in_an_activation_chunk_read_lazily_names_store_array_chunk(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Through dask (opening works; reading the chunk fails): the store, ``z`` and the chunk's grid index, which
+    in a chunked store is the file's key (``z/c/1/0/0/0/0``: batch 1, layer 0)."""
+    from headstore.store_schema import HeadstoreError
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(pair[1], copy)
+    _flip_byte(copy / "z" / "c" / "1" / "0" / "0" / "0" / "0")
+    ds = open_store(copy)
+    ds["z"].isel(batch=0).compute()  # batch 0's chunks are intact
+    with pytest.raises(HeadstoreError) as ei:
+        ds["z"].isel(layer=[0]).compute()
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith(f"{copy}: array 'z' has a damaged chunk (chunk 1.0.0.0.0)"), msg
+    assert "checksum do not match" in msg and f"run `headstore validate {copy}`" in msg, msg
+
+
 def test_pack_writes_a_self_contained_copy(shared: Path, tmp_path: Path, make_store: Callable[..., Path]) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(shared, copy)
@@ -281,6 +324,22 @@ def test_store_and_weights_store_over_http(shared: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_store_and_weights_store_over_http_read_each_group_metadata_once(shared: Path) -> None:
+    """Two groups (the store and its weights store), two metadata requests: each root ``zarr.json`` once."""
+    server = __import__("http.server").server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Counting, directory=str(shared))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Counting.sent.clear()
+    try:
+        open_store(f"http://127.0.0.1:{server.server_address[1]}/a.zarr")
+    finally:
+        server.shutdown()
+        server.server_close()
+    metadata = sorted(path for path, _ in _Counting.sent if path.endswith("zarr.json"))
+    assert metadata == ["/a.zarr/zarr.json", "/w/tiny.zarr/zarr.json"], _Counting.sent
 
 
 # --- bfloat16 models -----------------------------------------------------------------------------
@@ -390,7 +449,7 @@ def _disk_bytes(path: Path) -> int:
 )
 def test_dry_run_plan_matches_the_store_written(kw: dict[str, object], tmp_path: Path) -> None:
     from headstore.extract import ExtractRequest, extract
-    from headstore.store_schema.info import array_nbytes_on_disk
+    from headstore.store_schema.read.info import array_nbytes_on_disk
 
     out = tmp_path / "s.zarr"
     dry = extract(ExtractRequest(out=str(out), device="cpu", progress=False, dry_run=True, **kw))  # type: ignore[arg-type]
@@ -427,7 +486,7 @@ def test_full_disk_refused_up_front_then_mid_run_then_resumes(
 ) -> None:
     import shutil as sh
 
-    import headstore.store_schema.direct as direct
+    import headstore.store_schema.write.direct as direct
     from headstore.extract import ExtractRequest, extract
 
     direct_bytes: list[int] = []
@@ -519,7 +578,7 @@ def test_analyzer_peak_memory_does_not_grow_with_the_store(
 ) -> None:
     """The same analyzer on stores 10x apart: the larger store's peak RSS stays within a fixed margin of
     the smaller one's (a streaming analyzer holds a few blocks, not the store)."""
-    from headstore.store_schema.info import array_nbytes_on_disk
+    from headstore.store_schema.read.info import array_nbytes_on_disk
 
     kw = {"seq_len": 128} if data == "text" else {}
     small, big = (make_store("tiny-gpt2", data, n_seq=n, batch_size=8, **kw) for n in sizes)

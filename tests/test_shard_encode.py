@@ -1,4 +1,4 @@
-"""Whole shards encoded in one pass (store_schema/shard_encode.py) are the bytes zarr's own sharding codec writes."""
+"""Whole shards encoded in one pass (store_schema/write/shard_encode.py) are the bytes zarr's own sharding codec writes."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
-import headstore.store_schema.direct as direct
+import headstore.store_schema.write.direct as direct
 from headstore.extract import ExtractRequest, extract
 from headstore.store_schema import validate
-from headstore.store_schema.shard_encode import ShardBuffer, ShardEncoder
+from headstore.store_schema.write.shard_encode import ShardBuffer, ShardEncoder
 
 CRC = Crc32cCodec()
 LZ4 = BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")

@@ -34,10 +34,12 @@ import dask.array as dsa
 import numpy as np
 import xarray as xr
 
-from headstore.analyze._attribution import check_pair, head_input_grads
+from headstore.analyze._attribution_patching import check_pair, head_input_grads
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
 from headstore.store_schema import HeadstoreError
 
-NEEDS = ("z", "resid_pre", "resid_final", "ln1_scale", "W_Q", "W_K", "W_V", "W_O",
+NAME = "edge-attribution"
+REQUIRES = ("z", "resid_pre", "resid_final", "ln1_scale", "W_Q", "W_K", "W_V", "W_O",
          "grad_q", "grad_k", "grad_v", "grad_mlp_in", "grad_resid_final")  # fmt: skip
 _PER_SEQUENCE = ("z", "resid_pre", "resid_final")  # read from both stores
 _CLEAN_ONLY = ("ln1_scale", "grad_q", "grad_k", "grad_v", "grad_mlp_in", "grad_resid_final")
@@ -76,7 +78,7 @@ def edge_attribution(clean: xr.Dataset, corrupt: xr.Dataset) -> xr.Dataset:
             "the residual (post-norm), so a head's result is not what it adds to the residual: not supported; "
             "attribution_patching scores its heads"
         )
-    metric = check_pair(clean, corrupt, "edge-attribution", NEEDS)
+    metric = check_pair(clean, corrupt, NAME, REQUIRES)
     if list(clean.hs.layers) != list(range(cfg.n_layers)):
         raise HeadstoreError(
             f"edge-attribution needs every layer of the model (its MLP outputs are derived from consecutive "
@@ -168,3 +170,13 @@ def top_edges(scores: xr.Dataset | xr.DataArray, n: int = 20) -> xr.Dataset:
         {"sender": ("edge", s), "receiver": ("edge", r), "score": ("edge", np.asarray(flat.values)[order])},
         coords={"edge": names},
     )
+
+
+SPEC = AnalyzerSpec(
+    NAME,
+    edge_attribution,
+    REQUIRES,
+    n_stores=2,
+    doc="EAP score of every edge sender -> receiver (q/k/v input, MLP, logits), EAP-IG's node names (clean store: --grad)",
+)
+register_analyzer(SPEC)

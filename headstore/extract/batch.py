@@ -170,8 +170,16 @@ def run_batch(
     if "loss" in prov.fields:
         tensors["loss"] = next_token_nll(logits, x)
     if grad is not None:  # extract --grad: one more forward pass with autograd, and its backward pass
-        tensors.update(grad_batch(model, toks, prov.layers, grad, prov.storage_dtype == "float16"))
+        tensors.update({n: _stored(n, t, prov) for n, t in grad_batch(model, toks, prov.layers, grad).items()})
     return HostBatch(tensors, x.device)
+
+
+def _stored(name: str, t: torch.Tensor, prov: Provenance) -> torch.Tensor:
+    """A float32 tensor of a storage-dtype field, in the store's dtype (float16: its range checked first)."""
+    if prov.storage_dtype != "float16":
+        return t.contiguous()
+    check_float16(name, None, t)
+    return t.to(torch.float16).contiguous()
 
 
 def _stored_layer(name: str, i: int, prov: Provenance) -> int:

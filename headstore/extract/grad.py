@@ -208,12 +208,9 @@ def _grad_mode(bridge: Any) -> Iterator[None]:
         bridge.set_use_hook_mlp_in(was_mlp_in)
 
 
-def grad_batch(
-    model: Any, toks: np.ndarray, layers: tuple[int, ...], targets: GradTargets, f16: bool
-) -> dict[str, torch.Tensor]:
-    """One forward and one backward pass of ``toks``: every grad field of the batch, (batch, layer, ...) in its
-    storage dtype (float16 when ``f16``)."""
-    from headstore.extract.batch import check_float16
+def grad_batch(model: Any, toks: np.ndarray, layers: tuple[int, ...], targets: GradTargets) -> dict[str, torch.Tensor]:
+    """One forward and one backward pass of ``toks``: every grad field of the batch, (batch, layer, ...) in
+    float32 (``headstore.extract.batch`` casts them to the storage dtype)."""
     from headstore.extract.families import _unflatten, attn_result
 
     bridge = model.bridge
@@ -241,10 +238,7 @@ def grad_batch(
     out: dict[str, torch.Tensor] = {}
     for name, hs in sources.items():
         parts = [_unflatten(got[h], x.shape).float() for h in hs]
-        t = torch.stack(parts, dim=1) if len(hs) > 1 or "{L}" in _SOURCES[name] else parts[0]
-        if f16:
-            check_float16(name, None, t)
-        out[name] = t.to(torch.float16 if f16 else torch.float32).contiguous()
+        out[name] = torch.stack(parts, dim=1) if len(hs) > 1 or "{L}" in _SOURCES[name] else parts[0]
     return out
 
 

@@ -39,9 +39,10 @@ from headstore.store_schema import (
     parse_fields,
     read_provenance,
 )
-from headstore.store_schema.create import store_sizes
-from headstore.store_schema.layout import LAYOUTS, SCHEMA_VERSION, STORAGE_DTYPES
-from headstore.store_schema.weights_store import SHARED, ensure_weights_store, relative_ref
+from headstore.store_schema.arrays import store_sizes
+from headstore.store_schema.layout import LAYOUTS, SCHEMA_VERSION, SHARED, STORAGE_DTYPES
+from headstore.store_schema.paths import relative_ref
+from headstore.store_schema.write.weights import ensure_weights_store
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 
 from headstore.extract import families
 from headstore.extract.models import LoadedModel
+from headstore.store_schema.hashing import weights_sha256 as weights_sha256  # its home; extract.run imports it here
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -112,16 +112,6 @@ def _mlp(block: Any, x: torch.Tensor) -> torch.Tensor:
         act = block.original_component.activation_fn
         return block.mlp.out(act(getattr(block.mlp, "in")(x)))
     return block.mlp(x)
-
-
-def weights_sha256(weights: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        if name == "W_EE":
-            continue  # a function of the others
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(weights[name]).tobytes())
-    return h.hexdigest()
 
 
 def vocab_strings(tokenizer: Any, d_vocab: int) -> np.ndarray:

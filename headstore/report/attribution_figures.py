@@ -13,7 +13,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from headstore.analyze import top_edges
-from headstore.cli.plots import layer_head_heatmaps, save_html
+from headstore.report.plots import layer_head_heatmaps, save_html
 
 N_EDGES = 20  # edges drawn in the circuit graph
 
