@@ -302,7 +302,7 @@ def compact(args: argparse.Namespace) -> None:
     from headstore.store_schema.read.info import array_nbytes_on_disk
 
     n_seq, bs, seq_len = (2, 2, 256) if args.quick else (4, 2, 512)
-    spec = {"full": ("default", "float32"), "compact": ("compact", "float32"), "compact16": ("compact", "float16")}
+    spec = {"full": (("default",), "float32"), "compact": (("compact",), "float32"), "compact16": (("compact",), "float16")}
     paths = {k: C.store(args.model, "text", n_seq, bs, fields=f, dtype=dt, seq_len=seq_len) for k, (f, dt) in spec.items()}
     ds = {k: open_store(p) for k, p in paths.items()}
     disk = {k: array_nbytes_on_disk(p) for k, p in paths.items()}

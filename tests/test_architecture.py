@@ -13,16 +13,6 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "headstore"
 MAX_BODY, MAX_MODULE = 60, 400
 
-# Others are removing these (issue 25, store_schema and extract): listed so that any new one fails.
-KNOWN_CYCLES = {
-    # the data-builder registry: its package imports the builders inside a function, they import its base types
-    frozenset({"headstore.extract.data", *(f"headstore.extract.data.{m}" for m in
-                                         ("ifelse", "ioi_data", "repeated", "table", "text", "tokens"))}),
-}  # fmt: skip
-KNOWN_LONG_FUNCTIONS = {"headstore.extract.data.ifelse.build_ifelse",
-                        "headstore.extract.run.extract"}  # fmt: skip
-KNOWN_LONG_MODULES = {"headstore.extract.families"}
-
 
 def _modules() -> dict[str, Path]:
     out = {}
@@ -101,7 +91,7 @@ def test_cycle_finder_finds_a_cycle() -> None:
 
 
 def test_no_import_cycle() -> None:
-    cycles = [c for c in _cycles(GRAPH) if frozenset(c) not in KNOWN_CYCLES]
+    cycles = _cycles(GRAPH)
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
@@ -144,22 +134,13 @@ def test_body_counter() -> None:
 
 
 def test_no_long_function() -> None:
-    long = {k: v for k, v in _long_functions().items() if k not in KNOWN_LONG_FUNCTIONS}
+    long = _long_functions()
     assert not long, f"function bodies over {MAX_BODY} lines: {long}"
 
 
 def test_no_long_module() -> None:
     long = {m: n for m, p in MODULES.items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE}
-    assert not {m: n for m, n in long.items() if m not in KNOWN_LONG_MODULES}, long
-
-
-def test_known_sets_are_still_needed() -> None:
-    """A fixed violation leaves its KNOWN_* set: shrink the set with the fix."""
-    cycles = {frozenset(c) for c in _cycles(GRAPH)}
-    assert KNOWN_CYCLES <= cycles, f"no longer a cycle: {KNOWN_CYCLES - cycles}"
-    assert set(_long_functions()) >= KNOWN_LONG_FUNCTIONS, KNOWN_LONG_FUNCTIONS - set(_long_functions())
-    long_modules = {m for m, p in MODULES.items() if len(p.read_text(encoding="utf-8").splitlines()) > MAX_MODULE}
-    assert long_modules >= KNOWN_LONG_MODULES, KNOWN_LONG_MODULES - long_modules
+    assert not long, f"modules over {MAX_MODULE} lines: {long}"
 
 
 # (d) one declaration per analyzer, and the views derived from it
@@ -241,7 +222,7 @@ def test_main_job_views_derive_from_the_declarations() -> None:
         assert weights_only(spec) == expected, name
     assert {n for n, s in specs.items() if weights_only(s)} == {"circuits", "composition"}
     for store, plan in STORES.items():  # each store holds every field its analyzers declare
-        held = set(parse_fields(extract_fields(plan)))
+        held = set(parse_fields(",".join(extract_fields(plan))))
         for name in plan.analyzers:
             need = {DERIVED_FROM.get(r, r) for r in specs[name].requires if r in FIELDS}
             assert need <= held, (store, name, need - held)

@@ -30,7 +30,7 @@ KW: dict[str, Any] = {"n_seq": 6, "batch_size": 4}  # a short last batch
 def pair(make_store: Callable[..., Path]) -> Callable[[str], tuple[Any, Any]]:
     def get(model: str) -> tuple[Any, Any]:
         clean = make_store(model, "ioi", grad=METRIC, **KW)
-        corrupt = make_store(model, "ioi-abc", fields="default,resid_pre", **KW)
+        corrupt = make_store(model, "ioi-abc", fields=("default", "resid_pre"), **KW)
         return headstore.open_store(clean), headstore.open_store(corrupt)
 
     return get
@@ -233,7 +233,9 @@ def test_bad_input(pair: Any, make_store: Callable[..., Path], tmp_path: Path) -
         assert not out.exists()
     with pytest.raises(HeadstoreError, match="extract with --grad METRIC"):
         extract(
-            ExtractRequest(model="tiny-gpt2", data="ioi", out=str(out), fields="default,grad_z", device="cpu", **KW)
+            ExtractRequest(
+                model="tiny-gpt2", data="ioi", out=str(out), fields=("default", "grad_z"), device="cpu", **KW
+            )
         )
 
 
@@ -271,7 +273,7 @@ def test_family_grads_and_eap_equal_live(family: str, family_folder: Callable[[s
     extract(ExtractRequest(model=str(folder), data="ioi", out=str(tmp_path / "c.zarr"), grad=METRIC, **kw))
     extract(
         ExtractRequest(
-            model=str(folder), data="ioi-abc", out=str(tmp_path / "k.zarr"), fields="default,resid_pre", **kw
+            model=str(folder), data="ioi-abc", out=str(tmp_path / "k.zarr"), fields=("default", "resid_pre"), **kw
         )
     )
     clean, corrupt = headstore.open_store(tmp_path / "c.zarr"), headstore.open_store(tmp_path / "k.zarr")
@@ -400,7 +402,7 @@ def test_grad_store_fills_by_shards_and_resumes(pair: Any, tmp_path: Path) -> No
     clean, _ = pair("tiny-gpt2")
     out = tmp_path / "s.zarr"
     kw: dict[str, Any] = {**KW, "progress": False, "device": "cpu", "grad": METRIC}
-    for shard in ("1/2", "0/2"):
+    for shard in ((1, 2), (0, 2)):
         extract(ExtractRequest(model="tiny-gpt2", data="ioi", out=str(out), shard=shard, **kw))
     ds = headstore.open_store(out)
     for name in ("grad_z", "grad_q", "grad_k", "grad_v", "grad_mlp_in", "grad_resid_final", "resid_pre"):

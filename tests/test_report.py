@@ -272,8 +272,8 @@ def test_bad_selection_fails_before_analyzers(ioi_store: Path, tmp_path: Path) -
 def test_two_stores_pair(make_store: Callable[..., Path], tmp_path: Path) -> None:
     """IOI + ABC twin: one-store analyzers are not applicable; pair analyzers that need parameters
     the report cannot guess are listed as skipped with the analyzer's own reason."""
-    a = make_store("tiny-gpt2", "ioi", n_seq=8, fields="default,k,resid_pre")
-    b = make_store("tiny-gpt2", "ioi-abc", n_seq=8, fields="default,k,resid_pre")
+    a = make_store("tiny-gpt2", "ioi", n_seq=8, fields=("default", "k", "resid_pre"))
+    b = make_store("tiny-gpt2", "ioi-abc", n_seq=8, fields=("default", "k", "resid_pre"))
     out = write_report([str(a), str(b)], tmp_path / "pair.html", sequences="0", progress=False)
     page = out.read_text(encoding="utf-8")
     rows = status_rows(page)

@@ -169,7 +169,7 @@ def test_pattern_of_chosen_layers_is_zarrs(tmp_path: Path) -> None:
 
     out = tmp_path / "p.zarr"
     extract(ExtractRequest(model="tiny-gpt2", data="text", out=str(out), n_seq=4, seq_len=16, batch_size=4,
-                           pattern_layers="1", progress=False))  # fmt: skip
+                           pattern_layers=(1,), progress=False))  # fmt: skip
     encoders = StoreWriter(out).encoders
     assert "pattern" not in encoders and {"v", "z"} <= set(encoders)
     assert validate(out).ok

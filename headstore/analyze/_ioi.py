@@ -97,7 +97,7 @@ def ioi(
     """Per prompt: logit diff IO - S at ``end``, and ``pattern[end, io] - pattern[end, s1]`` per head."""
     require(ds, NEEDS, "ioi")
     out = _metrics(ds, _where(ds, io, s1, end, io_token, s_token))
-    out.attrs = {"analyzer": "ioi", "dataset": str(ds.hs.provenance.dataset.get("kind", ""))}
+    out.attrs = {"analyzer": "ioi", "dataset": ds.hs.provenance.dataset.kind}
     return out
 
 
@@ -120,8 +120,8 @@ def ioi_pair(
     out = xr.merge([a.rename({k: f"{k}_ioi" for k in a.data_vars}), b.rename({k: f"{k}_abc" for k in b.data_vars})])
     out.attrs = {
         "analyzer": "ioi-pair",
-        "dataset_ioi": str(ioi_ds.hs.provenance.dataset.get("kind", "")),
-        "dataset_abc": str(abc_ds.hs.provenance.dataset.get("kind", "")),
+        "dataset_ioi": ioi_ds.hs.provenance.dataset.kind,
+        "dataset_abc": abc_ds.hs.provenance.dataset.kind,
     }
     return out
 

@@ -282,7 +282,7 @@ def unembed_columns(ds: xr.Dataset) -> xr.DataArray:
 
 
 def bos_id(ds: xr.Dataset) -> int | None:
-    tid = ds.hs.provenance.tokenizer.get("bos_token_id")
+    tid = ds.hs.provenance.tokenizer.bos_token_id
     return None if tid is None else int(tid)
 
 

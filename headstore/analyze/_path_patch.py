@@ -186,8 +186,8 @@ def path_patch_query(
         "receiver_layer": l_r,
         "receiver_head": h_r,
         "receiver_kv_head": kv,
-        "clean_dataset": str(clean.hs.provenance.dataset.get("kind", "")),
-        "corrupt_dataset": str(corrupt.hs.provenance.dataset.get("kind", "")),
+        "clean_dataset": clean.hs.provenance.dataset.kind,
+        "corrupt_dataset": corrupt.hs.provenance.dataset.kind,
     }
     return out
 

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from headstore.analyze.registry import AnalyzerSpec, get_analyzer
 from headstore.store_schema import HeadstoreError
-from headstore.store_schema.layout import FIELDS, parse_fields
+from headstore.store_schema.layout import FIELDS, PRESETS
 
 console = Console()
 
@@ -39,19 +39,19 @@ class MainJob:
 @dataclass(frozen=True)
 class StorePlan:
     """A store of the main job: its data source, the fields it keeps beyond what its analyzers declare
-    (``base``: a preset or field list), and the analyzers the census runs on it."""
+    (``base``: presets and field names), and the analyzers the census runs on it."""
 
     data: str
-    base: str
+    base: tuple[str, ...]
     analyzers: tuple[str, ...]
 
 
 IOI_ANALYZERS = ("copy-suppression", "ioi", "logit-attribution", "composition", "path-patch-query")
 STORES = {
-    "ioi": StorePlan("ioi", "default", IOI_ANALYZERS),
-    "ioi-abc": StorePlan("ioi-abc", "default", IOI_ANALYZERS),
-    "text": StorePlan("text", "loss", ("calibration",)),
-    "repeated-random": StorePlan("repeated-random", "", ("head-scores", "attention-stats")),
+    "ioi": StorePlan("ioi", ("default",), IOI_ANALYZERS),
+    "ioi-abc": StorePlan("ioi-abc", ("default",), IOI_ANALYZERS),
+    "text": StorePlan("text", ("loss",), ("calibration",)),
+    "repeated-random": StorePlan("repeated-random", (), ("head-scores", "attention-stats")),
 }
 
 
@@ -66,11 +66,10 @@ def declared_fields(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(f for f in FIELDS if f in wanted)
 
 
-def extract_fields(plan: StorePlan) -> str:
-    """The ``--fields`` of a store: its base plus whatever its analyzers declare that the base lacks."""
-    have = set(parse_fields(plan.base)) if plan.base else {"tokens"}
-    extra = [f for f in declared_fields(plan.analyzers) if f not in have]
-    return ",".join(x for x in (plan.base, *extra) if x)
+def extract_fields(plan: StorePlan) -> tuple[str, ...]:
+    """The ``fields`` of a store: its base plus whatever its analyzers declare that the base lacks."""
+    have = {"tokens", *(f for item in plan.base for f in PRESETS.get(item, (item,)))}
+    return (*plan.base, *(f for f in declared_fields(plan.analyzers) if f not in have))
 
 
 class Stages:

@@ -11,7 +11,6 @@ weights (W_Q, ..., b_O) and the rotary tables depend on ``--layers`` and ``seq_l
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.hashing import content_sha256
 from headstore.store_schema.layout import WEIGHTS_ATTRS
 from headstore.store_schema.paths import StorePath, is_local
+from headstore.store_schema.provenance_parts import WeightsRef
 from headstore.store_schema.read.guard import guarded_arrays, lazy_dataset
 
 VERIFIED: dict[tuple[Any, ...], str] = {}  # (where, file stats) -> sha256, once per process
@@ -43,18 +43,18 @@ def file_stats(where: str) -> tuple[Any, ...]:
 
 
 def verify(
-    store: str, ref: Mapping[str, Any], storage_options: dict[str, Any] | None = None, *, fresh: bool = False
+    store: str, ref: WeightsRef, storage_options: dict[str, Any] | None = None, *, fresh: bool = False
 ) -> zarr.Group:
-    """The group of ``store``'s weights store, after checking its arrays hash to ``ref["sha256"]`` (once per
+    """The group of ``store``'s weights store, after checking its arrays hash to ``ref.sha256`` (once per
     process while its files are unchanged, unless ``fresh``); one-line errors by name."""
-    where = StorePath.of(store, storage_options).join(str(ref["path"]))
-    short = str(ref["sha256"])[:12]
+    where = StorePath.of(store, storage_options).join(ref.path)
+    short = ref.sha256[:12]
     try:
         root = where.open_group()
         attrs = root.attrs.get(WEIGHTS_ATTRS)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError, OSError):
         raise HeadstoreError(
-            f"{store} takes its weights from the weights store {ref['path']} ({where}, sha256 {short}...), which is "
+            f"{store} takes its weights from the weights store {ref.path} ({where}, sha256 {short}...), which is "
             "missing: put it back there, or share a self-contained copy made with `headstore pack`"
         ) from None
     if not isinstance(attrs, dict):
@@ -62,12 +62,12 @@ def verify(
     key = (where.url, file_stats(where.url))
     got = None if fresh else VERIFIED.get(key)
     if got is None:
-        missing = [n for n in ref["arrays"] if n not in root]
+        missing = [n for n in ref.arrays if n not in root]
         if missing:
             raise HeadstoreError(f"weights store {where} lacks {', '.join(missing)}, which {store} takes from it")
         got = content_sha256(guarded_arrays(root, where.url))  # read block by block
         VERIFIED[key] = got
-    if got != ref["sha256"]:
+    if got != ref.sha256:
         raise HeadstoreError(
             f"weights store {where} holds different weights (sha256 {got[:12]}...) from those {store} was made "
             f"with ({short}...): it was changed or replaced; restore it or re-extract"
@@ -75,8 +75,8 @@ def verify(
     return root
 
 
-def open_weights(store: str, ref: Mapping[str, Any], storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+def open_weights(store: str, ref: WeightsRef, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
     """The arrays ``store`` takes from its weights store, lazily (reads guarded), after ``verify``."""
     root = verify(store, ref, storage_options)
-    where = StorePath.of(store, storage_options).join(str(ref["path"]))
-    return lazy_dataset(root, where.url)[list(ref["arrays"])]
+    where = StorePath.of(store, storage_options).join(ref.path)
+    return lazy_dataset(root, where.url)[list(ref.arrays)]

@@ -19,6 +19,7 @@ from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.hashing import content_sha256
 from headstore.store_schema.layout import ATTRS_KEY, WEIGHTS_ATTRS
 from headstore.store_schema.paths import StorePath, is_local
+from headstore.store_schema.provenance_parts import WeightsRef
 from headstore.store_schema.read.guard import guarded_arrays
 from headstore.store_schema.read.reader import read_provenance
 from headstore.store_schema.read.weights import VERIFIED, file_stats, verify
@@ -79,7 +80,7 @@ def _reuse(where: str, shared: Mapping[str, np.ndarray]) -> str:
                 f"--weights {where} holds another model's weights ({name} differs): choose another folder"
             )
     ref_path = os.path.abspath(where) if is_local(where) else where
-    verify(where, {"path": ref_path, "sha256": attrs["sha256"], "arrays": list(shared)})
+    verify(where, WeightsRef(path=ref_path, sha256=attrs["sha256"], arrays=tuple(shared)))
     return str(attrs["sha256"])
 
 
@@ -96,8 +97,8 @@ def pack(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     ref = prov.weights_store
     arrays = {}
     if ref is not None:
-        weights = guarded_arrays(verify(str(src), ref), str(StorePath.of(src).join(str(ref["path"]))))
-        arrays = {name: np.asarray(weights[name][...]) for name in ref["arrays"]}
+        weights = guarded_arrays(verify(str(src), ref), str(StorePath.of(src).join(ref.path)))
+        arrays = {name: np.asarray(weights[name][...]) for name in ref.arrays}
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         shutil.copytree(src, tmp)
