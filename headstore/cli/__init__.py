@@ -60,7 +60,7 @@ def extract(
     data: Annotated[
         str,
         typer.Option(
-            help="ioi, ioi-abc, text[:PATHS], code-ifelse[:PATHS], repeated-random, tokens:FILE.npy[,COLUMNS], jsonl:FILE, csv:FILE, parquet:FILE (your own prompts)"
+            help="ioi, ioi-abc, text[:PATHS], code-ifelse[:PATHS], repeated-random, tokens:FILE.npy[,COLUMNS], jsonl:FILE, csv:FILE, parquet:FILE (your own prompts), hf:NAME[:CONFIG][:SPLIT][,column=C][,shuffle=SEED][,streaming] (a Hugging Face dataset)"
         ),
     ],
     out: Annotated[Path, typer.Option(help="store folder to create (or resume)")],

@@ -2,7 +2,8 @@
 
 A spec is ``KIND`` or ``KIND:ARG``: ``ioi``, ``ioi-abc``, ``text[:PATHS]``, ``code-ifelse[:PATHS]``,
 ``tokens:FILE.npy[,COLUMNS]``, and the researcher's own prompts ``jsonl:FILE``, ``csv:FILE``,
-``parquet:FILE`` (one prompt per row; see ``table``).
+``parquet:FILE`` (one prompt per row; see ``table``), and Hugging Face datasets
+``hf:NAME[:CONFIG][:SPLIT][,OPTION...]`` (documents packed into windows; see ``hf``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ __all__ = ["Builder", "DataRequest", "TokenDataset", "bos_id", "build_dataset", 
 
 
 def _builders() -> dict[str, Builder]:
-    from headstore.extract.data import ifelse, ioi_data, repeated, table, text, tokens
+    from headstore.extract.data import hf, ifelse, ioi_data, repeated, table, text, tokens
 
     return {
         "ioi": ioi_data.build_ioi,
@@ -28,6 +29,7 @@ def _builders() -> dict[str, Builder]:
         "jsonl": table.build_table,
         "csv": table.build_table,
         "parquet": table.build_table,
+        "hf": hf.build_hf,
     }
 
 
