@@ -14,6 +14,7 @@ are ints or one per sequence; options are keyword-only; every result has ``attrs
 per-head variables with ``layer, head`` leading. Implementation lives in private modules.
 """
 
+from headstore.analyze._attention_attribution import attention_attribution
 from headstore.analyze._attention_stats import attention_stats
 from headstore.analyze._calibration import calibration, n_empty_bins, overconfidence
 from headstore.analyze._circuits import circuits
@@ -27,6 +28,7 @@ from headstore.analyze._path_patch import path_patch_query
 from headstore.analyze._projection_loss import projection_loss
 
 __all__ = [
+    "attention_attribution",
     "attention_stats",
     "calibration",
     "circuits",
