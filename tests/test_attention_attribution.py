@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ class Live:
     hf: Any  # a Hugging Face copy the bridge never touched (norm gains, rotary)
     ds: xr.Dataset
     cache: dict[str, torch.Tensor]
+    path: Path  # the store
 
     @property
     def arch(self) -> str:
@@ -76,7 +78,7 @@ def live_family(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Liv
             with torch.inference_mode():
                 _, cache = model.bridge.run_with_cache(torch.as_tensor(ds["tokens"].values).long())
             hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-            built[family] = Live(family, model, hf, ds, dict(cache.items()))
+            built[family] = Live(family, model, hf, ds, dict(cache.items()), out)
         return built[family]
 
     return get
@@ -279,3 +281,23 @@ def test_defaults_read_the_ioi_columns(live_family: Callable[[str], Live]) -> No
         res["key_pos"].values == ds["io_pos"].values
     ).all()
     assert res.attrs["query_pos"] == "end_pos" and res.attrs["key_pos"] == "io_pos" and res.attrs["top_k"] == 10
+
+
+def test_cli_writes_the_top_pairs_and_the_figure(live_family: Callable[[str], Live], tmp_path: Path) -> None:
+    from headstore.cli.registry import analyzers
+    from headstore.cli.run import run_analyzer
+
+    live = live_family("gpt2")
+    store = str(live.path)
+    spec = analyzers()["attention-attribution"]
+    with pytest.raises(HeadstoreError, match="needs --param head"):
+        run_analyzer(spec, [store], tmp_path)
+    params = ["head=1.2", "query_pos=end_pos", "key_pos=s1_pos", "top_k=4"]
+    summary, paths = run_analyzer(spec, [store], tmp_path, param_strings=params)
+    want = attention_attribution(live.ds, head=(1, 2), key_pos=live.ds["s1_pos"], top_k=4).compute()
+    assert list(summary.columns) == ["layer", "head", "rank", "q_component", "k_component", "mean_term",
+                                     "share_of_score", "mean_score"]  # fmt: skip
+    assert list(summary["q_component"]) == list(want["top_q_component"].values) and len(summary) == 4
+    np.testing.assert_allclose(summary["mean_term"], want["top_term"].values, rtol=1e-6)
+    assert (summary[["layer", "head"]].values == [1, 2]).all()
+    assert {"attention_attribution.png", "attention_attribution.html", "summary.csv"} <= {p.name for p in paths}

@@ -222,10 +222,14 @@ def _check(ds: xr.Dataset, head: Any, query_pos: Any, key_pos: Any, top_k: Any) 
     return layer, h, q_pos, k_pos, k
 
 
-def _describe(value: Any, column: str) -> int | str:
-    """For attrs: the position when it is one int, else ``per-sequence`` (or the column it came from)."""
+def _describe(ds: xr.Dataset, value: Any, column: str) -> int | str:
+    """For attrs: the position when it is one int, the store's column it is (``ds["io_pos"]``), else
+    ``per-sequence``."""
     if value is None:
         return column
+    if isinstance(value, xr.DataArray) and isinstance(value.name, str) and value.name in ds:
+        if value.equals(ds[value.name]):
+            return value.name
     one = _args.scalar(value)
     return "per-sequence" if one is None else one
 
@@ -271,10 +275,12 @@ def attention_attribution(
     out["query_pos"], out["key_pos"] = q_pos, k_pos
     out = out.merge(top_pairs(out["mean_terms"], k))
     out = out.drop_vars([c for c in ("layer", "head", "pos", "query_pos", "key_pos") if c in out.coords])
+    for var in out.variables.values():
+        var.encoding = {}  # the store's chunking of the arrays read (pattern) does not fit these shapes
     cap = cfg.attn_logit_softcap
     out.attrs = {
         "analyzer": NAME, "head": f"{layer}.{h}", "layer": layer, "head_index": h, "kv_head": kv, "top_k": k,
-        "query_pos": _describe(query_pos, "end_pos"), "key_pos": _describe(key_pos, "io_pos"),
+        "query_pos": _describe(ds, query_pos, "end_pos"), "key_pos": _describe(ds, key_pos, "io_pos"),
         "scores": f"pre-softcap (model score = c * tanh(score / c), c = {cap:g})" if cap > 0 else "model",
     }  # fmt: skip
     return out

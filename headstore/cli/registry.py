@@ -15,6 +15,7 @@ import xarray as xr
 from headstore import analyze as A
 from headstore.cli import figures as F
 from headstore.cli import parse as P
+from headstore.cli.attention_attribution_figures import attention_attribution_plot, attention_attribution_summary
 
 IOI_COLUMNS = ("io_pos", "s1_pos", "end_pos", "io_token", "s_token")
 
@@ -38,6 +39,12 @@ class AnalyzerSpec:
 
 
 SPECS = (
+    AnalyzerSpec(
+        "attention-attribution", A.attention_attribution, ("resid_pre", "z", "W_Q", "W_K", "b_Q", "b_K", "b_O"),
+        attention_attribution_summary, attention_attribution_plot,
+        doc="Why a head attends: its pre-softmax score at (query, key) split into query x key component terms",
+        params={"head": P.head_param, "query_pos": P.position, "key_pos": P.position, "top_k": P.integer},
+    ),
     AnalyzerSpec(
         "attention-stats", A.attention_stats, ("tokens", "pattern"),
         F.attention_stats_summary, F.attention_stats_plot,
