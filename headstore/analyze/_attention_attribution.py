@@ -243,7 +243,13 @@ def attention_attribution(
     top_k: int = 10,
 ) -> xr.Dataset:
     """Head ``head``'s pre-softmax score at (``query_pos``, ``key_pos``) split into (query component) x (key
-    component) terms that sum to it (module docstring: the formula, the components, the ranking rule).
+    component) terms that sum to it: the query/key decomposition of the copy-suppression paper (McDougall et al.
+    2023, head 10.7). With ``Q_i``, ``K_j`` each component's share of the query and key (module docstring: the
+    components, the frozen norms, the rotary)::
+
+        terms[b, q_component=i, k_component=j] = Q_i[b, d_head] . K_j[b, d_head] * scale
+        score[b] = sum_ij terms[b, i, j]                 (pre-soft-cap on Gemma-2: attrs["scores"])
+        top pairs: largest |mean_b terms[b, i, j]|, largest first; top_term = mean_b terms[b, i, j]
 
     ``query_pos``, ``key_pos``: an int (negative: back from each sequence's last real token) or one per sequence;
     default the store's ``end_pos`` and ``io_pos`` columns (IOI: why the head attends END -> IO). Returns
