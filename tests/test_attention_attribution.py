@@ -281,6 +281,8 @@ def test_defaults_read_the_ioi_columns(live_family: Callable[[str], Live]) -> No
         res["key_pos"].values == ds["io_pos"].values
     ).all()
     assert res.attrs["query_pos"] == "end_pos" and res.attrs["key_pos"] == "io_pos" and res.attrs["top_k"] == 10
+    named = attention_attribution(ds, head=(1, 0), key_pos=ds["s1_pos"], query_pos=ds["end_pos"] - 1)
+    assert named.attrs["key_pos"] == "s1_pos" and named.attrs["query_pos"] == "per-sequence"
 
 
 def test_cli_writes_the_top_pairs_and_the_figure(live_family: Callable[[str], Live], tmp_path: Path) -> None:
