@@ -129,6 +129,16 @@ def _qk_norm(ds: xr.Dataset, x: xr.DataArray, layer: int, idx: int, side: Side) 
     )
 
 
+def _norm_and_rotate(ds: xr.Dataset, y: xr.DataArray, factor: xr.DataArray | None,
+                     pos: xr.DataArray) -> xr.DataArray:  # fmt: skip
+    """``rot(factor * y)``: the frozen q/k norm (None: none), then the rotary at ``pos[b]`` (rotary models)."""
+    if factor is not None:
+        y = y * factor
+    if "rotary_cos" not in ds:
+        return y
+    return rotate(y, ds["rotary_cos"].isel(pos=pos), ds["rotary_sin"].isel(pos=pos), ds.hs.config.rotary_style)
+
+
 def side_shares(ds: xr.Dataset, layer: int, idx: int, pos: xr.DataArray, side: Side) -> xr.DataArray:
     """(batch, component, d_head) each component's share of head ``idx``'s query (``QUERY``) or kv head ``idx``'s
     key (``KEY``) at ``pos[b]``, after the frozen norms and the rotary; the last component is the bias
@@ -144,12 +154,7 @@ def side_shares(ds: xr.Dataset, layer: int, idx: int, pos: xr.DataArray, side: S
         [xr.dot(x, w, dim="d_model").drop_vars([dim, "layer"], errors="ignore"), _named(b, [bias])],
         dim="component", join="override", coords="minimal", compat="override",
     )  # fmt: skip
-    factor = _qk_norm(ds, x.sum("component"), layer, idx, side)
-    if factor is not None:
-        shares = shares * factor
-    if "rotary_cos" in ds:
-        cos, sin = ds["rotary_cos"].isel(pos=pos), ds["rotary_sin"].isel(pos=pos)
-        shares = rotate(shares, cos, sin, cfg.rotary_style)
+    shares = _norm_and_rotate(ds, shares, _qk_norm(ds, x.sum("component"), layer, idx, side), pos)
     shares = shares.transpose("batch", "component", "d_head")
     return shares.chunk({"component": -1}) if shares.chunks is not None else shares
 
@@ -162,11 +167,7 @@ def _whole(ds: xr.Dataset, layer: int, idx: int, pos: xr.DataArray, side: Side) 
     x = _normalize(f32(ds["resid_pre"]).sel(layer=layer).isel(pos=pos), ds, scale)
     y = xr.dot(x, f32(ds[weight].sel(layer=layer).isel({dim: idx})), dim="d_model")
     y = y + f32(ds[bias].sel(layer=layer).isel({dim: idx}))
-    factor = _qk_norm(ds, x, layer, idx, side)
-    if factor is not None:
-        y = y * factor
-    if "rotary_cos" in ds:
-        y = rotate(y, ds["rotary_cos"].isel(pos=pos), ds["rotary_sin"].isel(pos=pos), cfg.rotary_style)
+    y = _norm_and_rotate(ds, y, _qk_norm(ds, x, layer, idx, side), pos)
     return y.drop_vars([c for c in y.coords if c != "batch"])
 
 
