@@ -78,13 +78,13 @@ def timeit(
     return stat(times)
 
 
-def store(model: str, data: str, n_seq: int, batch_size: int, *, fields: str = "default", dtype: str = "float32",
+def store(model: str, data: str, n_seq: int, batch_size: int, *, fields: tuple[str, ...] = ("default",), dtype: str = "float32",
           seq_len: int | None = None, device: str = "cpu", layout: str | None = None) -> Path:  # fmt: skip
     """A store under the bench cache, extracted on first use (same arguments -> same folder).
     ``layout``: "sharded" or "chunked" (None: extract's default; the folder name then omits it)."""
     from headstore.extract import ExtractRequest, extract
 
-    tag = f"{model}-{data.replace(':', '_')}-n{n_seq}-b{batch_size}-{fields.replace(',', '+')}-{dtype}-L{seq_len}"
+    tag = f"{model}-{data.replace(':', '_')}-n{n_seq}-b{batch_size}-{'+'.join(fields)}-{dtype}-L{seq_len}"
     tag += "" if layout is None else f"-{layout}"
     out = CACHE / f"{tag}.zarr"
     out.parent.mkdir(parents=True, exist_ok=True)

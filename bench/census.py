@@ -76,7 +76,7 @@ def main() -> None:
     from headstore.analyze import attention_stats, head_scores
     from headstore.extract.models import load_model
 
-    path = C.store(args.model, "repeated-random", n_seq, n_seq, fields="tokens,pattern", seq_len=args.seq_len)
+    path = C.store(args.model, "repeated-random", n_seq, n_seq, fields=("tokens", "pattern"), seq_len=args.seq_len)
     ds = open_store(path)
     toks = ds["tokens"].values
     n_layers, n_heads = ds.sizes["layer"], ds.sizes["head"]

@@ -78,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from headstore.extract import ExtractRequest, extract
-    from headstore.store_schema.info import store_info
+    from headstore.store_schema.read.info import store_info
 
     root = C.CACHE / "scale"
     shutil.rmtree(root, ignore_errors=True)

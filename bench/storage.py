@@ -71,7 +71,7 @@ def layouts(args: argparse.Namespace) -> None:
 
     from headstore import open_store
     from headstore.cli.serve import make_server
-    from headstore.store_schema.info import array_nbytes_on_disk, count_files
+    from headstore.store_schema.read.info import array_nbytes_on_disk, count_files
 
     n_seq, seq_len, bs = (8 if args.quick else 16), 128, 8
     paths = {lay: C.store(args.model, "text", n_seq, bs, seq_len=seq_len, layout=lay) for lay in ("chunked", "sharded")}
@@ -143,7 +143,7 @@ def storage(args: argparse.Namespace) -> None:
     import zarr
 
     from headstore import open_store
-    from headstore.store_schema.info import array_nbytes_on_disk
+    from headstore.store_schema.read.info import array_nbytes_on_disk
 
     per_dtype = {}
     for dtype in ("float32", "float16"):
@@ -299,10 +299,10 @@ def compact(args: argparse.Namespace) -> None:
     import numpy as np
 
     from headstore import open_store
-    from headstore.store_schema.info import array_nbytes_on_disk
+    from headstore.store_schema.read.info import array_nbytes_on_disk
 
     n_seq, bs, seq_len = (2, 2, 256) if args.quick else (4, 2, 512)
-    spec = {"full": ("default", "float32"), "compact": ("compact", "float32"), "compact16": ("compact", "float16")}
+    spec = {"full": (("default",), "float32"), "compact": (("compact",), "float32"), "compact16": (("compact",), "float16")}
     paths = {k: C.store(args.model, "text", n_seq, bs, fields=f, dtype=dt, seq_len=seq_len) for k, (f, dt) in spec.items()}
     ds = {k: open_store(p) for k, p in paths.items()}
     disk = {k: array_nbytes_on_disk(p) for k, p in paths.items()}

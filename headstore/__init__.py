@@ -1,7 +1,7 @@
 """headstore: a precomputed activation store with offline analyzers for attention heads.
 
 ``import headstore`` never imports torch: analysis needs only the store. Importing it registers the
-``ds.hs`` accessor on xarray Datasets (``headstore.store_schema.accessor``).
+``ds.hs`` accessor on xarray Datasets (``headstore.store_schema.read.accessor``).
 """
 
 from headstore.store_schema import HeadstoreError, ModelConfig, Provenance, open_store, provenance, validate

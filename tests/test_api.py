@@ -82,7 +82,7 @@ def test_imports_and_figures_leave_matplotlib_backend_alone(make_store: Callable
     code = f"""
 import json, sys, matplotlib
 before = dict.__getitem__(matplotlib.rcParams, "backend")
-import headstore, headstore.analyze, headstore.cli, headstore.cli.registry, headstore.cli.report, headstore.pipeline
+import headstore, headstore.analyze, headstore.cli, headstore.cli.registry, headstore.report.page, headstore.pipeline
 from headstore.cli.run import run_analyzer
 from headstore.cli.registry import analyzers
 paths = run_analyzer(analyzers()["copy-suppression"], [{str(store)!r}], __import__("pathlib").Path({str(tmp_path)!r}))[1]
@@ -171,7 +171,7 @@ def llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _extract(model: Path, data: str, out: Path, **kw: Any) -> xr.Dataset:
     from headstore.extract import ExtractRequest, extract
 
-    extract(ExtractRequest(model=str(model), data=data, out=str(out), fields="default,k,resid_pre", batch_size=4,
+    extract(ExtractRequest(model=str(model), data=data, out=str(out), fields=("default", "k", "resid_pre"), batch_size=4,
                            progress=False, device="cpu", **kw))  # fmt: skip
     return open_store(out)
 
@@ -268,7 +268,7 @@ def test_path_patch_store_columns_equal_explicit_positions(llama3: Path, tmp_pat
 
 
 def _inputs(name: str, make_store: Callable[..., Path]) -> tuple[list[xr.Dataset], dict[str, Any]]:
-    kw: dict[str, Any] = {"fields": "default,k,resid_pre"}
+    kw: dict[str, Any] = {"fields": ("default", "k", "resid_pre")}
     if name == "ifelse-detector":
         return [open_store(make_store("tiny-gpt2", "code-ifelse", n_seq=24))], {}
     ioi, abc = open_store(make_store("tiny-gpt2", "ioi", **kw)), open_store(make_store("tiny-gpt2", "ioi-abc", **kw))
@@ -319,8 +319,8 @@ def test_every_analyzer_refuses_a_dataset_without_layer_dim(name: str, make_stor
 
 def test_heads_and_positions_as_numpy(make_store: Callable[..., Path]) -> None:
     """Heads from ``np.argwhere`` (rows of two integers) and positions as 0-d integer arrays are the plain ints."""
-    ds = open_store(make_store("tiny-gpt2", "ioi", fields="default,k,resid_pre"))
-    abc = open_store(make_store("tiny-gpt2", "ioi-abc", fields="default,k,resid_pre"))
+    ds = open_store(make_store("tiny-gpt2", "ioi", fields=("default", "k", "resid_pre")))
+    abc = open_store(make_store("tiny-gpt2", "ioi-abc", fields=("default", "k", "resid_pre")))
     mask = np.zeros((2, 4), bool)
     mask[0, 1] = mask[1, 2] = True  # a (layer, head) grid of a store holding layers 0 and 1
     rows = np.argwhere(mask)

@@ -70,7 +70,7 @@ def live_family(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Liv
             build_family(family, folder, root / "tok")
             model = load_model(str(folder), "cpu")
             with mock.patch.object(extract_run, "load_model", lambda *a, **k: model):
-                extract(ExtractRequest(model=str(folder), data="ioi", out=str(out), fields="default,resid_pre,q,k",
+                extract(ExtractRequest(model=str(folder), data="ioi", out=str(out), fields=("default", "resid_pre", "q", "k"),
                                        n_seq=4, batch_size=4, device="cpu", progress=False, seed=1))  # fmt: skip
             ds = headstore.open_store(out)
             if model.has_result_hook:

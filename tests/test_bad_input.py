@@ -90,6 +90,51 @@ def test_from_dict_accepts_real_attrs(good_attrs: dict[str, Any]) -> None:
     assert Provenance.from_dict(prov.to_dict()) == prov
 
 
+def test_typed_parts_write_the_attrs_json_key_for_key(good_attrs: dict[str, Any]) -> None:
+    """The parts are typed (no dict read by string keys), and ``to_dict`` writes back the JSON the store holds,
+    in the same key order; a store made before ``model.dtype`` was recorded keeps it absent."""
+    from headstore.store_schema.provenance_parts import DatasetInfo, ModelInfo, TokenizerInfo
+
+    prov = Provenance.from_dict(good_attrs)
+    assert isinstance(prov.model, ModelInfo) and prov.model.name == good_attrs["model"]["name"] == "tiny-gpt2"
+    assert (
+        isinstance(prov.tokenizer, TokenizerInfo) and prov.tokenizer.vocab_size == good_attrs["tokenizer"]["vocab_size"]
+    )
+    assert isinstance(prov.dataset, DatasetInfo) and prov.dataset.kind == "ioi" and prov.dataset.n_sequences == 12
+    assert json.dumps(prov.to_dict()) == json.dumps(good_attrs)
+    old = {**good_attrs, "model": {k: v for k, v in good_attrs["model"].items() if k != "dtype"}}
+    again = Provenance.from_dict(old)
+    assert again.model.dtype is None and again.identity()["model.dtype"] == "float32"
+    assert json.dumps(again.to_dict()) == json.dumps(old)
+
+
+@pytest.mark.parametrize(
+    ("part", "patch", "msg"),
+    [
+        (
+            "model",
+            {"weights_sha256": 7},
+            r"^store attr model\.weights_sha256 must be a str, got 7: the store is damaged",
+        ),
+        ("model", {"dtype": None}, r"^store attr model\.dtype must be a str"),
+        ("tokenizer", {"bos_token_id": "1"}, r"^store attr tokenizer\.bos_token_id must be a int\|None"),
+        ("dataset", {"n_sequences": True}, r"^store attr dataset\.n_sequences must be a int"),
+        ("dataset", {"options": []}, r"^store attr dataset\.options must be a dict"),
+        (
+            "weights_store",
+            {"path": "w.zarr", "sha256": "0" * 64, "arrays": "W_U"},
+            r"^store attr weights_store must be",
+        ),
+    ],
+)
+def test_typed_parts_refuse_wrong_types(good_attrs: dict[str, Any], part: str, patch: dict[str, Any], msg: str) -> None:
+    d = json.loads(json.dumps(good_attrs))
+    d[part] = patch if part == "weights_store" else {**d[part], **patch}
+    with pytest.raises(HeadstoreError, match=msg) as e:
+        Provenance.from_dict(d)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize(
     ("patch", "msg"),
     [
@@ -272,3 +317,60 @@ def test_cli_subprocess_exit_codes(tmp_path: Path, args: list[str], must: str) -
     assert_one_line_error(stderr, res.returncode, must)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+# --- ExtractRequest takes Python values; the CLI turns its strings into them -------------------------
+
+FIELD_SPECS = ["default", "all", "compact", "", "default,q,k", "default,-pattern,q,k", "-pattern, q ,default,k",
+               "all,-result,-resid_pre", "compact,pattern", "default,-loss,-z", "tokens,pattern"]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", FIELD_SPECS)
+def test_fields_option_selects_what_the_string_parser_selects(spec: str) -> None:
+    from headstore.cli.extract_args import fields_option
+    from headstore.extract import ExtractRequest
+    from headstore.store_schema import parse_fields
+
+    names, drop = fields_option(spec)
+    assert all(isinstance(x, str) and "," not in x and not x.startswith("-") for x in (*names, *drop))
+    req = ExtractRequest(model="tiny-gpt2", data="ioi", out="x.zarr", fields=names, drop=drop)
+    assert req.selected_fields() == parse_fields(spec)
+
+
+def test_layers_and_shard_options_become_ints() -> None:
+    from headstore.cli.extract_args import layers_option, shard_option
+
+    assert layers_option("all") == "all" and layers_option("") == "all"
+    assert layers_option("2-4,0,3") == (0, 2, 3, 4)
+    assert layers_option("1", "--pattern-layers") == (1,)
+    assert shard_option("1/3") == (1, 3)
+    with pytest.raises(HeadstoreError, match=r"^--pattern-layers '4-2' is not 'all'"):
+        layers_option("4-2", "--pattern-layers")
+
+
+@pytest.mark.parametrize(
+    ("kw", "must"),
+    [
+        ({"fields": "default,q"}, r"^fields='default,q', drop=\(\): give tuples of names"),
+        ({"drop": "pattern"}, r"give tuples of names"),
+        ({"fields": ("default", "bogus")}, r"unknown field 'bogus'"),
+        ({"drop": ("tokens",)}, r"tokens is always stored"),
+        ({"fields": ("q",), "drop": ("pattern",)}, r"dropping pattern, which no other item selects"),
+        ({"layers": "1"}, r"^--layers '1': give 'all' or a tuple of layer indices"),
+        ({"layers": (0, -1)}, r"^--layers \(0, -1\): give 'all' or a tuple"),
+        ({"layers": ()}, r"^--layers \(\): give 'all' or a tuple"),
+        ({"pattern_layers": [1]}, r"^--pattern-layers \[1\]: give 'all' or a tuple"),
+        ({"shard": "0/1"}, r"^--shard '0/1' must be a pair \(index, count\)"),
+        ({"shard": (2, 2)}, r"^--shard \(2, 2\) needs 0 <= index < count$"),
+        ({"shard": (0, True)}, r"must be a pair"),
+        ({"batch_size": 0}, r"^--batch-size must be positive, got 0$"),
+        ({"dtype": "bfloat16"}, r"^--dtype 'bfloat16': choose float32 or float16$"),
+        ({"layout": "flat"}, r"^--layout 'flat': choose sharded or chunked$"),
+    ],
+)
+def test_extract_request_refuses_wrong_types_and_values(kw: dict[str, Any], must: str) -> None:
+    from headstore.extract import ExtractRequest
+
+    with pytest.raises(HeadstoreError, match=must) as e:
+        ExtractRequest(model="tiny-gpt2", data="ioi", out="x.zarr", **kw)
+    assert "\n" not in str(e.value)

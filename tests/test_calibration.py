@@ -60,7 +60,7 @@ def oracle(bridge, tokens: torch.Tensor, heads: list[tuple[int, int]], top_k: in
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
 @pytest.mark.parametrize(("top_k", "n_bins"), [(3, 50), (5, 20000), (17, 50)])  # 17: the argpartition branch
 def test_matches_live_seed(make_store, live_model, model: str, top_k: int, n_bins: int) -> None:
-    fields = "default,result" if model == "tiny-llama" else "default"  # stored and derived result
+    fields = ("default", "result") if model == "tiny-llama" else ("default",)  # stored and derived result
     ds = open_store(make_store(model, "text", fields=fields, **STORE_KW))
     res = calibration(ds, top_k=top_k, n_bins=n_bins).compute()
     lm = live_model(model)

@@ -19,9 +19,9 @@ import transformer_lens.head_detector as HD
 import xarray as xr
 from transformer_lens.head_detector import detect_head
 
-from headstore import census
 from headstore.analyze import attention_stats, composition, head_scores, ioi, logit_attribution
 from headstore.extract.data import DataRequest, build_dataset
+from headstore.pipeline import census
 from headstore.store_schema import HeadstoreError, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ OPTIONS = [
     {"exclude_bos": b, "exclude_current_token": c, "error_measure": m}
     for b in (False, True) for c in (False, True) for m in ("mul", "abs")
 ]  # fmt: skip
-COMPACT = {"fields": "compact", "n_seq": 10, "batch_size": 4}  # test_compact's store (shared)
+COMPACT = {"fields": ("compact",), "n_seq": 10, "batch_size": 4}  # test_compact's store (shared)
 
 
 def _stores(make_store: Callable[..., Path]) -> list[tuple[str, Path]]:
@@ -112,7 +112,7 @@ def test_head_scores_equal_detect_head(
 
 
 def test_head_scores_options_and_unstored_layers(make_store: Callable[..., Path]) -> None:
-    ds = open_store(make_store("tiny-gpt2", "ioi", pattern_layers="1", n_seq=10, batch_size=4))
+    ds = open_store(make_store("tiny-gpt2", "ioi", pattern_layers=(1,), n_seq=10, batch_size=4))
     res = head_scores(ds, kinds=["induction", "bos"]).compute()
     assert list(res.data_vars) == ["induction", "induction_per_sequence", "bos", "bos_per_sequence"]
     assert np.isnan(res["bos"].sel(layer=0)).all() and np.isfinite(res["bos"].sel(layer=1)).all()
@@ -125,7 +125,7 @@ def test_head_scores_options_and_unstored_layers(make_store: Callable[..., Path]
 
 
 def test_composition_refuses_a_one_layer_store(make_store: Callable[..., Path]) -> None:
-    ds = open_store(make_store("tiny-gpt2", "ioi", layers="1", n_seq=4, batch_size=4))  # test_extract's store
+    ds = open_store(make_store("tiny-gpt2", "ioi", layers=(1,), n_seq=4, batch_size=4))  # test_extract's store
     with pytest.raises(HeadstoreError, match=r"composition needs at least two layers .* holds only layer 1") as e:
         composition(ds)
     assert "\n" not in str(e.value)
@@ -136,7 +136,7 @@ def test_name_movers_never_rank_heads_not_measured(make_store: Callable[..., Pat
     layer 1's lists are what the full store's numbers give when ranked by hand."""
     kw = {"n_seq": 10, "batch_size": 4}
     tables = []
-    for path in (make_store("tiny-gpt2", "ioi", pattern_layers="1", **kw), make_store("tiny-gpt2", "ioi", **kw)):
+    for path in (make_store("tiny-gpt2", "ioi", pattern_layers=(1,), **kw), make_store("tiny-gpt2", "ioi", **kw)):
         ds = open_store(path)
         la_io, la_s = (logit_attribution(ds, target=ds[t]) for t in ("io_token", "s_token"))
         tables.append(census.name_mover_table(ioi(ds), la_io, la_s).compute())
@@ -312,7 +312,7 @@ def test_smollm2_has_induction_heads(tmp_path: Path) -> None:
     from headstore.extract import ExtractRequest, extract
 
     out = tmp_path / "rep.zarr"
-    extract(ExtractRequest(model="smollm2-135m", data="repeated-random", out=str(out), fields="tokens,pattern",
+    extract(ExtractRequest(model="smollm2-135m", data="repeated-random", out=str(out), fields=("tokens", "pattern"),
                            n_seq=4, seq_len=51, batch_size=4, dtype="float16", device="cpu", progress=False))  # fmt: skip
     res = head_scores(open_store(out), kinds=["induction", "previous_token"]).compute()
     ind = res["induction"].stack(lh=("layer", "head"))

@@ -85,7 +85,7 @@ def test_cli_bad_drop_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
 def test_derived_pattern_equals_live_and_stored(
     model_name: str, make_store: Callable[..., Path], live_model: Callable[[str], Any]
 ) -> None:
-    path = make_store(model_name, "ioi", fields="compact", **KW)
+    path = make_store(model_name, "ioi", fields=("compact",), **KW)
     ds = headstore.open_store(path)
     prov = provenance(ds)
     assert "pattern" not in prov.fields and {"q", "k"} <= set(prov.fields)
@@ -123,7 +123,7 @@ def test_derived_pattern_equals_live_and_stored(
 
 
 def test_derived_pattern_in_memory_and_one_head_read(make_store: Callable[..., Path]) -> None:
-    ds = headstore.open_store(make_store("tiny-llama", "ioi", fields="compact", **KW))
+    ds = headstore.open_store(make_store("tiny-llama", "ioi", fields=("compact",), **KW))
     loaded = derived_pattern(ds["q"].load(), ds["k"].load())  # numpy-backed input: computed at once
     assert loaded.chunks is None
     np.testing.assert_array_equal(loaded.values, ds["pattern"].values)
@@ -140,7 +140,7 @@ def test_float16_compact_store_within_tolerance(
     the softmax; on these tiny models it measures ~8e-6. bench/storage.py --compact-only reports it for SmolLM2.
     """
     for model_name in MODELS:
-        ds = headstore.open_store(make_store(model_name, "ioi", fields="compact", dtype="float16", **KW))
+        ds = headstore.open_store(make_store(model_name, "ioi", fields=("compact",), dtype="float16", **KW))
         assert ds["q"].dtype == np.float16 and ds["k"].dtype == np.float16
         assert ds["pattern"].dtype == np.float32  # derived in float32 after the upcast
         live = live_patterns(live_model(model_name), ds["tokens"].values, list(provenance(ds).layers))
@@ -152,7 +152,7 @@ def test_float16_compact_store_within_tolerance(
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_analyzers_same_on_compact_and_full(model_name: str, make_store: Callable[..., Path]) -> None:
-    compact = headstore.open_store(make_store(model_name, "ioi", fields="compact", **KW))
+    compact = headstore.open_store(make_store(model_name, "ioi", fields=("compact",), **KW))
     full = headstore.open_store(make_store(model_name, "ioi", **KW))
     a, b = copy_suppression(compact).compute(), copy_suppression(full).compute()
     for name in ("per_position", "per_sequence", "score"):
@@ -167,7 +167,7 @@ def test_analyzers_same_on_compact_and_full(model_name: str, make_store: Callabl
 def test_open_and_analyze_compact_store_without_torch(
     make_store: Callable[..., Path], run_without_torch: Callable[[str], dict]
 ) -> None:
-    path = make_store("tiny-llama", "ioi", fields="compact", **KW)
+    path = make_store("tiny-llama", "ioi", fields=("compact",), **KW)
     out = run_without_torch(
         "import headstore\n"
         "from headstore.analyze import copy_suppression\n"
@@ -194,7 +194,7 @@ def test_extract_refuses_compact_when_pattern_is_not_derivable(
     real = compact.pattern_block
     monkeypatch.setattr(compact, "pattern_block", lambda q, k, *a: real(q * np.float32(1.25), k, *a))
     out = tmp_path / "s.zarr"
-    req = ExtractRequest(model="tiny-llama", data="ioi", out=str(out), fields="compact", n_seq=4, batch_size=4,
+    req = ExtractRequest(model="tiny-llama", data="ioi", out=str(out), fields=("compact",), n_seq=4, batch_size=4,
                          device="cpu", progress=False)  # fmt: skip
     with pytest.raises(HeadstoreError, match="pattern cannot be derived") as ei:
         extract(req)

@@ -12,8 +12,8 @@ import pytest
 
 from headstore import open_store
 from headstore.analyze import copy_suppression
-from headstore.cli import figures
 from headstore.cli.registry import analyzers
+from headstore.report import figures
 
 MODELS = ("tiny-gpt2", "tiny-llama")
 

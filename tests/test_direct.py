@@ -1,4 +1,4 @@
-"""Files written past the page cache (store_schema/direct.py) are the bytes zarr's own LocalStore writes."""
+"""Files written past the page cache (store_schema/write/direct.py) are the bytes zarr's own LocalStore writes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
-import headstore.store_schema.direct as direct
+import headstore.store_schema.write.direct as direct
 from headstore.extract import ExtractRequest, extract
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this system")

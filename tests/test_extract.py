@@ -64,13 +64,13 @@ def test_literal_hooks_cover_every_hooked_field():
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_float32_store_equals_live_cache(model_name, make_store, live_model):
-    path = make_store(model_name, "ioi", fields="all", n_seq=10, batch_size=4)
+    path = make_store(model_name, "ioi", fields=("all",), n_seq=10, batch_size=4)
     ds = headstore.open_store(path)
     model = live_model(model_name)
     tokens = ds["tokens"].values
     logits, cache = _live(model, tokens)
     pairs = _stored_vs_live(ds, model, logits, cache)
-    # fields="all": every hooked field is stored, but the post-norm scale, which GPT-2 and Llama have no norm for
+    # fields=("all",): every hooked field is stored, but the post-norm scale, which GPT-2 and Llama have no norm for
     assert set(pairs) == set(FIELDS) - {"tokens", "loss", "ln1_post_scale"}
     for name, (stored, live) in pairs.items():
         assert stored.shape == live.shape, name
@@ -136,7 +136,7 @@ def test_float16_store_within_precision(model_name, make_store, live_model):
 
 
 def test_rotary_tables_reproduce_rotated_queries(make_store, live_model):
-    path = make_store("tiny-llama", "ioi", fields="default,q", n_seq=4, batch_size=4)
+    path = make_store("tiny-llama", "ioi", fields=("default", "q"), n_seq=4, batch_size=4)
     ds = headstore.open_store(path)
     _, cache = _live(live_model("tiny-llama"), ds["tokens"].values)
     q = cache["blocks.1.attn.hook_q"].numpy()  # pre-rotary (batch, pos, head, d_head)
@@ -189,7 +189,7 @@ def test_resume_skips_completed_batches(make_store, tmp_path):
 
 
 def test_layer_subset(make_store, live_model):
-    ds = headstore.open_store(make_store("tiny-gpt2", "ioi", layers="1", n_seq=4, batch_size=4))
+    ds = headstore.open_store(make_store("tiny-gpt2", "ioi", layers=(1,), n_seq=4, batch_size=4))
     assert list(ds["layer"].values) == [1] and "W_EE" not in ds
     _, cache = _live(live_model("tiny-gpt2"), ds["tokens"].values)
     np.testing.assert_allclose(ds["z"].sel(layer=1).values, cache["blocks.1.attn.hook_z"].numpy(), atol=1e-6)
@@ -198,7 +198,7 @@ def test_layer_subset(make_store, live_model):
 
 def test_text_windows_start_with_bos(make_store):
     ds = headstore.open_store(make_store("tiny-gpt2", "text", n_seq=4, seq_len=16, batch_size=4))
-    assert ds.sizes["pos"] == 16 and (ds["tokens"].values[:, 0] == provenance(ds).tokenizer["bos_token_id"]).all()
+    assert ds.sizes["pos"] == 16 and (ds["tokens"].values[:, 0] == provenance(ds).tokenizer.bos_token_id).all()
     assert np.nanmean(ds["loss"].values) > 0.5 * math.log(provenance(ds).config["d_vocab"])  # random init: high loss
 
 
@@ -210,7 +210,7 @@ def test_reused_buffers_survive_a_slow_writer(tmp_path, live_model, monkeypatch)
     import time
 
     from headstore.extract import ExtractRequest, extract
-    from headstore.store_schema.writer import StoreWriter
+    from headstore.store_schema.write.writer import StoreWriter
 
     write = StoreWriter.write_batch
 

@@ -63,11 +63,11 @@ class Run:
 
 
 STORES = {  # name -> (data, fields)
-    "default": ("ioi", "default"),
-    "all": ("ioi", "all"),
-    "abc": ("ioi-abc", "all"),
-    "compact": ("ioi", "compact"),
-    "ifelse": ("code-ifelse", "default"),  # built once (tokenizer shared), extracted from tokens:FILE.npy,COLUMNS
+    "default": ("ioi", ("default",)),
+    "all": ("ioi", ("all",)),
+    "abc": ("ioi-abc", ("all",)),
+    "compact": ("ioi", ("compact",)),
+    "ifelse": ("code-ifelse", ("default",)),  # built once (tokenizer shared), extracted from tokens:FILE.npy,COLUMNS
 }
 
 
@@ -206,7 +206,7 @@ def test_unrepresentable_field_named_is_refused_in_one_line(family: str, family_
     run = family_run(family)
     for name in run.model.unrepresentable:
         out = tmp_path / f"{name}.zarr"
-        req = ExtractRequest(model=str(run.folder), data="ioi", out=str(out), fields=f"default,{name}", **KW)
+        req = ExtractRequest(model=str(run.folder), data="ioi", out=str(out), fields=("default", name), **KW)
         with pytest.raises(HeadstoreError) as ei:
             extract(req)
         msg = str(ei.value)
@@ -401,7 +401,7 @@ def test_config_records_the_models_nonlinearities(family: str, family_run: Calla
     assert cfg.architecture == run.arch
     if cfg.positional_embedding_type == "rotary":
         assert run.ds.sizes["d_rot"] == cfg.d_rot
-    proc = provenance(run.ds).model["processing"]
+    proc = provenance(run.ds).model.processing
     assert proc["center_unembed"] == (not cfg.final_logit_softcap)  # not translation invariant under a cap
     # TransformerBridge folds every family's norms but OLMo-2's: headstore folds its ln_final into W_U
     assert proc["fold_ln"] == (family != "olmo-2") and proc.get("ln_final_folded", False) == (family == "olmo-2")
@@ -529,7 +529,7 @@ def test_copy_suppression_equals_live_formula(family: str, family_run: Callable[
     _, cache = live(family)
     toks = torch.as_tensor(ds["tokens"].values).long()
     real = torch.arange(toks.shape[1])[None, :] < torch.as_tensor(ds["length"].values)[:, None]  # not padding
-    keep = ((toks != provenance(ds).tokenizer["bos_token_id"]) & real).float()  # (b, pos)
+    keep = ((toks != provenance(ds).tokenizer.bos_token_id) & real).float()  # (b, pos)
     u = torch.as_tensor(ds["W_U"].values)[:, toks].permute(1, 2, 0)  # (b, k, d_model)
     group = ds.sizes["head"] // ds.sizes["kv_head"]
     for i, L in enumerate(provenance(ds).layers):

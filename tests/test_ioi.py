@@ -12,12 +12,12 @@ import torch
 import xarray as xr
 
 from headstore.analyze import ioi, ioi_pair
-from headstore.cli.figures import ioi_pair_plot, ioi_pair_summary
 from headstore.cli.registry import analyzers
 from headstore.cli.run import run_analyzer
+from headstore.report.figures import ioi_pair_plot, ioi_pair_summary
 from headstore.store_schema import HeadstoreError, open_store
 
-FIELDS = "default,resid_pre,k,q"
+FIELDS = ("default", "resid_pre", "k", "q")
 KW: dict[str, Any] = {"fields": FIELDS, "n_seq": 12, "batch_size": 4, "seed": 0}
 
 
@@ -198,9 +198,9 @@ def test_pairing_refusals_name_what_differs(make_store: Callable[..., Path]) -> 
     """Same model, other --layers: blamed on the layers (the weights hash differs too, as a consequence); other
     prompt shapes: blamed on the prompt sets, never on the model."""
     a, _ = stores(make_store, "tiny-gpt2")
-    one_layer = open_store(make_store("tiny-gpt2", "ioi-abc", layers="1", **KW))
+    one_layer = open_store(make_store("tiny-gpt2", "ioi-abc", layers=(1,), **KW))
     pa, pb = a.hs.provenance, one_layer.hs.provenance
-    assert pa.model["name"] == pb.model["name"] and pa.model["weights_sha256"] != pb.model["weights_sha256"]
+    assert pa.model.name == pb.model.name and pa.model.weights_sha256 != pb.model.weights_sha256
     with pytest.raises(
         HeadstoreError, match=r"differ in layers \(\[0, 1\] vs \[1\]\): extract both with the same --layers"
     ):

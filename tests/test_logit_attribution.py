@@ -226,7 +226,7 @@ def test_key_token_str_per_sequence_and_scalar_attrs(make_store) -> None:
 def test_unstored_pattern_layers_are_nan_not_zero(make_store) -> None:
     """``--pattern-layers 1``: layer 0's source terms and their sum are NaN; layer 1's equal the full store's."""
     kw = {"n_seq": 10, "batch_size": 4}  # the stores test_pattern_layers and test_census use
-    part = open_store(make_store("tiny-gpt2", "ioi", pattern_layers="1", **kw))
+    part = open_store(make_store("tiny-gpt2", "ioi", pattern_layers=(1,), **kw))
     full = open_store(make_store("tiny-gpt2", "ioi", **kw))
     res = logit_attribution(part, target=part["io_token"]).compute()
     ref = logit_attribution(full, target=full["io_token"]).compute()
@@ -271,7 +271,7 @@ def test_cli_outputs(make_store, tmp_path: Path) -> None:
     assert len(summary) == 8 and {"layer", "head", "mean_contribution"} <= set(summary.columns)
     assert all(p.exists() for p in paths)
     assert {p.name for p in paths} >= {"sources_seq0.png", "sources_seq0.html", "per_head.png", "summary.csv"}
-    from headstore.cli.embed import plotly_figures_in_html
+    from headstore.report.embed import plotly_figures_in_html
 
     (sources,) = [p for p in paths if p.name == "sources_seq0.html"]
     ((data, layout, _),) = plotly_figures_in_html(sources.read_text(encoding="utf-8"))

@@ -18,7 +18,7 @@ from headstore.cli.registry import analyzers
 from headstore.cli.run import run_analyzer
 from headstore.store_schema import HeadstoreError, open_store
 
-KW: dict[str, Any] = {"fields": "default,resid_pre,k,q", "n_seq": 12, "batch_size": 4, "seed": 0}
+KW: dict[str, Any] = {"fields": ("default", "resid_pre", "k", "q"), "n_seq": 12, "batch_size": 4, "seed": 0}
 RECEIVER = (1, 3)  # on tiny-llama (4 heads, 2 kv heads) head 3 reads kv head 1
 SENDERS = [(0, 0), (0, 2), (0, 3)]
 SENDERS_STR = "0.0,0.2,0.3"  # the same on the command line
@@ -216,7 +216,7 @@ def test_cli_spec_summary_and_plots(make_store: Callable[..., Path], tmp_path: P
 
 def test_refusals(make_store: Callable[..., Path]) -> None:
     clean_ds, corrupt_ds = stores(make_store, "tiny-gpt2")
-    no_k = open_store(make_store("tiny-gpt2", "ioi", fields="default,resid_pre", n_seq=12, batch_size=4, seed=0))
+    no_k = open_store(make_store("tiny-gpt2", "ioi", fields=("default", "resid_pre"), n_seq=12, batch_size=4, seed=0))
     with pytest.raises(HeadstoreError, match=r"needs k.*--fields default,k") as e:
         path_patch_query(no_k, corrupt_ds, senders=SENDERS, receiver=RECEIVER)
     assert "\n" not in str(e.value)

@@ -22,7 +22,7 @@ from headstore.analyze import copy_suppression, ioi
 from headstore.cli import app
 from headstore.extract.batch import hook_names
 from headstore.store_schema import HeadstoreError, Provenance, provenance, read_provenance, validate
-from headstore.store_schema.info import array_nbytes_on_disk
+from headstore.store_schema.read.info import array_nbytes_on_disk
 
 KW: dict[str, Any] = {"n_seq": 10, "batch_size": 4}  # same arguments as test_compact's stores (shared)
 ARGV = ["extract", "--model", "tiny-gpt2", "--data", "ioi", "--n-seq", "10", "--batch-size", "4",
@@ -64,7 +64,7 @@ def _one_line_error(argv: list[str]) -> str:
 def test_chosen_layer_stored_exactly_others_nan(
     make_store: Callable[..., Path], live_model: Callable[[str], Any]
 ) -> None:
-    path = make_store("tiny-gpt2", "ioi", pattern_layers="1", **KW)
+    path = make_store("tiny-gpt2", "ioi", pattern_layers=(1,), **KW)
     full_path = make_store("tiny-gpt2", "ioi", **KW)
     ds, full = headstore.open_store(path), headstore.open_store(full_path)
     prov = provenance(ds)
@@ -99,7 +99,7 @@ def test_hook_names_fetch_only_chosen_layers() -> None:
 
 
 def test_validate_skips_unwritten_layers_but_checks_written(make_store: Callable[..., Path], tmp_path: Path) -> None:
-    src = make_store("tiny-gpt2", "ioi", pattern_layers="1", **KW)
+    src = make_store("tiny-gpt2", "ioi", pattern_layers=(1,), **KW)
     rep = validate(src)
     assert rep.ok and rep.problems == (), rep.problems
     path = tmp_path / "s.zarr"
@@ -121,7 +121,7 @@ def test_validate_skips_unwritten_layers_but_checks_written(make_store: Callable
 
 
 def test_analyzers_stored_layer_equal_others_nan(make_store: Callable[..., Path]) -> None:
-    ds = headstore.open_store(make_store("tiny-gpt2", "ioi", pattern_layers="1", **KW))
+    ds = headstore.open_store(make_store("tiny-gpt2", "ioi", pattern_layers=(1,), **KW))
     full = headstore.open_store(make_store("tiny-gpt2", "ioi", **KW))
     a, b = copy_suppression(ds).compute(), copy_suppression(full).compute()
     ia, ib = ioi(ds).compute(), ioi(full).compute()
@@ -143,7 +143,7 @@ def test_analyzers_stored_layer_equal_others_nan(make_store: Callable[..., Path]
 def test_unstored_layers_derived_when_q_k_stored(
     make_store: Callable[..., Path], live_model: Callable[[str], Any]
 ) -> None:
-    ds = headstore.open_store(make_store("tiny-llama", "ioi", fields="default,q,k", pattern_layers="1", **KW))
+    ds = headstore.open_store(make_store("tiny-llama", "ioi", fields=("default", "q", "k"), pattern_layers=(1,), **KW))
     full = headstore.open_store(make_store("tiny-llama", "ioi", **KW))
     pat = ds["pattern"]
     assert pat.dtype == np.float32 and pat.shape == full["pattern"].shape
@@ -180,7 +180,7 @@ def test_provenance_pattern_layers_parsing(make_store: Callable[..., Path]) -> N
 
 def test_resume_with_other_pattern_layers_refused(make_store: Callable[..., Path], tmp_path: Path) -> None:
     path = tmp_path / "s.zarr"
-    shutil.copytree(make_store("tiny-gpt2", "ioi", pattern_layers="1", **KW), path)
+    shutil.copytree(make_store("tiny-gpt2", "ioi", pattern_layers=(1,), **KW), path)
     before = _snapshot(path)
     for spec, theirs in (("0", "[0]"), ("all", "[0, 1]"), ("0-1", "[0, 1]")):
         line = _one_line_error([*ARGV, "--pattern-layers", spec, "--out", str(path)])
@@ -210,7 +210,7 @@ def test_cli_bad_pattern_layers_one_line_nothing_written(tmp_path: Path, extra: 
 
 
 def test_info_shows_pattern_layers(make_store: Callable[..., Path]) -> None:
-    path = make_store("tiny-gpt2", "ioi", pattern_layers="1", **KW)
+    path = make_store("tiny-gpt2", "ioi", pattern_layers=(1,), **KW)
     res = CliRunner().invoke(app, ["info", str(path)])
     assert res.exit_code == 0
     assert "pattern    layers [1] (the other layers are not stored: NaN)" in res.stdout, res.stdout

@@ -13,8 +13,8 @@ import pytest
 from headstore import open_store
 from headstore.analyze import projection_loss
 from headstore.analyze._projection_loss import MODES
-from headstore.cli import figures
 from headstore.cli.registry import analyzers
+from headstore.report import figures
 
 SPEC = analyzers()["projection-loss"]
 

@@ -1,7 +1,8 @@
 """Crash-safe resume, integrity checks, provenance refusals and read-only/no-pickle safety.
 
 The crash tests run the real CLI in a subprocess and SIGKILL it at chosen points through the
-test-only hook ``HEADSTORE_TEST_KILL_AT`` (see ``headstore/store_schema/crash.py``).
+test-only entry point ``tests/crash_cli.py`` (the CLI with a hook installed at the write path's checkpoints,
+``headstore/store_schema/write/checkpoint.py``; it reads ``HEADSTORE_TEST_KILL_AT``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,16 @@ def run_cli(out: Path, kill_at: str | None = None, extra: tuple[str, ...] = ()) 
     env.pop("HEADSTORE_TEST_KILL_AT", None)
     if kill_at:
         env["HEADSTORE_TEST_KILL_AT"] = kill_at
-    cmd = [sys.executable, "-m", "headstore.cli", "extract", *ARGS, "--out", str(out), "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "crash_cli.py"),
+        "extract",
+        *ARGS,
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -390,13 +400,16 @@ def test_no_module_unpickles() -> None:
 
 
 def test_every_read_path_opens_zarr_read_only() -> None:
-    src = "".join((ROOT / "headstore" / "store_schema" / f"{m}.py").read_text() for m in ("create", "writer", "reader"))
+    mods = ("write/create", "write/writer", "paths", "read/reader", "read/guard")
+    src = "".join((ROOT / "headstore" / "store_schema" / f"{m}.py").read_text() for m in mods)
     calls = re.findall(r"zarr\.open_group\((.*?)\)\n", src, flags=re.S)
     modes = [re.search(r"mode=\"([^\"]+)\"", c) for c in calls]
     assert all(m for m in modes), calls
     # only the creator ("w-") and the batch writer ("r+") may write; everything else is "r"
     assert sorted(m.group(1) for m in modes if m) == ["r", "r+", "w-"]
-    assert re.search(r"xr\.open_zarr\(", src) and "mode=" not in re.search(r"xr\.open_zarr\((.*?)\)", src).group(1)  # type: ignore[union-attr]
+    # xarray reads the group open_store opened read-only ("r" above), without a mode of its own
+    opened = re.search(r"xr\.open_dataset\((ZarrStore\(root.*?)\)\n", src)
+    assert opened and "mode=" not in opened.group(1)
 
 
 def test_open_store_is_read_only(tmp_path: Path, reference: Path) -> None:
@@ -409,9 +422,9 @@ def test_open_store_is_read_only(tmp_path: Path, reference: Path) -> None:
     ds.attrs[ATTRS_KEY]["seq_len"] = 1
     ds["tokens"][0, 0] = 7  # touches only a loaded copy
     # the zarr group behind the readers refuses writes
-    from headstore.store_schema.reader import _open_group
+    from headstore.store_schema.read.reader import open_group
 
-    root = _open_group(out)
+    root = open_group(out)
     assert root.read_only
     with pytest.raises(Exception, match=r"(?i)read.only|read-only|mode"):
         root["tokens"][0, 0] = 7

@@ -85,6 +85,18 @@ def test_http_store_equals_local(tiny_store: Path, http_root: str) -> None:
     assert all(r.startswith(("GET", "HEAD")) for r in _QuietHandler.requests)
 
 
+def test_http_open_store_reads_each_group_metadata_once(tiny_store: Path, http_root: str) -> None:
+    """One metadata request per group: the root ``zarr.json`` (consolidated: every array's metadata with it) is
+    fetched once by ``open_store``, not once per step (provenance, manifest, arrays, guarded reads)."""
+    _QuietHandler.requests.clear()
+    ds = open_store(f"{http_root}/store.zarr")
+    metadata = [r for r in _QuietHandler.requests if r.endswith("zarr.json")]
+    assert metadata == ["GET /store.zarr/zarr.json"], _QuietHandler.requests
+    ds["z"].isel(batch=0).values  # noqa: B018  (data reads ask for chunks, never metadata again)
+    assert [r for r in _QuietHandler.requests if r.endswith("zarr.json")] == metadata
+    assert any("/store.zarr/z/c/" in r for r in _QuietHandler.requests)
+
+
 def test_http_missing_store_is_a_clear_error(http_root: str) -> None:
     from headstore.store_schema import HeadstoreError
 

@@ -23,11 +23,11 @@ import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
-from headstore.cli.attention_viewer import attention_viewer, display_token, sequence_length, token_strings
-from headstore.cli.embed import _Figures, plotly_figures_in_html
 from headstore.cli.parse import parse_heads, parse_sequences
 from headstore.cli.registry import analyzers
-from headstore.cli.report import render_report, write_report
+from headstore.report.attention_viewer import attention_viewer, display_token, sequence_length, token_strings
+from headstore.report.embed import _Figures, plotly_figures_in_html
+from headstore.report.page import render_report, write_report
 from headstore.store_schema import HeadstoreError, open_store
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -116,7 +116,7 @@ EXPECTED_ON_IOI = {
 def expected_status(spec: Any, ds: Any) -> str:
     """What the report must do with an analyzer on a one-store page, from its spec alone: 'not applicable'
     (two stores, or a variable the store lacks), 'skipped' (options without defaults), else 'ran'."""
-    from headstore.cli.analyzer_section import required_params
+    from headstore.report.analyzer_section import required_params
 
     if spec.n_stores != 1 or not all(r in ds for r in spec.requires):
         return "not applicable"
@@ -149,7 +149,7 @@ def test_page_is_self_contained(report_html: Path) -> None:
 
 
 def test_page_content(report_html: Path, ioi_store: Path) -> None:
-    from headstore.store_schema.info import store_info
+    from headstore.store_schema.read.info import store_info
 
     page = report_html.read_text(encoding="utf-8")
     info = store_info(str(ioi_store))
@@ -212,7 +212,7 @@ def test_rendered_in_chromium(report_html: Path, ioi_store: Path, chromium: str,
 def test_plotly_figures_roundtrip(tmp_path: Path) -> None:
     import plotly.graph_objects as go
 
-    from headstore.cli.plots import save_html
+    from headstore.report.plots import save_html
 
     fig = go.Figure(go.Heatmap(z=[[1, 2], [3, 4]], x=["a", "</script>"]), layout={"title": {"text": "t"}})
     path = save_html(fig, tmp_path / "f.html")
@@ -272,8 +272,8 @@ def test_bad_selection_fails_before_analyzers(ioi_store: Path, tmp_path: Path) -
 def test_two_stores_pair(make_store: Callable[..., Path], tmp_path: Path) -> None:
     """IOI + ABC twin: one-store analyzers are not applicable; pair analyzers that need parameters
     the report cannot guess are listed as skipped with the analyzer's own reason."""
-    a = make_store("tiny-gpt2", "ioi", n_seq=8, fields="default,k,resid_pre")
-    b = make_store("tiny-gpt2", "ioi-abc", n_seq=8, fields="default,k,resid_pre")
+    a = make_store("tiny-gpt2", "ioi", n_seq=8, fields=("default", "k", "resid_pre"))
+    b = make_store("tiny-gpt2", "ioi-abc", n_seq=8, fields=("default", "k", "resid_pre"))
     out = write_report([str(a), str(b)], tmp_path / "pair.html", sequences="0", progress=False)
     page = out.read_text(encoding="utf-8")
     rows = status_rows(page)
@@ -294,7 +294,7 @@ def test_two_stores_pair(make_store: Callable[..., Path], tmp_path: Path) -> Non
 
 def _count_analyzer_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
     """Every registered analyzer's function, wrapped to count its calls (signature kept for ``plan``)."""
-    from headstore.cli import registry as _registry
+    from headstore.analyze import registry as _registry
 
     calls: collections.Counter[str] = collections.Counter()
     real = _registry.analyzers()
@@ -407,7 +407,7 @@ def test_main_job_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_report_imports_no_torch() -> None:
     code = (
-        "import sys, json, headstore.cli, headstore.cli.report, headstore.cli.run, headstore.cli.figures, "
+        "import sys, json, headstore.cli, headstore.report.page, headstore.cli.run, headstore.report.figures, "
         "headstore.analyze; print(json.dumps('torch' in sys.modules))"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -440,7 +440,7 @@ def test_analyzers_doc_covers_every_analyzer() -> None:
 
 
 def test_figures_wider_than_the_page_are_fitted() -> None:
-    from headstore.cli.embed import PAGE_WIDTH, _Figures
+    from headstore.report.embed import PAGE_WIDTH, _Figures
 
     figs = _Figures()
     wide = figs.div([{"type": "heatmap", "z": [[1]]}], {"width": PAGE_WIDTH + 500, "height": 400})
@@ -453,7 +453,7 @@ def test_figures_wider_than_the_page_are_fitted() -> None:
 def test_titles_wider_than_their_figure_wrap(tmp_path: Path) -> None:
     import plotly.graph_objects as go
 
-    from headstore.cli.plots import TITLE_CHAR_PX, save_html
+    from headstore.report.plots import TITLE_CHAR_PX, save_html
 
     long = "Direct logit contribution of each head to target 'io_token' (mean over sequences)"
     for width, title in [(550, long), (550, "short<br>two lines"), (1600, long)]:

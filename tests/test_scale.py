@@ -39,8 +39,8 @@ def _files(path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pair(make_store: Callable[..., Path]) -> tuple[Path, Path]:
-    sharded = make_store("tiny-llama", "ioi", fields="all", **SMALL)
-    chunked = make_store("tiny-llama", "ioi", fields="all", layout="chunked", **SMALL)
+    sharded = make_store("tiny-llama", "ioi", fields=("all",), **SMALL)
+    chunked = make_store("tiny-llama", "ioi", fields=("all",), layout="chunked", **SMALL)
     return sharded, chunked
 
 
@@ -95,7 +95,9 @@ def test_store_without_layout_attr_opens_and_resumes_as_chunked(pair: tuple[Path
     assert read_provenance(old).layout == "chunked"
     from headstore.extract import ExtractRequest, extract
 
-    res = extract(ExtractRequest(model="tiny-llama", data="ioi", out=str(old), fields="all", progress=False, **SMALL))  # type: ignore[arg-type]
+    res = extract(
+        ExtractRequest(model="tiny-llama", data="ioi", out=str(old), fields=("all",), progress=False, **SMALL)  # type: ignore[arg-type]
+    )
     assert (res.written, res.skipped) == (1, 2)
     assert _files(old) == [f for f in _files(chunked)]
     a, b = _raw(old), _raw(chunked)
@@ -105,7 +107,7 @@ def test_store_without_layout_attr_opens_and_resumes_as_chunked(pair: tuple[Path
 
 def test_tokens_only_store_completes(make_store: Callable[..., Path]) -> None:
     """--fields "" (tokens only): every batch is marked done although no array is written per batch."""
-    path = make_store("tiny-gpt2", "ioi", fields="", n_seq=10, batch_size=4)
+    path = make_store("tiny-gpt2", "ioi", fields=(), n_seq=10, batch_size=4)
     assert done_mask(path).all()
     ds = open_store(path)
     assert read_provenance(path).fields == ("tokens",)
@@ -158,7 +160,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     extract(ExtractRequest(data="ioi", out=str(root / "a.zarr"), n_seq=8, batch_size=4, **common))  # type: ignore[arg-type]
     before = {p: p.stat().st_mtime_ns for p in (root / "w").rglob("*") if p.is_file()}
     extract(
-        ExtractRequest(data="text", out=str(root / "b.zarr"), n_seq=4, seq_len=16, batch_size=4, layers="1", **common)  # type: ignore[arg-type]
+        ExtractRequest(data="text", out=str(root / "b.zarr"), n_seq=4, seq_len=16, batch_size=4, layers=(1,), **common)  # type: ignore[arg-type]
     )
     assert {p: p.stat().st_mtime_ns for p in (root / "w").rglob("*") if p.is_file()} == before, "reused, not rewritten"
     return root
@@ -181,12 +183,12 @@ def test_two_stores_share_one_weights_store(shared: Path, make_store: Callable[.
         assert not any((store / n).exists() for n in ("W_E", "W_U", "W_EE", "vocab")), "weights left in the store"
     ref_a, ref_b = read_provenance(a).weights_store, read_provenance(b).weights_store
     assert ref_a is not None and ref_b is not None
-    assert ref_a["path"] == "../w/tiny.zarr" and ref_a["sha256"] == ref_b["sha256"]
-    assert "W_EE" in ref_a["arrays"] and "W_EE" not in ref_b["arrays"]  # W_EE only with layer 0 extracted
+    assert ref_a.path == "../w/tiny.zarr" and ref_a.sha256 == ref_b.sha256
+    assert "W_EE" in ref_a.arrays and "W_EE" not in ref_b.arrays  # W_EE only with layer 0 extracted
     # open_store presents what a self-contained store holds, value for value
     _same_dataset(open_store(a), open_store(make_store("tiny-gpt2", "ioi", n_seq=8, batch_size=4)))
     _same_dataset(
-        open_store(b), open_store(make_store("tiny-gpt2", "text", n_seq=4, seq_len=16, batch_size=4, layers="1"))
+        open_store(b), open_store(make_store("tiny-gpt2", "text", n_seq=4, seq_len=16, batch_size=4, layers=(1,)))
     )
     assert validate(a).ok and validate(b).ok
 
@@ -218,7 +220,7 @@ def test_validate_checks_a_weights_store(shared: Path, tmp_path: Path) -> None:
     ref = read_provenance(shared / "a.zarr").weights_store
     assert ref is not None
     rep = validate(w)
-    assert rep.ok and rep.problems == () and rep.weights_sha256 == ref["sha256"]
+    assert rep.ok and rep.problems == () and rep.weights_sha256 == ref.sha256
     res = CliRunner().invoke(app, ["validate", str(w)])
     assert res.exit_code == 0 and "a weights store" in res.stdout and "0 problems" in res.stdout, res.stdout
 
@@ -240,6 +242,49 @@ def test_validate_checks_a_weights_store(shared: Path, tmp_path: Path) -> None:
     f.write_bytes(bytes(data))
     rep = validate(flipped)
     assert not rep.ok and any(p.startswith("W_E: ") and "damaged" in p for p in rep.problems), rep.problems
+
+
+def _flip_byte(f: Path) -> None:
+    data = bytearray(f.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside the chunk's bytes: its crc32c no longer matches
+    f.write_bytes(bytes(data))
+
+
+def test_flipped_byte_in_a_weights_store_is_refused_naming_store_array_chunk(shared: Path, tmp_path: Path) -> None:
+    """zarr's bare ``ValueError: Stored and computed checksum do not match`` becomes one line naming the weights
+    store, the array and the chunk (W_E is one chunk: ``c/0/0``), saying to run ``headstore validate``."""
+    from headstore.store_schema import HeadstoreError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shared, copy)
+    _flip_byte(copy / "w" / "tiny.zarr" / "W_E" / "c" / "0" / "0")
+    for store in ("a.zarr", "b.zarr"):
+        with pytest.raises(HeadstoreError) as ei:
+            open_store(copy / store)
+        msg = str(ei.value)
+        assert "\n" not in msg and msg.startswith(f"{copy / 'w' / 'tiny.zarr'}: array 'W_E' has a damaged chunk"), msg
+        assert "(chunk 0.0): ValueError: Stored and computed checksum do not match" in msg, msg
+        assert f"run `headstore validate {copy / 'w' / 'tiny.zarr'}`" in msg, msg
+        assert isinstance(ei.value.__cause__, ValueError)
+
+
+def test_flipped_byte_in_an_activation_chunk_read_lazily_names_store_array_chunk(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Through dask (opening works; reading the chunk fails): the store, ``z`` and the chunk's grid index, which
+    in a chunked store is the file's key (``z/c/1/0/0/0/0``: batch 1, layer 0)."""
+    from headstore.store_schema import HeadstoreError
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(pair[1], copy)
+    _flip_byte(copy / "z" / "c" / "1" / "0" / "0" / "0" / "0")
+    ds = open_store(copy)
+    ds["z"].isel(batch=0).compute()  # batch 0's chunks are intact
+    with pytest.raises(HeadstoreError) as ei:
+        ds["z"].isel(layer=[0]).compute()
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith(f"{copy}: array 'z' has a damaged chunk (chunk 1.0.0.0.0)"), msg
+    assert "checksum do not match" in msg and f"run `headstore validate {copy}`" in msg, msg
 
 
 def test_pack_writes_a_self_contained_copy(shared: Path, tmp_path: Path, make_store: Callable[..., Path]) -> None:
@@ -283,6 +328,22 @@ def test_store_and_weights_store_over_http(shared: Path) -> None:
         server.server_close()
 
 
+def test_store_and_weights_store_over_http_read_each_group_metadata_once(shared: Path) -> None:
+    """Two groups (the store and its weights store), two metadata requests: each root ``zarr.json`` once."""
+    server = __import__("http.server").server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Counting, directory=str(shared))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Counting.sent.clear()
+    try:
+        open_store(f"http://127.0.0.1:{server.server_address[1]}/a.zarr")
+    finally:
+        server.shutdown()
+        server.server_close()
+    metadata = sorted(path for path, _ in _Counting.sent if path.endswith("zarr.json"))
+    assert metadata == ["/a.zarr/zarr.json", "/w/tiny.zarr/zarr.json"], _Counting.sent
+
+
 # --- bfloat16 models -----------------------------------------------------------------------------
 
 LIVE_HOOKS = {  # field -> TransformerLens hook of layer L, written out here (not taken from the extractor)
@@ -307,7 +368,7 @@ def test_bfloat16_model_stored_as_its_live_cache(store_dtype: str, tmp_path: Pat
     extract(ExtractRequest(model="tiny-llama", data="ioi", out=str(out), n_seq=8, batch_size=4, device="cpu",
                            model_dtype="bfloat16", dtype=store_dtype, progress=False))  # fmt: skip
     ds = open_store(out)
-    assert read_provenance(out).model["dtype"] == "bfloat16"
+    assert read_provenance(out).model.dtype == "bfloat16"
     live = load_model("tiny-llama", "cpu", "bfloat16")
     assert live.bridge.W_U.dtype == torch.bfloat16
     # No `result` stored: extraction ran the model's own o_proj, not the bridge's per-head sum (bf16 rounds them apart)
@@ -380,17 +441,17 @@ def _disk_bytes(path: Path) -> int:
             "n_seq": 8,
             "seq_len": 32,
             "batch_size": 4,
-            "fields": "all",
+            "fields": ("all",),
             "dtype": "float16",
             "layout": "chunked",
-            "pattern_layers": "1",
+            "pattern_layers": (1,),
         },
     ],
     ids=["gpt2-ioi", "llama-text-all-f16-chunked"],
 )
 def test_dry_run_plan_matches_the_store_written(kw: dict[str, object], tmp_path: Path) -> None:
     from headstore.extract import ExtractRequest, extract
-    from headstore.store_schema.info import array_nbytes_on_disk
+    from headstore.store_schema.read.info import array_nbytes_on_disk
 
     out = tmp_path / "s.zarr"
     dry = extract(ExtractRequest(out=str(out), device="cpu", progress=False, dry_run=True, **kw))  # type: ignore[arg-type]
@@ -427,7 +488,7 @@ def test_full_disk_refused_up_front_then_mid_run_then_resumes(
 ) -> None:
     import shutil as sh
 
-    import headstore.store_schema.direct as direct
+    import headstore.store_schema.write.direct as direct
     from headstore.extract import ExtractRequest, extract
 
     direct_bytes: list[int] = []
@@ -519,7 +580,7 @@ def test_analyzer_peak_memory_does_not_grow_with_the_store(
 ) -> None:
     """The same analyzer on stores 10x apart: the larger store's peak RSS stays within a fixed margin of
     the smaller one's (a streaming analyzer holds a few blocks, not the store)."""
-    from headstore.store_schema.info import array_nbytes_on_disk
+    from headstore.store_schema.read.info import array_nbytes_on_disk
 
     kw = {"seq_len": 128} if data == "text" else {}
     small, big = (make_store("tiny-gpt2", data, n_seq=n, batch_size=8, **kw) for n in sizes)
@@ -540,3 +601,66 @@ def test_extraction_shows_no_zarr_consolidation_warning(tmp_path: Path) -> None:
                                progress=False, device="cpu"))  # fmt: skip
     assert validate(str(tmp_path / "s.zarr")).ok  # the store is consolidated and complete all the same
     assert not [w for w in seen if "Consolidated metadata" in str(w.message)], [str(w.message) for w in seen]
+
+
+# --- an error mid-run is the last line of the output, with the progress bar on ---------------------
+
+
+def _cli_as_on_a_terminal(argv: list[str]) -> tuple[int, str]:
+    """``headstore ARGV`` in a fresh process, stdout and stderr merged in one stream as a terminal shows them."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "headstore.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(root)}, timeout=600,
+    )  # fmt: skip
+    return proc.returncode, proc.stdout
+
+
+def _ends_with_error_line(out: str, bar: str) -> str:
+    """The error, checked to start a line of its own (nothing glued before it, no carriage return inside it) and to
+    be the last non-empty line (no progress bar redrawn after it); ``bar`` (the bar's label) was shown before it."""
+    assert bar in out, out  # the progress bar was on
+    lines = [ln for ln in out.split("\n") if ln.strip()]
+    last = lines[-1]
+    assert last.startswith("error: ") and "\r" not in last and bar not in last, out
+    assert out.count("error: ") == 1, out
+    return last
+
+
+def test_float16_overflow_mid_run_is_the_last_line_with_the_bar_on(loud_model: Path, tmp_path: Path) -> None:
+    code, out = _cli_as_on_a_terminal(
+        ["extract", "--model", str(loud_model), "--data", "ioi", "--n-seq", "8", "--batch-size", "4", "--device",
+         "cpu", "--model-dtype", "bfloat16", "--dtype", "float16", "--out", str(tmp_path / "o16.zarr")]
+    )  # fmt: skip
+    assert code == 2, out
+    last = _ends_with_error_line(out, "extract o16.zarr")
+    assert last.startswith("error: v at layer 1 reaches ") and "beyond float16's 65504" in last, out
+
+
+def test_full_disk_mid_run_is_the_last_line_with_the_bar_on(small_disk: Path) -> None:
+    import shutil as sh
+
+    from headstore.extract import ExtractRequest, extract
+
+    kw = {"model": "tiny-gpt2", "data": "ioi", "n_seq": 24, "batch_size": 4}
+    out = small_disk / "s.zarr"
+    plan = extract(ExtractRequest(out=str(out), device="cpu", progress=False, dry_run=True, **kw)).plan  # type: ignore[arg-type]
+    assert plan is not None
+    room = plan.weights_bytes + plan.other_bytes + sum(f.total_bytes for f in plan.fields) // 2 + plan.n_files * 4096
+    (small_disk / "filler").write_bytes(b"\0" * (sh.disk_usage(small_disk).free - room))
+    argv = ["extract", "--out", str(out), "--device", "cpu", "--ignore-space"]
+    code, text = _cli_as_on_a_terminal(
+        [*argv, *(x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v)))]
+    )
+    assert code == 2, text
+    last = _ends_with_error_line(text, "extract s.zarr")
+    n_done = int(last.split(" after ")[1].split(" of ")[0])
+    assert 0 < n_done < 6 and done_mask(out).sum() == 4 * n_done
+    assert (
+        last
+        == f"error: disk full at {out} after {n_done} of 6 batches: free space and rerun the same command to resume"
+    )

@@ -17,7 +17,7 @@ import headstore.analyze as A
 from headstore.cli.registry import analyzers
 from headstore.store_schema import HeadstoreError, open_store
 
-FIELDS = "default,k,resid_pre"
+FIELDS = ("default", "k", "resid_pre")
 
 
 def test_logits_read_positions_as_the_analyzers_do(

@@ -1,4 +1,4 @@
-"""Whole shards encoded in one pass (store_schema/shard_encode.py) are the bytes zarr's own sharding codec writes."""
+"""Whole shards encoded in one pass (store_schema/write/shard_encode.py) are the bytes zarr's own sharding codec writes."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
-import headstore.store_schema.direct as direct
+import headstore.store_schema.write.direct as direct
 from headstore.extract import ExtractRequest, extract
 from headstore.store_schema import validate
-from headstore.store_schema.shard_encode import ShardBuffer, ShardEncoder
+from headstore.store_schema.write.shard_encode import ShardBuffer, ShardEncoder
 
 CRC = Crc32cCodec()
 LZ4 = BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")
@@ -169,7 +169,7 @@ def test_pattern_of_chosen_layers_is_zarrs(tmp_path: Path) -> None:
 
     out = tmp_path / "p.zarr"
     extract(ExtractRequest(model="tiny-gpt2", data="text", out=str(out), n_seq=4, seq_len=16, batch_size=4,
-                           pattern_layers="1", progress=False))  # fmt: skip
+                           pattern_layers=(1,), progress=False))  # fmt: skip
     encoders = StoreWriter(out).encoders
     assert "pattern" not in encoders and {"v", "z"} <= set(encoders)
     assert validate(out).ok

@@ -27,7 +27,7 @@ from headstore.extract.data.ioi_prompts import sample_prompts
 from headstore.store_schema import HeadstoreError, read_provenance
 
 # One small field: a tokens-only store (--fields '') is never marked complete today, so open_store refuses it.
-SMALL = "ln_final_scale"
+SMALL = ("ln_final_scale",)
 IOI_COLUMNS = ("io_pos", "s1_pos", "s2_pos", "end_pos", "length", "io_token", "s_token")
 
 
@@ -107,7 +107,7 @@ def test_own_ioi_prompts_equal_ioi_data(tmp_path: Path, make_store: Callable[...
     np.testing.assert_allclose(a["logit_diff"].values, b["logit_diff"].values, rtol=1e-6)
     np.testing.assert_allclose(a["attn_diff"].values, b["attn_diff"].values, rtol=1e-6)
     d = read_provenance(out).dataset
-    assert d["kind"] == "jsonl" and d["options"]["file"] == "prompts.jsonl" and d["n_sequences"] == 12
+    assert d.kind == "jsonl" and d.options["file"] == "prompts.jsonl" and d.n_sequences == 12
 
 
 def test_csv_and_parquet_store_what_jsonl_stores(tmp_path: Path, tok: Any) -> None:
@@ -168,8 +168,8 @@ def test_text_rows_padding_seq_len_and_n_seq(tmp_path: Path, tok: Any) -> None:
     first = build(f"jsonl:{src}", tok, n_seq=2)
     assert first.tokens.shape[0] == 2 and first.columns["length"].tolist() == lens[:2]
     assert (
-        ds.describe()["sha256"]
-        != build(f"jsonl:{write_jsonl(tmp_path / 'u.jsonl', [{'text': texts[0]}])}", tok).describe()["sha256"]
+        ds.describe().sha256
+        != build(f"jsonl:{write_jsonl(tmp_path / 'u.jsonl', [{'text': texts[0]}])}", tok).describe().sha256
     )
 
 
@@ -312,7 +312,7 @@ def test_tokens_npy_with_a_csv_sidecar(tmp_path: Path, tok: Any) -> None:
         np.testing.assert_array_equal(ds[c].values, ref.columns[c], err_msg=c)
     assert ds["label"].values.tolist() == [f"row{i}" for i in range(6)]
     assert "length" not in ds  # the array is used as is: no columns but the file's
-    opts = read_provenance(out).dataset["options"]
+    opts = read_provenance(out).dataset.options
     assert opts["columns_file"] == "cols.csv" and "io_token" in opts["columns"]
     assert build(f"tokens:{tmp_path / 'toks.npy'},{tmp_path / 'cols.csv'}", tok, n_seq=2).columns["label"].tolist() == [
         "row0",
@@ -390,7 +390,7 @@ def test_cli_subprocess_own_prompts(tmp_path: Path, tok: Any) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     runs = {
         "bad": [*bad_args, "--out", str(tmp_path / "bad.zarr")],
-        "good": ["--data", f"jsonl:{good}", "--fields", SMALL, "--out", str(tmp_path / "good.zarr")],
+        "good": ["--data", f"jsonl:{good}", "--fields", ",".join(SMALL), "--out", str(tmp_path / "good.zarr")],
     }
     procs = {
         name: subprocess.Popen([*_cli(), *BASE, *args], cwd=tmp_path, env=env, text=True,

@@ -11,7 +11,9 @@ They read only the store (no torch, no model, no tokenizer) and run lazily with 
 
 Conventions: heads are ``(layer, head)`` tuples (a set of heads a list of them, or ``"all"``); positions
 are ints or one per sequence; options are keyword-only; every result has ``attrs["analyzer"]`` and
-per-head variables with ``layer, head`` leading. Implementation lives in private modules.
+per-head variables with ``layer, head`` leading. Implementation lives in private modules, each ending with
+its declaration (``registry.AnalyzerSpec``: name, function, required fields, parameter types), which
+importing this package registers: ``headstore.analyze.registry.analyzers()`` lists them.
 """
 
 from headstore.analyze._attention_attribution import attention_attribution

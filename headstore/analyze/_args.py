@@ -16,21 +16,19 @@ Everything comes back as plain ints or a loaded ``(batch,)`` int64 DataArray (ti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal, TypeAlias
+from typing import Any
 
 import numpy as np
 import xarray as xr
 
+from headstore.analyze.types import Head as Head
+from headstore.analyze.types import Heads as Heads
+from headstore.analyze.types import Positions as Positions
+from headstore.analyze.types import TokenIds as TokenIds
 from headstore.store_schema import HeadstoreError, selection
 from headstore.store_schema.selection import lengths as lengths
 from headstore.store_schema.selection import per_sequence as _per_sequence
 from headstore.store_schema.selection import scalar as scalar
-
-Head: TypeAlias = tuple[int, int]
-Heads: TypeAlias = Sequence[tuple[int, int]] | Literal["all"]
-Positions: TypeAlias = int | Sequence[int] | np.ndarray | xr.DataArray
-TokenIds: TypeAlias = int | Sequence[int] | np.ndarray | xr.DataArray
 
 
 def _is_pair(value: Any) -> bool:

@@ -42,10 +42,13 @@ import xarray as xr
 
 from headstore.analyze import _args
 from headstore.analyze._maths import f32, require, rotate
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
+from headstore.analyze.types import Head, Positions
 from headstore.store_schema import HeadstoreError, selection
 
 NAME = "attention-attribution"
 NEEDS = ("resid_pre", "result", "W_Q", "W_K", "b_Q", "b_K", "b_O")
+REQUIRES = ("resid_pre", "z", "W_Q", "W_K", "b_Q", "b_K", "b_O")  # result derives from z; per family: _needs
 Side = tuple[str, str, str, str]  # (weight, bias, q/k-norm gain, head dim) of the query or key side
 QUERY: Side = ("W_Q", "b_Q", "q_norm_w", "head")
 KEY: Side = ("W_K", "b_K", "k_norm_w", "kv_head")
@@ -238,9 +241,9 @@ def _describe(ds: xr.Dataset, value: Any, column: str) -> int | str:
 def attention_attribution(
     ds: xr.Dataset,
     *,
-    head: _args.Head,
-    query_pos: _args.Positions | None = None,
-    key_pos: _args.Positions | None = None,
+    head: Head,
+    query_pos: Positions | None = None,
+    key_pos: Positions | None = None,
     top_k: int = 10,
 ) -> xr.Dataset:
     """Head ``head``'s pre-softmax score at (``query_pos``, ``key_pos``) split into (query component) x (key
@@ -291,3 +294,13 @@ def attention_attribution(
         "scores": f"pre-softcap (model score = c * tanh(score / c), c = {cap:g})" if cap > 0 else "model",
     }  # fmt: skip
     return out
+
+
+SPEC = AnalyzerSpec(
+    NAME,
+    attention_attribution,
+    REQUIRES,
+    doc="Why a head attends: its pre-softmax score at (query, key) split into query x key component terms",
+    params={"head": Head, "query_pos": Positions, "key_pos": Positions, "top_k": int},
+)
+register_analyzer(SPEC)

@@ -18,7 +18,9 @@ import numpy as np
 import xarray as xr
 
 from headstore.analyze._maths import lead_axes, require, sequence_lengths
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
 
+REQUIRES = ("tokens", "pattern")
 STATS = ("entropy", "distance", "top1")
 
 
@@ -49,7 +51,7 @@ def attention_stats(ds: xr.Dataset) -> xr.Dataset:
     layer, head, q, :]`` and ``n`` the sequence's real tokens; ``X[layer, head]`` = mean over batch,
     ``X_std`` = std over batch. Lazy; one task per (batch chunk, layer).
     """
-    require(ds, ("tokens", "pattern"), "attention-stats")
+    require(ds, REQUIRES, "attention-stats")
     batch_chunks = ds["tokens"].chunksizes.get("batch", ds.sizes["batch"])
 
     def block(x: xr.DataArray) -> xr.DataArray:
@@ -73,3 +75,10 @@ def attention_stats(ds: xr.Dataset) -> xr.Dataset:
         out[f"{name}_per_sequence"] = per_sequence
     out.attrs["analyzer"] = "attention-stats"
     return out
+
+
+SPEC = AnalyzerSpec(
+    "attention-stats", attention_stats, REQUIRES,
+    doc="Per head: mean attention entropy, attended distance and top-1 key mass, with their spread across sequences",
+)  # fmt: skip
+register_analyzer(SPEC)

@@ -47,6 +47,8 @@ import numpy as np
 import xarray as xr
 
 from headstore.analyze import _args, _maths
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
+from headstore.analyze.types import Heads
 from headstore.store_schema import HeadstoreError
 
 REQUIRES = ("tokens", "resid_final", "ln_final_scale", "z", "W_O", "W_U", "b_U")
@@ -151,26 +153,9 @@ def _block_counts(
     return out
 
 
-def calibration(ds: xr.Dataset, *, top_k: int = 3, n_bins: int = 50, heads: _args.Heads = "all") -> xr.Dataset:
-    """Calibration curve and overconfidence, baseline and with each chosen head's direct effect removed, over the
-    real next-token predictions (``q + 1 < length[b]`` on a right-padded store: padding never counts).
-
-    ``heads``: ``"all"`` or a list of ``(layer, head)``; the others get NaN in the ``head_*`` variables.
-    """
-    _maths.require(ds, REQUIRES, "calibration")
-    if n_bins < 1 or top_k < 1:
-        raise HeadstoreError("calibration needs n_bins >= 1 and top_k >= 1")
+def _counts(ds: xr.Dataset, head_idx: list[tuple[int, int]], top_k: int, n_bins: int) -> Any:
+    """(variant, 2, bin) counts of predictions and of correct ones per bin: the baseline, then each head removed."""
     n_pos = ds.sizes["pos"]
-    if n_pos < 2:
-        raise HeadstoreError("calibration needs sequences of at least 2 tokens")
-    layers = ds["layer"].values
-    n_heads = ds.sizes["head"]
-    selected = _args.heads(ds, heads, "heads")
-    if not selected:
-        raise HeadstoreError("calibration: heads is empty: pass 'all' or at least one (layer, head)")
-    layer_pos = {int(L): i for i, L in enumerate(layers)}
-    head_idx = [(layer_pos[L], h) for L, h in selected]
-
     q = slice(0, n_pos - 1)
     lg = _maths.logits(ds, capped=False).isel(pos=q).transpose("batch", "pos", "d_vocab")
     batch_chunks = lg.chunks[0] if lg.chunks else (ds.sizes["batch"],)
@@ -197,8 +182,11 @@ def calibration(ds: xr.Dataset, *, top_k: int = 3, n_bins: int = 50, heads: _arg
             W_O, W_U, head_idx, top_k, edges, ds.hs.config.final_logit_softcap,
         )  # fmt: skip
         parts.append(dsa.from_delayed(task, shape=(n_var, 2, n_bins), dtype=np.int64))
-    counts = dsa.stack(parts).sum(0)  # (variant, 2, bin)
+    return dsa.stack(parts).sum(0)
 
+
+def _curves(counts: Any, n_bins: int) -> tuple[xr.Dataset, dict[str, xr.DataArray]]:
+    """The baseline's curve and overconfidence, and each variant's per-bin arrays (for the per-head grid)."""
     bins = np.arange(n_bins)
     p_mid = perfect_calibration_line(n_bins)
     c = xr.DataArray(counts, dims=("variant", "kind", "bin"), coords={"bin": bins})
@@ -223,7 +211,16 @@ def calibration(ds: xr.Dataset, *, top_k: int = 3, n_bins: int = 50, heads: _arg
         coords={"bin": bins},
     )
 
-    # Per head: scatter the selected variants onto a full (layer, head) grid (NaN / -1 elsewhere).
+    return out, {"freq": freq, "corr": corr, "accuracy": accuracy, "variance": variance, "over": over, "empty": empty}
+
+
+def _per_head(
+    out: xr.Dataset, v: dict[str, xr.DataArray], head_idx: list[tuple[int, int]], layers: np.ndarray, n_heads: int
+) -> None:
+    """Scatter the selected heads' variants onto a full (layer, head) grid of ``out`` (NaN / -1 elsewhere)."""
+    freq, corr, accuracy, variance, over, empty = (
+        v[k] for k in ("freq", "corr", "accuracy", "variance", "over", "empty")
+    )
     flat = np.full(len(layers) * n_heads, len(head_idx) + 1)  # index of an all-missing pad variant
     for i, (li, h) in enumerate(head_idx):
         flat[li * n_heads + h] = 1 + i
@@ -242,6 +239,31 @@ def calibration(ds: xr.Dataset, *, top_k: int = 3, n_bins: int = 50, heads: _arg
     out["overconfidence_change"] = out["head_overconfidence"] - out["overconfidence"]
     out["overconfidence_ratio"] = out["head_overconfidence"] / out["overconfidence"] - 1
     out["selected"] = xr.DataArray((flat <= len(head_idx)).reshape(len(layers), n_heads), dims=("layer", "head"))
+
+
+def calibration(ds: xr.Dataset, *, top_k: int = 3, n_bins: int = 50, heads: _args.Heads = "all") -> xr.Dataset:
+    """Calibration curve and overconfidence, baseline and with each chosen head's direct effect removed, over the
+    real next-token predictions (``q + 1 < length[b]`` on a right-padded store: padding never counts).
+
+    ``heads``: ``"all"`` or a list of ``(layer, head)``; the others get NaN in the ``head_*`` variables.
+    """
+    _maths.require(ds, REQUIRES, "calibration")
+    if n_bins < 1 or top_k < 1:
+        raise HeadstoreError("calibration needs n_bins >= 1 and top_k >= 1")
+    n_pos = ds.sizes["pos"]
+    if n_pos < 2:
+        raise HeadstoreError("calibration needs sequences of at least 2 tokens")
+    layers = ds["layer"].values
+    n_heads = ds.sizes["head"]
+    selected = _args.heads(ds, heads, "heads")
+    if not selected:
+        raise HeadstoreError("calibration: heads is empty: pass 'all' or at least one (layer, head)")
+    layer_pos = {int(L): i for i, L in enumerate(layers)}
+    head_idx = [(layer_pos[L], h) for L, h in selected]
+
+    counts = _counts(ds, head_idx, top_k, n_bins)  # (variant, 2, bin)
+    out, per_variant = _curves(counts, n_bins)
+    _per_head(out, per_variant, head_idx, layers, n_heads)
     out.attrs.update(
         {
             "analyzer": "calibration",
@@ -251,3 +273,11 @@ def calibration(ds: xr.Dataset, *, top_k: int = 3, n_bins: int = 50, heads: _arg
         }
     )
     return out
+
+
+SPEC = AnalyzerSpec(
+    "calibration", calibration, REQUIRES,
+    doc="Calibration curve and overconfidence; change when each head's direct effect is removed (seed 003).",
+    params={"top_k": int, "n_bins": int, "heads": Heads},
+)  # fmt: skip
+register_analyzer(SPEC)

@@ -42,10 +42,13 @@ import xarray as xr
 
 from headstore.analyze import _args
 from headstore.analyze._maths import kv_index, normalize_rows, require
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
+from headstore.analyze.types import Embedding, Token
 from headstore.store_schema import HeadstoreError
 
 NEEDS = ("W_Q", "W_K", "W_V", "W_O", "W_U", "b_U", "vocab")
 EMBEDDINGS = ("W_E", "W_EE")
+REQUIRES = (EMBEDDINGS[0], *NEEDS)  # with the default embedding
 
 
 def _embedding(ds: xr.Dataset, embedding: str) -> np.ndarray:
@@ -259,3 +262,14 @@ def circuits(
         "d_vocab": int(ds.sizes["d_vocab"]),
     }
     return res
+
+
+SPEC = AnalyzerSpec(
+    "circuits", circuits, REQUIRES,
+    doc="OV/QK circuit ranks of token pairs per head, from the weights only (seed: if/else circuits)",
+    params={
+        "out_token": Token, "src_token": Token, "query_token": Token, "key_token": Token,
+        "embedding": Embedding, "top_k": int,
+    },
+)  # fmt: skip
+register_analyzer(SPEC)

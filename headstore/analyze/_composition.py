@@ -34,9 +34,12 @@ import xarray as xr
 from threadpoolctl import threadpool_limits
 
 from headstore.analyze._maths import kv_index, require
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
+from headstore.analyze.types import CompositionKinds
 from headstore.store_schema import HeadstoreError
 
 KINDS = ("Q", "K", "V")
+REQUIRES = ("W_Q", "W_K", "W_V", "W_O")
 
 
 def gram_root(a: np.ndarray) -> np.ndarray:
@@ -54,7 +57,7 @@ def gram_root(a: np.ndarray) -> np.ndarray:
 def left_factor(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``A B`` (stacks of ``(d_model, d_head) @ (d_head, d_model)``) -> ``P = R_A B`` (n, d_head, d_model):
     ``||P X||_F = ||A B X||_F`` for every ``X``."""
-    with threadpool_limits(1):  # stacks of small products: BLAS threads only slow them down (~12x)
+    with threadpool_limits(1):  # stacks of small products: BLAS threads only slow them down (docs/benchmarks.md)
         return gram_root(a) @ b
 
 
@@ -119,7 +122,7 @@ def composition(ds: xr.Dataset, *, kinds: str | Sequence[str] = KINDS, n_draws: 
     kinds = _kinds(kinds)
     if n_draws < 2:
         raise HeadstoreError(f"n_draws must be at least 2 (a mean and a std), got {n_draws}")
-    require(ds, ("W_Q", "W_K", "W_V", "W_O"), "composition")
+    require(ds, REQUIRES, "composition")
     kv = kv_index(ds).values
 
     def w(name: str, dims: tuple[str, ...]) -> np.ndarray:
@@ -164,3 +167,11 @@ def composition(ds: xr.Dataset, *, kinds: str | Sequence[str] = KINDS, n_draws: 
     out["baseline_std"] = xr.DataArray(np.asarray(stds), dims="kind")
     out.attrs.update({"analyzer": "composition", "kinds": ",".join(kinds), "n_draws": int(n_draws), "seed": int(seed)})
     return out
+
+
+SPEC = AnalyzerSpec(
+    "composition", composition, REQUIRES,
+    doc="Q/K/V composition scores of every earlier head into every later one, from the weights, with a random baseline",
+    params={"kinds": CompositionKinds, "n_draws": int, "seed": int},
+)  # fmt: skip
+register_analyzer(SPEC)

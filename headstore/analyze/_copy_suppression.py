@@ -37,13 +37,13 @@ from headstore.analyze._maths import (
     real_positions,
     require,
 )
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
 
 REQUIRES = ("tokens", "v", "pattern", "ln_final_scale", "W_O", "W_U")
 
 
 # each dask block holds about this many bytes of float32 pattern: layers are grouped so that the number of tasks
-# (~28 per block, measured: 13,741 for 98 batch chunks x 5 layer groups of SmolLM2; the threaded scheduler keeps a
-# few KB per task) stays small against the data at 10^5-10^6 tokens
+# stays small against the data at 10^5-10^6 tokens (the measurement: docs/benchmarks.md, "Figures behind constants")
 BLOCK_BYTES = 32 * 2**20
 
 
@@ -145,3 +145,13 @@ def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datas
     )
     out.attrs.update({"analyzer": "copy-suppression", "only_negative": int(only_negative), "logits": logits_kind(ds)})
     return out
+
+
+SPEC = AnalyzerSpec(
+    "copy-suppression",
+    copy_suppression,
+    REQUIRES,
+    doc="How much each head suppresses the logit of the token it attends to (seed 000, Part 1).",
+    params={"only_negative": bool},
+)
+register_analyzer(SPEC)

@@ -29,17 +29,18 @@ first ``length`` tokens only, as ``detect_head`` would score the unpadded prompt
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 import xarray as xr
 
 from headstore.analyze._maths import lead_axes, require, sequence_lengths
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
+from headstore.analyze.types import ErrorMeasure, HeadScoreKinds
 from headstore.store_schema import HeadstoreError
 
 KINDS = ("previous_token", "duplicate_token", "induction", "bos", "self")
 ERROR_MEASURES = ("mul", "abs")
-ErrorMeasure = Literal["mul", "abs"]
+REQUIRES = ("tokens", "pattern")
 
 
 def detection_patterns(tokens: np.ndarray, kinds: Sequence[str]) -> np.ndarray:
@@ -126,7 +127,7 @@ def head_scores(
     kinds = _kinds(kinds)
     if error_measure not in ERROR_MEASURES:
         raise HeadstoreError(f"error_measure must be 'mul' or 'abs', got {error_measure!r}")
-    require(ds, ("tokens", "pattern"), "head-scores")
+    require(ds, REQUIRES, "head-scores")
     batch_chunks = ds["tokens"].chunksizes.get("batch", ds.sizes["batch"])
 
     def block(x: xr.DataArray) -> xr.DataArray:  # the store's batch chunk x one layer, whole elsewhere
@@ -159,3 +160,13 @@ def head_scores(
         }
     )  # fmt: skip
     return out
+
+
+SPEC = AnalyzerSpec(
+    "head-scores", head_scores, REQUIRES,
+    doc="TransformerLens detect_head scores per head and sequence: previous-token, duplicate, induction, BOS, self",
+    params={
+        "kinds": HeadScoreKinds, "exclude_bos": bool, "exclude_current_token": bool, "error_measure": ErrorMeasure,
+    },
+)  # fmt: skip
+register_analyzer(SPEC)

@@ -29,9 +29,11 @@ import xarray as xr
 
 from headstore.analyze import _args
 from headstore.analyze._maths import f32, logits_kind, require, source_contributions, strings
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
+from headstore.analyze.types import Token
 from headstore.store_schema import HeadstoreError
 
-NEEDS = ("pattern", "v", "ln_final_scale", "resid_final", "tokens", "W_O", "W_U", "split", "subset")
+REQUIRES = ("pattern", "v", "ln_final_scale", "resid_final", "tokens", "W_O", "W_U", "split", "subset")
 DETECTORS = ("per_head", "per_head_token", "resid_final")
 
 
@@ -85,7 +87,7 @@ def token_features(contrib: np.ndarray, tokens: np.ndarray, vocab_ids: np.ndarra
 
 def ifelse_detector(ds: xr.Dataset, *, effect_token: int | str = " else", max_tokens: int = 16) -> xr.Dataset:
     """Scores per prompt for each detector, AUROC per detector, per-head AUROCs and counts per split."""
-    require(ds, NEEDS, "ifelse-detector")
+    require(ds, REQUIRES, "ifelse-detector")
     split, subset = _labels(ds, "split"), _labels(ds, "subset")
     trusted, anomalous = split == "trusted", split == "anomalous"
     train = trusted & (subset == "train")
@@ -143,3 +145,11 @@ def ifelse_detector(ds: xr.Dataset, *, effect_token: int | str = " else", max_to
         "logits": logits_kind(ds),
     }
     return res
+
+
+SPEC = AnalyzerSpec(
+    "ifelse-detector", ifelse_detector, REQUIRES,
+    doc="Mahalanobis detectors on per-head logit attribution to ' else' (seed: if/else anomaly detection)",
+    params={"effect_token": Token, "max_tokens": int},
+)  # fmt: skip
+register_analyzer(SPEC)

@@ -21,8 +21,12 @@ import xarray as xr
 
 from headstore.analyze import _args
 from headstore.analyze._maths import final_logits, require
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
+from headstore.analyze.types import Positions, TokenIds
 
 NEEDS = ("pattern", "resid_final", "ln_final_scale", "W_U", "b_U")
+COLUMNS = ("io_pos", "s1_pos", "end_pos", "io_token", "s_token")  # read when no value is passed
+REQUIRES = (*NEEDS, *COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def ioi(
     """Per prompt: logit diff IO - S at ``end``, and ``pattern[end, io] - pattern[end, s1]`` per head."""
     require(ds, NEEDS, "ioi")
     out = _metrics(ds, _where(ds, io, s1, end, io_token, s_token))
-    out.attrs = {"analyzer": "ioi", "dataset": str(ds.hs.provenance.dataset.get("kind", ""))}
+    out.attrs = {"analyzer": "ioi", "dataset": ds.hs.provenance.dataset.kind}
     return out
 
 
@@ -116,7 +120,23 @@ def ioi_pair(
     out = xr.merge([a.rename({k: f"{k}_ioi" for k in a.data_vars}), b.rename({k: f"{k}_abc" for k in b.data_vars})])
     out.attrs = {
         "analyzer": "ioi-pair",
-        "dataset_ioi": str(ioi_ds.hs.provenance.dataset.get("kind", "")),
-        "dataset_abc": str(abc_ds.hs.provenance.dataset.get("kind", "")),
+        "dataset_ioi": ioi_ds.hs.provenance.dataset.kind,
+        "dataset_abc": abc_ds.hs.provenance.dataset.kind,
     }
     return out
+
+
+PARAMS = {"io": Positions, "s1": Positions, "end": Positions, "io_token": TokenIds, "s_token": TokenIds}
+SPEC = AnalyzerSpec(
+    "ioi",
+    ioi,
+    REQUIRES,
+    doc="IOI logit diff IO-S at END, and each head's attention END->IO minus END->S1",
+    params=PARAMS,
+)
+PAIR_SPEC = AnalyzerSpec(
+    "ioi-pair", ioi_pair, REQUIRES, n_stores=2,
+    doc="ioi on an IOI store and its aligned ABC twin (both scored with the IOI names)", params=PARAMS,
+)  # fmt: skip
+register_analyzer(SPEC)
+register_analyzer(PAIR_SPEC)

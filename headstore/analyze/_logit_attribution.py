@@ -72,6 +72,8 @@ from headstore.analyze._maths import (
     require,
     source_contributions,
 )
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
+from headstore.analyze.types import Positions, TokenIds
 from headstore.store_schema import HeadstoreError
 
 REQUIRES = ("tokens", "pattern", "v", "result", "ln_final_scale", "resid_final", "W_O", "W_U", "b_U", "b_V")
@@ -165,3 +167,13 @@ def logit_attribution(
         }
     )
     return out
+
+
+SPEC = AnalyzerSpec(
+    "logit-attribution",
+    logit_attribution,
+    REQUIRES,
+    doc="Per-head, per-source decomposition of a target logit at a destination position (seed 002).",
+    params={"target": TokenIds, "dest": Positions},
+)
+register_analyzer(SPEC)

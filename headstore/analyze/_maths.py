@@ -13,10 +13,10 @@ import numpy as np
 import xarray as xr
 
 from headstore.store_schema import HeadstoreError
-from headstore.store_schema.accessor import final_logits as final_logits
-from headstore.store_schema.accessor import normalize_final as normalize_final
-from headstore.store_schema.accessor import softcap as softcap
+from headstore.store_schema.attention import softcap as softcap
 from headstore.store_schema.layout import FIELDS
+from headstore.store_schema.read.accessor import final_logits as final_logits
+from headstore.store_schema.read.accessor import normalize_final as normalize_final
 from headstore.store_schema.selection import check_all_heads
 from headstore.store_schema.selection import sequence_lengths as sequence_lengths
 
@@ -187,7 +187,7 @@ def rms_normalize(x: xr.DataArray, dims: str | list[str], eps: float) -> xr.Data
     return x / np.sqrt((x * x).mean(dims) + np.float32(eps))
 
 
-ARGMAX_TOP_K = 16  # up to this k, k argmax passes beat one argpartition over d_vocab (~15x at k = 3)
+ARGMAX_TOP_K = 16  # up to this k, k argmax passes beat one argpartition over d_vocab (docs/benchmarks.md)
 
 
 def top_k(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -282,7 +282,7 @@ def unembed_columns(ds: xr.Dataset) -> xr.DataArray:
 
 
 def bos_id(ds: xr.Dataset) -> int | None:
-    tid = ds.hs.provenance.tokenizer.get("bos_token_id")
+    tid = ds.hs.provenance.tokenizer.bos_token_id
     return None if tid is None else int(tid)
 
 

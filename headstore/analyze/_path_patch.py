@@ -42,10 +42,15 @@ from headstore.analyze._maths import (
     rotate,
     softcap,
 )
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
+from headstore.analyze.types import Head, Heads, Positions
 from headstore.store_schema import HeadstoreError
+from headstore.store_schema.attention import visible
 
 NAME = "path-patch-query"
 NEEDS = ("resid_pre", "k", "result", "W_Q", "b_Q")
+COLUMNS = ("io_pos", "s1_pos", "end_pos")  # read when no value is passed
+REQUIRES = (*NEEDS, *COLUMNS)
 
 
 def _needs(ds: xr.Dataset) -> tuple[str, ...]:
@@ -85,13 +90,10 @@ def end_pattern(q: xr.DataArray, k: xr.DataArray, end: xr.DataArray, ds: xr.Data
     """(batch, key_pos) softmax of ``cap(q . k * scale)`` for the end query over the keys it sees (causal, and
     within the layer's sliding window); ``ds`` None: ``1/sqrt(d_head)``, causal only."""
     pos = xr.DataArray(np.arange(k.sizes["pos"]), dims="pos")
-    valid = pos <= end
     if ds is None:
-        return causal_softmax(attention_scores(q, k), valid, "pos").rename(pos="key_pos")
+        return causal_softmax(attention_scores(q, k), visible(end, pos), "pos").rename(pos="key_pos")
     cfg = ds.hs.config
-    window = cfg.window(int(layer)) if layer is not None else 0
-    if window:
-        valid = valid & (pos > end - window)
+    valid = visible(end, pos, cfg.window(int(layer)) if layer is not None else 0)
     scale = None if cfg.score_scale == cfg.d_head**-0.5 else cfg.score_scale  # None: divide by sqrt(d_head), as before
     scores = softcap(attention_scores(q, k, scale), cfg.attn_logit_softcap)
     return causal_softmax(scores, valid, "pos").rename(pos="key_pos")
@@ -184,7 +186,18 @@ def path_patch_query(
         "receiver_layer": l_r,
         "receiver_head": h_r,
         "receiver_kv_head": kv,
-        "clean_dataset": str(clean.hs.provenance.dataset.get("kind", "")),
-        "corrupt_dataset": str(corrupt.hs.provenance.dataset.get("kind", "")),
+        "clean_dataset": clean.hs.provenance.dataset.kind,
+        "corrupt_dataset": corrupt.hs.provenance.dataset.kind,
     }
     return out
+
+
+SPEC = AnalyzerSpec(
+    NAME,
+    path_patch_query,
+    REQUIRES,
+    n_stores=2,
+    doc="path-patch senders' outputs (2nd store) into a receiver head's query (1st store): END->IO minus END->S1",
+    params={"senders": Heads, "receiver": Head, "io": Positions, "s1": Positions, "end": Positions},
+)
+register_analyzer(SPEC)

@@ -44,6 +44,7 @@ from headstore.analyze._maths import (
     softcap,
     unembed_columns,
 )
+from headstore.analyze.registry import AnalyzerSpec, register_analyzer
 
 REQUIRES = ("tokens", "v", "pattern", "z", "ln_final_scale", "resid_final", "W_O", "W_U", "b_U")
 MODES = ("project", "perpendicular", "ablation")
@@ -214,3 +215,13 @@ def projection_loss(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datase
     )
     out.attrs.update({"analyzer": "projection-loss", "only_negative": int(only_negative)})
     return out
+
+
+SPEC = AnalyzerSpec(
+    "projection-loss",
+    projection_loss,
+    REQUIRES,
+    doc="Change in loss when each head keeps only its projection onto the source tokens' unembeddings (seed 000).",
+    params={"only_negative": bool},
+)
+register_analyzer(SPEC)

@@ -5,23 +5,53 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
+from headstore.analyze.registry import get_analyzer
 from headstore.cli.malloc import restart_tuned
-from headstore.store_schema import HeadstoreError
+from headstore.store_schema import HeadstoreError, Provenance
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Precomputed activation store for attention heads.")
 console = Console()
 err = Console(stderr=True)
 
 
+def _close_progress_bars() -> None:
+    """Close every open tqdm bar (it ends its line), so that what is printed next starts a line of its own."""
+    std = sys.modules.get("tqdm.std")  # tqdm not imported: no bar to close
+    if std is not None:
+        for bar in list(std.tqdm._instances):
+            bar.close()
+
+
 def _fail(e: BaseException) -> typer.Exit:
-    err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+    """Print ``e`` as the last line of the output, on a line of its own, and exit with status 2."""
+    _close_progress_bars()
+    err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
+
+
+class _Commands(TyperGroup):
+    """The one error handler: a command's ``HeadstoreError`` becomes one line on stderr (``_fail``)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HeadstoreError as e:
+            raise _fail(e) from None
+
+
+app = typer.Typer(
+    cls=_Commands,
+    add_completion=False,
+    no_args_is_help=True,
+    help="Precomputed activation store for attention heads.",
+)
 
 
 @app.command()
@@ -87,21 +117,20 @@ def extract(
     ] = False,
 ) -> None:
     """Run the model once over the data and write every per-head field into a Zarr store."""
-    try:
-        from headstore.extract import ExtractRequest
-        from headstore.extract import extract as run_extract
+    from headstore.cli.extract_args import fields_option, layers_option, shard_option
+    from headstore.extract import ExtractRequest
+    from headstore.extract import extract as run_extract
 
-        res = run_extract(
-            ExtractRequest(
-                model=model, data=data, out=str(out), fields=fields, layers=layers,
-                pattern_layers=pattern_layers, seq_len=seq_len,
-                batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, model_dtype=model_dtype, seed=seed,
-                prepend_bos=prepend_bos, shard=shard, progress=progress, layout=layout, weights=weights,
-                dry_run=dry_run, ignore_space=ignore_space,
-            )
-        )  # fmt: skip
-    except HeadstoreError as e:
-        raise _fail(e) from None
+    names, drop = fields_option(fields)
+    res = run_extract(
+        ExtractRequest(
+            model=model, data=data, out=str(out), fields=names, drop=drop, layers=layers_option(layers),
+            pattern_layers=layers_option(pattern_layers, "--pattern-layers"), seq_len=seq_len,
+            batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, model_dtype=model_dtype, seed=seed,
+            prepend_bos=prepend_bos, shard=shard_option(shard), progress=progress, layout=layout, weights=weights,
+            dry_run=dry_run, ignore_space=ignore_space,
+        )
+    )  # fmt: skip
     if dry_run and res.plan is not None:
         for line in res.plan.lines():
             console.print(line, highlight=False, soft_wrap=True)
@@ -117,57 +146,57 @@ def extract(
 @app.command()
 def info(store: str, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Schema, model, dataset, fields, sizes on disk, bytes per token, completeness."""
-    try:
-        from headstore.store_schema.info import store_info
+    from headstore.store_schema.read.info import store_info
 
-        data = store_info(store)
-    except HeadstoreError as e:
-        raise _fail(e) from None
+    data = store_info(store)
     if as_json:
         console.print_json(json.dumps(data))
         return
-    prov = data["provenance"]
-    console.print(f"[bold]{store}[/bold]  schema v{prov['schema_version']}")
-    m = prov["model"]
-    console.print(
-        f"model      {m['name']}  ({m['config'].get('architecture', '')}, runs in {m.get('dtype', 'float32')}, "
-        f"processing {m['processing']})"
-    )
-    console.print(f"weights    sha256 {m['weights_sha256'][:16]}...")
-    if prov.get("weights_store"):
-        ref = prov["weights_store"]
-        console.print(
-            f"           {', '.join(ref['arrays'])} from weights store {ref['path']} (sha256 {ref['sha256'][:16]}...)",
-            soft_wrap=True,
-        )
-    console.print(f"tokenizer  {prov['tokenizer']['name']}  vocab {prov['tokenizer']['vocab_size']}")
-    d = prov["dataset"]
-    console.print(f"dataset    {d['kind']} ({d['spec']})  {d['n_sequences']} sequences x {prov['seq_len']} tokens")
-    console.print(f"layers     {prov['layers']}  dtype {prov['storage_dtype']}  batch {prov['batch_size']}")
-    if "pattern" in prov["fields"]:
-        pl = prov.get("pattern_layers")
-        rest = "" if pl in (None, prov["layers"]) else " (the other layers are not stored: NaN)"
-        console.print(f"pattern    layers {prov['layers'] if pl is None else pl}{rest}")
+    prov = Provenance.from_dict(data["provenance"])
+    _print_provenance(store, prov)
     console.print(f"complete   {data['n_complete']}/{data['n_sequences']} sequences; done ranges {data['done_ranges']}")
     t = Table("array", "MB on disk", "bytes/token")
     for name, (nbytes, per_tok) in data["sizes"].items():
         t.add_row(name, f"{nbytes / 1e6:.2f}", f"{per_tok:.1f}")
     console.print(t)
-    files = "" if data["n_files"] is None else f", {data['n_files']} files ({prov.get('layout', 'chunked')} layout)"
+    files = "" if data["n_files"] is None else f", {data['n_files']} files ({prov.layout} layout)"
     console.print(
         f"total {data['total_bytes'] / 1e6:.2f} MB, {data['bytes_per_token']:.0f} bytes/token{files}", soft_wrap=True
     )
 
 
+def _print_provenance(store: str, prov: Provenance) -> None:
+    """``headstore info``'s lines on what the store was made from."""
+    console.print(f"[bold]{store}[/bold]  schema v{prov.schema_version}")
+    m = prov.model
+    console.print(
+        f"model      {m.name}  ({m.config.get('architecture', '')}, runs in {m.dtype or 'float32'}, "
+        f"processing {m.processing})"
+    )
+    console.print(f"weights    sha256 {m.weights_sha256[:16]}...")
+    if prov.weights_store is not None:
+        ref = prov.weights_store
+        console.print(
+            f"           {', '.join(ref.arrays)} from weights store {ref.path} (sha256 {ref.sha256[:16]}...)",
+            soft_wrap=True,
+        )
+    console.print(f"tokenizer  {prov.tokenizer.name}  vocab {prov.tokenizer.vocab_size}")
+    d = prov.dataset
+    console.print(f"dataset    {d.kind} ({d.spec})  {d.n_sequences} sequences x {prov.seq_len} tokens")
+    layers = list(prov.layers)
+    console.print(f"layers     {layers}  dtype {prov.storage_dtype}  batch {prov.batch_size}")
+    if "pattern" in prov.fields:
+        pl = None if prov.pattern_layers is None else list(prov.pattern_layers)
+        rest = "" if pl in (None, layers) else " (the other layers are not stored: NaN)"
+        console.print(f"pattern    layers {layers if pl is None else pl}{rest}")
+
+
 @app.command()
 def validate(store: str) -> None:
     """Check schema, shapes, dtypes, completeness and every chunk's checksum (a weights store: chunks and hash)."""
-    try:
-        from headstore.store_schema import validate as run_validate
+    from headstore.store_schema import validate as run_validate
 
-        rep = run_validate(store)
-    except HeadstoreError as e:
-        raise _fail(e) from None
+    rep = run_validate(store)
     for p in rep.problems:
         err.print(f"[red]problem:[/red] {p}", highlight=False)
     if rep.weights_sha256 is not None:
@@ -194,24 +223,19 @@ def analyze(
     progress: Annotated[bool, typer.Option(help="show a progress bar for computations over 1 s")] = True,
 ) -> None:
     """Run one analyzer on a store: writes result.zarr, summary.csv, PNG and HTML plots under OUT/NAME."""
-    try:
-        from headstore.cli.registry import analyzers
-        from headstore.cli.run import run_analyzer
+    from headstore.cli.registry import analyzers
+    from headstore.cli.run import run_analyzer
 
-        specs = analyzers()
-        if name not in specs:
-            raise HeadstoreError(f"unknown analyzer {name!r}: choose from {', '.join(specs)}")
-        summary, paths = run_analyzer(
-            specs[name],
-            stores,
-            out,
-            param_strings=param or [],
-            scheduler=scheduler,
-            partial=partial,
-            progress=progress,
-        )
-    except HeadstoreError as e:
-        raise _fail(e) from None
+    get_analyzer(name)  # an unknown name: one line listing the analyzers
+    summary, paths = run_analyzer(
+        analyzers()[name],
+        stores,
+        out,
+        param_strings=param or [],
+        scheduler=scheduler,
+        partial=partial,
+        progress=progress,
+    )
     t = Table(*[str(c) for c in summary.columns], title=f"{name}: top {min(top, len(summary))}")
     for row in summary.head(top).itertuples(index=False):
         t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
@@ -229,12 +253,9 @@ def run_main(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
 ) -> None:
     """The main job: a head census of the model, the seeds' experiments on heads chosen from the data, reports."""
-    try:
-        from headstore.pipeline import MainJob, run_main_job
+    from headstore.pipeline import MainJob, run_main_job
 
-        run_main_job(MainJob(out=out, model=model, n_ioi=n_ioi, n_text=n_text, device=device))
-    except HeadstoreError as e:
-        raise _fail(e) from None
+    run_main_job(MainJob(out=out, model=model, n_ioi=n_ioi, n_text=n_text, device=device))
     console.print(f"done: everything is under {out}/")
 
 
@@ -267,21 +288,18 @@ def report(
     ] = None,
 ) -> None:
     """One self-contained HTML page: provenance, every applicable analyzer, attention patterns."""
-    try:
-        from headstore.cli.report import write_report
+    from headstore.report.page import write_report
 
-        path = write_report(
-            stores,
-            out,
-            sequences=sequences,
-            heads=heads,
-            partial=partial,
-            scheduler=scheduler,
-            progress=progress,
-            results=results,
-        )
-    except HeadstoreError as e:
-        raise _fail(e) from None
+    path = write_report(
+        stores,
+        out,
+        sequences=sequences,
+        heads=heads,
+        partial=partial,
+        scheduler=scheduler,
+        progress=progress,
+        results=results,
+    )
     console.print(f"wrote {path}")
 
 
@@ -291,12 +309,9 @@ def pack(
     out: Annotated[Path, typer.Argument(help="the self-contained copy to write")],
 ) -> None:
     """Write a self-contained copy of a store: the weights it takes from a shared weights store copied in."""
-    try:
-        from headstore.store_schema.weights_store import pack as run_pack
+    from headstore.store_schema.write.weights import pack as run_pack
 
-        path = run_pack(store, out)
-    except HeadstoreError as e:
-        raise _fail(e) from None
+    path = run_pack(store, out)
     console.print(f"wrote {path} (self-contained)")
 
 
@@ -312,7 +327,7 @@ def serve(
     from headstore.cli.serve import make_server
 
     if not folder.is_dir():
-        raise _fail(HeadstoreError(f"{folder} is not a folder"))
+        raise HeadstoreError(f"{folder} is not a folder: give a folder of stores to serve")
     server = make_server(str(folder), host, port)
     console.print(f"serving {folder} at http://{host}:{server.server_address[1]}/ (Ctrl-C stops)")
     try:
@@ -332,10 +347,7 @@ def main() -> None:
         from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[assignment]
 
     try:
-        rv = app(standalone_mode=False)
-    except HeadstoreError as e:  # pragma: no cover - commands catch their own
-        err.print(f"error: {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        rv = app(standalone_mode=False)  # a command's HeadstoreError: _Commands.invoke
     except NoArgsIsHelpError as e:  # bare `headstore` / `headstore CMD`: show help
         print(e.ctx.get_help() if e.ctx else "")
         sys.exit(e.exit_code)

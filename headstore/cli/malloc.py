@@ -3,8 +3,8 @@
 An extraction frees and takes back the same few hundred MB every batch (the logits, zarr's inner chunks and
 shard buffers). By default glibc hands blocks over 32 MB, emptied thread heaps and a heap's free top back to
 the kernel, so every batch faults fresh pages in again; on a VM with free page reporting each of them is a
-fault on the host. With these settings the process keeps what it freed and reuses it: SmolLM2, 20 batches,
-float32, fill 37.9 vs 45.6 s and its kernel CPU 1.5 vs 8.9 s, peak memory the same (docs/benchmarks.md, (b)).
+fault on the host. With these settings the process keeps what it freed and reuses it: less fill time and far
+less kernel CPU, peak memory the same (the measurement: docs/benchmarks.md, section (b)).
 The memory is not handed back before the process ends, which suits a job process and not a notebook.
 
 glibc reads these only when a process starts, so ``headstore extract`` starts itself again, once, with

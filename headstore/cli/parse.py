@@ -3,51 +3,32 @@
 ``9.6`` -> ``(9, 6)``; ``9.6,9.9`` -> ``[(9, 6), (9, 9)]``; ``all`` -> ``"all"``; ``io=3`` -> ``3``;
 ``io=io_pos`` (a column of the store) -> that column; ``target=" Mary"`` -> its token id; the report's
 ``--sequences 0,1`` and ``--heads 0.1,1.2``, checked against the store. Errors name the option as written;
-the analyzers' own errors pass through unchanged.
+the analyzers' own errors pass through unchanged. Each declared parameter type
+(``headstore.analyze.types``) has one parser here: :func:`parser_for`.
 """
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import xarray as xr
 
-from headstore.analyze import _args
+from headstore.analyze import types as T
+from headstore.report.options import MAX_DEFAULT_SEQUENCES as MAX_DEFAULT_SEQUENCES
+from headstore.report.options import head as head
+from headstore.report.options import heads as heads
+from headstore.report.options import integers as integers
+from headstore.report.options import parse_heads as parse_heads
+from headstore.report.options import parse_sequences as parse_sequences
 from headstore.store_schema import HeadstoreError
 
 Parser = Callable[[str, xr.Dataset], Any]
-MAX_DEFAULT_SEQUENCES = 2  # the report's attention viewer, without --sequences
-
-
-def head(text: str, what: str = "head") -> tuple[int, int]:
-    """``"9.6"`` -> ``(9, 6)``."""
-    layer, dot, h = text.strip().partition(".")
-    if not dot or not layer.strip().isdigit() or not h.strip().isdigit():
-        raise HeadstoreError(f"{what} {text.strip()!r} is not LAYER.HEAD (e.g. 9.6)")
-    return int(layer), int(h)
-
-
-def heads(text: str, what: str = "heads") -> list[tuple[int, int]]:
-    """``"9.6, 9.9"`` -> ``[(9, 6), (9, 9)]``; ``""`` -> ``[]``."""
-    return [head(item, what) for item in text.split(",") if item.strip()]
 
 
 def heads_or_all(text: str, what: str = "heads") -> list[tuple[int, int]] | str:
     return "all" if text.strip() == "all" else heads(text, what)
-
-
-def integers(text: str, what: str) -> list[int]:
-    """``"0,1"`` -> ``[0, 1]``."""
-    out = []
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            continue
-        try:
-            out.append(int(item))
-        except ValueError:
-            raise HeadstoreError(f"{what} item {item!r} is not an integer: write e.g. 0,1") from None
-    return out
 
 
 def _int(text: str) -> int | None:
@@ -153,22 +134,32 @@ def params(pairs: Sequence[str], parsers: Mapping[str, Parser], ds: xr.Dataset) 
     return out
 
 
-def parse_sequences(spec: str | None, n: int) -> list[int]:
-    """``"0,1"`` -> ``[0, 1]`` (indices among the store's completed sequences); default: the first two."""
-    if spec is None or not spec.strip():
-        return list(range(min(MAX_DEFAULT_SEQUENCES, n)))
-    out: list[int] = []
-    for i in integers(spec, "--sequences"):
-        if not 0 <= i < n:
-            raise HeadstoreError(f"--sequences {i} is out of range: the store has {n} sequences (0..{n - 1})")
-        if i not in out:
-            out.append(i)
-    return out
+BY_TYPE: dict[Any, Parser] = {
+    int: integer,
+    bool: boolean,
+    str: string,
+    T.Head: head_param,
+    T.Heads: heads_param,
+    T.Positions: position,
+    T.Token: token,
+    T.TokenIds: token_ids,
+}
 
 
-def parse_heads(spec: str | None, ds: xr.Dataset) -> list[tuple[int, int]]:
-    """``"0.1,1.2"`` -> ``[(0, 1), (1, 2)]`` (model layer, head); checked against the store, repeats dropped."""
-    if spec is None or not spec.strip():
-        return []
-    pairs = list(dict.fromkeys(heads(spec, "--heads")))
-    return _args.heads(ds, pairs, "--heads")
+def parser_for(tp: Any) -> Parser:
+    """The parser of a declared parameter type: one of ``BY_TYPE``, a ``Literal`` choice (:func:`one_of`) or a
+    tuple of ``Literal`` choices (:func:`some_of`)."""
+    if tp in BY_TYPE:
+        return BY_TYPE[tp]
+    if typing.get_origin(tp) is typing.Literal:
+        return one_of(*typing.get_args(tp))
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if typing.get_origin(args[0]) is typing.Literal:
+            return some_of(*typing.get_args(args[0]))
+    raise HeadstoreError(f"no --param parser for the type {tp!r}: add one to headstore/cli/parse.py")
+
+
+def parsers(params: Mapping[str, Any]) -> dict[str, Parser]:
+    """A declaration's ``params`` (name -> type) -> name -> parser of its ``--param`` string."""
+    return {name: parser_for(tp) for name, tp in params.items()}

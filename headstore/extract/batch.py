@@ -73,8 +73,8 @@ def _copy_stream(dev: torch.device) -> torch.cuda.Stream:
 class HostBuffers:
     """The per-layer fields' output tensors on the CPU, reused every other batch.
 
-    Stacking a batch's layers into a fresh tensor faults in new pages each batch (30 layers of SmolLM2
-    patterns, 141 MB: 55 ms fresh, 12 ms into a reused tensor). Two sets suffice: the writer holds batch k's
+    Stacking a batch's layers into a fresh tensor faults in new pages each batch, several times slower than
+    writing into a reused tensor (docs/benchmarks.md, "Figures behind extract's code"). Two sets suffice: the writer holds batch k's
     arrays while batch k+1 fills the other set, and ``_fill`` waits for batch k's write before batch k+2
     starts. On a GPU every batch takes fresh device memory from torch's caching allocator (cheap) and
     ``HostBatch`` copies it out.
@@ -117,8 +117,8 @@ def check_float16(name: str, layer: int | None, t: torch.Tensor) -> None:
 
 def next_token_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """loss[batch, pos] = -log softmax(logits[batch, pos])[x[batch, pos + 1]], NaN at the last position. A
-    sequence at a time: one log-softmax over a whole batch's logits maps and faults in ~200 MB each batch
-    (SmolLM2, 8 x 128 tokens: 93 ms vs 35-58 ms, same values)."""
+    sequence at a time: one log-softmax over a whole batch's logits maps and faults in ~200 MB each batch, and
+    is slower for the same values (docs/benchmarks.md, "Figures behind extract's code")."""
     loss = torch.full(x.shape, float("nan"), device=x.device)
     for b in range(x.shape[0]):
         logp = torch.log_softmax(logits[b, :-1].float(), dim=-1)

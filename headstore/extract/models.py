@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from headstore.extract import families
+from headstore.extract import families, norms
 from headstore.store_schema.errors import HeadstoreError
 
 PROCESSING = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
@@ -150,7 +150,7 @@ def _processing(bridge: Any, traits: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = dict(PROCESSING)
     if traits["final_logit_softcap"] > 0:
         out["center_unembed"] = False
-    if families.norm_affine(bridge.ln_final, int(bridge.cfg.d_model), _norm_type(bridge.cfg)) is not None:
+    if norms.norm_affine(bridge.ln_final, int(bridge.cfg.d_model), _norm_type(bridge.cfg)) is not None:
         out["fold_ln"] = False
         out["ln_final_folded"] = True
     return out

@@ -23,8 +23,11 @@ import zarr
 from zarr.storage import MemoryStore
 
 from headstore.store_schema import HeadstoreError, Provenance
-from headstore.store_schema.create import _create, consolidate, field_dtype, write_columns, write_weights
+from headstore.store_schema.arrays import field_dtype, store_layout
 from headstore.store_schema.layout import ATTRS_KEY, FIELDS, MANIFEST
+from headstore.store_schema.paths import is_local
+from headstore.store_schema.shard_index import CRC_NBYTES, ENTRY_NBYTES
+from headstore.store_schema.write.create import consolidate, create_arrays, write_columns, write_weights
 
 
 @dataclass(frozen=True)
@@ -148,12 +151,11 @@ def make_plan(
     """
     n, bs = tokens.shape[0], prov.batch_size
     n_batches = -(-n // bs)
-    mem = MemoryStore()
+    held: dict[str, Any] = {}  # key -> Buffer: what the in-memory store holds
+    mem = MemoryStore(held)
     root = zarr.open_group(mem, mode="w", zarr_format=3)
     root.attrs[ATTRS_KEY] = prov.to_dict()
-    for name in prov.fields:
-        _create(root, name, FIELDS[name].dims, field_dtype(name, prov.storage_dtype), sizes, bs, prov.layout)
-    _create(root, MANIFEST, ("batch",), "uint8", sizes, bs, "chunked")
+    create_arrays(root, store_layout(prov, sizes).values())
     tok = root["tokens"]
     assert isinstance(tok, zarr.Array)
     tok[:] = tokens.astype(np.int32)
@@ -162,7 +164,7 @@ def make_plan(
     write_weights(root, small, prov.layout)
     write_weights(root, {k: v for k, v in weights.items() if k not in small}, prov.layout, write=False)
     consolidate(mem)
-    stored = dict(mem._store_dict)  # key -> Buffer
+    stored = dict(held)
     fields: list[FieldPlan] = []
     n_tok = n * prov.seq_len
     t_encode = 0.0
@@ -176,7 +178,7 @@ def make_plan(
             files = files * len(prov.stored_pattern_layers) // max(len(prov.layers), 1)
         if sample is not None and name in sample:
             t0 = time.perf_counter()
-            per_batch = _encoded_bytes(root, name, sample[name], prov) * bs / sample[name].shape[0]
+            per_batch = _encoded_bytes(root, held, name, sample[name], prov) * bs / sample[name].shape[0]
             t_encode += time.perf_counter() - t0
         else:
             per_batch = _raw_bytes_per_token(name, sizes, prov) * bs * prov.seq_len
@@ -185,21 +187,7 @@ def make_plan(
         batches = n / bs if _compressed(arr) else n_batches
         total = int(per_batch * batches) + len(stored[f"{name}/zarr.json"])
         fields.append(FieldPlan(name, total / n_tok, total, files + 1))
-    w_bytes, w_files = 0, 0
-    for wname, value in weights.items():
-        arr = root[wname]
-        assert isinstance(arr, zarr.Array)
-        files = _grid(arr)
-        w_files += files + 1
-        if wname in small:
-            w_bytes += sum(len(v) for k, v in stored.items() if k.startswith(f"{wname}/c"))
-        else:
-            n_inner = math.prod(-(-s // c) for s, c in zip(arr.shape, arr.chunks, strict=True))
-            w_bytes += value.nbytes + 4 * n_inner + (16 * n_inner + 4 * files if arr.shards else 0)
-        w_bytes += len(stored[f"{wname}/zarr.json"])
-    for value in (shared or {}).values():
-        w_bytes += value.nbytes + 4 + 1500  # one chunk, its checksum, its metadata (vocab: raw, an upper bound)
-        w_files += 2
+    w_bytes, w_files = _weights_size(root, stored, weights, small, shared)
     other_bytes, other_files = 0, 0
     counted = {*weights, *(f for f in prov.fields if f != "tokens")}
     for key, buf in stored.items():  # root metadata, tokens, columns, the manifest's metadata
@@ -216,22 +204,43 @@ def make_plan(
                 seconds_per_batch={"encode": t_encode} if sample is not None else {})  # fmt: skip
 
 
-def _encoded_bytes(root: zarr.Group, name: str, value: np.ndarray, prov: Provenance) -> int:
+def _weights_size(root: zarr.Group, stored: Mapping[str, Any], weights: Mapping[str, np.ndarray],
+                  small: Mapping[str, np.ndarray], shared: Mapping[str, np.ndarray] | None) -> tuple[int, int]:  # fmt: skip
+    """Bytes and files of the store's weights (``small`` ones as encoded in ``stored``, the float ones exactly:
+    values, a crc32c per chunk, the shard index) and of a new weights store's ``shared`` arrays."""
+    w_bytes, w_files = 0, 0
+    for wname, value in weights.items():
+        arr = root[wname]
+        assert isinstance(arr, zarr.Array)
+        files = _grid(arr)
+        w_files += files + 1
+        if wname in small:
+            w_bytes += sum(len(v) for k, v in stored.items() if k.startswith(f"{wname}/c"))
+        else:
+            n_inner = math.prod(-(-s // c) for s, c in zip(arr.shape, arr.chunks, strict=True))
+            index = ENTRY_NBYTES * n_inner + CRC_NBYTES * files if arr.shards else 0
+            w_bytes += value.nbytes + CRC_NBYTES * n_inner + index
+        w_bytes += len(stored[f"{wname}/zarr.json"])
+    for value in (shared or {}).values():
+        w_bytes += value.nbytes + 4 + 1500  # one chunk, its checksum, its metadata (vocab: raw, an upper bound)
+        w_files += 2
+    return w_bytes, w_files
+
+
+def _encoded_bytes(root: zarr.Group, held: Mapping[str, Any], name: str, value: np.ndarray, prov: Provenance) -> int:
     """Bytes of one batch of ``name`` written with the store's layout and codecs (in memory)."""
     arr = root[name]
     assert isinstance(arr, zarr.Array)
     b = value.shape[0]
     if name == "pattern" and len(prov.stored_pattern_layers) < len(prov.layers):
-        from headstore.store_schema.reader import pattern_layer_index
+        from headstore.store_schema.attention import pattern_layer_index
 
         full = np.full((b, arr.shape[1], *value.shape[2:]), np.nan, dtype=arr.dtype)
         full[:, pattern_layer_index(prov)] = value
         value = full
-    store = arr.store
-    assert isinstance(store, MemoryStore)
-    before = {k for k in store._store_dict if k.startswith(f"{name}/c")}
+    before = {k for k in held if k.startswith(f"{name}/c")}
     arr.with_config({"write_empty_chunks": False})[0:b] = value.astype(arr.dtype, copy=False)
-    return sum(len(v) for k, v in store._store_dict.items() if k.startswith(f"{name}/c") and k not in before)
+    return sum(len(v) for k, v in held.items() if k.startswith(f"{name}/c") and k not in before)
 
 
 def _raw_bytes_per_token(name: str, sizes: Mapping[str, int], prov: Provenance) -> float:
@@ -301,9 +310,9 @@ def plan_extract(
     """The plan of one extract call: ``mine`` are this process's batch starts; with ``hooks`` (dry run)
     the first batch is run (warm-up, then timed) and encoded for the field bytes."""
     from headstore.extract.weights import vocab_strings
-    from headstore.store_schema.create import store_sizes
-    from headstore.store_schema.reader import done_mask
-    from headstore.store_schema.weights_store import SHARED
+    from headstore.store_schema.arrays import store_sizes
+    from headstore.store_schema.layout import SHARED
+    from headstore.store_schema.read.reader import done_mask
 
     t_setup = time.perf_counter()
     store_w = dict(weights)
@@ -318,7 +327,7 @@ def plan_extract(
     shared: dict[str, np.ndarray] | None = None
     if weights_dir is not None:
         taken = {k: store_w.pop(k) for k in SHARED if k in store_w}
-        if "://" not in weights_dir and not Path(weights_dir).exists():
+        if is_local(weights_dir) and not Path(weights_dir).exists():
             shared = {**taken, "W_EE": ee}
     elif 0 in prov.layers:
         store_w["W_EE"] = ee
@@ -345,7 +354,7 @@ def plan_extract(
 
 def disk_full(out: Path, n_sequences: int, batch_size: int) -> HeadstoreError:
     """The one-line error of a full disk mid-run (the store resumes: each batch is marked done last)."""
-    from headstore.store_schema.reader import done_mask
+    from headstore.store_schema.read.reader import done_mask
 
     n_batches, done = -(-n_sequences // batch_size), 0
     if (out / "zarr.json").exists():

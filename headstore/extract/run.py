@@ -28,6 +28,7 @@ from headstore.extract.data import DataRequest, TokenDataset, build_dataset
 from headstore.extract.families import resolve_fields
 from headstore.extract.models import LoadedModel, load_model
 from headstore.extract.plan import Plan, check_space, disk_full, plan_extract
+from headstore.extract.request import ExtractRequest, Layers, resolve_layers
 from headstore.extract.weights import collect_weights, effective_embedding, vocab_strings, weights_sha256
 from headstore.store_schema import (
     HeadstoreError,
@@ -35,36 +36,13 @@ from headstore.store_schema import (
     StoreWriter,
     create_store,
     done_mask,
-    parse_fields,
     read_provenance,
 )
-from headstore.store_schema.create import store_sizes
-from headstore.store_schema.layout import LAYOUTS, SCHEMA_VERSION, STORAGE_DTYPES
-from headstore.store_schema.weights_store import SHARED, ensure_weights_store, relative_ref
-
-
-@dataclass(frozen=True)
-class ExtractRequest:
-    model: str
-    data: str
-    out: str
-    fields: str = "default"
-    layers: str = "all"
-    pattern_layers: str = "all"
-    seq_len: int | None = None
-    batch_size: int = 8
-    n_seq: int | None = None
-    device: str = "auto"
-    dtype: str = "float32"
-    model_dtype: str = "float32"  # what the model runs in: float32, bfloat16 (as GPU jobs run) or float16
-    seed: int = 0
-    prepend_bos: bool = True
-    shard: str = "0/1"
-    progress: bool = True
-    layout: str = "sharded"
-    weights: str | None = None  # a shared weights store to create or reuse (W_E, W_EE, W_U, ...)
-    dry_run: bool = False  # plan only (bytes, files, time from one timed batch): nothing written
-    ignore_space: bool = False  # start even when the target has less free space than the plan
+from headstore.store_schema.arrays import store_sizes
+from headstore.store_schema.layout import SCHEMA_VERSION, SHARED
+from headstore.store_schema.paths import relative_ref
+from headstore.store_schema.provenance_parts import ModelInfo, TokenizerInfo, WeightsRef
+from headstore.store_schema.write.weights import ensure_weights_store
 
 
 @dataclass(frozen=True)
@@ -95,36 +73,6 @@ class ExtractResult:
         return self.setup_seconds + self.fill_seconds
 
 
-def parse_layers(spec: str, n_layers: int, option: str = "--layers") -> tuple[int, ...]:
-    """``all`` | ``0,3,5`` | ``2-5``; ``option`` names the flag in errors."""
-    if spec in ("all", ""):
-        return tuple(range(n_layers))
-    out: set[int] = set()
-    try:
-        for part in spec.split(","):
-            if "-" in part:
-                a, b = part.split("-")
-                out.update(range(int(a), int(b) + 1))
-            else:
-                out.add(int(part))
-    except ValueError as e:
-        raise HeadstoreError(f"{option} {spec!r} is not 'all', a list like 0,3,5 or a range like 2-5") from e
-    bad = sorted(x for x in out if not 0 <= x < n_layers)
-    if bad:
-        raise HeadstoreError(f"{option} names {bad} but the model has layers 0..{n_layers - 1}")
-    return tuple(sorted(out))
-
-
-def parse_shard(spec: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in spec.split("/"))
-    except ValueError as e:
-        raise HeadstoreError(f"--shard {spec!r} must look like i/N (e.g. 0/2)") from e
-    if n < 1 or not 0 <= i < n:
-        raise HeadstoreError(f"--shard {spec!r} needs 0 <= i < N")
-    return i, n
-
-
 def _versions() -> dict[str, str]:
     out = {}
     for pkg in ("headstore", "torch", "transformer-lens", "transformers", "zarr", "numcodecs", "xarray", "numpy"):
@@ -135,16 +83,16 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _tokenizer_info(tok: Any) -> dict[str, Any]:
+def _tokenizer_info(tok: Any) -> TokenizerInfo:
     vocab = tok.get_vocab()
     h = hashlib.sha256("\n".join(f"{k}\t{v}" for k, v in sorted(vocab.items(), key=lambda kv: kv[1])).encode())
-    return {
-        "name": str(getattr(tok, "name_or_path", "")).split("/")[-1],
-        "bos_token_id": tok.bos_token_id,
-        "pad_token_id": tok.pad_token_id,
-        "vocab_size": len(tok),
-        "vocab_sha256": h.hexdigest(),
-    }
+    return TokenizerInfo(
+        name=str(getattr(tok, "name_or_path", "")).split("/")[-1],
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        vocab_sha256=h.hexdigest(),
+    )
 
 
 def _check_out(out: Path) -> Provenance | None:
@@ -170,36 +118,62 @@ def _quiet_hf_loading() -> None:
 def extract(req: ExtractRequest) -> ExtractResult:
     """Run ``req.model`` over ``req.data`` once and fill (or resume) the store at ``req.out``."""
     t0 = time.perf_counter()
-    fields = parse_fields(req.fields)
-    if req.dtype not in STORAGE_DTYPES:
-        raise HeadstoreError(f"--dtype {req.dtype!r}: choose float32 or float16")
-    if req.batch_size <= 0:
-        raise HeadstoreError(f"--batch-size must be positive, got {req.batch_size}")
-    if req.layout not in LAYOUTS:
-        raise HeadstoreError(f"--layout {req.layout!r}: choose {' or '.join(LAYOUTS)}")
-    shard_i, shard_n = parse_shard(req.shard)
     out = Path(req.out)
     existing = _check_out(out)
     _quiet_hf_loading()
     model = load_model(req.model, req.device, req.model_dtype)
-    fields = resolve_fields(req.fields, fields, model)  # less what this family cannot represent
+    prov, ds, weights = _describe(req, model)
+    if existing is not None:
+        existing.check_same_run(prov)
+    mine = my_batches(ds.tokens.shape[0], req.batch_size, req.shard)
+    hooks = hook_names(prov.fields, prov.layers, prov.config["n_layers"], model.rotary, prov.pattern_layers)
+    plan = plan_extract(out, prov, ds, model, weights, req.weights, existing is not None, mine,
+                        hooks if req.dry_run else None)  # fmt: skip
+    if req.dry_run:
+        return ExtractResult(str(out), ds.tokens.shape[0], 0, 0, time.perf_counter() - t0, 0.0, 0.0, 0.0, 0, plan)
+    if not req.ignore_space:
+        check_space(plan)
+    try:
+        if existing is None:
+            if derives_pattern(prov.fields):  # compact store: refuse a model whose pattern open_store cannot derive
+                check_pattern_derivable(model, ds.tokens, prov.layers)
+            _create(out, prov, ds, model, weights, req.weights)
+        res = _fill(out, model, ds, prov, mine, hooks, req.progress, time.perf_counter() - t0)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise disk_full(out, ds.tokens.shape[0], req.batch_size) from None
+    return dataclasses.replace(res, plan=plan)
+
+
+def my_batches(n: int, batch_size: int, shard: tuple[int, int]) -> list[int]:
+    """The first sequence of each batch that shard ``(index, count)`` fills: the index-th of count ranges."""
+    starts = list(range(0, n, batch_size))
+    i, count = shard
+    per = -(-len(starts) // count)
+    return starts[i * per : (i + 1) * per]
+
+
+def _describe(req: ExtractRequest, model: LoadedModel) -> tuple[Provenance, TokenDataset, dict[str, np.ndarray]]:
+    """The store ``req`` makes with ``model``: its provenance, its dataset and the model's weights."""
+    fields = resolve_fields(req.named_fields(), req.selected_fields(), model)  # less what the family lacks
     cfg = model.config_dict()
-    layers = parse_layers(req.layers, cfg["n_layers"])
-    pattern_layers = _parse_pattern_layers(req.pattern_layers, cfg["n_layers"], layers, fields)
+    layers = resolve_layers("layers", req.layers, cfg["n_layers"])
+    pattern_layers = _pattern_layers(req, cfg["n_layers"], layers, fields)
     data_req = DataRequest(req.data, req.n_seq, req.seq_len, req.seed, req.prepend_bos)
     ds = build_dataset(data_req, model.tokenizer, cfg["n_ctx"])
     seq_len = int(ds.tokens.shape[1])
     weights = collect_weights(model, layers, seq_len)
     prov = Provenance(
         schema_version=SCHEMA_VERSION,
-        model={
-            "name": req.model,
-            "source": model.source,
-            "config": cfg,
-            "processing": dict(model.processing),
-            "dtype": req.model_dtype,
-            "weights_sha256": weights_sha256(weights),
-        },
+        model=ModelInfo(
+            name=req.model,
+            source=model.source,
+            config=cfg,
+            processing=dict(model.processing),
+            dtype=req.model_dtype,
+            weights_sha256=weights_sha256(weights),
+        ),
         tokenizer=_tokenizer_info(model.tokenizer),
         dataset=ds.describe(),
         prepend_bos=req.prepend_bos,
@@ -213,43 +187,27 @@ def extract(req: ExtractRequest) -> ExtractResult:
         versions=_versions(),
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     )
-    if existing is not None:
-        existing.check_same_run(prov)
-    starts = list(range(0, ds.tokens.shape[0], req.batch_size))
-    per = -(-len(starts) // shard_n)
-    hooks = hook_names(prov.fields, prov.layers, prov.config["n_layers"], model.rotary, prov.pattern_layers)
-    plan = plan_extract(out, prov, ds, model, weights, req.weights, existing is not None,
-                        starts[shard_i * per : (shard_i + 1) * per], hooks if req.dry_run else None)  # fmt: skip
-    if req.dry_run:
-        return ExtractResult(str(out), ds.tokens.shape[0], 0, 0, time.perf_counter() - t0, 0.0, 0.0, 0.0, 0, plan)
-    if not req.ignore_space:
-        check_space(plan)
-    try:
-        if existing is None:
-            if derives_pattern(fields):  # compact store: refuse a model whose pattern open_store cannot derive
-                check_pattern_derivable(model, ds.tokens, layers)
-            _create(out, prov, ds, model, weights, req.weights)
-        res = _fill(out, model, ds, prov, shard_i, shard_n, req.progress, time.perf_counter() - t0)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        raise disk_full(out, ds.tokens.shape[0], req.batch_size) from None
-    return dataclasses.replace(res, plan=plan)
+    return prov, ds, weights
 
 
-def _parse_pattern_layers(
-    spec: str, n_layers: int, layers: tuple[int, ...], fields: tuple[str, ...]
+def _pattern_layers(
+    req: ExtractRequest, n_layers: int, layers: tuple[int, ...], fields: tuple[str, ...]
 ) -> tuple[int, ...] | None:
-    """``--pattern-layers``: the extracted layers whose pattern is stored (None without a pattern)."""
-    chosen = layers if spec in ("all", "") else parse_layers(spec, n_layers, "--pattern-layers")
+    """``pattern_layers``: the extracted layers whose pattern is stored (None without a pattern)."""
+    spec = req.pattern_layers
+    chosen = layers if spec == "all" else resolve_layers("pattern_layers", spec, n_layers)
     if "pattern" not in fields:
         if chosen != layers:
-            raise HeadstoreError(f"--pattern-layers {spec!r} needs pattern among the --fields")
+            raise HeadstoreError(f"--pattern-layers {_show(spec)!r} needs pattern among the --fields")
         return None
     extra = sorted(set(chosen) - set(layers))
     if extra:
         raise HeadstoreError(f"--pattern-layers names {extra} but --layers extracts only {list(layers)}")
     return chosen
+
+
+def _show(layers: Layers) -> str:
+    return layers if isinstance(layers, str) else ",".join(map(str, layers))
 
 
 def _create(
@@ -268,10 +226,10 @@ def _create(
             weights["W_EE"] = effective_embedding(model)
     else:
         shared = {k: weights.pop(k) for k in SHARED if k in weights}
-        model_info = {"name": prov.model["name"], "weights_sha256": prov.model["weights_sha256"]}
+        model_info = {"name": prov.model.name, "weights_sha256": prov.model.weights_sha256}
         sha = ensure_weights_store(shared_dir, shared, lambda: {"W_EE": effective_embedding(model)}, model_info)
         taken = sorted([*shared, *(["W_EE"] if 0 in prov.layers else [])])
-        ref = {"path": relative_ref(out, shared_dir), "sha256": sha, "arrays": taken}
+        ref = WeightsRef(path=relative_ref(out, shared_dir), sha256=sha, arrays=tuple(taken))
         prov = dataclasses.replace(prov, weights_store=ref)
     sizes = store_sizes(prov.config, prov, ds.tokens.shape[0])
     try:
@@ -288,20 +246,17 @@ def _fill(
     model: LoadedModel,
     ds: TokenDataset,
     prov: Provenance,
-    shard_i: int,
-    shard_n: int,
+    mine: list[int],
+    hooks: dict[str, list[str]],
     progress: bool,
     setup_seconds: float,
 ) -> ExtractResult:
+    """Run and write the batches starting at ``mine`` that the manifest does not mark done."""
     t0, c0, k0 = time.perf_counter(), time.process_time(), os.times().system
     n = ds.tokens.shape[0]
     bs = prov.batch_size
-    starts = list(range(0, n, bs))
-    per = -(-len(starts) // shard_n)
-    mine = starts[shard_i * per : (shard_i + 1) * per]
     done = done_mask(out)
     todo = [s for s in mine if not done[s : s + bs].all()]
-    hooks = hook_names(prov.fields, prov.layers, prov.config["n_layers"], model.rotary, prov.pattern_layers)
     writer = StoreWriter(out)
     bar = tqdm(
         total=sum(min(bs, n - s) * prov.seq_len for s in todo),

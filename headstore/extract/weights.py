@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,8 +9,9 @@ import einops
 import numpy as np
 import torch
 
-from headstore.extract import families
+from headstore.extract import families, norms
 from headstore.extract.models import LoadedModel
+from headstore.store_schema.hashing import weights_sha256 as weights_sha256  # its home; extract.run imports it here
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -46,7 +46,7 @@ def collect_weights(m: LoadedModel, layers: Sequence[int], seq_len: int) -> dict
         "b_U": _np(b.b_U),
     }
     if m.processing.get("ln_final_folded"):  # the bridge could not fold ln_final (OLMo-2): fold it here
-        affine = families.norm_affine(b.ln_final, dm, cfg["normalization_type"])
+        affine = norms.norm_affine(b.ln_final, dm, cfg["normalization_type"])
         if affine is not None:
             gain, bias = affine
             out["b_U"] = (out["b_U"] + bias.astype(np.float64) @ out["W_U"]).astype(np.float32)
@@ -57,10 +57,10 @@ def collect_weights(m: LoadedModel, layers: Sequence[int], seq_len: int) -> dict
     else:
         out["W_pos"] = _np(b.W_pos)
     if m.traits.get("qk_norm"):
-        out["q_norm_w"] = families.qk_norm_gain(m, idx, "q")
-        out["k_norm_w"] = families.qk_norm_gain(m, idx, "k")
+        out["q_norm_w"] = norms.qk_norm_gain(m, idx, "q")
+        out["k_norm_w"] = norms.qk_norm_gain(m, idx, "k")
     if m.traits.get("post_norm"):
-        out["ln1_post_w"] = families.post_norm_gain(m, idx)
+        out["ln1_post_w"] = norms.post_norm_gain(m, idx)
     return out
 
 
@@ -112,16 +112,6 @@ def _mlp(block: Any, x: torch.Tensor) -> torch.Tensor:
         act = block.original_component.activation_fn
         return block.mlp.out(act(getattr(block.mlp, "in")(x)))
     return block.mlp(x)
-
-
-def weights_sha256(weights: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        if name == "W_EE":
-            continue  # a function of the others
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(weights[name]).tobytes())
-    return h.hexdigest()
 
 
 def vocab_strings(tokenizer: Any, d_vocab: int) -> np.ndarray:

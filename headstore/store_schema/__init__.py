@@ -1,13 +1,13 @@
 """The contract between extract and analyze: layout, dims, dtypes, provenance, validation."""
 
-from headstore.store_schema import accessor as _accessor  # noqa: F401 (registers the ds.hs accessor)
-from headstore.store_schema.create import create_store
 from headstore.store_schema.errors import HeadstoreError
-from headstore.store_schema.integrity import ValidationReport, validate
 from headstore.store_schema.layout import DEFAULT_FIELDS, FIELDS, SCHEMA_VERSION, WEIGHTS, parse_fields
 from headstore.store_schema.provenance import ModelConfig, Provenance
-from headstore.store_schema.reader import done_mask, open_store, provenance, read_provenance
-from headstore.store_schema.writer import StoreWriter
+from headstore.store_schema.read import accessor as _accessor  # noqa: F401 (registers the ds.hs accessor)
+from headstore.store_schema.read.integrity import ValidationReport, validate
+from headstore.store_schema.read.reader import done_mask, open_store, provenance, read_provenance
+from headstore.store_schema.write.create import create_store
+from headstore.store_schema.write.writer import StoreWriter
 
 __all__ = [
     "DEFAULT_FIELDS",

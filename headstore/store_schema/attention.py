@@ -17,16 +17,37 @@ import numpy as np
 import xarray as xr
 
 from headstore.store_schema.errors import HeadstoreError
-from headstore.store_schema.provenance import ModelConfig
+from headstore.store_schema.provenance import ModelConfig, Provenance
+
+
+def visible(query: Any, key: Any, window: int = 0) -> Any:
+    """True where query position ``query`` sees key position ``key``: causal (``key <= query``), and on a
+    sliding-window layer (``window`` > 0) only the ``window - 1`` keys before it. numpy arrays or DataArrays
+    (broadcast by shape or by dim name)."""
+    seen = key <= query
+    if window > 0:
+        seen = seen & (key > query - window)
+    return seen
 
 
 def key_mask(n: int, window: int = 0) -> np.ndarray:
     """(query_pos, key_pos) bool: True where a key is hidden (the future; past the window when ``window``)."""
     i = np.arange(n)
-    hidden = i[None, :] > i[:, None]
-    if window > 0:
-        hidden |= i[None, :] <= i[:, None] - window
-    return hidden
+    return ~visible(i[:, None], i[None, :], window)
+
+
+def softcap(x: Any, cap: float) -> Any:
+    """``cap * tanh(x / cap)`` (Gemma-2's attention and final-logit soft-caps), ``x`` itself when ``cap`` is 0.
+    numpy arrays are capped in place (float32 ops); DataArrays lazily."""
+    if cap <= 0:
+        return x
+    c = np.float32(cap)
+    if isinstance(x, np.ndarray):
+        x /= c
+        np.tanh(x, out=x)
+        x *= c
+        return x
+    return np.tanh(x / c) * c
 
 
 def pattern_block(
@@ -46,11 +67,7 @@ def pattern_block(
     # Same float32 ops as TransformerLens / HF eager attention: (q @ k^T) * scale, soft-cap, -inf mask, softmax.
     scores = np.matmul(q.transpose(0, 1, 3, 2, 4), k.transpose(0, 1, 3, 4, 2))
     scores *= np.float32(d_head**-0.5 if scale is None else scale)
-    if softcap > 0:
-        cap = np.float32(softcap)
-        scores /= cap
-        np.tanh(scores, out=scores)
-        scores *= cap
+    scores = _softcap(scores, softcap)
     n = scores.shape[-1]
     per_layer = list(windows) if windows is not None else [0] * scores.shape[1]
     if len(per_layer) != scores.shape[1]:
@@ -96,3 +113,12 @@ def derived_pattern(q: xr.DataArray, k: xr.DataArray, config: ModelConfig | None
 
         data = da.map_blocks(block, qa, ka, chunks=out_chunks, dtype=np.float32, meta=np.empty((0,) * 5, np.float32))
     return xr.DataArray(data, dims=dims, coords=coords)
+
+
+def pattern_layer_index(prov: Provenance) -> list[int]:
+    """Positions along ``layer`` (not model layer numbers) whose ``pattern`` chunks are written."""
+    stored = set(prov.stored_pattern_layers)
+    return [i for i, L in enumerate(prov.layers) if L in stored]
+
+
+_softcap = softcap  # pattern_block's parameter of that name hides the function

@@ -189,3 +189,9 @@ def parse_fields(spec: str) -> tuple[str, ...]:
     wanted.difference_update(dropped)
     wanted.add("tokens")
     return tuple(name for name in FIELDS if name in wanted)
+
+
+# A weights store (``extract --weights DIR``): the model-wide arrays activation stores take from it, and the
+# root attr that marks a group as one (``headstore.store_schema.read.weights``).
+SHARED = ("W_E", "W_EE", "W_U", "b_U", "W_pos", "vocab")
+WEIGHTS_ATTRS = "headstore_weights"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import copy
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.layout import FIELDS, LAYOUTS, SCHEMA_VERSION, STORAGE_DTYPES
+from headstore.store_schema.provenance_parts import DatasetInfo, ModelInfo, TokenizerInfo, WeightsRef
 
 MODEL_CONFIG_KEYS = (
     "n_layers", "n_heads", "n_key_value_heads", "d_model", "d_head", "d_vocab", "n_ctx",
@@ -124,9 +126,9 @@ class Provenance:
     """Everything needed to tell two stores apart, or to refuse mixing them."""
 
     schema_version: int
-    model: dict[str, Any]
-    tokenizer: dict[str, Any]
-    dataset: dict[str, Any]
+    model: ModelInfo
+    tokenizer: TokenizerInfo
+    dataset: DatasetInfo
     prepend_bos: bool
     seq_len: int
     storage_dtype: str
@@ -142,17 +144,21 @@ class Provenance:
     # batch and layer: every store made before the attr existed). Not part of ``identity``: a resume
     # writes the way the store was created.
     layout: str = "chunked"
-    # the shared weights store this store takes W_E, W_EE, W_U, ... from (``extract --weights``):
-    # {"path": relative to the store or a URL, "sha256": of its arrays, "arrays": names taken}; None:
+    # the shared weights store this store takes W_E, W_EE, W_U, ... from (``extract --weights``); None:
     # self-contained. Not part of ``identity`` (the weights themselves are, via model.weights_sha256).
-    weights_store: dict[str, Any] | None = None
+    weights_store: WeightsRef | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["fields"] = list(self.fields)
-        d["layers"] = list(self.layers)
-        d["pattern_layers"] = None if self.pattern_layers is None else list(self.pattern_layers)
-        return d
+        """The JSON object of the store's attrs (key order as the fields')."""
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "to_dict"):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            d[f.name] = value
+        return copy.deepcopy(d)
 
     @property
     def stored_pattern_layers(self) -> tuple[int, ...]:
@@ -185,6 +191,12 @@ class Provenance:
         _expect(kwargs, "model", dict)
         _expect(kwargs, "tokenizer", dict)
         _expect(kwargs, "dataset", dict)
+        config = kwargs["model"].get("config")
+        if not isinstance(config, dict) or any(k not in config for k in MODEL_CONFIG_KEYS):
+            raise HeadstoreError(f"store attr model.config must hold {', '.join(MODEL_CONFIG_KEYS)}")
+        kwargs["model"] = ModelInfo.from_dict(kwargs["model"])
+        kwargs["tokenizer"] = TokenizerInfo.from_dict(kwargs["tokenizer"])
+        kwargs["dataset"] = DatasetInfo.from_dict(kwargs["dataset"])
         _expect(kwargs, "prepend_bos", bool)
         _expect(kwargs, "storage_dtype", str)
         for key in ("seq_len", "batch_size"):
@@ -193,7 +205,8 @@ class Provenance:
                 raise HeadstoreError(f"store attr {key} must be a positive integer, got {kwargs[key]}")
         if kwargs.setdefault("layout", "chunked") not in LAYOUTS:
             raise HeadstoreError(f"store attr layout must be one of {LAYOUTS}, got {_short(kwargs['layout'])}")
-        kwargs["weights_store"] = _weights_ref(kwargs.get("weights_store"))
+        ref = kwargs.get("weights_store")
+        kwargs["weights_store"] = None if ref is None else WeightsRef.from_dict(ref)
         if kwargs["storage_dtype"] not in STORAGE_DTYPES:
             raise HeadstoreError(f"store attr storage_dtype must be one of {STORAGE_DTYPES}")
         _expect(kwargs, "fields", list)
@@ -203,9 +216,6 @@ class Provenance:
             raise HeadstoreError(f"store attrs name unknown fields {unknown}: the store is damaged")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in kwargs["layers"]):
             raise HeadstoreError("store attr layers must be a list of integers")
-        config = kwargs["model"].get("config")
-        if not isinstance(config, dict) or any(k not in config for k in MODEL_CONFIG_KEYS):
-            raise HeadstoreError(f"store attr model.config must hold {', '.join(MODEL_CONFIG_KEYS)}")
         ModelConfig.from_dict(config)  # types and values checked once, here
         kwargs["fields"] = tuple(kwargs["fields"])
         kwargs["layers"] = tuple(kwargs["layers"])
@@ -214,23 +224,23 @@ class Provenance:
 
     @property
     def config(self) -> dict[str, Any]:
-        return dict(self.model["config"])
+        return dict(self.model.config)
 
     @property
     def model_config(self) -> ModelConfig:
         """``config`` as a typed, checked :class:`ModelConfig`."""
-        return ModelConfig.from_dict(self.model["config"])
+        return ModelConfig.from_dict(self.model.config)
 
     def identity(self) -> dict[str, Any]:
         """What must match for two runs to write into the same store."""
         return {
             "schema_version": self.schema_version,
-            "model.name": self.model.get("name"),
-            "model.weights_sha256": self.model.get("weights_sha256"),
-            "model.processing": self.model.get("processing"),
-            "model.dtype": self.model.get("dtype", "float32"),
-            "tokenizer": self.tokenizer,
-            "dataset": self.dataset,
+            "model.name": self.model.name,
+            "model.weights_sha256": self.model.weights_sha256,
+            "model.processing": self.model.processing,
+            "model.dtype": self.model.dtype or "float32",
+            "tokenizer": self.tokenizer.to_dict(),
+            "dataset": self.dataset.to_dict(),
             "prepend_bos": self.prepend_bos,
             "seq_len": self.seq_len,
             "storage_dtype": self.storage_dtype,
@@ -289,23 +299,6 @@ def _pattern_layers(value: Any, layers: tuple[int, ...], fields: tuple[str, ...]
             f"store attr pattern_layers {_short(value)} must be a sorted, non-empty subset of layers {list(layers)}"
         )
     return tuple(value)
-
-
-def _weights_ref(value: Any) -> dict[str, Any] | None:
-    """Check attr ``weights_store``: null, or {path: str, sha256: 64 hex digits, arrays: [str, ...]}."""
-    if value is None:
-        return None
-    ok = (
-        isinstance(value, dict)
-        and isinstance(value.get("path"), str)
-        and isinstance(value.get("sha256"), str)
-        and len(value["sha256"]) == 64
-        and isinstance(value.get("arrays"), list)
-        and all(isinstance(x, str) for x in value["arrays"])
-    )
-    if not ok:
-        raise HeadstoreError(f"store attr weights_store must be null or {{path, sha256, arrays}}, got {_short(value)}")
-    return dict(value)
 
 
 def _expect(d: dict[str, Any], key: str, typ: type) -> None:

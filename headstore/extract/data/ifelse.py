@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from headstore.extract.data import DataRequest, TokenDataset, bos_id
+from headstore.extract.data.base import DataRequest, TokenDataset, bos_id
 from headstore.extract.data.text import stdlib_files
 from headstore.store_schema.errors import HeadstoreError
 
@@ -113,17 +113,11 @@ def _prompt_tokens(data: bytes, offset: int, body: int, tokenizer: Any) -> list[
     return ids[-body:]
 
 
-def build_ifelse(arg: str, req: DataRequest, tokenizer: Any) -> TokenDataset:
-    seq_len = req.seq_len or DEFAULT_SEQ_LEN
-    n_seq = req.n_seq or DEFAULT_N_SEQ
-    body = seq_len - 1 if req.prepend_bos else seq_len
-    if body < 1:
-        raise HeadstoreError(f"--seq-len {seq_len} leaves no room for code after BOS: use at least 2")
-    files = _paths(arg)
-    rng = np.random.default_rng(req.seed)
-    want = {"trusted": (n_seq + 1) // 2, "anomalous": n_seq // 2}
-    # Parse files in a seeded order until both pools hold OVERSAMPLE x what is wanted (parsing the
-    # whole standard library takes seconds); candidates are then drawn at random from the pools.
+def _pools(
+    files: list[tuple[Path, str]], want: dict[str, int], rng: np.random.Generator
+) -> tuple[dict[int, bytes], dict[str, list[Cut]]]:
+    """Parse files in a seeded order until both pools hold OVERSAMPLE x what is wanted (parsing the whole
+    standard library takes seconds): the sources read, and the cuts of each label in (file, offset) order."""
     sources: dict[int, bytes] = {}
     pools: dict[str, list[Cut]] = {"trusted": [], "anomalous": []}
     for i in rng.permutation(len(files)).tolist():
@@ -138,17 +132,35 @@ def build_ifelse(arg: str, req: DataRequest, tokenizer: Any) -> TokenDataset:
             pools[c.label].append(c)
     for pool in pools.values():
         pool.sort(key=lambda c: (c.file, c.offset))
-    chosen: dict[str, list[tuple[Cut, list[int]]]] = {}
-    for label, pool in pools.items():
-        got: list[tuple[Cut, list[int]]] = []
-        for j in rng.permutation(len(pool)):
-            if len(got) == want[label]:
-                break
-            c = pool[int(j)]
-            ids = _prompt_tokens(sources[c.file], c.offset, body, tokenizer)
-            if ids is not None:
-                got.append((c, ids))
-        chosen[label] = got
+    return sources, pools
+
+
+def _draw(
+    pool: list[Cut], n: int, sources: dict[int, bytes], body: int, tokenizer: Any, rng: np.random.Generator
+) -> list[tuple[Cut, list[int]]]:
+    """Up to ``n`` cuts drawn at random from ``pool``, each with its prompt's tokens (cuts with too few skipped)."""
+    got: list[tuple[Cut, list[int]]] = []
+    for j in rng.permutation(len(pool)):
+        if len(got) == n:
+            break
+        c = pool[int(j)]
+        ids = _prompt_tokens(sources[c.file], c.offset, body, tokenizer)
+        if ids is not None:
+            got.append((c, ids))
+    return got
+
+
+def build_ifelse(arg: str, req: DataRequest, tokenizer: Any) -> TokenDataset:
+    seq_len = req.seq_len or DEFAULT_SEQ_LEN
+    n_seq = req.n_seq or DEFAULT_N_SEQ
+    body = seq_len - 1 if req.prepend_bos else seq_len
+    if body < 1:
+        raise HeadstoreError(f"--seq-len {seq_len} leaves no room for code after BOS: use at least 2")
+    files = _paths(arg)
+    rng = np.random.default_rng(req.seed)
+    want = {"trusted": (n_seq + 1) // 2, "anomalous": n_seq // 2}
+    sources, pools = _pools(files, want, rng)
+    chosen = {label: _draw(pool, want[label], sources, body, tokenizer, rng) for label, pool in pools.items()}
     if not chosen["trusted"] or not chosen["anomalous"]:
         where = arg or "the Python standard library"
         raise HeadstoreError(

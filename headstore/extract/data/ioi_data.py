@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from headstore.extract.data import DataRequest, TokenDataset, bos_id, pad_id
+from headstore.extract.data.base import DataRequest, TokenDataset, bos_id, pad_id
 from headstore.extract.data.ioi_prompts import NAMES, abc_names, sample_prompts
 from headstore.store_schema.errors import HeadstoreError
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from headstore.extract.data import DataRequest, TokenDataset, bos_id, pad_id
+from headstore.extract.data.base import DataRequest, TokenDataset, bos_id, pad_id
 from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.layout import DIMS, FIELDS, MANIFEST, WEIGHTS
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from headstore.extract.data import DataRequest, TokenDataset, bos_id
+from headstore.extract.data.base import DataRequest, TokenDataset, bos_id
 from headstore.store_schema.errors import HeadstoreError
 
 DEFAULT_SEQ_LEN = 128

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from headstore.extract.data import DataRequest, TokenDataset
+from headstore.extract.data.base import DataRequest, TokenDataset
 from headstore.extract.data.table import FORMATS, sidecar_columns
 from headstore.store_schema.errors import HeadstoreError
 

@@ -11,14 +11,15 @@ import zarr
 from zarr.core.buffer.cpu import Buffer
 from zarr.core.sync import sync
 
-from headstore.store_schema.crash import _test_kill
-from headstore.store_schema.direct import DirectLocalStore
-from headstore.store_schema.durable import batch_files, make_durable
+from headstore.store_schema.attention import pattern_layer_index
 from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.layout import ATTRS_KEY, MANIFEST
+from headstore.store_schema.paths import StorePath
 from headstore.store_schema.provenance import Provenance
-from headstore.store_schema.reader import _is_local, pattern_layer_index
-from headstore.store_schema.shard_encode import ShardBuffer, ShardEncoder
+from headstore.store_schema.write import checkpoint
+from headstore.store_schema.write.direct import DirectLocalStore
+from headstore.store_schema.write.durable import batch_files, make_durable
+from headstore.store_schema.write.shard_encode import ShardBuffer, ShardEncoder
 
 
 class StoreWriter:
@@ -33,12 +34,14 @@ class StoreWriter:
     shards are encoded in one pass over the data (``shard_encode.py``), the rest by zarr.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], prov: Provenance | None = None):
+        """``prov``: the store's provenance, which the caller that created the store holds (None: read from it)."""
         self.path = str(path)
-        self.local = _is_local(self.path)  # local files are made durable before their batch is marked done
-        store = DirectLocalStore(self.path.removeprefix("file://")) if self.local else self.path
+        where = StorePath.of(self.path)
+        self.local = where.local  # local files are made durable before their batch is marked done
+        store = DirectLocalStore(str(where.folder)) if self.local else self.path
         self.root = zarr.open_group(store, mode="r+", zarr_format=3)
-        self.prov = Provenance.from_dict(self.root.attrs.get(ATTRS_KEY))
+        self.prov = prov if prov is not None else Provenance.from_dict(self.root.attrs.get(ATTRS_KEY))
         self.partial_pattern = len(self.prov.stored_pattern_layers) < len(self.prov.layers)
         self.arrays: dict[str, zarr.Array] = {}
         for name in (*self.prov.fields, MANIFEST):
@@ -86,9 +89,9 @@ class StoreWriter:
             field_dir = Path(self.path) / name
             if self.local:
                 make_durable(batch_files(field_dir, ib), field_dir)
-            _test_kill(f"batch:{ib}:after_field:{name}", (field_dir, ib))
+            checkpoint.reached(f"batch:{ib}:after_field:{name}", (field_dir, ib))
         manifest[start:stop] = 1  # also for a tokens-only store (no arrays per batch)
-        _test_kill(f"batch:{ib}:after_field:{MANIFEST}", (Path(self.path) / MANIFEST, ib))
+        checkpoint.reached(f"batch:{ib}:after_field:{MANIFEST}", (Path(self.path) / MANIFEST, ib))
 
     def _remove_torn_writes(self, ib: int, names: list[str]) -> None:
         """Delete what a writer killed in batch ``ib`` left behind: ``*.partial`` temp files (local
@@ -99,7 +102,7 @@ class StoreWriter:
             if arr.shards is not None:
                 grid = (ib,) + (0,) * (arr.ndim - 1)
                 sync(arr.store.delete(f"{arr.path}/{arr.metadata.encode_chunk_key(grid)}"))
-        if not _is_local(self.path):
+        if not self.local:
             return
         for name in names:
             c = Path(self.path) / name / "c"

@@ -2,7 +2,7 @@
 
 Pure functions over the analyzers' results (``xarray.Dataset``s from ``headstore.analyze``), so a
 researcher can call them in a notebook on their own results; the main job (``headstore.pipeline``)
-calls them on SmolLM2's stores and renders the census page (``headstore.cli.census_report``).
+calls them on SmolLM2's stores and renders the census page (``headstore.report.census_report``).
 
 Definitions (per head, means over the dataset's sequences):
 

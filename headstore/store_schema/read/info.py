@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from headstore.store_schema.reader import _is_local, done_mask, read_provenance
+from headstore.store_schema.paths import is_local
+from headstore.store_schema.read.reader import done_mask, read_provenance
 
 
 def done_ranges(done: np.ndarray) -> list[tuple[int, int]]:
@@ -27,7 +28,7 @@ def store_info(path: str) -> dict[str, Any]:
     prov = read_provenance(path)
     done = done_mask(path)
     n_tokens = max(int(done.size) * prov.seq_len, 1)
-    sizes = array_nbytes_on_disk(path) if _is_local(path) else {}
+    sizes = array_nbytes_on_disk(path) if is_local(path) else {}
     total = sum(sizes.values())
     return {
         "provenance": prov.to_dict(),
@@ -37,7 +38,7 @@ def store_info(path: str) -> dict[str, Any]:
         "sizes": {k: (v, v / n_tokens) for k, v in sizes.items()},
         "total_bytes": total,
         "bytes_per_token": total / n_tokens,
-        "n_files": count_files(path) if _is_local(path) else None,
+        "n_files": count_files(path) if is_local(path) else None,
     }
 
 

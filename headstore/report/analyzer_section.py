@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import xarray as xr
 
-from headstore.cli.embed import _Figures, embed_plot_files
+from headstore.report.embed import _Figures, embed_plot_files
 from headstore.store_schema import HeadstoreError
 
 TOP_ROWS = 10
@@ -113,12 +113,11 @@ def run_analyzers(
 ) -> list[AnalyzerOutcome]:
     from tqdm.auto import tqdm
 
-    from headstore.cli.run import run_analyzer, saved_output
+    from headstore.analyze import registry
+    from headstore.report.run import run_analyzer, saved_output
 
     try:
-        from headstore.cli.registry import analyzers
-
-        specs = analyzers()
+        specs = registry.analyzers()
     except Exception as e:  # a broken analyzer module must not cost the rest of the page
         return [AnalyzerOutcome("(registry)", "failed", f"could not list analyzers: {type(e).__name__}: {e}")]
     to_run, outcomes = plan(specs, datasets)

@@ -9,38 +9,37 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from headstore.store_schema.attention import derived_pattern
+from headstore.store_schema.attention import derived_pattern, pattern_layer_index
 from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.layout import ATTRS_KEY, MANIFEST
+from headstore.store_schema.paths import StorePath
 from headstore.store_schema.provenance import Provenance
+from headstore.store_schema.read.guard import lazy_dataset
+from headstore.store_schema.read.weights import open_weights
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in str(path) or str(path).startswith("file://")
-
-
-def read_provenance(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Provenance:
-    root = _open_group(path, storage_options)
-    return Provenance.from_dict(root.attrs.get(ATTRS_KEY))
-
-
-def _open_group(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> zarr.Group:
+def open_group(path: str | os.PathLike[str] | StorePath, storage_options: dict[str, Any] | None = None) -> zarr.Group:
+    """A store's root group, read-only, its metadata read once (consolidated: every array's with it)."""
+    where = StorePath.of(path, storage_options)
     try:
-        root = zarr.open_group(
-            str(path), mode="r", zarr_format=3, storage_options=storage_options if not _is_local(str(path)) else None
-        )
+        root = where.open_group()
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError) as e:
         raise HeadstoreError(
-            f"{path} is not a Zarr v3 store ({type(e).__name__}): pass the folder made by extract"
+            f"{where} is not a Zarr v3 store ({type(e).__name__}): pass the folder made by extract"
         ) from e
     if ATTRS_KEY not in root.attrs:
-        raise HeadstoreError(f"{path} is a Zarr store but not a headstore store (no '{ATTRS_KEY}' attrs)")
+        raise HeadstoreError(f"{where} is a Zarr store but not a headstore store (no '{ATTRS_KEY}' attrs)")
     return root
 
 
-def done_mask(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> np.ndarray:
-    """Boolean (batch,) array: which sequences are completely written. A damaged chunk counts as not done."""
-    root = _open_group(path, storage_options)
+def read_provenance(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Provenance:
+    return Provenance.from_dict(open_group(path, storage_options).attrs.get(ATTRS_KEY))
+
+
+def done_mask(path: str | os.PathLike[str] | zarr.Group, storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """Boolean (batch,) array: which sequences are completely written. A damaged chunk counts as not done.
+    ``path`` may be the store's open root group."""
+    root = path if isinstance(path, zarr.Group) else open_group(path, storage_options)
     arr = root[MANIFEST]
     assert isinstance(arr, zarr.Array)
     out = np.zeros(arr.shape[0], dtype=bool)
@@ -51,12 +50,6 @@ def done_mask(path: str | os.PathLike[str], storage_options: dict[str, Any] | No
         except Exception:  # a torn manifest chunk (crash mid-write): that batch is redone
             out[start : start + step] = False
     return out
-
-
-def pattern_layer_index(prov: Provenance) -> list[int]:
-    """Positions along ``layer`` (not model layer numbers) whose ``pattern`` chunks are written."""
-    stored = set(prov.stored_pattern_layers)
-    return [i for i, L in enumerate(prov.layers) if L in stored]
 
 
 def open_store(
@@ -76,21 +69,18 @@ def open_store(
     float32). An incomplete store is refused unless ``partial=True``, which keeps only the completed
     sequences (their ``batch`` labels say which).
     """
-    prov = read_provenance(path, storage_options)
-    if prov.layout == "sharded" and str(path).startswith(("http://", "https://")):
-        _check_range_requests(str(path), storage_options)
-    done = done_mask(path, storage_options)
-    opts = None if _is_local(str(path)) else storage_options
-    ds = xr.open_zarr(str(path), chunks={}, consolidated=True, storage_options=opts, zarr_format=3)
-    ds = ds.drop_vars(MANIFEST)
+    where = StorePath.of(path, storage_options)
+    root = open_group(where)
+    prov = Provenance.from_dict(root.attrs.get(ATTRS_KEY))
+    if prov.layout == "sharded" and where.http:
+        _check_range_requests(where, root)
+    done = done_mask(root)
+    ds = lazy_dataset(root, where.url).drop_vars(MANIFEST)
     missing = [name for name in prov.fields if name not in ds]
     if missing:
         raise HeadstoreError(f"store lacks {', '.join(missing)} that its attrs list: the store is damaged")
-    ds = _guard_reads(ds, _open_group(path, storage_options), prov.fields, str(path))
     if prov.weights_store is not None:  # W_E, W_U, ... from the shared weights store, hash verified
-        from headstore.store_schema.weights_store import open_weights
-
-        wds = open_weights(str(path), prov.weights_store, storage_options)
+        wds = open_weights(where.url, prov.weights_store, storage_options)
         for name in wds.data_vars:
             ds[name] = wds[name]
     ds = ds.assign_coords(_coordinates(ds, prov))
@@ -122,16 +112,20 @@ def _coordinates(ds: xr.Dataset, prov: Provenance) -> dict[str, tuple[str, np.nd
     return {name: c for name, c in coords.items() if name in ds.dims}
 
 
-def _check_range_requests(url: str, storage_options: dict[str, Any] | None) -> None:
+def _check_range_requests(where: StorePath, root: zarr.Group) -> None:
     """Sharded stores are read in byte ranges: refuse a server that answers a range with the whole file
-    (Python's ``http.server``), whose shards would otherwise read as damaged."""
+    (Python's ``http.server``), whose shards would otherwise read as damaged. Asks for two bytes of the
+    ``tokens`` chunk written at creation (data, not metadata: the store's metadata is read once)."""
     import fsspec
 
-    fs = fsspec.filesystem(url.split("://")[0], **(storage_options or {}))
-    got = fs.cat_file(f"{url.rstrip('/')}/zarr.json", start=0, end=2)
+    tokens = root["tokens"]
+    assert isinstance(tokens, zarr.Array)
+    key = tokens.metadata.encode_chunk_key((0,) * tokens.ndim)
+    fs = fsspec.filesystem(where.url.split("://")[0], **(where.storage_options or {}))
+    got = fs.cat_file(f"{where.url.rstrip('/')}/tokens/{key}", start=0, end=2)
     if len(got) != 2:
         raise HeadstoreError(
-            f"{url}: the server ignores HTTP Range requests, which a sharded store is read with: serve it with "
+            f"{where}: the server ignores HTTP Range requests, which a sharded store is read with: serve it with "
             "`headstore serve FOLDER` or any server that honours ranges (nginx, caddy, S3, the Hugging Face Hub)"
         )
 
@@ -145,40 +139,6 @@ def _fill_unstored_pattern(ds: xr.Dataset, stored: list[int], prov: Provenance) 
         pat.isel(layer=[i]) if i in stored else derived.isel(layer=[missing.index(i)]) for i in range(ds.sizes["layer"])
     ]
     return xr.concat(parts, dim="layer")
-
-
-class _GuardedArray:
-    """Array-like over one zarr array: a failed chunk read becomes a HeadstoreError naming the array."""
-
-    def __init__(self, arr: zarr.Array, name: str, path: str):
-        self.arr, self.name, self.path = arr, name, path
-        self.shape, self.dtype, self.ndim = tuple(arr.shape), arr.dtype, arr.ndim
-
-    def __getitem__(self, key: Any) -> Any:
-        try:
-            return self.arr[key]
-        except Exception as e:
-            k0 = key[0] if isinstance(key, tuple) and key else None
-            where = f" (sequences {k0.start}-{k0.stop})" if isinstance(k0, slice) else ""
-            first = (str(e).splitlines() or [""])[0][:100]
-            raise HeadstoreError(
-                f"{self.path}: array {self.name!r} has a damaged chunk{where}: {type(e).__name__}: {first}; "
-                "run headstore validate to list damaged chunks, then re-extract"
-            ) from e
-
-
-def _guard_reads(ds: xr.Dataset, root: zarr.Group, names: tuple[str, ...], path: str) -> xr.Dataset:
-    """Re-point each dask-backed field at a ``_GuardedArray`` (same chunks, same dtype)."""
-    import dask.array as da
-
-    for name in names:
-        var, arr = ds[name], root[name]
-        if not isinstance(arr, zarr.Array) or var.chunks is None or var.dtype != arr.dtype or var.shape != arr.shape:
-            continue
-        guarded = _GuardedArray(arr, name, path)
-        data = da.from_array(guarded, chunks=var.data.chunks, name=False, meta=np.empty((0,) * arr.ndim, arr.dtype))
-        ds[name] = var.copy(data=data)
-    return ds
 
 
 def derived_result(z: xr.DataArray, W_O: xr.DataArray) -> xr.DataArray:

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from headstore.cli.analyzer_section import MAX_DEFAULT_HEADS, AnalyzerOutcome
-from headstore.cli.embed import _Figures
-from headstore.cli.parse import parse_heads, parse_sequences
+from headstore.report.analyzer_section import MAX_DEFAULT_HEADS, AnalyzerOutcome
+from headstore.report.embed import _Figures
+from headstore.report.options import parse_heads, parse_sequences
 from headstore.store_schema import selection
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from headstore.cli.embed import _Figures, embed_plot_files
-from headstore.cli.report import CSS
+from headstore.report.embed import _Figures, embed_plot_files
+from headstore.report.page import CSS
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from headstore.store_schema.attention import softcap
 from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.layout import ATTRS_KEY
 from headstore.store_schema.provenance import ModelConfig, Provenance
@@ -32,20 +33,6 @@ def normalize_final(resid: xr.DataArray, scale: xr.DataArray, config: ModelConfi
     if config.normalization_type == "LN":
         resid = resid - resid.mean("d_model")
     return resid / scale
-
-
-def softcap(logits: Any, cap: float) -> Any:
-    """``cap * tanh(logits / cap)`` (Gemma-2's final-logit soft-cap), ``logits`` itself when ``cap`` is 0.
-    numpy arrays are capped in place; DataArrays lazily."""
-    if cap <= 0:
-        return logits
-    c = np.float32(cap)
-    if isinstance(logits, np.ndarray):
-        logits /= c
-        np.tanh(logits, out=logits)
-        logits *= c
-        return logits
-    return np.tanh(logits / c) * c
 
 
 def final_logits(ds: xr.Dataset, resid: xr.DataArray, scale: xr.DataArray, *, capped: bool = True) -> xr.DataArray:

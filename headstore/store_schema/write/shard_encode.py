@@ -20,7 +20,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-import crc32c
 import numpy as np
 import zarr
 from zarr.abc.codec import BytesBytesCodec
@@ -31,8 +30,9 @@ from zarr.core.buffer import Buffer, default_buffer_prototype
 from zarr.core.indexing import morton_order_iter
 from zarr.core.sync import sync
 
+from headstore.store_schema.shard_index import crc, empty_index, encode_index, index_nbytes
+
 _PAGE = 4096
-_EMPTY = np.uint64(2**64 - 1)  # the spec's offset and length of an inner chunk that is not stored
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class ShardEncoder:
     def max_bytes(self) -> int:
         """An upper bound of an encoded shard's size (compressors may grow incompressible data a little)."""
         chunk = self.chunk_nbytes
-        return len(self.order) * (chunk + chunk // 8 + 1024) + len(self.order) * 16 + 4
+        return len(self.order) * (chunk + chunk // 8 + 1024) + index_nbytes(len(self.order))
 
     def encode(self, value: np.ndarray, buf: ShardBuffer) -> np.ndarray:
         """The encoded shard of ``value`` (exactly the shard's shape and dtype): uint8 bytes in ``buf``, valid until
@@ -96,7 +96,7 @@ class ShardEncoder:
         if value.shape != self.shard_shape or value.dtype != self.dtype:
             raise ValueError(f"shard {value.shape} {value.dtype}, expected {self.shard_shape} {self.dtype}")
         out = buf.take(self.max_bytes())
-        index = np.full((*self.chunks_per_shard, 2), _EMPTY, dtype="<u8")  # every inner chunk is written
+        index = empty_index(self.chunks_per_shard)  # every inner chunk is written
         chunk_nbytes = self.chunk_nbytes
         off = 0
         for coords in self.order:
@@ -114,19 +114,11 @@ class ShardEncoder:
             else:
                 n = chunk_nbytes
                 np.copyto(out[off : off + n].view(self.dtype).reshape(self.chunk_shape), part)
-            out[off + n : off + n + 4] = _crc(out[off : off + n])
+            out[off + n : off + n + 4] = crc(out[off : off + n])
             index[coords] = off, n + 4
             off += n + 4
-        raw_index = index.view(np.uint8).reshape(-1)
-        out[off : off + raw_index.size] = raw_index
-        off += raw_index.size
-        out[off : off + 4] = _crc(raw_index)
-        return out[: off + 4]
-
-
-def _crc(data: np.ndarray) -> np.ndarray:
-    """The crc32c codec's 4 bytes: crc32c of ``data``, little-endian."""
-    return np.array([crc32c.crc32c(data.data)], dtype="<u4").view(np.uint8)
+        off += encode_index(index, out[off:])
+        return out[:off]
 
 
 class ShardBuffer:

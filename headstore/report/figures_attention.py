@@ -15,7 +15,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 from plotly.subplots import make_subplots
 
-from headstore.cli.plots import save_html
+from headstore.report.plots import save_html
 
 MAX_TICKS = 40  # tick labels per axis of the heatmap (every n-th component beyond that)
 

@@ -2,8 +2,8 @@
 figures and top-head tables, and an attention-pattern viewer with token labels.
 
 The page needs no network: plotly.js is inlined once in ``<head>``, figures are inlined by
-``headstore.cli.embed``. With a results folder (``results=``, ``--results``) analyzer outputs already
-there are reused and the missing ones computed into it (``headstore.cli.analyzer_section``). No torch here.
+``headstore.report.embed``. With a results folder (``results=``, ``--results``) analyzer outputs already
+there are reused and the missing ones computed into it (``headstore.report.analyzer_section``). No torch here.
 """
 
 from __future__ import annotations
@@ -14,14 +14,17 @@ import html
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from headstore.cli.analyzer_section import TOP_ROWS, run_analyzers
-from headstore.cli.attention_viewer import attention_viewer
-from headstore.cli.embed import _Figures
-from headstore.cli.parse import parse_heads, parse_sequences
-from headstore.cli.provenance_section import provenance_section
+import xarray as xr
+
+from headstore.report.analyzer_section import TOP_ROWS, AnalyzerOutcome, run_analyzers
+from headstore.report.attention_viewer import attention_viewer
+from headstore.report.embed import _Figures
+from headstore.report.options import parse_heads, parse_sequences
+from headstore.report.provenance_section import provenance_section
 from headstore.store_schema import HeadstoreError, open_store
-from headstore.store_schema.info import store_info
+from headstore.store_schema.read.info import store_info
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1300px;color:#222;padding:0 16px}
@@ -46,8 +49,6 @@ def render_report(
     exclude: Mapping[str, str] | None = None,
 ) -> str:
     """The report page as a string (see ``write_report``)."""
-    import plotly.offline
-
     stores = [str(s) for s in stores]
     if not 1 <= len(stores) <= 2:
         raise HeadstoreError(f"report takes one store or two (a pair such as IOI and its ABC twin), got {len(stores)}")
@@ -85,12 +86,25 @@ def render_report(
         "<a href='#attention'>Attention patterns</a></nav>"
     )
 
+    body += _provenance(labels, stores, infos)
+    body += _analyzers(outcomes)
+    body += _attention(labels, datasets, sequences, heads, outcomes, figs)
+    return _page(title, body)
+
+
+def _provenance(labels: Sequence[str], stores: Sequence[str], infos: Sequence[dict[str, Any]]) -> list[str]:
+    body: list[str] = []
     body.append("<h2 id='provenance'>Provenance</h2>")
     for label, path, info in zip(labels, stores, infos, strict=True):
         if len(stores) > 1:
             body.append(f"<h3>{html.escape(label)}: {html.escape(path)}</h3>")
         body.append(provenance_section(path, info))
 
+    return body
+
+
+def _analyzers(outcomes: Sequence[AnalyzerOutcome]) -> list[str]:
+    body: list[str] = []
     body.append("<h2 id='analyzers'>Analyzers</h2>")
     rows = "".join(
         f"<tr><td><a href='#an-{html.escape(o.name)}'>{html.escape(o.name)}</a></td>"
@@ -111,11 +125,25 @@ def render_report(
             body.append(f"<p class='hs-note'>{html.escape(o.doc)}</p>")
         body.append(o.html)
 
+    return body
+
+
+def _attention(
+    labels: Sequence[str], datasets: Sequence[xr.Dataset], sequences: str | None, heads: str | None,
+    outcomes: Sequence[AnalyzerOutcome], figs: _Figures,
+) -> list[str]:  # fmt: skip
+    body: list[str] = []
     body.append("<h2 id='attention'>Attention patterns</h2>")
     for label, ds in zip(labels, datasets, strict=True):
-        if len(stores) > 1:
+        if len(labels) > 1:
             body.append(f"<h3>{html.escape(label)}</h3>")
         body.append(attention_viewer(ds, label, sequences, heads, outcomes, figs))
+
+    return body
+
+
+def _page(title: str, body: Sequence[str]) -> str:
+    import plotly.offline
 
     plotly_js = plotly.offline.get_plotlyjs()
     return (

@@ -6,17 +6,22 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import crc32c
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from headstore.store_schema.create import field_dtype, store_sizes
+from headstore.store_schema.arrays import store_layout, store_sizes
+from headstore.store_schema.attention import pattern_layer_index
 from headstore.store_schema.errors import HeadstoreError
-from headstore.store_schema.layout import ATTRS_KEY, FIELDS, WEIGHTS
-from headstore.store_schema.reader import _open_group, done_mask, pattern_layer_index, read_provenance
+from headstore.store_schema.hashing import content_sha256
+from headstore.store_schema.layout import ATTRS_KEY, WEIGHTS, WEIGHTS_ATTRS
+from headstore.store_schema.paths import StorePath
+from headstore.store_schema.provenance import Provenance
+from headstore.store_schema.read.reader import done_mask, open_group
+from headstore.store_schema.read.weights import verify
+from headstore.store_schema.shard_index import EMPTY, crc, decode_index, index_nbytes
 
 
 @dataclass(frozen=True)
@@ -38,25 +43,23 @@ class ValidationReport:
 def validate(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> ValidationReport:
     """Check schema, shapes, dtypes, completeness, and read every chunk (crc32c) of completed batches; of a
     weights store, every chunk and the hash recorded at its creation."""
-    weights = _weights_group(path, storage_options)
+    where = StorePath.of(path, storage_options)
+    weights = _weights_group(where)
     if weights is not None:
         return _validate_weights(path, *weights)
-    prov = read_provenance(path, storage_options)
-    root = _open_group(path, storage_options)
+    root = open_group(where)
+    prov = Provenance.from_dict(root.attrs.get(ATTRS_KEY))
     problems: list[str] = []
-    done = done_mask(path, storage_options)
+    done = done_mask(root)
     n = int(done.size)
-    cfg = prov.config
-    sizes = store_sizes(cfg, prov, n)
+    layout = store_layout(prov, store_sizes(prov.config, prov, n))
     for name in prov.fields:
-        f = FIELDS[name]
         if name not in root:
             problems.append(f"{name}: missing array")
             continue
         arr = root[name]
         assert isinstance(arr, zarr.Array)
-        want_shape = tuple(sizes[d] for d in f.dims)
-        want_dtype = np.dtype(field_dtype(name, prov.storage_dtype))
+        want_shape, want_dtype = layout[name].shape, np.dtype(layout[name].dtype)
         if tuple(arr.shape) != want_shape:
             problems.append(f"{name}: shape {tuple(arr.shape)}, expected {want_shape}")
             continue
@@ -73,8 +76,6 @@ def validate(path: str | os.PathLike[str], storage_options: dict[str, Any] | Non
             assert isinstance(arr, zarr.Array)
             problems.extend(_check_chunks(arr, wname, None))
     if prov.weights_store is not None:  # every array of it read back (crc32c) and hashed
-        from headstore.store_schema.weights_store import verify
-
         try:
             verify(str(path), prov.weights_store, storage_options, fresh=True)
         except HeadstoreError as e:
@@ -82,15 +83,11 @@ def validate(path: str | os.PathLike[str], storage_options: dict[str, Any] | Non
     return ValidationReport(str(path), n, int(done.sum()), tuple(problems))
 
 
-def _weights_group(
-    path: str | os.PathLike[str], storage_options: dict[str, Any] | None
-) -> tuple[zarr.Group, dict[str, Any]] | None:
-    """The group of a weights store at ``path`` and its weights attrs; None for anything else (read_provenance
+def _weights_group(where: StorePath) -> tuple[zarr.Group, dict[str, Any]] | None:
+    """The group of a weights store at ``where`` and its weights attrs; None for anything else (open_group
     then says what it is)."""
-    from headstore.store_schema.weights_store import WEIGHTS_ATTRS, _group
-
     try:
-        root = _group(str(path), storage_options)
+        root = where.open_group()
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError, OSError):
         return None
     got = root.attrs.get(WEIGHTS_ATTRS)
@@ -99,9 +96,7 @@ def _weights_group(
 
 def _validate_weights(path: str | os.PathLike[str], root: zarr.Group, attrs: dict[str, Any]) -> ValidationReport:
     """Every chunk of a weights store read back (crc32c), then its arrays hashed as the stores that use it hash
-    them on open (``weights_store.content_sha256``) against the sha256 recorded at its creation."""
-    from headstore.store_schema.weights_store import content_sha256
-
+    them on open (``hashing.content_sha256``) against the sha256 recorded at its creation."""
     arrays = dict(root.arrays())
     recorded = str(attrs.get("sha256"))
     problems = [f"{n}: missing array" for n in attrs.get("arrays", []) if n not in arrays]
@@ -140,9 +135,6 @@ def _check_chunks(arr: zarr.Array, name: str, done: np.ndarray | None, layers: l
     return problems
 
 
-_EMPTY = np.uint64(2**64 - 1)  # a shard index entry of an inner chunk that was never written
-
-
 def _check_shards(arr: zarr.Array, name: str, done: np.ndarray | None, layers: list[int] | None) -> list[str]:
     """Every shard of completed batches: present, its index intact (crc32c), every expected inner chunk
     in it and intact (its own crc32c), then decoded once. Problems name inner chunks by their index in
@@ -151,7 +143,7 @@ def _check_shards(arr: zarr.Array, name: str, done: np.ndarray | None, layers: l
     shards, chunks = arr.shards, arr.chunks
     per = tuple(s // c for s, c in zip(shards, chunks, strict=True))
     n_inner = int(np.prod(per))
-    index_bytes = 16 * n_inner + 4  # (offset, nbytes) uint64 pairs + crc32c: zarr's default index codecs
+    index_bytes = index_nbytes(n_inner)
     problems = []
     inner: tuple[Any, ...] = tuple(getattr(getattr(arr.metadata, "codecs", [None])[0], "codecs", ()))
     inner_crc = bool(inner) and isinstance(inner[-1], Crc32cCodec)
@@ -166,11 +158,10 @@ def _check_shards(arr: zarr.Array, name: str, done: np.ndarray | None, layers: l
             problems.append(f"{name}: shard {label} is missing")
             continue
         data = buf.to_bytes()
-        head, crc = data[-index_bytes:-4], data[-4:]
-        if len(data) < index_bytes or np.uint32(crc32c.crc32c(head)).tobytes() != crc:
+        index = decode_index(data, per)
+        if index is None:
             problems.append(f"{name}: shard {label} is damaged (torn or corrupt index, {len(data)} bytes)")
             continue
-        index = np.frombuffer(head, dtype="<u8").reshape(*per, 2)
         bad = False
         for inner in np.ndindex(*per):
             cidx = tuple(s * p + i for s, p, i in zip(sidx, per, inner, strict=True))
@@ -180,7 +171,7 @@ def _check_shards(arr: zarr.Array, name: str, done: np.ndarray | None, layers: l
                 continue
             offset, nbytes = (int(x) for x in index[inner])
             where = f"{name}: chunk {'.'.join(map(str, cidx))}"
-            if offset == int(_EMPTY):
+            if offset == int(EMPTY):
                 problems.append(f"{where} is missing")
                 bad = True
             elif offset + nbytes > len(data) - index_bytes or nbytes < 4:
@@ -188,7 +179,7 @@ def _check_shards(arr: zarr.Array, name: str, done: np.ndarray | None, layers: l
                 bad = True
             elif inner_crc:
                 body = data[offset : offset + nbytes]
-                if np.uint32(crc32c.crc32c(body[:-4])).tobytes() != body[-4:]:
+                if crc(body[:-4]).tobytes() != body[-4:]:
                     problems.append(f"{where} is damaged (ValueError)")
                     bad = True
         if bad:

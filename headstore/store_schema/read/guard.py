@@ -1,0 +1,80 @@
+"""Reads that fail on a damaged chunk (zarr's bare ``ValueError: Stored and computed checksum do not match``, a
+torn shard) become a ``HeadstoreError`` naming the store, the array and the chunk, and saying to run validate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from headstore.store_schema.errors import HeadstoreError
+
+
+def chunk_label(arr: zarr.Array, key: Any) -> str:
+    """The chunk (or range of chunks along each dim, ``a-b``) that ``arr[key]`` reads: ``0.3.0.0``, ``0-1.0-5``."""
+    key = key if isinstance(key, tuple) else (key,)
+    if any(k is Ellipsis for k in key):
+        i = key.index(Ellipsis)
+        key = key[:i] + (slice(None),) * (arr.ndim - len(key) + 1) + key[i + 1 :]
+    key = key + (slice(None),) * (arr.ndim - len(key))
+    parts = []
+    for k, c, n in zip(key, arr.chunks, arr.shape, strict=False):
+        if isinstance(k, slice):
+            start, stop, _ = k.indices(n)
+            lo, hi = start // c, max(start, stop - 1) // c
+        elif isinstance(k, (int, np.integer)):
+            lo = hi = (int(k) % n if n else 0) // c
+        else:
+            idx = np.asarray(k).ravel()
+            lo, hi = (int(idx.min()) // c, int(idx.max()) // c) if idx.size else (0, 0)
+        parts.append(str(lo) if lo == hi else f"{lo}-{hi}")
+    return ".".join(parts)
+
+
+def damaged(store: str, name: str, arr: zarr.Array, key: Any, e: Exception) -> HeadstoreError:
+    """The one-line error for a failed read of ``arr[key]`` (array ``name`` of ``store``)."""
+    label = chunk_label(arr, key)
+    first = (str(e).splitlines() or [""])[0][:100]
+    return HeadstoreError(
+        f"{store}: array {name!r} has a damaged chunk ({'chunks' if '-' in label else 'chunk'} {label}): "
+        f"{type(e).__name__}: {first}; run `headstore validate {store}` to list damaged chunks, then re-extract"
+    )
+
+
+class GuardedArray:
+    """Array-like over one zarr array whose failed reads raise ``damaged``."""
+
+    def __init__(self, arr: zarr.Array, name: str, store: str):
+        self.arr, self.name, self.store = arr, name, store
+        self.shape, self.dtype, self.ndim = tuple(arr.shape), arr.dtype, arr.ndim
+        self.chunks = arr.chunks
+
+    def __getitem__(self, key: Any) -> Any:
+        try:
+            return self.arr[key]
+        except Exception as e:
+            raise damaged(self.store, self.name, self.arr, key, e) from e
+
+
+def guarded_arrays(root: zarr.Group, store: str) -> dict[str, GuardedArray]:
+    """Every array of ``root``, each guarded."""
+    return {name: GuardedArray(a, name, store) for name, a in root.arrays()}
+
+
+def lazy_dataset(root: zarr.Group, store: str) -> xr.Dataset:
+    """``root`` (already open: no second metadata read) as a lazy Dataset, as ``xr.open_zarr(chunks={})``
+    presents it, each array's reads guarded (``damaged``)."""
+    import dask.array as da
+    from xarray.backends.zarr import ZarrStore
+
+    ds = xr.open_dataset(ZarrStore(root, use_zarr_fill_value_as_mask=False), engine="store", chunks={})
+    for name in list(ds.variables):
+        var, arr = ds[name], root.get(str(name))
+        if not isinstance(arr, zarr.Array) or var.chunks is None or var.dtype != arr.dtype or var.shape != arr.shape:
+            continue
+        guarded = GuardedArray(arr, str(name), store)
+        data = da.from_array(guarded, chunks=var.data.chunks, name=False, meta=np.empty((0,) * arr.ndim, arr.dtype))
+        ds[name] = var.copy(data=data)
+    return ds
