@@ -17,7 +17,7 @@ from plotly.subplots import make_subplots
 
 from headstore.report.plots import save_html
 
-MAX_TICKS = 40  # tick labels per axis of the heatmap (every n-th component beyond that)
+MAX_SHOWN = 40  # components per axis of the heatmap: beyond that, those with the largest summed |mean term|
 
 
 def attention_attribution_summary(res: xr.Dataset) -> pd.DataFrame:
@@ -38,8 +38,13 @@ def attention_attribution_summary(res: xr.Dataset) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _ticks(labels: list[str]) -> list[int]:
-    return list(range(0, len(labels), max(1, len(labels) // MAX_TICKS)))
+def _largest(m: np.ndarray, names: list[str], axis: int) -> tuple[np.ndarray, list[str], str]:
+    """Keep the ``MAX_SHOWN`` components (rows for ``axis`` 1, columns for 0) of largest summed ``|m|``, in
+    residual order; the axis label says how many of how many."""
+    if len(names) <= MAX_SHOWN:
+        return m, names, ""
+    keep = np.sort(np.argsort(-np.abs(m).sum(axis), kind="stable")[:MAX_SHOWN])
+    return np.take(m, keep, axis=1 - axis), [names[i] for i in keep], f" ({MAX_SHOWN} of {len(names)}, largest |term|)"
 
 
 def _title(res: xr.Dataset) -> str:
@@ -54,8 +59,8 @@ def _title(res: xr.Dataset) -> str:
 def attention_attribution_plot(res: xr.Dataset, folder: Path) -> list[Path]:
     """Heatmap of ``mean_terms`` (q_component rows, k_component columns, symmetric colour scale) and the top pairs."""
     m = res["mean_terms"].transpose("q_component", "k_component").values.astype(float)
-    q_names = [str(x) for x in res["q_component"].values]
-    k_names = [str(x) for x in res["k_component"].values]
+    m, q_names, q_note = _largest(m, [str(x) for x in res["q_component"].values], 1)
+    m, k_names, k_note = _largest(m, [str(x) for x in res["k_component"].values], 0)
     pairs = [f"{q} x {k}" for q, k in zip(res["top_q_component"].values, res["top_k_component"].values, strict=True)]
     top = res["top_term"].values.astype(float)
     vmax = float(np.nanmax(np.abs(m))) or 1.0
@@ -63,10 +68,10 @@ def attention_attribution_plot(res: xr.Dataset, folder: Path) -> list[Path]:
     fig = Figure(figsize=(13, 6))
     ax, bar = fig.subplots(1, 2, width_ratios=[3, 2])
     im = ax.imshow(m, cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto", interpolation="nearest")
-    ax.set_xticks(_ticks(k_names), [k_names[i] for i in _ticks(k_names)], rotation=90, fontsize=6)
-    ax.set_yticks(_ticks(q_names), [q_names[i] for i in _ticks(q_names)], fontsize=6)
-    ax.set_xlabel("key-side component")
-    ax.set_ylabel("query-side component")
+    ax.set_xticks(range(len(k_names)), k_names, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(q_names)), q_names, fontsize=6)
+    ax.set_xlabel(f"key-side component{k_note}")
+    ax.set_ylabel(f"query-side component{q_note}")
     fig.colorbar(im, ax=ax, shrink=0.8)
     bar.barh(range(len(top)), top, color=["#2166ac" if t > 0 else "#b2182b" for t in top])  # RdBu
     bar.set_yticks(range(len(top)), pairs, fontsize=7)
@@ -81,8 +86,8 @@ def attention_attribution_plot(res: xr.Dataset, folder: Path) -> list[Path]:
         go.Heatmap(z=m, x=k_names, y=q_names, colorscale="RdBu", zmid=0, zmin=-vmax, zmax=vmax), row=1, col=1
     )
     pfig.add_trace(go.Bar(x=top, y=pairs, orientation="h", showlegend=False), row=1, col=2)
-    pfig.update_xaxes(title_text="key-side component", type="category", row=1, col=1)
-    pfig.update_yaxes(title_text="query-side component", type="category", autorange="reversed", row=1, col=1)
+    pfig.update_xaxes(title_text=f"key-side component{k_note}", type="category", row=1, col=1)
+    pfig.update_yaxes(title_text=f"query-side component{q_note}", type="category", autorange="reversed", row=1, col=1)
     pfig.update_yaxes(autorange="reversed", row=1, col=2)
     pfig.update_layout(title=title, height=650, width=1300, template="simple_white")
     return [png, save_html(pfig, folder / "attention_attribution.html")]
