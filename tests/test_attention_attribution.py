@@ -303,3 +303,16 @@ def test_cli_writes_the_top_pairs_and_the_figure(live_family: Callable[[str], Li
     np.testing.assert_allclose(summary["mean_term"], want["top_term"].values, rtol=1e-6)
     assert (summary[["layer", "head"]].values == [1, 2]).all()
     assert {"attention_attribution.png", "attention_attribution.html", "summary.csv"} <= {p.name for p in paths}
+
+
+def test_heatmap_keeps_the_components_of_largest_total() -> None:
+    from headstore.report.figures_attention import MAX_SHOWN, _largest
+
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(MAX_SHOWN + 10, MAX_SHOWN - 5))
+    names = [f"c{i}" for i in range(m.shape[0])]
+    rows, kept, note = _largest(m, names, 1)
+    want = np.sort(np.argsort(-np.abs(m).sum(1))[:MAX_SHOWN])
+    assert kept == [names[i] for i in want] and (rows == m[want]).all() and f"{MAX_SHOWN} of {m.shape[0]}" in note
+    cols, kept_cols, note_cols = _largest(m, [f"k{i}" for i in range(m.shape[1])], 0)
+    assert cols is m and len(kept_cols) == m.shape[1] and note_cols == ""
