@@ -76,6 +76,7 @@ def _calls(run: Run) -> dict[str, Callable[[], xr.Dataset]]:
     """Every registered analyzer, called as a researcher would on this family's stores."""
     ds, abc = run.ds, run.stores["abc"]
     return {
+        "attention-attribution": lambda: A.attention_attribution(ds, head=RECEIVER, key_pos=ds["end_pos"] - 2),
         "attention-stats": lambda: A.attention_stats(ds),
         "calibration": lambda: A.calibration(ds),
         "circuits": lambda: A.circuits(ds),
@@ -444,8 +445,9 @@ def test_config_of_older_stores_reads_with_defaults() -> None:
 
 # ------------------------------------------------------------------------------------------------ (d) analyzers
 
-# Analyzers checked against an oracle below, for every family.
-ORACLES = ("calibration", "copy-suppression", "ioi", "logit-attribution", "path-patch-query", "projection-loss")
+# Analyzers checked against an oracle for every family: below (attention-attribution: test_attention_attribution.py).
+ORACLES = ("attention-attribution", "calibration", "copy-suppression", "ioi", "logit-attribution", "path-patch-query",
+           "projection-loss")  # fmt: skip
 # (family, analyzer) -> text of the documented one-line refusal; every other pair must run.
 _GRAD_REFUSED = "which headstore's gradients do not cover yet: extract without --grad"
 _POST_NORM = "(post-norm), so a head's result is not what it adds to the residual: not supported"

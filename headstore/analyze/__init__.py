@@ -16,6 +16,7 @@ its declaration (``registry.AnalyzerSpec``: name, function, required fields, par
 importing this package registers: ``headstore.analyze.registry.analyzers()`` lists them.
 """
 
+from headstore.analyze._attention_attribution import attention_attribution
 from headstore.analyze._attention_stats import attention_stats
 from headstore.analyze._attribution_patching import attribution_patching
 from headstore.analyze._calibration import calibration, n_empty_bins, overconfidence
@@ -31,6 +32,7 @@ from headstore.analyze._path_patch import path_patch_query
 from headstore.analyze._projection_loss import projection_loss
 
 __all__ = [
+    "attention_attribution",
     "attention_stats",
     "attribution_patching",
     "calibration",

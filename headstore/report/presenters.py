@@ -13,6 +13,7 @@ import xarray as xr
 
 from headstore.report import attribution_figures as AF
 from headstore.report import figures as F
+from headstore.report import figures_attention as AA
 from headstore.report import figures_heads as H
 from headstore.store_schema import HeadstoreError
 
@@ -26,6 +27,7 @@ class Presenter:
 
 
 PRESENTERS: dict[str, Presenter] = {
+    "attention-attribution": Presenter(AA.attention_attribution_summary, AA.attention_attribution_plot),
     "attention-stats": Presenter(H.attention_stats_summary, H.attention_stats_plot),
     "attribution-patching": Presenter(AF.attribution_patching_summary, AF.attribution_patching_plot),
     "calibration": Presenter(F.calibration_summary, F.calibration_plot),
