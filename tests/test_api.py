@@ -272,8 +272,12 @@ def _inputs(name: str, make_store: Callable[..., Path]) -> tuple[list[xr.Dataset
     if name == "ifelse-detector":
         return [open_store(make_store("tiny-gpt2", "code-ifelse", n_seq=24))], {}
     ioi, abc = open_store(make_store("tiny-gpt2", "ioi", **kw)), open_store(make_store("tiny-gpt2", "ioi-abc", **kw))
+    if name in ("attribution-patching", "edge-attribution"):  # a clean store with gradients (extract --grad)
+        return [open_store(make_store("tiny-gpt2", "ioi", grad="logit-diff:io_token,s_token@end_pos")), abc], {}
     if name == "path-patch-query":
         return [ioi, abc], {"senders": [(0, 1)], "receiver": (1, 2)}
+    if name == "attention-attribution":
+        return [ioi], {"head": (1, 2)}
     if name == "logit-attribution":
         return [ioi], {"target": ioi["io_token"]}
     if name == "calibration":

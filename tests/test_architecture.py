@@ -235,7 +235,8 @@ def test_registry_refuses_unknown_and_twice_declared_names() -> None:
     from headstore.store_schema import HeadstoreError
 
     with pytest.raises(
-        HeadstoreError, match="unknown analyzer 'nope': choose from attention-search, attention-stats, calibration"
+        HeadstoreError,
+        match="unknown analyzer 'nope': choose from attention-attribution, attention-search, attention-stats, attribution-patching, ca",
     ):
         registry.get_analyzer("nope")
     spec = registry.get_analyzer("ioi")

@@ -28,6 +28,7 @@ from headstore.extract import ExtractRequest, extract
 from headstore.extract.tiny import TINY_FAMILIES, build_family, build_tokenizer
 from headstore.store_schema import FIELDS, HeadstoreError, provenance
 from headstore.store_schema.attention import derived_pattern
+from headstore.store_schema.layout import GRAD_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "families.md"
@@ -75,6 +76,7 @@ def _calls(run: Run) -> dict[str, Callable[[], xr.Dataset]]:
     """Every registered analyzer, called as a researcher would on this family's stores."""
     ds, abc = run.ds, run.stores["abc"]
     return {
+        "attention-attribution": lambda: A.attention_attribution(ds, head=RECEIVER, key_pos=ds["end_pos"] - 2),
         "attention-search": lambda: A.attention_search(ds, query=A.Relation.ANY, key=A.Relation.PREVIOUS),
         "attention-stats": lambda: A.attention_stats(ds),
         "calibration": lambda: A.calibration(ds),
@@ -91,7 +93,28 @@ def _calls(run: Run) -> dict[str, Callable[[], xr.Dataset]]:
         "projection-loss": lambda: A.projection_loss(ds),
         "top-attention": lambda: A.top_attention(ds),
         "top-effects": lambda: A.top_effects(ds),
+        # against live autograd in tests/test_attribution.py; here: they run, or refuse as documented
+        "attribution-patching": lambda: A.attribution_patching(_grad_store(run), abc),
+        "edge-attribution": lambda: A.edge_attribution(_grad_store(run), abc),
     }
+
+
+GRAD = "logit-diff:io_token,s_token@end_pos"
+
+
+def _grad_store(run: Run) -> xr.Dataset:
+    """The family's IOI store with gradients (``extract --grad``), or the extraction's refusal raised."""
+    got = run.stores.get("grad")
+    if got is None:
+        out = run.folder.parent / f"{run.family}-grad.zarr"
+        from unittest import mock
+
+        import headstore.extract.run as extract_run
+
+        with mock.patch.object(extract_run, "load_model", lambda *args, **kwargs: run.model):
+            extract(ExtractRequest(model=str(run.folder), data="ioi", out=str(out), grad=GRAD, **KW))
+        got = run.stores["grad"] = headstore.open_store(out)
+    return got
 
 
 @pytest.fixture(scope="session")
@@ -199,7 +222,7 @@ def test_extraction_default_and_all(family: str, family_run: Callable[[str], Run
     prov = provenance(run.ds)
     # presets hold every field the family can represent, and nothing else
     missing = run.model.unrepresentable
-    assert set(prov.fields) == set(FIELDS) - set(missing)
+    assert set(prov.fields) == set(FIELDS) - set(missing) - set(GRAD_FIELDS)  # grads come with --grad
     assert set(provenance(run.stores["default"]).fields) == {n for n, f in FIELDS.items() if f.default} - set(missing)
 
 
@@ -292,7 +315,7 @@ def live_field(run: Run, cache: dict[str, torch.Tensor], name: str, logits: torc
 
 
 def test_hooked_fields_cover_the_schema() -> None:
-    assert set(HOOKED) == set(FIELDS) - {"tokens"}
+    assert set(HOOKED) == set(FIELDS) - {"tokens", *GRAD_FIELDS}  # grads: tests/test_attribution.py
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -426,11 +449,17 @@ def test_config_of_older_stores_reads_with_defaults() -> None:
 
 # ------------------------------------------------------------------------------------------------ (d) analyzers
 
-# Analyzers checked against an oracle below (the example analyzers: in test_dashboard.py), for every family.
-ORACLES = ("calibration", "copy-suppression", "ioi", "logit-attribution", "path-patch-query", "projection-loss",
-           "attention-search", "head-similarity", "top-attention", "top-effects")  # fmt: skip
+# Analyzers checked against an oracle for every family: below (attention-attribution: test_attention_attribution.py;
+# the example analyzers: test_dashboard.py).
+ORACLES = ("attention-attribution", "calibration", "copy-suppression", "ioi", "logit-attribution", "path-patch-query",
+           "projection-loss", "attention-search", "head-similarity", "top-attention", "top-effects")  # fmt: skip
 # (family, analyzer) -> text of the documented one-line refusal; every other pair must run.
-REFUSALS: dict[tuple[str, str], str] = {}
+_GRAD_REFUSED = "which headstore's gradients do not cover yet: extract without --grad"
+_POST_NORM = "(post-norm), so a head's result is not what it adds to the residual: not supported"
+REFUSALS: dict[tuple[str, str], str] = {
+    **{(f, n): _GRAD_REFUSED for f in ("gpt-j", "opt") for n in ("attribution-patching", "edge-attribution")},
+    **{(f, "edge-attribution"): _POST_NORM for f in ("gemma-2", "olmo-2")},
+}
 
 
 def test_matrix_calls_every_registered_analyzer(family_run: Callable[[str], Run]) -> None:

@@ -16,12 +16,15 @@ its declaration (``registry.AnalyzerSpec``: name, function, required fields, par
 importing this package registers: ``headstore.analyze.registry.analyzers()`` lists them.
 """
 
+from headstore.analyze._attention_attribution import attention_attribution
 from headstore.analyze._attention_search import attention_search
 from headstore.analyze._attention_stats import attention_stats
+from headstore.analyze._attribution_patching import attribution_patching
 from headstore.analyze._calibration import calibration, n_empty_bins, overconfidence
 from headstore.analyze._circuits import circuits
 from headstore.analyze._composition import composition
 from headstore.analyze._copy_suppression import copy_suppression
+from headstore.analyze._edge_attribution import edge_attribution, top_edges
 from headstore.analyze._head_scores import head_scores
 from headstore.analyze._head_similarity import head_similarity
 from headstore.analyze._ifelse_detector import ifelse_detector
@@ -34,12 +37,15 @@ from headstore.analyze._top_effects import top_effects
 from headstore.analyze.types import Relation as Relation  # attention_search's predicates (a class)
 
 __all__ = [
+    "attention_attribution",
     "attention_search",
     "attention_stats",
+    "attribution_patching",
     "calibration",
     "circuits",
     "composition",
     "copy_suppression",
+    "edge_attribution",
     "head_scores",
     "head_similarity",
     "ifelse_detector",
@@ -51,5 +57,6 @@ __all__ = [
     "path_patch_query",
     "projection_loss",
     "top_attention",
+    "top_edges",
     "top_effects",
 ]

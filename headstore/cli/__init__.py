@@ -115,6 +115,13 @@ def extract(
     ignore_space: Annotated[
         bool, typer.Option(help="start even when the target has less free space than the plan")
     ] = False,
+    grad: Annotated[
+        str | None,
+        typer.Option(
+            help="store gradients of a metric (+ resid_pre): loss, logit:TOK@POS or logit-diff:TOK_A,TOK_B@POS, "
+            "TOK an id or a column (io_token), POS an int or a column (end_pos)"
+        ),
+    ] = None,
 ) -> None:
     """Run the model once over the data and write every per-head field into a Zarr store."""
     from headstore.cli.extract_args import fields_option, layers_option, shard_option
@@ -128,7 +135,7 @@ def extract(
             pattern_layers=layers_option(pattern_layers, "--pattern-layers"), seq_len=seq_len,
             batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, model_dtype=model_dtype, seed=seed,
             prepend_bos=prepend_bos, shard=shard_option(shard), progress=progress, layout=layout, weights=weights,
-            dry_run=dry_run, ignore_space=ignore_space,
+            dry_run=dry_run, ignore_space=ignore_space, grad=grad,
         )
     )  # fmt: skip
     if dry_run and res.plan is not None:
@@ -189,6 +196,8 @@ def _print_provenance(store: str, prov: Provenance) -> None:
         pl = None if prov.pattern_layers is None else list(prov.pattern_layers)
         rest = "" if pl in (None, layers) else " (the other layers are not stored: NaN)"
         console.print(f"pattern    layers {layers if pl is None else pl}{rest}")
+    if prov.grad is not None:
+        console.print(f"gradients  of {prov.grad} (grad_z, grad_q, grad_k, grad_v, grad_mlp_in, grad_resid_final)")
 
 
 @app.command()

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from headstore.extract.families import run_hooked
+from headstore.extract.grad import GradTargets, grad_batch
 from headstore.extract.models import LoadedModel
 from headstore.store_schema import FIELDS, HeadstoreError, Provenance
 
@@ -133,6 +134,7 @@ def run_batch(
     prov: Provenance,
     hooks: dict[str, list[str]],
     buffers: HostBuffers | None = None,
+    grad: GradTargets | None = None,
 ) -> HostBatch:
     """One forward pass; returns its fields in storage layout, copying to host (see HostBatch). Each hook's tensor
     is copied, in its storage dtype, into its layer of the field's tensor in ``buffers`` as it fires."""
@@ -167,7 +169,17 @@ def run_batch(
         assert t.ndim == len(FIELDS[name].dims), (name, t.shape, FIELDS[name].dims)
     if "loss" in prov.fields:
         tensors["loss"] = next_token_nll(logits, x)
+    if grad is not None:  # extract --grad: one more forward pass with autograd, and its backward pass
+        tensors.update({n: _stored(n, t, prov) for n, t in grad_batch(model, toks, prov.layers, grad).items()})
     return HostBatch(tensors, x.device)
+
+
+def _stored(name: str, t: torch.Tensor, prov: Provenance) -> torch.Tensor:
+    """A float32 tensor of a storage-dtype field, in the store's dtype (float16: its range checked first)."""
+    if prov.storage_dtype != "float16":
+        return t.contiguous()
+    check_float16(name, None, t)
+    return t.to(torch.float16).contiguous()
 
 
 def _stored_layer(name: str, i: int, prov: Provenance) -> int:

@@ -339,11 +339,14 @@ def plan_extract(
     sample, seconds = None, {}
     if hooks is not None:
         from headstore.extract.batch import run_batch
+        from headstore.extract.grad import targets_for
 
         toks = ds.tokens[:bs]
-        run_batch(model, toks, prov, dict(hooks)).arrays()  # warm-up
+        targets = targets_for(prov, ds)  # --grad: its backward pass timed and its arrays measured too
+        grad = None if targets is None else targets.rows(0, bs)
+        run_batch(model, toks, prov, dict(hooks), grad=grad).arrays()  # warm-up
         t0 = time.perf_counter()
-        sample = run_batch(model, toks, prov, dict(hooks)).arrays()
+        sample = run_batch(model, toks, prov, dict(hooks), grad=grad).arrays()
         seconds["forward"] = time.perf_counter() - t0
     sizes = store_sizes(prov.config, prov, n)
     plan = make_plan(str(out), prov, sizes, ds.tokens, ds.columns, store_w, shared, len(todo), sample,

@@ -45,6 +45,7 @@ class ExtractRequest:
     weights: str | None = None  # a shared weights store to create or reuse (W_E, W_EE, W_U, ...)
     dry_run: bool = False  # plan only (bytes, files, time from one timed batch): nothing written
     ignore_space: bool = False  # start even when the target has less free space than the plan
+    grad: str | None = None  # a metric whose gradients to store (headstore.extract.grad), e.g. "loss"
 
     def __post_init__(self) -> None:
         self.selected_fields()  # refuses unknown names before anything loads
@@ -57,6 +58,10 @@ class ExtractRequest:
         _check_shard(self.shard)
         _check_layers("layers", self.layers)
         _check_layers("pattern_layers", self.pattern_layers)
+        if self.grad is not None:  # bad syntax refused before anything loads
+            from headstore.extract.grad import parse_metric
+
+            parse_metric(self.grad)
 
     def selected_fields(self) -> tuple[str, ...]:
         """The field names ``fields`` and ``drop`` select, in schema order, ``tokens`` always among them."""

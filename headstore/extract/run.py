@@ -26,6 +26,7 @@ from headstore.extract.batch import HostBuffers, hook_names, run_batch
 from headstore.extract.compact import check_pattern_derivable, derives_pattern
 from headstore.extract.data import DataRequest, TokenDataset, build_dataset
 from headstore.extract.families import resolve_fields
+from headstore.extract.grad import check_grad, parse_metric, targets_for, with_grad_fields
 from headstore.extract.models import LoadedModel, load_model
 from headstore.extract.plan import Plan, check_space, disk_full, plan_extract
 from headstore.extract.request import ExtractRequest, Layers, resolve_layers
@@ -156,13 +157,16 @@ def my_batches(n: int, batch_size: int, shard: tuple[int, int]) -> list[int]:
 
 def _describe(req: ExtractRequest, model: LoadedModel) -> tuple[Provenance, TokenDataset, dict[str, np.ndarray]]:
     """The store ``req`` makes with ``model``: its provenance, its dataset and the model's weights."""
-    fields = resolve_fields(req.named_fields(), req.selected_fields(), model)  # less what the family lacks
+    metric = parse_metric(req.grad) if req.grad is not None else None  # --grad: its fields and resid_pre added
+    fields = resolve_fields(req.named_fields(), with_grad_fields(req.selected_fields(), metric), model)
     cfg = model.config_dict()
     layers = resolve_layers("layers", req.layers, cfg["n_layers"])
     pattern_layers = _pattern_layers(req, cfg["n_layers"], layers, fields)
     data_req = DataRequest(req.data, req.n_seq, req.seq_len, req.seed, req.prepend_bos)
     ds = build_dataset(data_req, model.tokenizer, cfg["n_ctx"])
     seq_len = int(ds.tokens.shape[1])
+    if metric is not None:  # the family, a missing column, a position outside a sequence: refused before any run
+        check_grad(model, metric, ds)
     weights = collect_weights(model, layers, seq_len)
     prov = Provenance(
         schema_version=SCHEMA_VERSION,
@@ -186,6 +190,7 @@ def _describe(req: ExtractRequest, model: LoadedModel) -> tuple[Provenance, Toke
         layout=req.layout,
         versions=_versions(),
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        grad=None if metric is None else str(metric),
     )
     return prov, ds, weights
 
@@ -267,12 +272,14 @@ def _fill(
     )
     pending: Future[None] | None = None
     buffers = HostBuffers()
+    targets = targets_for(prov, ds)
     waited, n_tok = 0.0, 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="headstore-writer") as pool:
         for start in todo:
             toks = ds.tokens[start : start + bs]
             buffers.next_batch()
-            batch = run_batch(model, toks, prov, hooks, buffers)
+            grad = None if targets is None else targets.rows(start, start + bs)
+            batch = run_batch(model, toks, prov, hooks, buffers, grad)
             if pending is not None:
                 tw = time.perf_counter()
                 pending.result()  # at most one batch in flight: memory bounded by two batches

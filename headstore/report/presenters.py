@@ -11,7 +11,9 @@ from pathlib import Path
 import pandas as pd
 import xarray as xr
 
+from headstore.report import attribution_figures as AF
 from headstore.report import figures as F
+from headstore.report import figures_attention as AA
 from headstore.report import figures_examples as X
 from headstore.report import figures_heads as H
 from headstore.store_schema import HeadstoreError
@@ -26,12 +28,15 @@ class Presenter:
 
 
 PRESENTERS: dict[str, Presenter] = {
+    "attention-attribution": Presenter(AA.attention_attribution_summary, AA.attention_attribution_plot),
     "attention-search": Presenter(X.attention_search_summary, X.attention_search_plot),
     "attention-stats": Presenter(H.attention_stats_summary, H.attention_stats_plot),
+    "attribution-patching": Presenter(AF.attribution_patching_summary, AF.attribution_patching_plot),
     "calibration": Presenter(F.calibration_summary, F.calibration_plot),
     "circuits": Presenter(H.circuits_summary, H.circuits_plot),
     "composition": Presenter(H.composition_summary, H.composition_plot),
     "copy-suppression": Presenter(F.copy_suppression_summary, F.copy_suppression_plot),
+    "edge-attribution": Presenter(AF.edge_attribution_summary, AF.edge_attribution_plot),
     "head-scores": Presenter(H.head_scores_summary, H.head_scores_plot),
     "head-similarity": Presenter(X.head_similarity_summary, X.head_similarity_plot),
     "ifelse-detector": Presenter(H.ifelse_summary, H.ifelse_plot),

@@ -104,8 +104,21 @@ FIELDS: dict[str, Field] = {
             default=False,
         ),
         Field("loss", ("batch", "pos"), "float32", "", "next-token cross-entropy (NaN at the last position)"),
+        # extract --grad METRIC: dM/d(activation) of each sequence's metric M (headstore.extract.grad)
+        *(
+            Field(name, dims, "storage", "", f"dM/d {hook} (extract --grad METRIC)", default=False)
+            for name, dims, hook in (
+                ("grad_z", ("batch", "layer", "pos", "head", "d_head"), "blocks.{L}.attn.hook_z"),
+                ("grad_q", ("batch", "layer", "pos", "head", "d_head"), "blocks.{L}.attn.hook_q (pre-rotary)"),
+                ("grad_k", ("batch", "layer", "pos", "kv_head", "d_head"), "blocks.{L}.attn.hook_k (pre-rotary)"),
+                ("grad_v", ("batch", "layer", "pos", "kv_head", "d_head"), "blocks.{L}.attn.hook_v"),
+                ("grad_mlp_in", ("batch", "layer", "pos", "d_model"), "blocks.{L}.hook_mlp_in"),
+                ("grad_resid_final", ("batch", "pos", "d_model"), "blocks.{last}.hook_resid_post"),
+            )
+        ),
     )
 }
+GRAD_FIELDS = tuple(name for name in FIELDS if name.startswith("grad_"))  # stored only with extract --grad
 
 DEFAULT_FIELDS = tuple(name for name, f in FIELDS.items() if f.default)
 MANIFEST = "batch_done"
@@ -147,7 +160,7 @@ WEIGHTS: dict[str, Weight] = {
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "default": DEFAULT_FIELDS,
-    "all": tuple(FIELDS),
+    "all": tuple(n for n in FIELDS if n not in GRAD_FIELDS),  # gradients come with --grad METRIC
     # pattern (batch, layer, head, query_pos, key_pos) grows with seq_len**2: store q and k instead and
     # let open_store derive pattern from them (store_schema.attention.derived_pattern).
     "compact": (*(n for n in DEFAULT_FIELDS if n != "pattern"), "q", "k"),

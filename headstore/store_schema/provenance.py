@@ -147,6 +147,9 @@ class Provenance:
     # the shared weights store this store takes W_E, W_EE, W_U, ... from (``extract --weights``); None:
     # self-contained. Not part of ``identity`` (the weights themselves are, via model.weights_sha256).
     weights_store: WeightsRef | None = None
+    # the metric whose gradients the store holds (``extract --grad``, e.g. "logit-diff:io_token,s_token@end_pos");
+    # None: no gradients (and what stores made before the option read as).
+    grad: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of the store's attrs (key order as the fields')."""
@@ -183,7 +186,9 @@ class Provenance:
             raise HeadstoreError(f"store has schema version {version}, older than {SCHEMA_VERSION}: re-extract it")
         names = {f.name for f in fields(cls)}
         missing = sorted(
-            n for n in names - set(d) if n not in ("versions", "created", "pattern_layers", "layout", "weights_store")
+            n
+            for n in names - set(d)
+            if n not in ("versions", "created", "pattern_layers", "layout", "weights_store", "grad")
         )
         if missing:
             raise HeadstoreError(f"store attrs lack {', '.join(missing)}: the store is damaged; re-extract it")
@@ -207,6 +212,8 @@ class Provenance:
             raise HeadstoreError(f"store attr layout must be one of {LAYOUTS}, got {_short(kwargs['layout'])}")
         ref = kwargs.get("weights_store")
         kwargs["weights_store"] = None if ref is None else WeightsRef.from_dict(ref)
+        if not isinstance(kwargs.setdefault("grad", None), str | None):
+            raise HeadstoreError(f"store attr grad must be null or a metric string, got {_short(kwargs['grad'])}")
         if kwargs["storage_dtype"] not in STORAGE_DTYPES:
             raise HeadstoreError(f"store attr storage_dtype must be one of {STORAGE_DTYPES}")
         _expect(kwargs, "fields", list)
@@ -248,6 +255,7 @@ class Provenance:
             "layers": list(self.layers),
             "pattern_layers": list(self.stored_pattern_layers),
             "batch_size": self.batch_size,
+            "grad": self.grad,
         }
 
     def check_same_run(self, other: Provenance) -> None:
