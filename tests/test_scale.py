@@ -469,7 +469,7 @@ def test_dry_run_plan_matches_the_store_written(kw: dict[str, object], tmp_path:
     # the CLI prints it, per field, and writes nothing
     argv = ["extract", "--out", str(tmp_path / "cli.zarr"), "--device", "cpu", "--no-progress", "--dry-run"]
     for k, v in kw.items():
-        argv += [f"--{k.replace('_', '-')}", str(v)]
+        argv += [f"--{k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
     res = CliRunner().invoke(app, argv)
     text = " ".join(res.output.split())
     assert res.exit_code == 0 and "dry run: nothing written" in text and "B/token" in text and "files" in text
@@ -510,7 +510,7 @@ def test_full_disk_refused_up_front_then_mid_run_then_resumes(
     filler.write_bytes(b"\0" * (sh.disk_usage(small_disk).free - room))
     argv = ["extract", "--out", str(out), "--device", "cpu", "--no-progress"]
     for k, v in kw.items():
-        argv += [f"--{k.replace('_', '-')}", str(v)]
+        argv += [f"--{k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
 
     res = CliRunner().invoke(app, argv)  # the plan does not fit: refused before anything is written
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
