@@ -262,7 +262,7 @@ def _fill(
     bs = prov.batch_size
     done = done_mask(out)
     todo = [s for s in mine if not done[s : s + bs].all()]
-    writer = StoreWriter(out)
+    writer = StoreWriter(out, prov)  # the provenance this run holds (created or checked the same run)
     bar = tqdm(
         total=sum(min(bs, n - s) * prov.seq_len for s in todo),
         unit="tok",
