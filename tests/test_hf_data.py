@@ -80,12 +80,12 @@ def test_store_tokens_are_tokenize_and_concatenate_windows(folder: Path, tok: An
     assert want.shape[0] > 200  # every batch's windows
     out = tmp_path / "hf.zarr"
     extract(ExtractRequest(model="tiny-gpt2", data=f"hf:{folder}", out=str(out), seq_len=48, batch_size=64,
-                           fields="ln_final_scale", progress=False, device="cpu"))  # fmt: skip
+                           fields=("ln_final_scale",), progress=False, device="cpu"))  # fmt: skip
     got = headstore.open_store(out)["tokens"].values
     np.testing.assert_array_equal(got, want)
     d = read_provenance(out).dataset
-    assert d["kind"] == "hf" and d["n_sequences"] == want.shape[0]
-    o = d["options"]
+    assert d.kind == "hf" and d.n_sequences == want.shape[0]
+    o = d.options
     assert (o["name"], o["split"], o["column"], o["streaming"], o["shuffle_seed"]) == (
         "docs",
         "train",
