@@ -391,6 +391,8 @@ def test_main_job_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     L, h = np.unravel_index(np.nanargmax(prev), prev.shape)
     top = findings[(findings["kind"] == "previous-token") & (findings["rank"] == 1)].iloc[0]
     assert top["head"] == f"{int(hs['layer'].values[L])}.{h}" and abs(top["score"] - prev[L, h]) < 1e-6
+    text_ds = open_store(job.out / "stores" / "text.zarr").hs.provenance.dataset
+    assert (text_ds.options["source"], text_ds.options["name"]) == ("hf", "python-stdlib-docstrings")
     page = (job.out / "census.html").read_text(encoding="utf-8")
     assert "Induction circuit" in page and "Path patching" in page and "Calibration with heads removed" in page
     saved = {p.parent.name for p in job.out.glob("*/*/summary.csv")}

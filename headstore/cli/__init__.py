@@ -259,12 +259,16 @@ def run_main(
     model: Annotated[str, typer.Option(help="model to run")] = "smollm2-135m",
     n_ioi: Annotated[int, typer.Option(help="IOI prompts (and as many ABC twins)")] = 32,
     n_text: Annotated[int, typer.Option(help="text windows of 128 tokens (calibration)")] = 32,
+    text_data: Annotated[
+        str | None,
+        typer.Option(help="the text store's --data, e.g. hf:stas/openwebtext-10k (default: the stdlib's docstrings)"),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
 ) -> None:
     """The main job: a head census of the model, the seeds' experiments on heads chosen from the data, reports."""
     from headstore.pipeline import MainJob, run_main_job
 
-    run_main_job(MainJob(out=out, model=model, n_ioi=n_ioi, n_text=n_text, device=device))
+    run_main_job(MainJob(out=out, model=model, n_ioi=n_ioi, n_text=n_text, text_data=text_data, device=device))
     console.print(f"done: everything is under {out}/")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from headstore.pipeline.job import STORES, MainJob, Stages, console, extract_fields
+from headstore.pipeline.text_dataset import text_data
 
 
 def weights_dir(job: MainJob) -> Path:
@@ -12,7 +13,8 @@ def weights_dir(job: MainJob) -> Path:
     return job.out / "stores" / f"weights-{Path(job.model).name}.zarr"
 
 
-def extract_store(job: MainJob, stage: Stages, name: str, **kw: object) -> Path:
+def extract_store(job: MainJob, stage: Stages, name: str, data: str | None = None, **kw: object) -> Path:
+    """Store ``name`` of the main job, from its plan's data source unless ``data`` names another."""
     from headstore.extract import ExtractRequest, extract
 
     plan = STORES[name]
@@ -21,7 +23,7 @@ def extract_store(job: MainJob, stage: Stages, name: str, **kw: object) -> Path:
     with stage(f"extract {plan.data}"):
         res = extract(
             ExtractRequest(
-                model=job.model, data=plan.data, out=str(path), fields=extract_fields(plan),
+                model=job.model, data=data or plan.data, out=str(path), fields=extract_fields(plan),
                 batch_size=job.batch_size, device=job.device, weights=str(weights_dir(job)), **kw,  # type: ignore[arg-type]
             )
         )  # fmt: skip
@@ -34,7 +36,15 @@ def extract_stores(job: MainJob, stage: Stages) -> dict[str, Path]:
     return {
         "ioi": extract_store(job, stage, "ioi", n_seq=job.n_ioi),
         "ioi-abc": extract_store(job, stage, "ioi-abc", n_seq=job.n_ioi),
-        "text": extract_store(job, stage, "text", n_seq=job.n_text, seq_len=job.text_seq_len, dtype="float16"),
+        "text": extract_store(
+            job,
+            stage,
+            "text",
+            text_data(job.out, job.text_data),
+            n_seq=job.n_text,
+            seq_len=job.text_seq_len,
+            dtype="float16",
+        ),
         "repeated-random": extract_store(
             job, stage, "repeated-random", n_seq=job.n_repeat, seq_len=job.repeat_seq_len, dtype="float16"
         ),

@@ -29,6 +29,7 @@ class MainJob:
     n_ioi: int = 32
     n_text: int = 32
     text_seq_len: int = 128
+    text_data: str | None = None  # --data of the text store (hf:NAME...); None: the stdlib docstrings dataset
     n_repeat: int = 16
     repeat_seq_len: int = 61  # BOS + 30 random tokens, twice
     batch_size: int = 8

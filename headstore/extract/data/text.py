@@ -26,7 +26,8 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.glob("*.py") if not p.name.startswith("_"))
 
 
-def _stdlib_docstrings(limit_chars: int) -> list[str]:
+def stdlib_docstrings(limit_chars: int) -> list[str]:
+    """The standard library's docstrings of more than 200 characters, in file order, up to about ``limit_chars``."""
     out, total = [], 0
     for path in stdlib_files():
         try:
@@ -66,7 +67,7 @@ def build_text(arg: str, req: DataRequest, tokenizer: Any) -> TokenDataset:
     seq_len = req.seq_len or DEFAULT_SEQ_LEN
     n_seq = req.n_seq or 64
     body = seq_len - 1 if req.prepend_bos else seq_len
-    texts = _read_texts(arg) if arg else _stdlib_docstrings(limit_chars=n_seq * body * 8)
+    texts = _read_texts(arg) if arg else stdlib_docstrings(limit_chars=n_seq * body * 8)
     stream: list[int] = []
     sep = tokenizer.eos_token_id
     for t in texts:
