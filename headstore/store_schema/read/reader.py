@@ -121,7 +121,8 @@ def _check_range_requests(where: StorePath, root: zarr.Group) -> None:
     tokens = root["tokens"]
     assert isinstance(tokens, zarr.Array)
     key = tokens.metadata.encode_chunk_key((0,) * tokens.ndim)
-    fs = fsspec.filesystem(where.url.split("://")[0], **(where.storage_options or {}))
+    with where.needs_packages():
+        fs = fsspec.filesystem(where.url.split("://")[0], **(where.storage_options or {}))
     got = fs.cat_file(f"{where.url.rstrip('/')}/tokens/{key}", start=0, end=2)
     if len(got) != 2:
         raise HeadstoreError(
