@@ -5,12 +5,15 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import shutil
 import socket
+import sys
 import threading
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -158,3 +161,85 @@ def test_s3_store_equals_local(tiny_store: Path, s3_endpoint: str) -> None:
     local = open_store(tiny_store)
     assert remote.attrs == local.attrs
     assert_same(analysis(remote), analysis(local))
+
+
+# --- a missing optional package: one line naming what to install ---------------------------------------
+
+
+@pytest.fixture()
+def unimportable(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """``unimportable("s3fs", forget=("fsspec.implementations.http",))``: ``import s3fs`` fails as if it were not
+    installed, and the modules in ``forget`` (and fsspec's cached filesystems) are imported afresh; modules
+    first imported meanwhile are dropped afterwards."""
+    registry = sys.modules["fsspec.registry"]._registry  # type: ignore[attr-defined]
+    before = set(sys.modules)
+
+    def hide(*names: str, forget: tuple[str, ...] = ()) -> None:
+        for name in names:
+            monkeypatch.setitem(sys.modules, name, None)
+        for key in [k for k in sys.modules if k.startswith(forget)] if forget else []:
+            monkeypatch.delitem(sys.modules, key)
+        for proto in list(registry):
+            monkeypatch.delitem(registry, proto)
+
+    yield hide
+    monkeypatch.undo()
+    for key in set(sys.modules) - before:
+        del sys.modules[key]
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+
+
+def test_missing_s3fs_is_one_line_naming_the_remote_extra(unimportable: Callable[..., None]) -> None:
+    from headstore.store_schema import HeadstoreError
+
+    unimportable("s3fs")
+    with pytest.raises(HeadstoreError) as ei:
+        open_store("s3://bucket/store.zarr")
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith("reading s3:// stores (s3://bucket/store.zarr) needs s3fs"), msg
+    assert msg.endswith("pip install 'headstore[remote]'"), msg
+    assert any(d.startswith("s3fs") for d in _pyproject()["project"]["optional-dependencies"]["remote"])
+
+
+def test_http_needs_no_extra_and_a_missing_aiohttp_says_so(unimportable: Callable[..., None]) -> None:
+    """aiohttp and requests are core dependencies (``pip install headstore`` reads over HTTP); without them the
+    error names the package, not fsspec's ``HTTPFileSystem requires ...``."""
+    from headstore.store_schema import HeadstoreError
+
+    core = {re.split(r"[<>=\[ ]", d)[0] for d in _pyproject()["project"]["dependencies"]}
+    assert {"aiohttp", "requests", "fsspec"} <= core
+    unimportable("aiohttp", forget=("fsspec.implementations.http",))
+    with pytest.raises(HeadstoreError) as ei:
+        open_store("http://127.0.0.1:9/store.zarr")
+    msg = str(ei.value)
+    assert "\n" not in msg and "needs aiohttp, which is not installed: pip install aiohttp" in msg, msg
+    assert "HTTPFileSystem" not in msg
+
+
+def test_extract_without_torch_is_one_line_naming_the_extract_extra(
+    unimportable: Callable[..., None], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from headstore.cli import app
+
+    unimportable("torch", forget=("headstore.extract",))
+    out = tmp_path / "s.zarr"
+    res = CliRunner().invoke(app, ["extract", "--model", "tiny-gpt2", "--data", "ioi", "--out", str(out)])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0] == "error: extraction needs torch, which is not installed: pip install 'headstore[extract]'"
+    assert not out.exists()
+
+
+def test_every_extra_named_in_errors_is_in_pyproject() -> None:
+    from headstore.store_schema.errors import CORE, EXTRAS
+
+    extras = _pyproject()["project"]["optional-dependencies"]
+    core = {re.split(r"[<>=\[ ]", d)[0].replace("-", "_") for d in _pyproject()["project"]["dependencies"]}
+    assert set(CORE) <= core
+    for module, extra in EXTRAS.items():
+        assert module in {re.split(r"[<>=\[ ]", d)[0].replace("-", "_") for d in extras[extra]}, (module, extra)

@@ -13,7 +13,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -115,10 +115,23 @@ def test_tokens_only_store_completes(make_store: Callable[..., Path]) -> None:
 
 
 class _Counting(RangeRequestHandler):
+    """Logs each request (path, Range header) and counts the body bytes sent under each top-level folder."""
+
     sent: ClassVar[list[tuple[str, str | None]]] = []
+    body_bytes: ClassVar[dict[str, int]] = {}
 
     def log_message(self, format: str, *args: object) -> None:
         _Counting.sent.append((self.path, self.headers.get("Range")))
+
+    def copyfile(self, source: Any, outputfile: Any) -> None:
+        top = self.path.lstrip("/").split("/")[0]
+
+        class Out:
+            def write(self, b: bytes) -> int:
+                _Counting.body_bytes[top] = _Counting.body_bytes.get(top, 0) + len(b)
+                return int(outputfile.write(b))
+
+        super().copyfile(source, Out())
 
 
 @pytest.fixture()
@@ -193,13 +206,26 @@ def test_two_stores_share_one_weights_store(shared: Path, make_store: Callable[.
     assert validate(a).ok and validate(b).ok
 
 
-def test_missing_or_changed_weights_store_is_refused_by_name(shared: Path, tmp_path: Path) -> None:
+def test_missing_or_replaced_weights_store_is_refused_by_name(shared: Path, tmp_path: Path) -> None:
+    """open_store checks the weights store's identity from its metadata: a weights store made from other weights
+    (it records another sha256 about itself) is refused; one changed in place after it was made (its record kept,
+    its chunks' checksums valid) opens, and ``validate``, which hashes every array, finds it."""
     from headstore.store_schema import HeadstoreError
+    from headstore.store_schema.hashing import content_sha256
+    from headstore.store_schema.layout import WEIGHTS_ATTRS
 
     copy = tmp_path / "copy"
     shutil.copytree(shared, copy)
     w = zarr.open_group(str(copy / "w" / "tiny.zarr"), mode="r+", zarr_format=3)
     w["W_U"][3, 5] = float(w["W_U"][3, 5]) + 1e-3  # type: ignore[index, arg-type]  # one changed value
+    open_store(copy / "a.zarr")  # metadata only: the change is not seen on open
+    problems = validate(copy / "a.zarr").problems
+    assert [p for p in problems if p.startswith("weights store: ")] == list(problems) and len(problems) == 1, problems
+    assert "its arrays hash to sha256" in problems[0] and "recorded at its creation" in problems[0], problems
+    attrs = dict(w.attrs[WEIGHTS_ATTRS])  # type: ignore[arg-type]
+    attrs["sha256"] = content_sha256({n: np.asarray(a[...]) for n, a in w.arrays()})  # as a re-made store records
+    w.attrs[WEIGHTS_ATTRS] = attrs
+    zarr.consolidate_metadata(str(copy / "w" / "tiny.zarr"), zarr_format=3)
     for store in ("a.zarr", "b.zarr"):
         with pytest.raises(HeadstoreError, match=r"weights store .*tiny\.zarr holds different weights") as ei:
             open_store(copy / store)
@@ -211,6 +237,23 @@ def test_missing_or_changed_weights_store_is_refused_by_name(shared: Path, tmp_p
     res = CliRunner().invoke(app, ["analyze", "copy-suppression", str(copy / "a.zarr"), "--out", str(tmp_path / "o")])
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and "which is missing" in lines[0], res.stderr
+
+
+def test_weights_store_of_other_shapes_is_refused_from_its_metadata(shared: Path, tmp_path: Path) -> None:
+    """A weights store recording the right sha256 but holding W_U of another vocabulary size (its metadata says
+    so) is refused on open, naming the array and the size."""
+    from headstore.store_schema import HeadstoreError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shared, copy)
+    w = zarr.open_group(str(copy / "w" / "tiny.zarr"), mode="r+", zarr_format=3)
+    d_model, d_vocab = w["W_U"].shape  # type: ignore[misc]
+    del w["W_U"]
+    w.create_array("W_U", shape=(d_model, d_vocab - 1), dtype="float32", dimension_names=("d_model", "d_vocab"))
+    zarr.consolidate_metadata(str(copy / "w" / "tiny.zarr"), zarr_format=3)
+    with pytest.raises(HeadstoreError, match=rf"holds W_U with d_vocab {d_vocab - 1} \(not {d_vocab}\)") as ei:
+        open_store(copy / "a.zarr")
+    assert "\n" not in str(ei.value)
 
 
 def test_validate_checks_a_weights_store(shared: Path, tmp_path: Path) -> None:
@@ -251,21 +294,25 @@ def _flip_byte(f: Path) -> None:
 
 
 def test_flipped_byte_in_a_weights_store_is_refused_naming_store_array_chunk(shared: Path, tmp_path: Path) -> None:
-    """zarr's bare ``ValueError: Stored and computed checksum do not match`` becomes one line naming the weights
-    store, the array and the chunk (W_E is one chunk: ``c/0/0``), saying to run ``headstore validate``."""
+    """Opening reads metadata only; reading W_E turns zarr's bare ``ValueError: Stored and computed checksum do not
+    match`` into one line naming the weights store, the array and the chunk (W_E is one chunk: ``c/0/0``), saying to
+    run ``headstore validate``."""
     from headstore.store_schema import HeadstoreError
 
     copy = tmp_path / "copy"
     shutil.copytree(shared, copy)
     _flip_byte(copy / "w" / "tiny.zarr" / "W_E" / "c" / "0" / "0")
     for store in ("a.zarr", "b.zarr"):
+        ds = open_store(copy / store)
+        ds["W_U"].values  # noqa: B018  (intact arrays read)
         with pytest.raises(HeadstoreError) as ei:
-            open_store(copy / store)
+            ds["W_E"].values  # noqa: B018
         msg = str(ei.value)
         assert "\n" not in msg and msg.startswith(f"{copy / 'w' / 'tiny.zarr'}: array 'W_E' has a damaged chunk"), msg
         assert "(chunk 0.0): ValueError: Stored and computed checksum do not match" in msg, msg
         assert f"run `headstore validate {copy / 'w' / 'tiny.zarr'}`" in msg, msg
         assert isinstance(ei.value.__cause__, ValueError)
+    assert any("W_E" in p and "damaged" in p for p in validate(copy / "a.zarr").problems)
 
 
 def test_flipped_byte_in_an_activation_chunk_read_lazily_names_store_array_chunk(
@@ -328,13 +375,15 @@ def test_store_and_weights_store_over_http(shared: Path) -> None:
         server.server_close()
 
 
-def test_store_and_weights_store_over_http_read_each_group_metadata_once(shared: Path) -> None:
-    """Two groups (the store and its weights store), two metadata requests: each root ``zarr.json`` once."""
+def test_store_and_weights_store_over_http_open_reads_metadata_only(shared: Path) -> None:
+    """Two groups (the store and its weights store), two metadata requests: each root ``zarr.json`` once; and
+    nothing of the weights store's arrays: less than 5% of its bytes cross the network on open."""
     server = __import__("http.server").server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(_Counting, directory=str(shared))
     )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _Counting.sent.clear()
+    _Counting.body_bytes.clear()
     try:
         open_store(f"http://127.0.0.1:{server.server_address[1]}/a.zarr")
     finally:
@@ -342,6 +391,9 @@ def test_store_and_weights_store_over_http_read_each_group_metadata_once(shared:
         server.server_close()
     metadata = sorted(path for path, _ in _Counting.sent if path.endswith("zarr.json"))
     assert metadata == ["/a.zarr/zarr.json", "/w/tiny.zarr/zarr.json"], _Counting.sent
+    on_disk = sum(p.stat().st_size for p in (shared / "w").rglob("*") if p.is_file())
+    sent = _Counting.body_bytes.get("w", 0)
+    assert 0 < sent < 0.05 * on_disk, (sent, on_disk, _Counting.sent)
 
 
 # --- bfloat16 models -----------------------------------------------------------------------------

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import zarr
+
+from headstore.store_schema.errors import missing_dependency
 
 
 def is_local(path: str | os.PathLike[str]) -> bool:
@@ -59,7 +63,20 @@ class StorePath:
 
     def open_group(self) -> zarr.Group:
         """The root group, read-only (its metadata read once)."""
-        return zarr.open_group(self.url, mode="r", zarr_format=3, storage_options=self.options)
+        with self.needs_packages():
+            return zarr.open_group(self.url, mode="r", zarr_format=3, storage_options=self.options)
+
+    @contextmanager
+    def needs_packages(self) -> Iterator[None]:
+        """Around what makes fsspec import the filesystem of a URL: a missing package (``s3fs`` for
+        ``s3://``) becomes one line naming what to install, not fsspec's bare ImportError."""
+        try:
+            yield
+        except ImportError as e:
+            error = missing_dependency(e, f"reading {self.url.split('://')[0]}:// stores ({self.url})")
+            if error is None:
+                raise
+            raise error from e
 
     def __str__(self) -> str:
         return self.url

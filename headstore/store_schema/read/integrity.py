@@ -77,7 +77,7 @@ def validate(path: str | os.PathLike[str], storage_options: dict[str, Any] | Non
             problems.extend(_check_chunks(arr, wname, None))
     if prov.weights_store is not None:  # every array of it read back (crc32c) and hashed
         try:
-            verify(str(path), prov.weights_store, storage_options, fresh=True)
+            verify(str(path), prov.weights_store, storage_options, content=True)
         except HeadstoreError as e:
             problems.append(f"weights store: {e}")
     return ValidationReport(str(path), n, int(done.sum()), tuple(problems))

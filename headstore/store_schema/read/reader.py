@@ -79,8 +79,9 @@ def open_store(
     missing = [name for name in prov.fields if name not in ds]
     if missing:
         raise HeadstoreError(f"store lacks {', '.join(missing)} that its attrs list: the store is damaged")
-    if prov.weights_store is not None:  # W_E, W_U, ... from the shared weights store, hash verified
-        wds = open_weights(where.url, prov.weights_store, storage_options)
+    if prov.weights_store is not None:  # W_E, W_U, ... from the shared weights store: its metadata checked
+        sizes: dict[str, int] = {d: int(prov.config[d]) for d in ("d_vocab", "d_model", "n_ctx") if d in prov.config}
+        wds = open_weights(where.url, prov.weights_store, storage_options, sizes)
         for name in wds.data_vars:
             ds[name] = wds[name]
     ds = ds.assign_coords(_coordinates(ds, prov))
@@ -121,7 +122,8 @@ def _check_range_requests(where: StorePath, root: zarr.Group) -> None:
     tokens = root["tokens"]
     assert isinstance(tokens, zarr.Array)
     key = tokens.metadata.encode_chunk_key((0,) * tokens.ndim)
-    fs = fsspec.filesystem(where.url.split("://")[0], **(where.storage_options or {}))
+    with where.needs_packages():
+        fs = fsspec.filesystem(where.url.split("://")[0], **(where.storage_options or {}))
     got = fs.cat_file(f"{where.url.rstrip('/')}/tokens/{key}", start=0, end=2)
     if len(got) != 2:
         raise HeadstoreError(

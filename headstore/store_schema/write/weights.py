@@ -22,7 +22,7 @@ from headstore.store_schema.paths import StorePath, is_local
 from headstore.store_schema.provenance_parts import WeightsRef
 from headstore.store_schema.read.guard import guarded_arrays
 from headstore.store_schema.read.reader import read_provenance
-from headstore.store_schema.read.weights import VERIFIED, file_stats, verify
+from headstore.store_schema.read.weights import verify
 from headstore.store_schema.write.create import consolidate, write_weights
 from headstore.store_schema.write.durable import sync_folder, sync_tree
 
@@ -59,7 +59,6 @@ def ensure_weights_store(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    VERIFIED[(where, file_stats(where))] = sha
     return sha
 
 
@@ -80,7 +79,7 @@ def _reuse(where: str, shared: Mapping[str, np.ndarray]) -> str:
                 f"--weights {where} holds another model's weights ({name} differs): choose another folder"
             )
     ref_path = os.path.abspath(where) if is_local(where) else where
-    verify(where, WeightsRef(path=ref_path, sha256=attrs["sha256"], arrays=tuple(shared)))
+    verify(where, WeightsRef(path=ref_path, sha256=attrs["sha256"], arrays=tuple(shared)), content=True)
     return str(attrs["sha256"])
 
 
@@ -97,7 +96,7 @@ def pack(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     ref = prov.weights_store
     arrays = {}
     if ref is not None:
-        weights = guarded_arrays(verify(str(src), ref), str(StorePath.of(src).join(ref.path)))
+        weights = guarded_arrays(verify(str(src), ref, content=True), str(StorePath.of(src).join(ref.path)))
         arrays = {name: np.asarray(weights[name][...]) for name in ref.arrays}
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
