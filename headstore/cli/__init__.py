@@ -58,12 +58,12 @@ app = typer.Typer(
 def extract(
     model: Annotated[str, typer.Option(help="smollm2-135m, tiny-gpt2, tiny-llama, a HF id or a model folder")],
     data: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="ioi, ioi-abc, text[:PATHS], code-ifelse[:PATHS], repeated-random, tokens:FILE.npy[,COLUMNS], jsonl:FILE, csv:FILE, parquet:FILE (your own prompts), hf:NAME[:CONFIG][:SPLIT][,column=C][,shuffle=SEED][,streaming] (a Hugging Face dataset)"
         ),
-    ],
-    out: Annotated[Path, typer.Option(help="store folder to create (or resume)")],
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="store folder to create (or resume)")] = None,
     fields: Annotated[
         str,
         typer.Option(
@@ -77,6 +77,7 @@ def extract(
     seq_len: Annotated[int | None, typer.Option(help="tokens per sequence (default: per dataset)")] = None,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass (= chunk along batch)")] = 8,
     n_seq: Annotated[int | None, typer.Option(help="number of sequences")] = None,
+    n_tokens: Annotated[int | None, typer.Option(help="instead of --n-seq: ceil(N / seq_len) sequences")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1")] = "auto",
     dtype: Annotated[
         str,
@@ -109,7 +110,8 @@ def extract(
     dry_run: Annotated[
         bool,
         typer.Option(
-            help="print the plan (bytes per field, files, weights, time from one timed batch) and write nothing"
+            help="print the plan (bytes per field, files, disk, weights, time from one timed batch) and write nothing; "
+            "--model a config.json (or a folder with only one): planned from its shapes, no weights or data"
         ),
     ] = False,
     ignore_space: Annotated[
@@ -125,29 +127,39 @@ def extract(
 ) -> None:
     """Run the model once over the data and write every per-head field into a Zarr store."""
     from headstore.cli.extract_args import fields_option, layers_option, shard_option
-    from headstore.extract import ExtractRequest
-    from headstore.extract import extract as run_extract
+    from headstore.extract.plan_config import config_only, plan_from_config
+    from headstore.extract.request import ExtractRequest
 
     names, drop = fields_option(fields)
-    res = run_extract(
-        ExtractRequest(
-            model=model, data=data, out=str(out), fields=names, drop=drop, layers=layers_option(layers),
-            pattern_layers=layers_option(pattern_layers, "--pattern-layers"), seq_len=seq_len,
-            batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, model_dtype=model_dtype, seed=seed,
-            prepend_bos=prepend_bos, shard=shard_option(shard), progress=progress, layout=layout, weights=weights,
-            dry_run=dry_run, ignore_space=ignore_space, grad=grad,
-        )
+    req = ExtractRequest(
+        model=model, data=data or "", out="" if out is None else str(out), fields=names, drop=drop,
+        layers=layers_option(layers), pattern_layers=layers_option(pattern_layers, "--pattern-layers"),
+        seq_len=seq_len, batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, model_dtype=model_dtype,
+        seed=seed, prepend_bos=prepend_bos, shard=shard_option(shard), progress=progress, layout=layout,
+        weights=weights, dry_run=dry_run, ignore_space=ignore_space, grad=grad, n_tokens=n_tokens,
     )  # fmt: skip
+    config = config_only(model) if dry_run else None
+    if config is not None:  # planned from the config alone, torch never imported (extract() would do the same)
+        _print_plan(plan_from_config(req, config))
+        return
+    from headstore.extract import extract as run_extract
+
+    res = run_extract(req)
     if dry_run and res.plan is not None:
-        for line in res.plan.lines():
-            console.print(line, highlight=False, soft_wrap=True)
-        console.print("dry run: nothing written", highlight=False)
+        _print_plan(res.plan)
         return
     console.print(
         f"{res.path}: {res.n_sequences} sequences; wrote {res.written} batches, "
         f"{res.skipped} already done, {res.seconds:.1f} s (set-up {res.setup_seconds:.1f} s, "
         f"{res.n_tokens_written / max(res.fill_seconds, 1e-9):.0f} tokens/s while filling)"
     )
+
+
+def _print_plan(plan: Any) -> None:
+    """A dry run's plan, line by line (``extract.plan.Plan.lines``)."""
+    for line in plan.lines():
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print("dry run: nothing written", highlight=False)
 
 
 @app.command()
@@ -362,7 +374,7 @@ def serve(
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["extract"]:  # a job process: glibc malloc settings for it (malloc.py)
+    if sys.argv[1:2] == ["extract"] and "--dry-run" not in sys.argv:  # a job process: malloc settings (malloc.py)
         restart_tuned(["-m", "headstore.cli", *sys.argv[1:]])
     try:  # typer >= 0.2x vendors click as typer._click
         from typer._click.exceptions import ClickException, NoArgsIsHelpError
