@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from headstore.extract.batch import HostBuffers, hook_names, run_batch
+from headstore.extract.batch import HostBatch, HostBuffers, hook_names, run_batch
 from headstore.extract.compact import check_pattern_derivable, derives_pattern
 from headstore.extract.data import DataRequest, TokenDataset, build_dataset
 from headstore.extract.families import resolve_fields
@@ -155,6 +155,15 @@ def extract(req: ExtractRequest) -> ExtractResult:
             raise
         raise disk_full(out, ds.tokens.shape[0], req.batch_size) from None
     return dataclasses.replace(res, plan=plan)
+
+
+def write_batch(writer: StoreWriter, start: int, batch: HostBatch) -> None:
+    """The writer thread's task: write the batch, then give its pinned buffers back for a later batch to reuse
+    (after the write returns: ``StoreWriter.write_batch`` reads the arrays synchronously)."""
+    try:
+        writer.write_batch(start, batch.arrays())
+    finally:
+        batch.release()
 
 
 def my_batches(n: int, batch_size: int, shard: tuple[int, int]) -> list[int]:
@@ -294,7 +303,7 @@ def _fill(
                 tw = time.perf_counter()
                 pending.result()  # at most one batch in flight: memory bounded by two batches
                 waited += time.perf_counter() - tw
-            pending = pool.submit(lambda s, b: writer.write_batch(s, b.arrays()), start, batch)
+            pending = pool.submit(write_batch, writer, start, batch)
             bar.update(toks.size)
             n_tok += toks.size
         if pending is not None:
