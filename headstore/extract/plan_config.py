@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from headstore.extract.plan import Plan, make_plan
+from headstore.extract.request import resolve_layers
 from headstore.store_schema import HeadstoreError, Provenance
 from headstore.store_schema.layout import SCHEMA_VERSION
 
@@ -124,11 +125,9 @@ def config_weights(cfg: dict[str, Any], layers: tuple[int, ...], seq_len: int) -
     return {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
 
 
-def plan_from_config(req: Any, path: Path) -> Plan:
-    """The plan of ``req`` (an ``ExtractRequest`` with ``dry_run``) for the model whose config is at ``path``."""
-    from headstore.extract.request import resolve_layers
-    from headstore.store_schema.arrays import store_sizes
-
+def config_provenance(req: Any, path: Path) -> Provenance:
+    """The provenance a store of ``req`` (an ``ExtractRequest``) would record for the model whose config is at
+    ``path``: its fields, layers and dim sizes; what a config cannot give (tokenizer, data) left blank."""
     n_seq = req.n_sequences()
     if req.seq_len is None or n_seq is None:
         raise HeadstoreError(
@@ -145,11 +144,20 @@ def plan_from_config(req: Any, path: Path) -> Plan:
     if "pattern" in fields:
         pl = req.pattern_layers
         pattern_layers = layers if pl == "all" else resolve_layers("pattern_layers", pl, cfg["n_layers"])
-    prov = _provenance(req, path, cfg, fields, layers, pattern_layers, n_seq)
+    return _provenance(req, path, cfg, fields, layers, pattern_layers, n_seq)
+
+
+def plan_from_config(req: Any, path: Path) -> Plan:
+    """The plan of ``req`` (an ``ExtractRequest`` with ``dry_run``) for the model whose config is at ``path``."""
+    from headstore.store_schema.arrays import store_sizes
+
+    prov = config_provenance(req, path)
+    cfg, n_seq = prov.config, prov.dataset.n_sequences
     # token ids drawn uniformly: Zstd keeps about what it keeps of real text's ids (an upper bound)
-    tokens = np.random.default_rng(0).integers(0, cfg["d_vocab"], (n_seq, req.seq_len), dtype=np.int32)
+    tokens = np.random.default_rng(0).integers(0, cfg["d_vocab"], (n_seq, prov.seq_len), dtype=np.int32)
     sizes = store_sizes(cfg, prov, n_seq)
-    plan = make_plan(req.out or "(no --out)", prov, sizes, tokens, {}, config_weights(cfg, layers, req.seq_len))
+    weights = config_weights(cfg, prov.layers, prov.seq_len)
+    plan = make_plan(req.out or "(no --out)", prov, sizes, tokens, {}, weights)
     vocab = cfg["d_vocab"] * VOCAB_STRING_BYTES
     basis = f"from {path.name} alone: field sizes from shapes, no weights, tokenizer or data read"
     return dataclasses.replace(plan, weights_bytes=plan.weights_bytes + vocab, weights_files=plan.weights_files + 2,
