@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,12 @@ from typing import Any
 import numpy as np
 
 from headstore.extract.plan import Plan, make_plan
-from headstore.extract.request import resolve_layers
+from headstore.extract.request import ExtractRequest, resolve_layers
 from headstore.store_schema import HeadstoreError, Provenance
 from headstore.store_schema.layout import SCHEMA_VERSION
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.h5", "*.msgpack", "*.ckpt")
-LEARNED_POSITIONS = ("gpt2", "opt", "gpt_neo", "gpt_bigcode", "gpt2_neo")  # model_type: W_pos, no rotary
+LEARNED_POSITIONS = ("gpt2", "opt", "gpt_neo", "gpt_bigcode")  # model_type: W_pos, no rotary
 POST_NORM = ("gemma2", "gemma3", "gemma3_text", "olmo2")  # a norm on the attention output: ln1_post_scale
 NO_PRE_NORM = ("olmo2",)  # post-norm blocks only: no ln1_scale / ln2_scale
 QK_NORM = ("qwen3", "olmo2", "gemma3", "gemma3_text")  # per-head q/k norms: q_norm_w, k_norm_w weights
@@ -125,8 +126,8 @@ def config_weights(cfg: dict[str, Any], layers: tuple[int, ...], seq_len: int) -
     return {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
 
 
-def config_provenance(req: Any, path: Path) -> Provenance:
-    """The provenance a store of ``req`` (an ``ExtractRequest``) would record for the model whose config is at
+def config_provenance(req: ExtractRequest, path: Path) -> Provenance:
+    """The provenance a store of ``req`` would record for the model whose config is at
     ``path``: its fields, layers and dim sizes; what a config cannot give (tokenizer, data) left blank."""
     n_seq = req.n_sequences()
     if req.seq_len is None or n_seq is None:
@@ -144,11 +145,11 @@ def config_provenance(req: Any, path: Path) -> Provenance:
     if "pattern" in fields:
         pl = req.pattern_layers
         pattern_layers = layers if pl == "all" else resolve_layers("pattern_layers", pl, cfg["n_layers"])
-    return _provenance(req, path, cfg, fields, layers, pattern_layers, n_seq)
+    return _provenance(req, path, cfg, fields, layers, pattern_layers, n_seq, req.seq_len)
 
 
-def plan_from_config(req: Any, path: Path) -> Plan:
-    """The plan of ``req`` (an ``ExtractRequest`` with ``dry_run``) for the model whose config is at ``path``."""
+def plan_from_config(req: ExtractRequest, path: Path) -> Plan:
+    """The plan of ``req`` (a dry run) for the model whose config is at ``path``."""
     from headstore.store_schema.arrays import store_sizes
 
     prov = config_provenance(req, path)
@@ -166,16 +167,21 @@ def plan_from_config(req: Any, path: Path) -> Plan:
 
 def _resolve_fields(named: frozenset[str], fields: tuple[str, ...], model: ConfigModel) -> tuple[str, ...]:
     """``families.resolve_fields`` without torch: a field named that the family cannot represent is refused, one
-    from a preset left out (the plan's field lines show which)."""
+    from a preset left out (with the same notice, unless only some families have it)."""
+    missing = model.unrepresentable
     for name in fields:
-        if name in model.unrepresentable and name in named:
-            why = model.unrepresentable[name]
-            raise HeadstoreError(f"--fields {name}: {model.architecture} {why}: leave {name} out of --fields")
-    return tuple(n for n in fields if n not in model.unrepresentable)
+        if name in missing and name in named:
+            raise HeadstoreError(f"--fields {name}: {model.architecture} {missing[name]}: leave {name} out of --fields")
+    dropped = [n for n in fields if n in missing and n != "ln1_post_scale"]
+    if dropped:
+        print(
+            f"headstore: not storing {', '.join(dropped)}: {model.architecture} {missing[dropped[0]]}", file=sys.stderr
+        )
+    return tuple(n for n in fields if n not in missing)
 
 
-def _provenance(req: Any, path: Path, cfg: dict[str, Any], fields: tuple[str, ...], layers: tuple[int, ...],
-                pattern_layers: tuple[int, ...] | None, n_seq: int) -> Provenance:  # fmt: skip
+def _provenance(req: ExtractRequest, path: Path, cfg: dict[str, Any], fields: tuple[str, ...], layers: tuple[int, ...],
+                pattern_layers: tuple[int, ...] | None, n_seq: int, seq_len: int) -> Provenance:  # fmt: skip
     """The provenance the store would record, with what a config cannot give (tokenizer, data) left blank."""
     from headstore.store_schema.provenance_parts import DatasetInfo, ModelInfo, TokenizerInfo
 
@@ -188,7 +194,7 @@ def _provenance(req: Any, path: Path, cfg: dict[str, Any], fields: tuple[str, ..
         tokenizer=tok,
         dataset=data,
         prepend_bos=req.prepend_bos,
-        seq_len=req.seq_len,
+        seq_len=seq_len,
         storage_dtype=req.dtype,
         fields=fields,
         layers=layers,
