@@ -12,7 +12,8 @@ one's names, as in a notebook). Two things are arranged around the blocks, never
   commands, which are CI itself, and commands that start a server that never returns); the test
   checks that each skip gives a reason and that no more than a handful are skipped.
 
-A store a file reads before it makes one (``tiny-ioi.zarr`` in sharing.md) is prepared here first.
+A store a file reads before it makes one (``tiny-ioi.zarr`` in sharing.md) is prepared here first, and the
+checkout's folders a file names as a reader in a checkout would (``bench/configs`` in scale.md) are copied in.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ MAX_SKIPPED = 8
 PREPARED = {
     "sharing.md": [("tiny-ioi.zarr", ["--model", "tiny-gpt2", "--data", "ioi", "--n-seq", "8", "--batch-size", "4"])],
 }
+
+# folders of the checkout a file reads, relative to the repository root (copied into its folder)
+CHECKOUT = {"scale.md": ["bench/configs"]}
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,8 @@ def test_doc_blocks_run(doc: str, tmp_path: Path, servers: tuple[Servers, Path])
         "FSSPEC_S3_ENDPOINT_URL": srv.s3, "MPLBACKEND": "Agg",
     }  # fmt: skip
     cli = [sys.executable, "-m", "headstore.cli"]
+    for folder in CHECKOUT.get(doc, []):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
     for name, args in PREPARED.get(doc, []):
         subprocess.run([*cli, "extract", *args, "--out", name, "--no-progress"], cwd=tmp_path, env=env, check=True,
                        capture_output=True, timeout=600)  # fmt: skip

@@ -227,6 +227,27 @@ def test_extraction_default_and_all(family: str, family_run: Callable[[str], Run
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_plan_from_the_config_alone_matches_the_store(family: str, family_run: Callable[[str], Run]) -> None:
+    """``extract --dry-run`` on the family's config.json alone (no weights): the fields the booted model stores, at
+    the shapes of the store written, and the uncompressed ones' bytes exactly (extract.plan_config)."""
+    import zarr
+
+    from headstore.extract.plan_config import plan_from_config
+
+    run = family_run(family)
+    store, prov = run.folder.parent / f"{family}-all.zarr", provenance(run.ds)
+    req = ExtractRequest(model=str(run.folder / "config.json"), dry_run=True, seq_len=prov.seq_len,
+                         n_seq=prov.dataset.n_sequences, fields=("all",), batch_size=prov.batch_size)  # fmt: skip
+    plan = plan_from_config(req, run.folder / "config.json")
+    assert [f.name for f in plan.fields] == [n for n in prov.fields if n != "tokens"]
+    for f in plan.fields:
+        arr = zarr.open_array(store / f.name, mode="r")
+        assert f.nbytes == arr.nbytes, f.name
+        if f.name != "pattern":
+            assert f.total_bytes == sum(p.stat().st_size for p in (store / f.name).rglob("*") if p.is_file()), f.name
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_unrepresentable_field_named_is_refused_in_one_line(family: str, family_run: Callable[[str], Run],
                                                              tmp_path: Path) -> None:  # fmt: skip
     run = family_run(family)

@@ -14,6 +14,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from headstore.analyze.registry import get_analyzer
+from headstore.cli import report_cmds
 from headstore.cli.malloc import restart_tuned
 from headstore.store_schema import HeadstoreError, Provenance
 
@@ -58,12 +59,12 @@ app = typer.Typer(
 def extract(
     model: Annotated[str, typer.Option(help="smollm2-135m, tiny-gpt2, tiny-llama, a HF id or a model folder")],
     data: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="ioi, ioi-abc, text[:PATHS], code-ifelse[:PATHS], repeated-random, tokens:FILE.npy[,COLUMNS], jsonl:FILE, csv:FILE, parquet:FILE (your own prompts), hf:NAME[:CONFIG][:SPLIT][,column=C][,shuffle=SEED][,streaming] (a Hugging Face dataset)"
         ),
-    ],
-    out: Annotated[Path, typer.Option(help="store folder to create (or resume)")],
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="store folder to create (or resume)")] = None,
     fields: Annotated[
         str,
         typer.Option(
@@ -77,6 +78,7 @@ def extract(
     seq_len: Annotated[int | None, typer.Option(help="tokens per sequence (default: per dataset)")] = None,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass (= chunk along batch)")] = 8,
     n_seq: Annotated[int | None, typer.Option(help="number of sequences")] = None,
+    n_tokens: Annotated[int | None, typer.Option(help="instead of --n-seq: ceil(N / seq_len) sequences")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1")] = "auto",
     dtype: Annotated[
         str,
@@ -109,7 +111,8 @@ def extract(
     dry_run: Annotated[
         bool,
         typer.Option(
-            help="print the plan (bytes per field, files, weights, time from one timed batch) and write nothing"
+            help="print the plan (bytes per field, files, disk, weights, time from one timed batch) and write nothing; "
+            "--model a config.json (or a folder with only one): planned from its shapes, no weights or data"
         ),
     ] = False,
     ignore_space: Annotated[
@@ -125,29 +128,39 @@ def extract(
 ) -> None:
     """Run the model once over the data and write every per-head field into a Zarr store."""
     from headstore.cli.extract_args import fields_option, layers_option, shard_option
-    from headstore.extract import ExtractRequest
-    from headstore.extract import extract as run_extract
+    from headstore.extract.plan_config import config_only, plan_from_config
+    from headstore.extract.request import ExtractRequest
 
     names, drop = fields_option(fields)
-    res = run_extract(
-        ExtractRequest(
-            model=model, data=data, out=str(out), fields=names, drop=drop, layers=layers_option(layers),
-            pattern_layers=layers_option(pattern_layers, "--pattern-layers"), seq_len=seq_len,
-            batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, model_dtype=model_dtype, seed=seed,
-            prepend_bos=prepend_bos, shard=shard_option(shard), progress=progress, layout=layout, weights=weights,
-            dry_run=dry_run, ignore_space=ignore_space, grad=grad,
-        )
+    req = ExtractRequest(
+        model=model, data=data or "", out="" if out is None else str(out), fields=names, drop=drop,
+        layers=layers_option(layers), pattern_layers=layers_option(pattern_layers, "--pattern-layers"),
+        seq_len=seq_len, batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, model_dtype=model_dtype,
+        seed=seed, prepend_bos=prepend_bos, shard=shard_option(shard), progress=progress, layout=layout,
+        weights=weights, dry_run=dry_run, ignore_space=ignore_space, grad=grad, n_tokens=n_tokens,
     )  # fmt: skip
+    config = config_only(model) if dry_run else None
+    if config is not None:  # planned from the config alone, torch never imported (extract() would do the same)
+        _print_plan(plan_from_config(req, config))
+        return
+    from headstore.extract import extract as run_extract
+
+    res = run_extract(req)
     if dry_run and res.plan is not None:
-        for line in res.plan.lines():
-            console.print(line, highlight=False, soft_wrap=True)
-        console.print("dry run: nothing written", highlight=False)
+        _print_plan(res.plan)
         return
     console.print(
         f"{res.path}: {res.n_sequences} sequences; wrote {res.written} batches, "
         f"{res.skipped} already done, {res.seconds:.1f} s (set-up {res.setup_seconds:.1f} s, "
         f"{res.n_tokens_written / max(res.fill_seconds, 1e-9):.0f} tokens/s while filling)"
     )
+
+
+def _print_plan(plan: Any) -> None:
+    """A dry run's plan, line by line (``extract.plan.Plan.lines``)."""
+    for line in plan.lines():
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print("dry run: nothing written", highlight=False)
 
 
 @app.command()
@@ -283,51 +296,8 @@ def list_analyzers() -> None:
     console.print(t)
 
 
-@app.command()
-def report(
-    stores: Annotated[
-        list[str], typer.Argument(help="one store, or two (e.g. IOI and its ABC twin) for two-store analyzers")
-    ],
-    out: Annotated[Path, typer.Option(help="HTML file to write")] = Path("report.html"),
-    sequences: Annotated[str | None, typer.Option(help="sequences in the attention viewer, e.g. 0,1")] = None,
-    heads: Annotated[
-        str | None, typer.Option(help="heads in the attention viewer, LAYER.HEAD list, e.g. 0.1,1.2")
-    ] = None,
-    partial: Annotated[bool, typer.Option(help="report on the completed part of an incomplete store")] = False,
-    scheduler: Annotated[str | None, typer.Option(help="address of a dask.distributed scheduler")] = None,
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
-    results: Annotated[
-        Path | None, typer.Option(help="folder of analyzer outputs (analyze --out): reuse them, save the missing ones")
-    ] = None,
-) -> None:
-    """One self-contained HTML page: provenance, every applicable analyzer, attention patterns."""
-    from headstore.report.page import write_report
-
-    path = write_report(
-        stores,
-        out,
-        sequences=sequences,
-        heads=heads,
-        partial=partial,
-        scheduler=scheduler,
-        progress=progress,
-        results=results,
-    )
-    console.print(f"wrote {path}")
-
-
-@app.command()
-def dashboard(
-    store: Annotated[str, typer.Argument(help="store path or URL")],
-    out: Annotated[Path, typer.Argument(help="folder to write the site into (index.html, heads/)")],
-    k: Annotated[int, typer.Option(help="examples per head")] = 10,
-    partial: Annotated[bool, typer.Option(help="use only the completed part of an incomplete store")] = False,
-) -> None:
-    """A static site about every head: a grid by census kind, a page per head with its top examples."""
-    from headstore.report.dashboard import write_dashboard
-
-    index = write_dashboard(store, out, k=k, partial=partial)
-    console.print(f"wrote {index} (open it, or: headstore serve {out})", soft_wrap=True)
+app.command()(report_cmds.report)
+app.command()(report_cmds.dashboard)
 
 
 @app.command()
@@ -366,7 +336,7 @@ def serve(
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["extract"]:  # a job process: glibc malloc settings for it (malloc.py)
+    if sys.argv[1:2] == ["extract"] and "--dry-run" not in sys.argv:  # a job process: malloc settings (malloc.py)
         restart_tuned(["-m", "headstore.cli", *sys.argv[1:]])
     try:  # typer >= 0.2x vendors click as typer._click
         from typer._click.exceptions import ClickException, NoArgsIsHelpError

@@ -1,5 +1,6 @@
 """One batch through the model: the hooked forward pass, each hooked activation copied as it fires, in its
-storage dtype, into its layer of a reused host buffer (on a GPU, then to pinned host memory on a side stream)."""
+storage dtype, into its layer of a reused host buffer (on a GPU, then to reused pinned host memory on a side
+stream)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from headstore.extract.families import run_hooked
 from headstore.extract.grad import GradTargets, grad_batch
 from headstore.extract.models import LoadedModel
+from headstore.extract.pinned import PinnedPool
 from headstore.store_schema import FIELDS, HeadstoreError, Provenance
 
 
@@ -43,17 +45,19 @@ class HostBatch:
     tensors are host tensors already and ``done`` is None.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], dev: torch.device) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor], dev: torch.device, pool: PinnedPool | None = None) -> None:
         self.done: torch.cuda.Event | None = None
+        self.pool: PinnedPool | None = None  # where ``release`` gives the pinned buffers back (CUDA only)
         if dev.type != "cuda":
             self.tensors = tensors
             return
+        self.pool = pool if pool is not None else PinnedPool()
         side = _copy_stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))  # the copies start after the forward that made them
         self.tensors = {}
         with torch.cuda.stream(side):
             for name, t in tensors.items():
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host = self.pool.take(tuple(t.shape), t.dtype)  # given back by release, after the batch's write
                 host.copy_(t, non_blocking=True)
                 t.record_stream(side)  # the caching allocator must not reuse t's memory before the copy ran
                 self.tensors[name] = host
@@ -64,6 +68,15 @@ class HostBatch:
         if self.done is not None:
             self.done.synchronize()
         return {name: t.numpy() for name, t in self.tensors.items()}
+
+    def release(self) -> None:
+        """The batch is written: its pinned buffers go back to the pool (no-op on CPU). Nothing may read
+        ``arrays()`` afterwards; the copies into them completed (``arrays`` waited on ``done``)."""
+        if self.pool is not None:
+            if self.done is not None:
+                self.done.synchronize()  # released unread (a failed run): the copies must land first
+            self.pool.give_back(self.tensors.values())
+            self.pool, self.tensors = None, {}
 
 
 @functools.cache
@@ -78,12 +91,13 @@ class HostBuffers:
     writing into a reused tensor (docs/benchmarks.md, "Figures behind extract's code"). Two sets suffice: the writer holds batch k's
     arrays while batch k+1 fills the other set, and ``_fill`` waits for batch k's write before batch k+2
     starts. On a GPU every batch takes fresh device memory from torch's caching allocator (cheap) and
-    ``HostBatch`` copies it out.
+    ``HostBatch`` copies it out into pinned buffers from ``pinned``, reused once the batch is written.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pinned: PinnedPool | None = None) -> None:
         self.sets: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})
         self.turn = 0
+        self.pinned = pinned if pinned is not None else PinnedPool()  # GPU: pinned buffers HostBatch copies into
 
     def next_batch(self) -> None:
         self.turn ^= 1
@@ -171,7 +185,7 @@ def run_batch(
         tensors["loss"] = next_token_nll(logits, x)
     if grad is not None:  # extract --grad: one more forward pass with autograd, and its backward pass
         tensors.update({n: _stored(n, t, prov) for n, t in grad_batch(model, toks, prov.layers, grad).items()})
-    return HostBatch(tensors, x.device)
+    return HostBatch(tensors, x.device, buffers.pinned)
 
 
 def _stored(name: str, t: torch.Tensor, prov: Provenance) -> torch.Tensor:

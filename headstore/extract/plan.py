@@ -32,10 +32,17 @@ from headstore.store_schema.write.create import consolidate, create_arrays, writ
 
 @dataclass(frozen=True)
 class FieldPlan:
+    """One field: bytes per token and in all as written (encoded), files, and ``nbytes``: its values' raw size."""
+
     name: str
     bytes_per_token: float
     total_bytes: int
     files: int
+    nbytes: int = 0
+
+    def disk(self, block: int) -> int:
+        """Bytes on disk: each file rounded up to the filesystem's ``block`` (files taken as equal in size)."""
+        return self.files * block * -(-self.total_bytes // max(self.files * block, 1))
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,8 @@ class Plan:
     seconds_per_batch: dict[str, float] = field(default_factory=dict)  # forward, encode (dry run)
     setup_seconds: float = 0.0
     creates: bool = True  # the store does not exist yet (weights, tokens, metadata still to write)
+    block: int = 4096  # the target filesystem's block (disk use: every file rounded up to it)
+    basis: str = ""  # how the field bytes were found, when not the two ways ``measured`` tells apart
 
     @property
     def total_bytes(self) -> int:
@@ -84,19 +93,21 @@ class Plan:
         return self.setup_seconds + self.todo_batches * sum(self.seconds_per_batch.values())
 
     def lines(self) -> list[str]:
-        how = "measured on one encoded batch" if self.measured else "estimated from raw sizes"
+        how = self.basis or ("measured on one encoded batch" if self.measured else "estimated from raw sizes")
         out = [f"plan for {self.out}: {self.n_tokens:,} tokens in {self.n_batches} batches ({how})"]
         for f in self.fields:
             out.append(
                 f"  {f.name:<15} {f.bytes_per_token:>12,.1f} B/token {_gb(f.total_bytes):>11}  {f.files:>7,} files"
+                f"  {_gb(f.disk(self.block)):>11} on disk"
             )
         out.append(f"  {'weights':<15} {'':>12}         {_gb(self.weights_bytes):>11}  {self.weights_files:>7,} files")
         out.append(f"  {'other':<15} {'':>12}         {_gb(self.other_bytes):>11}  {self.other_files:>7,} files"
                    "  (tokens, columns, manifest, metadata)")  # fmt: skip
         act = sum(f.total_bytes for f in self.fields)
+        disk = sum(f.disk(self.block) for f in self.fields) + self.total_bytes - act
         out.append(
             f"  total {_gb(self.total_bytes)} ({act / max(self.n_tokens, 1):,.0f} B/token of activations), "
-            f"{self.n_files:,} files"
+            f"{self.n_files:,} files, {_gb(disk)} on disk"
         )
         if self.seconds_per_batch:
             parts = ", ".join(f"{k} {v:.3g} s" for k, v in self.seconds_per_batch.items())
@@ -108,7 +119,7 @@ class Plan:
 
 
 def _gb(n: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} B"
@@ -123,6 +134,20 @@ def _compressed(arr: zarr.Array) -> bool:
     codecs = list(getattr(arr.metadata, "codecs", []))
     inner = list(getattr(codecs[0], "codecs", codecs)) if codecs else []
     return any(type(c).__name__ not in ("BytesCodec", "Crc32cCodec") for c in inner)
+
+
+def _uncompressed_batch_bytes(arr: zarr.Array) -> int:
+    """Bytes of one batch (``chunks[0]`` rows) of an uncompressed array: its inner chunks written whole, each
+    with a crc32c, and each shard's index."""
+    inner = math.prod(-(-n // c) for n, c in zip(arr.shape[1:], arr.chunks[1:], strict=True))
+    values = inner * (math.prod(arr.chunks) * arr.dtype.itemsize + CRC_NBYTES)
+    if arr.shards is None:
+        return values
+    return (
+        values
+        + ENTRY_NBYTES * inner
+        + CRC_NBYTES * math.prod(-(-n // c) for n, c in zip(arr.shape[1:], arr.shards[1:], strict=True))
+    )
 
 
 def _grid(arr: zarr.Array) -> int:
@@ -180,13 +205,16 @@ def make_plan(
             t0 = time.perf_counter()
             per_batch = _encoded_bytes(root, held, name, sample[name], prov) * bs / sample[name].shape[0]
             t_encode += time.perf_counter() - t0
-        else:
+        elif _compressed(arr):
             per_batch = _raw_bytes_per_token(name, sizes, prov) * bs * prov.seq_len
+        else:  # exact: values, a crc32c per inner chunk, the shard index
+            per_batch = _uncompressed_batch_bytes(arr)
         # zarr writes edge chunks whole: a short last batch takes a full batch's bytes, padded with NaN,
         # which a compressor (pattern's LZ4) removes; + the array's zarr.json
         batches = n / bs if _compressed(arr) else n_batches
         total = int(per_batch * batches) + len(stored[f"{name}/zarr.json"])
-        fields.append(FieldPlan(name, total / n_tok, total, files + 1))
+        nbytes = math.prod(arr.shape) * arr.dtype.itemsize
+        fields.append(FieldPlan(name, total / n_tok, total, files + 1, nbytes))
     w_bytes, w_files = _weights_size(root, stored, weights, small, shared)
     other_bytes, other_files = 0, 0
     counted = {*weights, *(f for f in prov.fields if f != "tokens")}

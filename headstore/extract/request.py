@@ -25,8 +25,8 @@ class ExtractRequest:
     ``shard``: ``(index, count)``: fill the index-th of count disjoint batch ranges."""
 
     model: str
-    data: str
-    out: str
+    data: str = ""  # needed unless a dry run plans from a model's config alone (extract.plan_config)
+    out: str = ""  # as data
     fields: tuple[str, ...] = ("default",)
     drop: tuple[str, ...] = ()
     layers: Layers = "all"
@@ -46,6 +46,7 @@ class ExtractRequest:
     dry_run: bool = False  # plan only (bytes, files, time from one timed batch): nothing written
     ignore_space: bool = False  # start even when the target has less free space than the plan
     grad: str | None = None  # a metric whose gradients to store (headstore.extract.grad), e.g. "loss"
+    n_tokens: int | None = None  # instead of n_seq: ceil(n_tokens / seq_len) sequences
 
     def __post_init__(self) -> None:
         self.selected_fields()  # refuses unknown names before anything loads
@@ -58,10 +59,26 @@ class ExtractRequest:
         _check_shard(self.shard)
         _check_layers("layers", self.layers)
         _check_layers("pattern_layers", self.pattern_layers)
+        self.n_sequences()
         if self.grad is not None:  # bad syntax refused before anything loads
             from headstore.extract.grad import parse_metric
 
             parse_metric(self.grad)
+
+    def n_sequences(self) -> int | None:
+        """``n_seq``, or ``ceil(n_tokens / seq_len)`` with ``n_tokens``; None: the dataset's own count."""
+        if self.n_tokens is None:
+            return self.n_seq
+        if not _is_int(self.n_tokens) or self.n_tokens <= 0:
+            raise HeadstoreError(f"--n-tokens must be positive, got {self.n_tokens!r}")
+        if self.n_seq is not None or self.seq_len is None:
+            raise HeadstoreError("--n-tokens goes with --seq-len and without --n-seq: give --seq-len, drop --n-seq")
+        return -(-self.n_tokens // self.seq_len)
+
+    def missing_inputs(self) -> str | None:
+        """What a run (or a dry run from a model with weights) lacks: ``--data`` or ``--out``; None: neither."""
+        lacking = [name for name, v in (("--data", self.data), ("--out", self.out)) if not v]
+        return " and ".join(lacking) or None
 
     def selected_fields(self) -> tuple[str, ...]:
         """The field names ``fields`` and ``drop`` select, in schema order, ``tokens`` always among them."""

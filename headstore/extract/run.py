@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from headstore.extract.batch import HostBuffers, hook_names, run_batch
+from headstore.extract.batch import HostBatch, HostBuffers, hook_names, run_batch
 from headstore.extract.compact import check_pattern_derivable, derives_pattern
 from headstore.extract.data import DataRequest, TokenDataset, build_dataset
 from headstore.extract.families import resolve_fields
 from headstore.extract.grad import check_grad, parse_metric, targets_for, with_grad_fields
 from headstore.extract.models import LoadedModel, load_model
 from headstore.extract.plan import Plan, check_space, disk_full, plan_extract
+from headstore.extract.plan_config import config_only, plan_from_config
 from headstore.extract.request import ExtractRequest, Layers, resolve_layers
 from headstore.extract.weights import collect_weights, effective_embedding, vocab_strings, weights_sha256
 from headstore.store_schema import (
@@ -119,6 +120,15 @@ def _quiet_hf_loading() -> None:
 def extract(req: ExtractRequest) -> ExtractResult:
     """Run ``req.model`` over ``req.data`` once and fill (or resume) the store at ``req.out``."""
     t0 = time.perf_counter()
+    config = config_only(req.model) if req.dry_run else None
+    if config is not None:  # a plan from the model's config.json alone: nothing loaded, read or written
+        n = req.n_sequences() or 0
+        return ExtractResult(
+            req.out, n, 0, 0, time.perf_counter() - t0, 0.0, 0.0, 0.0, 0, plan_from_config(req, config)
+        )
+    lacking = req.missing_inputs()
+    if lacking is not None:
+        raise HeadstoreError(f"extract needs {lacking} (only a --dry-run on a model's config.json alone goes without)")
     out = Path(req.out)
     existing = _check_out(out)
     _quiet_hf_loading()
@@ -147,6 +157,15 @@ def extract(req: ExtractRequest) -> ExtractResult:
     return dataclasses.replace(res, plan=plan)
 
 
+def write_batch(writer: StoreWriter, start: int, batch: HostBatch) -> None:
+    """The writer thread's task: write the batch, then give its pinned buffers back for a later batch to reuse
+    (after the write returns: ``StoreWriter.write_batch`` reads the arrays synchronously)."""
+    try:
+        writer.write_batch(start, batch.arrays())
+    finally:
+        batch.release()
+
+
 def my_batches(n: int, batch_size: int, shard: tuple[int, int]) -> list[int]:
     """The first sequence of each batch that shard ``(index, count)`` fills: the index-th of count ranges."""
     starts = list(range(0, n, batch_size))
@@ -162,7 +181,7 @@ def _describe(req: ExtractRequest, model: LoadedModel) -> tuple[Provenance, Toke
     cfg = model.config_dict()
     layers = resolve_layers("layers", req.layers, cfg["n_layers"])
     pattern_layers = _pattern_layers(req, cfg["n_layers"], layers, fields)
-    data_req = DataRequest(req.data, req.n_seq, req.seq_len, req.seed, req.prepend_bos)
+    data_req = DataRequest(req.data, req.n_sequences(), req.seq_len, req.seed, req.prepend_bos)
     ds = build_dataset(data_req, model.tokenizer, cfg["n_ctx"])
     seq_len = int(ds.tokens.shape[1])
     if metric is not None:  # the family, a missing column, a position outside a sequence: refused before any run
@@ -284,7 +303,7 @@ def _fill(
                 tw = time.perf_counter()
                 pending.result()  # at most one batch in flight: memory bounded by two batches
                 waited += time.perf_counter() - tw
-            pending = pool.submit(lambda s, b: writer.write_batch(s, b.arrays()), start, batch)
+            pending = pool.submit(write_batch, writer, start, batch)
             bar.update(toks.size)
             n_tok += toks.size
         if pending is not None:
