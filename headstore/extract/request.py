@@ -46,6 +46,8 @@ class ExtractRequest:
     dry_run: bool = False  # plan only (bytes, files, time from one timed batch): nothing written
     ignore_space: bool = False  # start even when the target has less free space than the plan
     grad: str | None = None  # a metric whose gradients to store (headstore.extract.grad), e.g. "loss"
+    grad_ig: int | None = None  # EAP-IG: average the gradients over this many points from corrupt to clean ...
+    corrupt: str | None = None  # ... inputs, the corrupt ones from this paired --data spec (headstore.extract.grad_ig)
 
     def __post_init__(self) -> None:
         self.selected_fields()  # refuses unknown names before anything loads
@@ -62,6 +64,7 @@ class ExtractRequest:
             from headstore.extract.grad import parse_metric
 
             parse_metric(self.grad)
+        _check_grad_ig(self.grad, self.grad_ig, self.corrupt)
 
     def selected_fields(self) -> tuple[str, ...]:
         """The field names ``fields`` and ``drop`` select, in schema order, ``tokens`` always among them."""
@@ -93,6 +96,23 @@ class ExtractRequest:
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_grad_ig(grad: str | None, steps: object, corrupt: object) -> None:
+    """``--grad-ig STEPS`` needs ``--grad`` and ``--corrupt DATA``, and ``--corrupt`` needs ``--grad-ig``."""
+    if steps is None:
+        if corrupt is not None:
+            raise HeadstoreError(f"--corrupt {corrupt!r} is the start of EAP-IG's path: give --grad-ig STEPS with it")
+        return
+    if not _is_int(steps) or steps <= 0:  # type: ignore[operator]
+        raise HeadstoreError(f"--grad-ig must be a positive number of steps, got {steps!r}")
+    if grad is None:
+        raise HeadstoreError("--grad-ig averages the gradients of a metric: give --grad METRIC with it")
+    if not isinstance(corrupt, str) or not corrupt:
+        raise HeadstoreError(
+            "--grad-ig needs --corrupt DATA, the corrupt twin of --data the path starts from (e.g. --data ioi "
+            "--corrupt ioi-abc)"
+        )
 
 
 def _check_shard(shard: object) -> None:
