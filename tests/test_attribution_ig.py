@@ -18,7 +18,7 @@ import torch
 import headstore
 from headstore.analyze import attribution_patching, edge_attribution
 from headstore.extract import ExtractRequest, extract
-from headstore.store_schema import HeadstoreError, validate
+from headstore.store_schema import HeadstoreError, Provenance, validate
 
 METRIC = "logit-diff:io_token,s_token@end_pos"
 STEPS = 3
@@ -176,6 +176,8 @@ def test_ig_store_is_a_store(ig_pair: Any, make_store: Callable[..., Path], tmp_
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert all(n in res.output for n in ("ig_resid_hat", "ig_coef_q", "grad_q")) and not (tmp_path / "d.zarr").exists()
+    res = CliRunner().invoke(app, ["info", str(make_store("tiny-gpt2", "ioi", **IG))])
+    assert res.exit_code == 0 and f"EAP-IG, {STEPS} steps from ioi-abc" in res.output
 
 
 def test_bad_input(ig_pair: Any, make_store: Callable[..., Path], tmp_path: Path) -> None:
@@ -197,6 +199,10 @@ def test_bad_input(ig_pair: Any, make_store: Callable[..., Path], tmp_path: Path
     with pytest.raises(HeadstoreError, match="an EAP-IG field: extract with --grad-ig"):
         extract(ExtractRequest(**base, grad=METRIC, fields=("default", "ig_resid_hat"), **KW))
     clean, _ = ig_pair("tiny-gpt2")
+    attrs = clean.hs.provenance.to_dict()
+    assert Provenance.from_dict(attrs) == clean.hs.provenance
+    with pytest.raises(HeadstoreError, match="grad_ig and corrupt come together"):
+        Provenance.from_dict({**attrs, "corrupt": None})
     other = headstore.open_store(make_store("tiny-gpt2", "ioi", fields=("default", "resid_pre"), **KW))
     with pytest.raises(HeadstoreError, match=r"EAP-IG gradients run from --corrupt 'ioi-abc', but the corrupt store"):
         edge_attribution(clean, other)
