@@ -203,6 +203,6 @@ def test_bad_input(ig_pair: Any, make_store: Callable[..., Path], tmp_path: Path
     assert Provenance.from_dict(attrs) == clean.hs.provenance
     with pytest.raises(HeadstoreError, match="grad_ig and corrupt come together"):
         Provenance.from_dict({**attrs, "corrupt": None})
-    other = headstore.open_store(make_store("tiny-gpt2", "ioi", fields=("default", "resid_pre"), **KW))
+    other = headstore.open_store(make_store("tiny-gpt2", "ioi", grad=METRIC, **KW))  # the clean prompts
     with pytest.raises(HeadstoreError, match=r"EAP-IG gradients run from --corrupt 'ioi-abc', but the corrupt store"):
         edge_attribution(clean, other)

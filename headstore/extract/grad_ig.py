@@ -28,6 +28,7 @@ gradients ``g_k``; the store holds what the analyzers need of their mean over k,
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -66,17 +67,24 @@ def check_corrupt(clean: Any, corrupt: Any, steps: int, model: Any) -> None:
         raise HeadstoreError(f"--grad-ig must be a positive number of steps, got {steps}")
 
 
+class _Reached(Exception):
+    """Raised by the hook that has what it needs: the rest of the forward pass is not run."""
+
+
 def _block0_input(model: Any, toks: np.ndarray) -> torch.Tensor:
-    """``blocks.0.hook_resid_pre`` of ``toks``: the input embeddings (with positions where the model adds them)."""
+    """``blocks.0.hook_resid_pre`` of ``toks``: the input embeddings (with positions where the model adds them),
+    the forward pass stopped there."""
     got: dict[str, torch.Tensor] = {}
 
     def keep(t: torch.Tensor, hook: Any) -> torch.Tensor:
         got["x"] = t.detach().clone()
-        return t
+        raise _Reached
 
     x = torch.as_tensor(toks, dtype=torch.long, device=model.bridge.cfg.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), contextlib.suppress(_Reached):
         model.bridge.run_with_hooks(x, fwd_hooks=[("blocks.0.hook_resid_pre", keep)], return_type=None)
+    if "x" not in got:
+        raise HeadstoreError(f"--grad-ig: blocks.0.hook_resid_pre did not fire in {model.name}'s forward pass")
     return got["x"].float()
 
 
