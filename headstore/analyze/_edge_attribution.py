@@ -19,14 +19,14 @@ Receivers v (the gradient of the metric at their own copy of the residual, at th
 
     score[sender, receiver] = mean_b sum_pos delta_sender[b, pos] . g_receiver[b, pos]
 
+where the sender comes before the receiver (an MLP reads its own layer's heads, except on parallel-residual
+models); NaN elsewhere (no such edge). The gradients go through every norm with its scale recomputed (nothing
+frozen), as online EAP takes them. Streams over the stores' batch chunks (one sequence at a time inside one).
+
 EAP-IG (Hanna et al. 2024) from a store extracted with ``--grad-ig STEPS --corrupt DATA``: every receiver's
 gradient is its mean over the m points of the path from the corrupt to the clean input embeddings
 (``headstore.extract.grad_ig``); the q/k/v ones are ``mean_k J_k W g_k = P W grad_q - mean_k ig_resid_hat[k] .
 ig_coef_q[k]``, ln1's Jacobian taken at each point. ``attrs["grad_ig"]`` = m (0: plain EAP).
-
-where the sender comes before the receiver (an MLP reads its own layer's heads, except on parallel-residual
-models); NaN elsewhere (no such edge). The gradients go through every norm with its scale recomputed (nothing
-frozen), as online EAP takes them. Streams over the stores' batch chunks (one sequence at a time inside one).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ extracted layer L (``headstore.store_schema.layout.GRAD_FIELDS``): ``grad_z`` = 
 q/k norm of Qwen3, OLMo-2; k and v per kv head), ``grad_mlp_in`` at ``hook_mlp_in`` (the MLP's own copy of the residual, before its norm) and
 ``grad_resid_final`` at the last block's ``hook_resid_post`` (the logits' input). With ``resid_pre``, the
 ln1 scales and the weights they give every receiver's input gradient (``headstore.analyze._attribution``).
+EAP-IG's path-averaged form (``--grad-ig STEPS --corrupt DATA``) is ``headstore.extract.grad_ig``.
 """
 
 from __future__ import annotations
