@@ -20,7 +20,7 @@ from headstore.analyze import copy_suppression, ioi
 from headstore.cli import app
 from headstore.store_schema import FIELDS, HeadstoreError, parse_fields, provenance
 from headstore.store_schema.attention import derived_pattern
-from headstore.store_schema.layout import GRAD_FIELDS
+from headstore.store_schema.layout import GRAD_FIELDS, IG_FIELDS
 
 MODELS = ("tiny-gpt2", "tiny-llama")
 KW: dict[str, Any] = {"n_seq": 10, "batch_size": 4}  # same arguments as test_extract's default store (shared)
@@ -45,7 +45,7 @@ def test_parse_fields_drop_and_compact_preset() -> None:
     assert parse_fields("compact") == want
     assert parse_fields("-pattern, q ,default,k") == want  # removals apply after additions, in any place
     assert parse_fields("all,-result,-resid_pre") == tuple(
-        n for n in FIELDS if n not in ("result", "resid_pre", *GRAD_FIELDS)
+        n for n in FIELDS if n not in ("result", "resid_pre", *GRAD_FIELDS, *IG_FIELDS)
     )
     assert parse_fields("compact,pattern") == tuple(n for n in FIELDS if n in set(want) | {"pattern"})
     assert parse_fields("default,-loss,-z") == tuple(n for n in FIELDS if n in default - {"loss", "z"})

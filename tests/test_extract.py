@@ -10,7 +10,7 @@ import torch
 
 import headstore
 from headstore.store_schema import DEFAULT_FIELDS, FIELDS, provenance
-from headstore.store_schema.layout import GRAD_FIELDS
+from headstore.store_schema.layout import GRAD_FIELDS, IG_FIELDS
 
 MODELS = ("tiny-gpt2", "tiny-llama")
 
@@ -58,7 +58,7 @@ def _stored_vs_live(ds, model, logits, cache) -> dict[str, tuple[np.ndarray, np.
 
 
 def test_literal_hooks_cover_every_hooked_field():
-    assert set(PER_LAYER_HOOKS) | set(GLOBAL_HOOKS) == set(FIELDS) - {"tokens", "loss", *GRAD_FIELDS}
+    assert set(PER_LAYER_HOOKS) | set(GLOBAL_HOOKS) == set(FIELDS) - {"tokens", "loss", *GRAD_FIELDS, *IG_FIELDS}
     assert all(FIELDS[n].per_layer for n in PER_LAYER_HOOKS)
     assert not any(FIELDS[n].per_layer for n in GLOBAL_HOOKS)
 
@@ -72,7 +72,8 @@ def test_float32_store_equals_live_cache(model_name, make_store, live_model):
     logits, cache = _live(model, tokens)
     pairs = _stored_vs_live(ds, model, logits, cache)
     # fields=("all",): every hooked field is stored, but the post-norm scale, which GPT-2 and Llama have no norm for
-    assert set(pairs) == set(FIELDS) - {"tokens", "loss", "ln1_post_scale", *GRAD_FIELDS}  # grads: test_attribution
+    grads = {*GRAD_FIELDS, *IG_FIELDS}  # tests/test_attribution.py, tests/test_attribution_ig.py
+    assert set(pairs) == set(FIELDS) - {"tokens", "loss", "ln1_post_scale", *grads}
     for name, (stored, live) in pairs.items():
         assert stored.shape == live.shape, name
         np.testing.assert_allclose(stored, live, rtol=0, atol=1e-6, err_msg=name)

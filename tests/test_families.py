@@ -28,7 +28,7 @@ from headstore.extract import ExtractRequest, extract
 from headstore.extract.tiny import TINY_FAMILIES, build_family, build_tokenizer
 from headstore.store_schema import FIELDS, HeadstoreError, provenance
 from headstore.store_schema.attention import derived_pattern
-from headstore.store_schema.layout import GRAD_FIELDS
+from headstore.store_schema.layout import GRAD_FIELDS, IG_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "families.md"
@@ -222,7 +222,7 @@ def test_extraction_default_and_all(family: str, family_run: Callable[[str], Run
     prov = provenance(run.ds)
     # presets hold every field the family can represent, and nothing else
     missing = run.model.unrepresentable
-    assert set(prov.fields) == set(FIELDS) - set(missing) - set(GRAD_FIELDS)  # grads come with --grad
+    assert set(prov.fields) == set(FIELDS) - set(missing) - set(GRAD_FIELDS) - set(IG_FIELDS)  # grads come with --grad
     assert set(provenance(run.stores["default"]).fields) == {n for n, f in FIELDS.items() if f.default} - set(missing)
 
 
@@ -336,7 +336,7 @@ def live_field(run: Run, cache: dict[str, torch.Tensor], name: str, logits: torc
 
 
 def test_hooked_fields_cover_the_schema() -> None:
-    assert set(HOOKED) == set(FIELDS) - {"tokens", *GRAD_FIELDS}  # grads: tests/test_attribution.py
+    assert set(HOOKED) == set(FIELDS) - {"tokens", *GRAD_FIELDS, *IG_FIELDS}  # grads: tests/test_attribution.py
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

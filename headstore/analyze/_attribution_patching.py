@@ -1,11 +1,14 @@
 """Attribution patching (AtP; Nanda 2023, Kramar et al. 2024 "AtP*") for every head, from a clean store with
-gradients (``extract --grad METRIC``) and its corrupt twin::
+gradients (``extract --grad METRIC``, or EAP-IG's path-averaged ones with ``--grad-ig STEPS --corrupt DATA``) and
+its corrupt twin::
 
     per_position[L, h, pos] = mean_b  sum_d_head (z_corrupt[b, L, pos, h] - z_clean[b, L, pos, h]) . grad_z[b, L, pos, h]
     per_sequence[L, h, b]   = sum_pos sum_d_head (z_corrupt - z_clean)[b, L, pos, h] . grad_z[b, L, pos, h]
     score[L, h]             = mean_b per_sequence[L, h, b]
 
-``grad_z`` = dM/dz at the clean input, M the clean store's metric (``attrs["metric"]``). On the head's result
+``grad_z`` = dM/dz at the clean input, M the clean store's metric (``attrs["metric"]``); in an EAP-IG store its mean
+over the m points of the path from the corrupt to the clean input embeddings (``attrs["grad_ig"]`` = m, 0 for plain
+gradients; ``headstore.extract.grad_ig``). On the head's result
 instead of z the score is the same (``dM/dz = dM/dresult @ W_O[h]^T``). It is the first-order estimate of the
 change of M when the head's z is patched from the corrupt run: differentiating through every norm (nothing
 frozen), as online AtP does.
@@ -46,8 +49,14 @@ def attribution_patching(clean: xr.Dataset, corrupt: xr.Dataset, *, per_position
     out = xr.Dataset({"score": per_sequence.mean("batch"), "per_sequence": per_sequence})
     if per_position:
         out["per_position"] = per.mean("batch").transpose("layer", "head", "pos")
-    out.attrs = {"analyzer": NAME, "metric": metric, "per_position": int(per_position)}
+    out.attrs = {"analyzer": NAME, "metric": metric, "per_position": int(per_position), "grad_ig": ig_steps(clean)}
     return out
+
+
+def ig_steps(clean: xr.Dataset) -> int:
+    """The number of EAP-IG steps the clean store's gradients are averaged over (``extract --grad-ig``); 0: plain
+    gradients at the clean input (AtP, EAP)."""
+    return int(clean.hs.provenance.grad_ig or 0)
 
 
 def check_pair(clean: xr.Dataset, corrupt: xr.Dataset, analyzer: str, needs: tuple[str, ...]) -> str:
@@ -66,8 +75,15 @@ def check_pair(clean: xr.Dataset, corrupt: xr.Dataset, analyzer: str, needs: tup
             "extract them with the same --grad"
         )
     check_aligned(clean, corrupt, analyzer)
+    path = clean.hs.provenance.corrupt  # EAP-IG: the path starts at these corrupt prompts
+    if path is not None and path.sha256 != corrupt.hs.provenance.dataset.sha256:
+        raise HeadstoreError(
+            f"{analyzer}: the clean store's EAP-IG gradients run from --corrupt {path.spec!r}, but the corrupt "
+            f"store holds other prompts ({corrupt.hs.provenance.dataset.spec!r}): pair it with the store of "
+            f"{path.spec!r} (same --seed and --n-seq)"
+        )
     require(clean, needs, analyzer)
-    require(corrupt, tuple(n for n in needs if not n.startswith("grad_")), analyzer)
+    require(corrupt, tuple(n for n in needs if not n.startswith(("grad_", "ig_"))), analyzer)
     return metric
 
 
@@ -91,6 +107,19 @@ def head_input_grads(
     ``resid_pre``, ``scale`` (pos,) its ``ln1_scale``."""
     g_ln = np.einsum("phe,hme->phm", grad, w)
     return norm_input_grad(g_ln, resid, scale, layer_norm)
+
+
+def ig_head_input_grads(
+    grad: np.ndarray, w: np.ndarray, x_hat: np.ndarray, coef: np.ndarray, layer_norm: bool
+) -> np.ndarray:
+    """(pos, head, d_model) the EAP-IG path-mean gradient at each head's (or kv head's) own input, ``mean_k J_k W
+    g_k = P W gbar - mean_k x_hat_k c_k`` (``headstore.extract.grad_ig``): ``grad`` (pos, head, d_head) the stored
+    ``gbar``, ``w`` (head, d_model, d_head), ``x_hat`` (ig_step, pos, d_model) the stored ``ig_resid_hat``,
+    ``coef`` (ig_step, pos, head) the stored ``ig_coef_q/k/v``; P centres on LN models."""
+    g_ln = np.einsum("phe,hme->phm", grad, w)
+    if layer_norm:
+        g_ln = g_ln - g_ln.mean(-1, keepdims=True)
+    return g_ln - np.einsum("kph,kpm->phm", coef, x_hat) / x_hat.shape[0]
 
 
 SPEC = AnalyzerSpec(

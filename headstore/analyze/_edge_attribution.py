@@ -22,6 +22,11 @@ Receivers v (the gradient of the metric at their own copy of the residual, at th
 where the sender comes before the receiver (an MLP reads its own layer's heads, except on parallel-residual
 models); NaN elsewhere (no such edge). The gradients go through every norm with its scale recomputed (nothing
 frozen), as online EAP takes them. Streams over the stores' batch chunks (one sequence at a time inside one).
+
+EAP-IG (Hanna et al. 2024) from a store extracted with ``--grad-ig STEPS --corrupt DATA``: every receiver's
+gradient is its mean over the m points of the path from the corrupt to the clean input embeddings
+(``headstore.extract.grad_ig``); the q/k/v ones are ``mean_k J_k W g_k = P W grad_q - mean_k ig_resid_hat[k] .
+ig_coef_q[k]``, ln1's Jacobian taken at each point. ``attrs["grad_ig"]`` = m (0: plain EAP).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import dask.array as dsa
 import numpy as np
 import xarray as xr
 
-from headstore.analyze._attribution_patching import check_pair, head_input_grads
+from headstore.analyze._attribution_patching import check_pair, head_input_grads, ig_head_input_grads, ig_steps
 from headstore.analyze.registry import AnalyzerSpec, register_analyzer
 from headstore.store_schema import HeadstoreError
 
@@ -43,6 +48,7 @@ REQUIRES = ("z", "resid_pre", "resid_final", "ln1_scale", "W_Q", "W_K", "W_V", "
          "grad_q", "grad_k", "grad_v", "grad_mlp_in", "grad_resid_final")  # fmt: skip
 _PER_SEQUENCE = ("z", "resid_pre", "resid_final")  # read from both stores
 _CLEAN_ONLY = ("ln1_scale", "grad_q", "grad_k", "grad_v", "grad_mlp_in", "grad_resid_final")
+_IG = ("ig_resid_hat", "ig_coef_q", "ig_coef_k", "ig_coef_v")  # EAP-IG stores: the q/k/v receivers' path terms
 
 
 def node_names(n_layers: int, n_heads: int, n_kv: int) -> tuple[list[str], list[str]]:
@@ -78,7 +84,8 @@ def edge_attribution(clean: xr.Dataset, corrupt: xr.Dataset) -> xr.Dataset:
             "the residual (post-norm), so a head's result is not what it adds to the residual: not supported; "
             "attribution_patching scores its heads"
         )
-    metric = check_pair(clean, corrupt, NAME, REQUIRES)
+    steps = ig_steps(clean)
+    metric = check_pair(clean, corrupt, NAME, (*REQUIRES, *(_IG if steps else ())))
     if list(clean.hs.layers) != list(range(cfg.n_layers)):
         raise HeadstoreError(
             f"edge-attribution needs every layer of the model (its MLP outputs are derived from consecutive "
@@ -89,7 +96,7 @@ def edge_attribution(clean: xr.Dataset, corrupt: xr.Dataset) -> xr.Dataset:
     parts = []
     for sl in _batch_slices(clean):
         arrays = {f"{k}_{n}": _data(ds[n], sl) for n in _PER_SEQUENCE for k, ds in (("c", clean), ("k", corrupt))}
-        arrays.update({n: _data(clean[n], sl) for n in _CLEAN_ONLY})
+        arrays.update({n: _data(clean[n], sl) for n in (*_CLEAN_ONLY, *(_IG if steps else ()))})
         parts.append(dask.delayed(_chunk_scores)(arrays, weights, cfg.normalization_type == "LN"))
     total = dask.delayed(sum)(parts)
     shape = edges.shape
@@ -101,7 +108,7 @@ def edge_attribution(clean: xr.Dataset, corrupt: xr.Dataset) -> xr.Dataset:
         {"score": xr.DataArray(score, dims=("sender", "receiver"), coords=coords).where(edge), "edge": edge}
     )
     out["score"] = out["score"].astype(np.float32)
-    out.attrs = {"analyzer": "edge-attribution", "metric": metric}
+    out.attrs = {"analyzer": "edge-attribution", "metric": metric, "grad_ig": steps}
     return out
 
 
@@ -150,7 +157,11 @@ def _receivers(a: dict[str, np.ndarray], w: dict[str, np.ndarray], layer_norm: b
     for L in range(a["grad_q"].shape[0]):
         resid, scale = a["c_resid_pre"][L], a["ln1_scale"][L]
         for which in "QKV":
-            g = head_input_grads(a[f"grad_{which.lower()}"][L], w[f"W_{which}"][L], resid, scale, layer_norm)
+            g, wl = a[f"grad_{which.lower()}"][L], w[f"W_{which}"][L]
+            if "ig_resid_hat" in a:  # EAP-IG: the path-mean of each step's ln1 Jacobian times its gradient
+                g = ig_head_input_grads(g, wl, a["ig_resid_hat"][L], a[f"ig_coef_{which.lower()}"][L], layer_norm)
+            else:
+                g = head_input_grads(g, wl, resid, scale, layer_norm)
             out.append(g.transpose(1, 0, 2))
         out.append(a["grad_mlp_in"][L][None])
     out.append(a["grad_resid_final"][None])

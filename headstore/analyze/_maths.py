@@ -21,7 +21,9 @@ from headstore.store_schema.selection import check_all_heads
 from headstore.store_schema.selection import sequence_lengths as sequence_lengths
 
 # The extract option that stores each variable (for error messages).
-EXTRACT_OPTION = {name: f"--fields default,{name}" for name in FIELDS}
+EXTRACT_OPTION = {name: f"--fields default,{name}" for name in FIELDS} | {
+    name: "--grad METRIC --grad-ig STEPS --corrupt DATA" for name in FIELDS if name.startswith("ig_")
+}
 
 
 def require(ds: xr.Dataset, names: Iterable[str], analyzer: str) -> None:

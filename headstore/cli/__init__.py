@@ -125,6 +125,15 @@ def extract(
             "TOK an id or a column (io_token), POS an int or a column (end_pos)"
         ),
     ] = None,
+    grad_ig: Annotated[
+        int | None,
+        typer.Option(
+            help="EAP-IG: average the --grad gradients over STEPS points from the --corrupt to the clean input"
+        ),
+    ] = None,
+    corrupt: Annotated[
+        str | None, typer.Option(help="EAP-IG's corrupt twin of --data, of the same shape (e.g. ioi-abc for ioi)")
+    ] = None,
 ) -> None:
     """Run the model once over the data and write every per-head field into a Zarr store."""
     from headstore.cli.extract_args import fields_option, layers_option, shard_option
@@ -138,6 +147,7 @@ def extract(
         seq_len=seq_len, batch_size=batch_size, n_seq=n_seq, device=device, dtype=dtype, model_dtype=model_dtype,
         seed=seed, prepend_bos=prepend_bos, shard=shard_option(shard), progress=progress, layout=layout,
         weights=weights, dry_run=dry_run, ignore_space=ignore_space, grad=grad, n_tokens=n_tokens,
+        grad_ig=grad_ig, corrupt=corrupt,
     )  # fmt: skip
     config = config_only(model) if dry_run else None
     if config is not None:  # planned from the config alone, torch never imported (extract() would do the same)
@@ -210,7 +220,8 @@ def _print_provenance(store: str, prov: Provenance) -> None:
         rest = "" if pl in (None, layers) else " (the other layers are not stored: NaN)"
         console.print(f"pattern    layers {layers if pl is None else pl}{rest}")
     if prov.grad is not None:
-        console.print(f"gradients  of {prov.grad} (grad_z, grad_q, grad_k, grad_v, grad_mlp_in, grad_resid_final)")
+        ig = "" if prov.corrupt is None else f"; EAP-IG, {prov.grad_ig} steps from {prov.corrupt.spec}"
+        console.print(f"gradients  of {prov.grad} (grad_z, grad_q, grad_k, grad_v, grad_mlp_in, grad_resid_final{ig})")
 
 
 @app.command()

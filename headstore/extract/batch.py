@@ -12,6 +12,7 @@ import torch
 
 from headstore.extract.families import run_hooked
 from headstore.extract.grad import GradTargets, grad_batch
+from headstore.extract.grad_ig import grad_batch_ig
 from headstore.extract.models import LoadedModel
 from headstore.extract.pinned import PinnedPool
 from headstore.store_schema import FIELDS, HeadstoreError, Provenance
@@ -184,7 +185,8 @@ def run_batch(
     if "loss" in prov.fields:
         tensors["loss"] = next_token_nll(logits, x)
     if grad is not None:  # extract --grad: one more forward pass with autograd, and its backward pass
-        tensors.update({n: _stored(n, t, prov) for n, t in grad_batch(model, toks, prov.layers, grad).items()})
+        run_grad = grad_batch_ig if grad.steps else grad_batch  # --grad-ig: one pass per point of the path
+        tensors.update({n: _stored(n, t, prov) for n, t in run_grad(model, toks, prov.layers, grad).items()})
     return HostBatch(tensors, x.device, buffers.pinned)
 
 

@@ -18,6 +18,7 @@ extracted layer L (``headstore.store_schema.layout.GRAD_FIELDS``): ``grad_z`` = 
 q/k norm of Qwen3, OLMo-2; k and v per kv head), ``grad_mlp_in`` at ``hook_mlp_in`` (the MLP's own copy of the residual, before its norm) and
 ``grad_resid_final`` at the last block's ``hook_resid_post`` (the logits' input). With ``resid_pre``, the
 ln1 scales and the weights they give every receiver's input gradient (``headstore.analyze._attribution``).
+EAP-IG's path-averaged form (``--grad-ig STEPS --corrupt DATA``) is ``headstore.extract.grad_ig``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from headstore.extract.families import _unflatten, attn_result
 from headstore.store_schema import HeadstoreError
 from headstore.store_schema.layout import GRAD_FIELDS
 
@@ -88,16 +90,20 @@ def _value(text: str) -> int | str:
 @dataclass(frozen=True)
 class GradTargets:
     """A metric resolved for every sequence: ``tok`` (n, k) token ids, ``pos`` (n,) absolute positions (``loss``:
-    zeros), ``length`` (n,) real tokens per sequence."""
+    zeros), ``length`` (n,) real tokens per sequence; with EAP-IG (``--grad-ig``) ``corrupt`` (n, seq_len) the
+    paired corrupt tokens and ``steps`` the points on the path (``headstore.extract.grad_ig``)."""
 
     metric: GradMetric
     tok: np.ndarray
     pos: np.ndarray
     length: np.ndarray
+    corrupt: np.ndarray | None = None
+    steps: int = 0
 
     def rows(self, start: int, stop: int) -> GradTargets:
         sl = slice(start, stop)
-        return replace(self, tok=self.tok[sl], pos=self.pos[sl], length=self.length[sl])
+        bad = None if self.corrupt is None else self.corrupt[sl]
+        return replace(self, tok=self.tok[sl], pos=self.pos[sl], length=self.length[sl], corrupt=bad)
 
 
 def resolve_metric(
@@ -208,22 +214,27 @@ def _grad_mode(bridge: Any) -> Iterator[None]:
         bridge.set_use_hook_mlp_in(was_mlp_in)
 
 
-def grad_batch(model: Any, toks: np.ndarray, layers: tuple[int, ...], targets: GradTargets) -> dict[str, torch.Tensor]:
-    """One forward and one backward pass of ``toks``: every grad field of the batch, (batch, layer, ...) in
-    float32 (``headstore.extract.batch`` casts them to the storage dtype)."""
-    from headstore.extract.families import _unflatten, attn_result
-
+def grad_pass(
+    model: Any,
+    toks: np.ndarray,
+    targets: GradTargets,
+    wanted: list[str],
+    extra: tuple[str, ...] = (),
+    start: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One forward pass of ``toks`` with autograd and one backward pass of the sum over sequences of M: (the
+    activations at the hooks ``wanted`` and ``extra``, the gradients at ``wanted``). ``start`` (batch, pos,
+    d_model), when given, replaces block 0's input (``blocks.0.hook_resid_pre``): EAP-IG's interpolated embeddings."""
     bridge = model.bridge
-    sources = hook_sources(layers, int(bridge.cfg.n_layers))
     acts: dict[str, torch.Tensor] = {}
 
     def keep(t: torch.Tensor, hook: Any, name: str) -> torch.Tensor:
         if name == "blocks.0.hook_resid_pre":  # the leaf every gradient flows back to (weights are frozen)
-            t = t.detach().requires_grad_(True)
+            t = (t if start is None else start.to(t.dtype)).detach().requires_grad_(True)
         acts[name] = t
         return t  # returned, so the bridge computes on with this very tensor and its gradient is defined
 
-    names = sorted({"blocks.0.hook_resid_pre", *(h for hs in sources.values() for h in hs)})
+    names = sorted({"blocks.0.hook_resid_pre", *wanted, *extra})
     with _grad_mode(bridge), attn_result(bridge, False):  # the model's own o_proj, as a store without result
         x = torch.as_tensor(toks, dtype=torch.long, device=bridge.cfg.device)
         fwd = [(n, lambda t, hook, n=n: keep(t, hook, n)) for n in names]
@@ -231,33 +242,57 @@ def grad_batch(model: Any, toks: np.ndarray, layers: tuple[int, ...], targets: G
         missing = sorted(set(names) - set(acts))
         if missing:
             raise HeadstoreError(f"--grad: hooks {missing[:3]} did not fire in {model.name}'s forward pass")
-        wanted = [h for hs in sources.values() for h in hs]
         total = metric_values(logits, x, targets).sum()
         grads = torch.autograd.grad(total, [acts[h] for h in wanted], allow_unused=True)
     got = {h: torch.zeros_like(acts[h]) if g is None else g.detach() for h, g in zip(wanted, grads, strict=True)}
+    return {h: _unflatten(t.detach(), x.shape) for h, t in acts.items()}, {
+        h: _unflatten(g, x.shape).float() for h, g in got.items()
+    }
+
+
+def by_field(got: Mapping[str, torch.Tensor], sources: Mapping[str, list[str]]) -> dict[str, torch.Tensor]:
+    """Hook name -> tensor, gathered per field: (batch, layer, ...) for the per-layer fields."""
     out: dict[str, torch.Tensor] = {}
     for name, hs in sources.items():
-        parts = [_unflatten(got[h], x.shape).float() for h in hs]
+        parts = [got[h] for h in hs]
         out[name] = torch.stack(parts, dim=1) if len(hs) > 1 or "{L}" in _SOURCES[name] else parts[0]
     return out
 
 
-def with_grad_fields(fields: tuple[str, ...], metric: GradMetric | None) -> tuple[str, ...]:
-    """``--fields`` plus, with a metric, every grad field and ``resid_pre`` (the receivers' norms and the MLP
-    senders need it), in schema order; grad fields named without ``--grad`` are refused."""
-    from headstore.store_schema.layout import FIELDS
+def grad_batch(model: Any, toks: np.ndarray, layers: tuple[int, ...], targets: GradTargets) -> dict[str, torch.Tensor]:
+    """One forward and one backward pass of ``toks``: every grad field of the batch, (batch, layer, ...) in
+    float32 (``headstore.extract.batch`` casts them to the storage dtype)."""
+    sources = hook_sources(layers, int(model.bridge.cfg.n_layers))
+    _, got = grad_pass(model, toks, targets, [h for hs in sources.values() for h in hs])
+    return by_field(got, sources)
 
+
+def with_grad_fields(fields: tuple[str, ...], metric: GradMetric | None, ig: bool = False) -> tuple[str, ...]:
+    """``--fields`` plus, with a metric, every grad field and ``resid_pre`` (the receivers' norms and the MLP
+    senders need it), and with ``ig`` (``--grad-ig``) every IG field, in schema order; grad fields named without
+    ``--grad``, IG fields without ``--grad-ig``, are refused."""
+    from headstore.store_schema.layout import FIELDS, IG_FIELDS
+
+    named = [n for n in fields if n in GRAD_FIELDS and metric is None]
+    if named:
+        raise HeadstoreError(f"--fields {named[0]}: gradients need a metric: extract with --grad METRIC ({SYNTAX})")
+    named = [n for n in fields if n in IG_FIELDS and not ig]
+    if named:
+        raise HeadstoreError(f"--fields {named[0]}: an EAP-IG field: extract with --grad-ig STEPS --corrupt DATA")
     if metric is None:
-        named = [n for n in fields if n in GRAD_FIELDS]
-        if named:
-            raise HeadstoreError(f"--fields {named[0]}: gradients need a metric: extract with --grad METRIC ({SYNTAX})")
         return fields
-    wanted = {*fields, *GRAD_FIELDS, "resid_pre"}
+    wanted = {*fields, *GRAD_FIELDS, "resid_pre", *(IG_FIELDS if ig else ())}
     return tuple(n for n in FIELDS if n in wanted)
 
 
-def targets_for(prov: Any, ds: Any) -> GradTargets | None:
-    """The store's metric (``prov.grad``) resolved on the dataset ``ds`` (a TokenDataset); None without one."""
+def targets_for(prov: Any, ds: Any, corrupt: np.ndarray | None = None) -> GradTargets | None:
+    """The store's metric (``prov.grad``) resolved on the dataset ``ds`` (a TokenDataset); None without one.
+    EAP-IG stores (``prov.grad_ig``) take the paired ``corrupt`` tokens."""
     if prov.grad is None:
         return None
-    return resolve_metric(parse_metric(prov.grad), ds.tokens, ds.columns, int(prov.config["d_vocab"]))
+    t = resolve_metric(parse_metric(prov.grad), ds.tokens, ds.columns, int(prov.config["d_vocab"]))
+    if prov.grad_ig is None:
+        return t
+    if corrupt is None:
+        raise HeadstoreError("an EAP-IG store (--grad-ig) is filled with its --corrupt data's tokens: give --corrupt")
+    return replace(t, corrupt=np.asarray(corrupt), steps=int(prov.grad_ig))

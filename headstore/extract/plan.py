@@ -334,6 +334,7 @@ def plan_extract(
     existing: bool,
     mine: list[int],
     hooks: Mapping[str, list[str]] | None = None,
+    corrupt: np.ndarray | None = None,
 ) -> Plan:
     """The plan of one extract call: ``mine`` are this process's batch starts; with ``hooks`` (dry run)
     the first batch is run (warm-up, then timed) and encoded for the field bytes."""
@@ -370,7 +371,7 @@ def plan_extract(
         from headstore.extract.grad import targets_for
 
         toks = ds.tokens[:bs]
-        targets = targets_for(prov, ds)  # --grad: its backward pass timed and its arrays measured too
+        targets = targets_for(prov, ds, corrupt)  # --grad: its backward pass timed and its arrays measured too
         grad = None if targets is None else targets.rows(0, bs)
         run_batch(model, toks, prov, dict(hooks), grad=grad).arrays()  # warm-up
         t0 = time.perf_counter()

@@ -47,6 +47,8 @@ class ExtractRequest:
     ignore_space: bool = False  # start even when the target has less free space than the plan
     grad: str | None = None  # a metric whose gradients to store (headstore.extract.grad), e.g. "loss"
     n_tokens: int | None = None  # instead of n_seq: ceil(n_tokens / seq_len) sequences
+    grad_ig: int | None = None  # EAP-IG: average the gradients over this many points from corrupt to clean ...
+    corrupt: str | None = None  # ... inputs, the corrupt ones from this paired --data spec (headstore.extract.grad_ig)
 
     def __post_init__(self) -> None:
         self.selected_fields()  # refuses unknown names before anything loads
@@ -64,6 +66,7 @@ class ExtractRequest:
             from headstore.extract.grad import parse_metric
 
             parse_metric(self.grad)
+        _check_grad_ig(self.grad, self.grad_ig, self.corrupt)
 
     def n_sequences(self) -> int | None:
         """``n_seq``, or ``ceil(n_tokens / seq_len)`` with ``n_tokens``; None: the dataset's own count."""
@@ -110,6 +113,23 @@ class ExtractRequest:
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_grad_ig(grad: str | None, steps: object, corrupt: object) -> None:
+    """``--grad-ig STEPS`` needs ``--grad`` and ``--corrupt DATA``, and ``--corrupt`` needs ``--grad-ig``."""
+    if steps is None:
+        if corrupt is not None:
+            raise HeadstoreError(f"--corrupt {corrupt!r} is the start of EAP-IG's path: give --grad-ig STEPS with it")
+        return
+    if not _is_int(steps) or steps <= 0:  # type: ignore[operator]
+        raise HeadstoreError(f"--grad-ig must be a positive number of steps, got {steps!r}")
+    if grad is None:
+        raise HeadstoreError("--grad-ig averages the gradients of a metric: give --grad METRIC with it")
+    if not isinstance(corrupt, str) or not corrupt:
+        raise HeadstoreError(
+            "--grad-ig needs --corrupt DATA, the corrupt twin of --data the path starts from (e.g. --data ioi "
+            "--corrupt ioi-abc)"
+        )
 
 
 def _check_shard(shard: object) -> None:

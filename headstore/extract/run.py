@@ -27,6 +27,7 @@ from headstore.extract.compact import check_pattern_derivable, derives_pattern
 from headstore.extract.data import DataRequest, TokenDataset, build_dataset
 from headstore.extract.families import resolve_fields
 from headstore.extract.grad import check_grad, parse_metric, targets_for, with_grad_fields
+from headstore.extract.grad_ig import check_corrupt
 from headstore.extract.models import LoadedModel, load_model
 from headstore.extract.plan import Plan, check_space, disk_full, plan_extract
 from headstore.extract.plan_config import config_only, plan_from_config
@@ -133,13 +134,13 @@ def extract(req: ExtractRequest) -> ExtractResult:
     existing = _check_out(out)
     _quiet_hf_loading()
     model = load_model(req.model, req.device, req.model_dtype)
-    prov, ds, weights = _describe(req, model)
+    prov, ds, weights, bad = _describe(req, model)
     if existing is not None:
         existing.check_same_run(prov)
     mine = my_batches(ds.tokens.shape[0], req.batch_size, req.shard)
     hooks = hook_names(prov.fields, prov.layers, prov.config["n_layers"], model.rotary, prov.pattern_layers)
     plan = plan_extract(out, prov, ds, model, weights, req.weights, existing is not None, mine,
-                        hooks if req.dry_run else None)  # fmt: skip
+                        hooks if req.dry_run else None, bad)  # fmt: skip
     if req.dry_run:
         return ExtractResult(str(out), ds.tokens.shape[0], 0, 0, time.perf_counter() - t0, 0.0, 0.0, 0.0, 0, plan)
     if not req.ignore_space:
@@ -149,7 +150,7 @@ def extract(req: ExtractRequest) -> ExtractResult:
             if derives_pattern(prov.fields):  # compact store: refuse a model whose pattern open_store cannot derive
                 check_pattern_derivable(model, ds.tokens, prov.layers)
             _create(out, prov, ds, model, weights, req.weights)
-        res = _fill(out, model, ds, prov, mine, hooks, req.progress, time.perf_counter() - t0)
+        res = _fill(out, model, ds, prov, mine, hooks, req.progress, time.perf_counter() - t0, bad)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
@@ -174,18 +175,27 @@ def my_batches(n: int, batch_size: int, shard: tuple[int, int]) -> list[int]:
     return starts[i * per : (i + 1) * per]
 
 
-def _describe(req: ExtractRequest, model: LoadedModel) -> tuple[Provenance, TokenDataset, dict[str, np.ndarray]]:
-    """The store ``req`` makes with ``model``: its provenance, its dataset and the model's weights."""
+def _describe(
+    req: ExtractRequest, model: LoadedModel
+) -> tuple[Provenance, TokenDataset, dict[str, np.ndarray], np.ndarray | None]:
+    """The store ``req`` makes with ``model``: its provenance, its dataset, the model's weights and, with
+    ``--grad-ig``, the corrupt dataset's tokens."""
     metric = parse_metric(req.grad) if req.grad is not None else None  # --grad: its fields and resid_pre added
-    fields = resolve_fields(req.named_fields(), with_grad_fields(req.selected_fields(), metric), model)
+    ig = req.grad_ig is not None
+    fields = resolve_fields(req.named_fields(), with_grad_fields(req.selected_fields(), metric, ig), model)
     cfg = model.config_dict()
     layers = resolve_layers("layers", req.layers, cfg["n_layers"])
     pattern_layers = _pattern_layers(req, cfg["n_layers"], layers, fields)
     data_req = DataRequest(req.data, req.n_sequences(), req.seq_len, req.seed, req.prepend_bos)
     ds = build_dataset(data_req, model.tokenizer, cfg["n_ctx"])
+    bad = None
+    if ig:  # EAP-IG: the corrupt twin, built with the same options, of the same shape
+        bad = build_dataset(dataclasses.replace(data_req, spec=str(req.corrupt)), model.tokenizer, cfg["n_ctx"])
     seq_len = int(ds.tokens.shape[1])
     if metric is not None:  # the family, a missing column, a position outside a sequence: refused before any run
         check_grad(model, metric, ds)
+    if bad is not None:
+        check_corrupt(ds, bad, int(req.grad_ig or 0), model)
     weights = collect_weights(model, layers, seq_len)
     prov = Provenance(
         schema_version=SCHEMA_VERSION,
@@ -210,8 +220,10 @@ def _describe(req: ExtractRequest, model: LoadedModel) -> tuple[Provenance, Toke
         versions=_versions(),
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         grad=None if metric is None else str(metric),
+        grad_ig=req.grad_ig,
+        corrupt=None if bad is None else bad.describe(),
     )
-    return prov, ds, weights
+    return prov, ds, weights, None if bad is None else bad.tokens
 
 
 def _pattern_layers(
@@ -274,6 +286,7 @@ def _fill(
     hooks: dict[str, list[str]],
     progress: bool,
     setup_seconds: float,
+    corrupt: np.ndarray | None = None,
 ) -> ExtractResult:
     """Run and write the batches starting at ``mine`` that the manifest does not mark done."""
     t0, c0, k0 = time.perf_counter(), time.process_time(), os.times().system
@@ -291,7 +304,7 @@ def _fill(
     )
     pending: Future[None] | None = None
     buffers = HostBuffers()
-    targets = targets_for(prov, ds)
+    targets = targets_for(prov, ds, corrupt)
     waited, n_tok = 0.0, 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="headstore-writer") as pool:
         for start in todo:

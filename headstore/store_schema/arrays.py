@@ -105,6 +105,7 @@ def store_sizes(cfg: Mapping[str, Any], prov: Provenance, n_sequences: int) -> d
         "d_vocab": int(cfg["d_vocab"]),
         "n_ctx": int(cfg["n_ctx"]),
         "d_rot": int(cfg["d_head"]),
+        "ig_step": prov.grad_ig or 1,
     }
 
 

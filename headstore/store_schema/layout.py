@@ -17,7 +17,7 @@ LAYOUTS = ("sharded", "chunked")
 
 DIMS = (
     "batch", "pos", "layer", "head", "kv_head", "d_head", "d_model",
-    "query_pos", "key_pos", "d_vocab", "n_ctx", "d_rot",
+    "query_pos", "key_pos", "d_vocab", "n_ctx", "d_rot", "ig_step",
 )  # fmt: skip
 
 
@@ -41,6 +41,8 @@ class Field:
         return "layer" in self.dims
 
 
+_MEAN = "with --grad-ig: its mean over the IG steps"
+_PER_SCALE = "with --grad-ig: the mean over the IG steps of it / ln1_scale at the step"
 FIELDS: dict[str, Field] = {
     f.name: f
     for f in (
@@ -106,19 +108,48 @@ FIELDS: dict[str, Field] = {
         Field("loss", ("batch", "pos"), "float32", "", "next-token cross-entropy (NaN at the last position)"),
         # extract --grad METRIC: dM/d(activation) of each sequence's metric M (headstore.extract.grad)
         *(
-            Field(name, dims, "storage", "", f"dM/d {hook} (extract --grad METRIC)", default=False)
-            for name, dims, hook in (
-                ("grad_z", ("batch", "layer", "pos", "head", "d_head"), "blocks.{L}.attn.hook_z"),
-                ("grad_q", ("batch", "layer", "pos", "head", "d_head"), "blocks.{L}.attn.hook_q (pre-rotary)"),
-                ("grad_k", ("batch", "layer", "pos", "kv_head", "d_head"), "blocks.{L}.attn.hook_k (pre-rotary)"),
-                ("grad_v", ("batch", "layer", "pos", "kv_head", "d_head"), "blocks.{L}.attn.hook_v"),
-                ("grad_mlp_in", ("batch", "layer", "pos", "d_model"), "blocks.{L}.hook_mlp_in"),
-                ("grad_resid_final", ("batch", "pos", "d_model"), "blocks.{last}.hook_resid_post"),
+            Field(name, dims, "storage", "", f"dM/d {hook} (extract --grad METRIC); {ig}", default=False)
+            for name, dims, hook, ig in (
+                ("grad_z", ("batch", "layer", "pos", "head", "d_head"), "blocks.{L}.attn.hook_z", _MEAN),
+                (
+                    "grad_q",
+                    ("batch", "layer", "pos", "head", "d_head"),
+                    "blocks.{L}.attn.hook_q (pre-rotary)",
+                    _PER_SCALE,
+                ),
+                (
+                    "grad_k",
+                    ("batch", "layer", "pos", "kv_head", "d_head"),
+                    "blocks.{L}.attn.hook_k (pre-rotary)",
+                    _PER_SCALE,
+                ),
+                ("grad_v", ("batch", "layer", "pos", "kv_head", "d_head"), "blocks.{L}.attn.hook_v", _PER_SCALE),
+                ("grad_mlp_in", ("batch", "layer", "pos", "d_model"), "blocks.{L}.hook_mlp_in", _MEAN),
+                ("grad_resid_final", ("batch", "pos", "d_model"), "blocks.{last}.hook_resid_post", _MEAN),
             )
         ),
     )
 }
+# extract --grad METRIC --grad-ig STEPS --corrupt DATA (EAP-IG, headstore.extract.grad_ig): what the q/k/v receivers'
+# path-averaged input gradients need beyond the averaged head-space gradients, per IG step k
+FIELDS.update(
+    {
+        "ig_resid_hat": Field(
+            "ig_resid_hat", ("batch", "layer", "ig_step", "pos", "d_model"), "storage", "",
+            "ln1's normalised input c(resid_pre_k) / ln1_scale_k at IG step k (extract --grad-ig)", default=False,
+        ),
+        **{
+            f"ig_coef_{w}": Field(
+                f"ig_coef_{w}", ("batch", "layer", "ig_step", "pos", heads), "storage", "",
+                f"(ln1 output_k @ W_{w.upper()}) . dM/d{w}_k / (d_model ln1_scale_k) at IG step k (extract --grad-ig)",
+                default=False,
+            )
+            for w, heads in (("q", "head"), ("k", "kv_head"), ("v", "kv_head"))
+        },
+    }
+)  # fmt: skip
 GRAD_FIELDS = tuple(name for name in FIELDS if name.startswith("grad_"))  # stored only with extract --grad
+IG_FIELDS = tuple(name for name in FIELDS if name.startswith("ig_"))  # stored only with extract --grad-ig
 
 DEFAULT_FIELDS = tuple(name for name, f in FIELDS.items() if f.default)
 MANIFEST = "batch_done"
@@ -160,7 +191,7 @@ WEIGHTS: dict[str, Weight] = {
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "default": DEFAULT_FIELDS,
-    "all": tuple(n for n in FIELDS if n not in GRAD_FIELDS),  # gradients come with --grad METRIC
+    "all": tuple(n for n in FIELDS if n not in (*GRAD_FIELDS, *IG_FIELDS)),  # gradients come with --grad METRIC
     # pattern (batch, layer, head, query_pos, key_pos) grows with seq_len**2: store q and k instead and
     # let open_store derive pattern from them (store_schema.attention.derived_pattern).
     "compact": (*(n for n in DEFAULT_FIELDS if n != "pattern"), "q", "k"),

@@ -150,6 +150,11 @@ class Provenance:
     # the metric whose gradients the store holds (``extract --grad``, e.g. "logit-diff:io_token,s_token@end_pos");
     # None: no gradients (and what stores made before the option read as).
     grad: str | None = None
+    # EAP-IG (``extract --grad-ig STEPS --corrupt DATA``): the number of points on the straight path from the corrupt
+    # to the clean input embeddings that the gradients are averaged over, and the corrupt dataset the path starts
+    # from; None: gradients at the clean input only (and what stores made before the option read as).
+    grad_ig: int | None = None
+    corrupt: DatasetInfo | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of the store's attrs (key order as the fields')."""
@@ -188,7 +193,8 @@ class Provenance:
         missing = sorted(
             n
             for n in names - set(d)
-            if n not in ("versions", "created", "pattern_layers", "layout", "weights_store", "grad")
+            if n
+            not in ("versions", "created", "pattern_layers", "layout", "weights_store", "grad", "grad_ig", "corrupt")
         )
         if missing:
             raise HeadstoreError(f"store attrs lack {', '.join(missing)}: the store is damaged; re-extract it")
@@ -214,6 +220,7 @@ class Provenance:
         kwargs["weights_store"] = None if ref is None else WeightsRef.from_dict(ref)
         if not isinstance(kwargs.setdefault("grad", None), str | None):
             raise HeadstoreError(f"store attr grad must be null or a metric string, got {_short(kwargs['grad'])}")
+        _grad_ig(kwargs)
         if kwargs["storage_dtype"] not in STORAGE_DTYPES:
             raise HeadstoreError(f"store attr storage_dtype must be one of {STORAGE_DTYPES}")
         _expect(kwargs, "fields", list)
@@ -256,6 +263,8 @@ class Provenance:
             "pattern_layers": list(self.stored_pattern_layers),
             "batch_size": self.batch_size,
             "grad": self.grad,
+            "grad_ig": self.grad_ig,
+            "corrupt": None if self.corrupt is None else self.corrupt.to_dict(),
         }
 
     def check_same_run(self, other: Provenance) -> None:
@@ -307,6 +316,17 @@ def _pattern_layers(value: Any, layers: tuple[int, ...], fields: tuple[str, ...]
             f"store attr pattern_layers {_short(value)} must be a sorted, non-empty subset of layers {list(layers)}"
         )
     return tuple(value)
+
+
+def _grad_ig(kwargs: dict[str, Any]) -> None:
+    """Check attrs ``grad_ig`` (null, or a positive int with a metric) and ``corrupt`` (null, or a dataset, exactly
+    when ``grad_ig`` is set); ``corrupt`` parsed to a DatasetInfo."""
+    steps, corrupt = kwargs.setdefault("grad_ig", None), kwargs.setdefault("corrupt", None)
+    if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool) and steps > 0):
+        raise HeadstoreError(f"store attr grad_ig must be null or a positive integer, got {_short(steps)}")
+    if (steps is None) != (corrupt is None) or (steps is not None and kwargs["grad"] is None):
+        raise HeadstoreError("store attrs grad_ig and corrupt come together, with grad: the store is damaged")
+    kwargs["corrupt"] = None if corrupt is None else DatasetInfo.from_dict(corrupt)
 
 
 def _expect(d: dict[str, Any], key: str, typ: type) -> None:
