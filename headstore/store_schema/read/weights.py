@@ -62,10 +62,11 @@ def verify(
     key = (where.url, file_stats(where.url))
     got = None if fresh else VERIFIED.get(key)
     if got is None:
-        missing = [n for n in ref.arrays if n not in root]
+        arrays = guarded_arrays(root, where.url)  # vocab as strings, however it is stored
+        missing = [n for n in ref.arrays if n not in arrays]
         if missing:
             raise HeadstoreError(f"weights store {where} lacks {', '.join(missing)}, which {store} takes from it")
-        got = content_sha256(guarded_arrays(root, where.url))  # read block by block
+        got = content_sha256(arrays)  # read block by block
         VERIFIED[key] = got
     if got != ref.sha256:
         raise HeadstoreError(

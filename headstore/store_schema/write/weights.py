@@ -17,7 +17,7 @@ import zarr
 
 from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.hashing import content_sha256
-from headstore.store_schema.layout import ATTRS_KEY, WEIGHTS_ATTRS
+from headstore.store_schema.layout import ATTRS_KEY, SCHEMA_VERSION, WEIGHTS_ATTRS
 from headstore.store_schema.paths import StorePath, is_local
 from headstore.store_schema.provenance_parts import WeightsRef
 from headstore.store_schema.read.guard import guarded_arrays
@@ -71,10 +71,16 @@ def _reuse(where: str, shared: Mapping[str, np.ndarray]) -> str:
         raise HeadstoreError(f"--weights {where} exists but is not a weights store ({type(e).__name__})") from None
     if not isinstance(attrs, dict) or not isinstance(attrs.get("sha256"), str):
         raise HeadstoreError(f"--weights {where} is not a headstore weights store: choose another folder")
+    if isinstance(root.get("vocab"), zarr.Array):  # schema 1: zarr-python's string type, which others refuse
+        raise HeadstoreError(
+            f"--weights {where} was written by an older headstore (vocab in zarr-python's string type, which other "
+            "Zarr implementations cannot read): choose a new folder; the stores made with it still open"
+        )
+    arrays = guarded_arrays(root, where)
     for name, value in shared.items():
-        if name not in root:
+        if name not in arrays:
             raise HeadstoreError(f"--weights {where} lacks {name}: it holds another model's weights")
-        stored = np.asarray(root[name][...])  # type: ignore[index]
+        stored = np.asarray(arrays[name][...])
         if stored.shape != value.shape or not np.array_equal(stored, value):
             raise HeadstoreError(
                 f"--weights {where} holds another model's weights ({name} differs): choose another folder"
@@ -107,6 +113,7 @@ def pack(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
             write_weights(root, arrays, prov.layout)
             attrs = prov.to_dict()
             attrs["weights_store"] = None
+            attrs["schema_version"] = SCHEMA_VERSION  # vocab now stored as bytes and offsets
             root.attrs[ATTRS_KEY] = attrs
             consolidate(str(tmp))
         sync_tree(tmp)
