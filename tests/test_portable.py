@@ -154,3 +154,20 @@ def test_strings_round_trip_and_a_clashing_column_is_refused() -> None:
     root = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
     with pytest.raises(HeadstoreError, match=r"'a' is stored as a_bytes and a_offsets, and 'a_bytes' is another"):
         write_columns(root, {"a": np.asarray(["x", "y"]), "a_bytes": np.asarray([1, 2])}, 2)
+
+
+def test_a_damaged_string_chunk_is_named(stores: dict[str, Path], tmp_path: Path) -> None:
+    """A flipped byte in ``template_bytes``: validate names the chunk; reading ``template`` is one line naming the
+    store and the stored array, as for any array."""
+    copy = tmp_path / "ioi.zarr"
+    shutil.copytree(stores["ioi"], copy)
+    chunk = copy / "template_bytes" / "c" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    assert validate(copy).problems == ("template_bytes: chunk 0 is damaged (ValueError)",)
+    ds = headstore.open_store(copy)
+    with pytest.raises(HeadstoreError, match=r"array 'template_bytes' has a damaged chunk \(chunk 0\)") as ei:
+        ds["template"].load()
+    assert "\n" not in str(ei.value)
+    assert ds["tokens"].values.shape == (12, ds.sizes["pos"])  # the rest reads
