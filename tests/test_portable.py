@@ -21,10 +21,10 @@ from numpy.dtypes import StringDType
 import headstore
 from headstore.store_schema import HeadstoreError, read_provenance, validate
 from headstore.store_schema.arrays import codecs
-from headstore.store_schema.layout import ATTRS_KEY
+from headstore.store_schema.layout import ATTRS_KEY, SCHEMA_VERSION
 from headstore.store_schema.strings import STRING_ATTR, decode, encode
 from headstore.store_schema.write.create import consolidate, write_columns
-from headstore.store_schema.write.weights import ensure_weights_store
+from headstore.store_schema.write.weights import ensure_weights_store, pack
 
 ts = pytest.importorskip("tensorstore")
 
@@ -139,6 +139,16 @@ def test_schema_1_stores_still_open(stores: dict[str, Path], tmp_path: Path) -> 
         assert old.hs.str_tokens(0) == new.hs.str_tokens(0)
         assert validate(tmp_path / kind).ok
     assert validate(tmp_path / "w.zarr").ok
+    # headstore pack upgrades: a self-contained copy in the new form, every array readable by tensorstore
+    for kind in ("ioi", "text"):
+        packed = pack(tmp_path / kind, tmp_path / f"{kind}-packed.zarr")
+        assert read_provenance(packed).schema_version == SCHEMA_VERSION and not (packed / "template").exists()
+        for name in _array_paths(packed):
+            ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(packed / name)}}).result()
+        got, want = headstore.open_store(packed), headstore.open_store(stores[kind])
+        assert got["vocab"].values.tolist() == want["vocab"].values.tolist(), kind
+        if kind == "ioi":
+            assert got["template"].values.tolist() == want["template"].values.tolist()
     # a new store is written in the new form only: an old weights store is not reused for it
     with pytest.raises(HeadstoreError, match=r"written by an older headstore .* choose a new folder"):
         ensure_weights_store(tmp_path / "w.zarr", {"b_U": np.zeros(3, np.float32)}, dict, {})
