@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from headstore.cli import app
 from headstore.store_schema import HeadstoreError, Provenance, done_mask, open_store, read_provenance, validate
-from headstore.store_schema.layout import ATTRS_KEY, MANIFEST
+from headstore.store_schema.layout import ATTRS_KEY, MANIFEST, SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SEQ, BS = 24, 4
@@ -328,13 +328,13 @@ def test_future_schema_version_is_refused_naming_both(tmp_path: Path, reference:
     shutil.copytree(reference, out)
     for meta in (out / "zarr.json",):
         text = meta.read_text()
-        assert '"schema_version": 1' in text
-        meta.write_text(text.replace('"schema_version": 1', '"schema_version": 99'))
+        assert f'"schema_version": {SCHEMA_VERSION}' in text
+        meta.write_text(text.replace(f'"schema_version": {SCHEMA_VERSION}', '"schema_version": 99'))
     for call in (read_provenance, open_store, validate):
-        with pytest.raises(HeadstoreError, match=r"schema version 99.*up to 1"):
+        with pytest.raises(HeadstoreError, match=rf"schema version 99.*up to {SCHEMA_VERSION}"):
             call(out)
     res = CliRunner().invoke(app, ["info", str(out)])
-    assert res.exit_code == 2 and "schema version 99" in res.stderr and "up to 1" in res.stderr
+    assert res.exit_code == 2 and "schema version 99" in res.stderr and f"up to {SCHEMA_VERSION}" in res.stderr
 
 
 def test_pairing_stores_of_different_models_is_refused(make_store: Callable[..., Path], reference: Path) -> None:

@@ -27,6 +27,7 @@ from headstore.store_schema.arrays import field_dtype, store_layout
 from headstore.store_schema.layout import ATTRS_KEY, FIELDS, MANIFEST
 from headstore.store_schema.paths import is_local
 from headstore.store_schema.shard_index import CRC_NBYTES, ENTRY_NBYTES
+from headstore.store_schema.strings import stored_names
 from headstore.store_schema.write.create import consolidate, create_arrays, write_columns, write_weights
 
 
@@ -217,7 +218,7 @@ def make_plan(
         fields.append(FieldPlan(name, total / n_tok, total, files + 1, nbytes))
     w_bytes, w_files = _weights_size(root, stored, weights, small, shared)
     other_bytes, other_files = 0, 0
-    counted = {*weights, *(f for f in prov.fields if f != "tokens")}
+    counted = {*weights, *(n for w in small for n in stored_names(w)), *(f for f in prov.fields if f != "tokens")}
     for key, buf in stored.items():  # root metadata, tokens, columns, the manifest's metadata
         if key.split("/")[0] not in counted:
             other_bytes += len(buf)
@@ -238,20 +239,22 @@ def _weights_size(root: zarr.Group, stored: Mapping[str, Any], weights: Mapping[
     values, a crc32c per chunk, the shard index) and of a new weights store's ``shared`` arrays."""
     w_bytes, w_files = 0, 0
     for wname, value in weights.items():
+        if wname in small:  # vocab: its bytes and offsets arrays as encoded, metadata included
+            keys = [k for k in stored if k.split("/")[0] in stored_names(wname)]
+            w_bytes += sum(len(stored[k]) for k in keys)
+            w_files += len(keys)
+            continue
         arr = root[wname]
         assert isinstance(arr, zarr.Array)
         files = _grid(arr)
         w_files += files + 1
-        if wname in small:
-            w_bytes += sum(len(v) for k, v in stored.items() if k.startswith(f"{wname}/c"))
-        else:
-            n_inner = math.prod(-(-s // c) for s, c in zip(arr.shape, arr.chunks, strict=True))
-            index = ENTRY_NBYTES * n_inner + CRC_NBYTES * files if arr.shards else 0
-            w_bytes += value.nbytes + CRC_NBYTES * n_inner + index
-        w_bytes += len(stored[f"{wname}/zarr.json"])
+        n_inner = math.prod(-(-s // c) for s, c in zip(arr.shape, arr.chunks, strict=True))
+        index = ENTRY_NBYTES * n_inner + CRC_NBYTES * files if arr.shards else 0
+        w_bytes += value.nbytes + CRC_NBYTES * n_inner + index + len(stored[f"{wname}/zarr.json"])
     for value in (shared or {}).values():
-        w_bytes += value.nbytes + 4 + 1500  # one chunk, its checksum, its metadata (vocab: raw, an upper bound)
-        w_files += 2
+        n_arrays = 2 if value.dtype.kind in "UOT" else 1  # vocab: bytes and offsets
+        w_bytes += value.nbytes + n_arrays * (4 + 1500)  # one chunk, its checksum, its metadata (vocab: raw, a bound)
+        w_files += 2 * n_arrays
     return w_bytes, w_files
 
 

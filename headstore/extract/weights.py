@@ -115,7 +115,8 @@ def _mlp(block: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def vocab_strings(tokenizer: Any, d_vocab: int) -> np.ndarray:
-    """Each token id decoded on its own ('' past the tokenizer's vocabulary)."""
+    """Each token id decoded on its own ('' past the tokenizer's vocabulary), as numpy StringDType: a fixed-width
+    ``str`` array would drop trailing NULs (GPT-2's byte token 0 decodes to ``'\\x00'``)."""
     n = min(len(tokenizer), d_vocab)
     strings = tokenizer.batch_decode([[i] for i in range(n)])
-    return np.asarray(list(strings) + [""] * (d_vocab - n))
+    return np.array(list(strings) + [""] * (d_vocab - n), dtype=np.dtypes.StringDType())

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 1
+# 2: string arrays (vocab, string columns) stored as UTF-8 bytes + int64 offsets, core Zarr v3 data types
+# (headstore.store_schema.strings); 1: in zarr-python's ``string`` type, still read (OLDEST_SCHEMA_VERSION).
+SCHEMA_VERSION = 2
+OLDEST_SCHEMA_VERSION = 1
 ATTRS_KEY = "headstore"
 STORAGE_DTYPES = ("float32", "float16")
 # How activation arrays are cut into files (attr ``layout``; stores made before it read as "chunked"):

@@ -7,7 +7,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from headstore.store_schema.errors import HeadstoreError
-from headstore.store_schema.layout import FIELDS, LAYOUTS, SCHEMA_VERSION, STORAGE_DTYPES
+from headstore.store_schema.layout import FIELDS, LAYOUTS, OLDEST_SCHEMA_VERSION, SCHEMA_VERSION, STORAGE_DTYPES
 from headstore.store_schema.provenance_parts import DatasetInfo, ModelInfo, TokenizerInfo, WeightsRef
 
 MODEL_CONFIG_KEYS = (
@@ -187,8 +187,10 @@ class Provenance:
             raise HeadstoreError(
                 f"store has schema version {version} but this headstore reads up to {SCHEMA_VERSION}: upgrade headstore"
             )
-        if version < SCHEMA_VERSION:
-            raise HeadstoreError(f"store has schema version {version}, older than {SCHEMA_VERSION}: re-extract it")
+        if version < OLDEST_SCHEMA_VERSION:
+            raise HeadstoreError(
+                f"store has schema version {version}, older than {OLDEST_SCHEMA_VERSION}: re-extract it"
+            )
         names = {f.name for f in fields(cls)}
         missing = sorted(
             n

@@ -36,11 +36,12 @@ import pandas as pd
 from headstore.extract.data.base import DataRequest, TokenDataset, bos_id, pad_id
 from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.layout import DIMS, FIELDS, MANIFEST, WEIGHTS
+from headstore.store_schema.strings import stored_names
 
 FORMATS = {"jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet"}
 SUFFIXES = ("_char", "_word", "_str")
-# Names a column cannot take: every array and dimension a store has.
-RESERVED = frozenset(FIELDS) | frozenset(WEIGHTS) | frozenset(DIMS) | {"vocab", MANIFEST}
+# Names a column cannot take: every array and dimension a store has (vocab stored as vocab_bytes, vocab_offsets).
+RESERVED = frozenset(FIELDS) | frozenset(WEIGHTS) | frozenset(DIMS) | {"vocab", *stored_names("vocab"), MANIFEST}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _WORD = re.compile(r"\S+")
 

@@ -1,5 +1,6 @@
 """Reads that fail on a damaged chunk (zarr's bare ``ValueError: Stored and computed checksum do not match``, a
-torn shard) become a ``HeadstoreError`` naming the store, the array and the chunk, and saying to run validate."""
+torn shard) become a ``HeadstoreError`` naming the store, the array and the chunk, and saying to run validate.
+String arrays stored as bytes and offsets (``headstore.store_schema.strings``) read back as strings."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import xarray as xr
 import zarr
 
 from headstore.store_schema.errors import HeadstoreError
+from headstore.store_schema.strings import STRING_ATTR, decode
 
 
 def chunk_label(arr: zarr.Array, key: Any) -> str:
@@ -58,14 +60,47 @@ class GuardedArray:
             raise damaged(self.store, self.name, self.arr, key, e) from e
 
 
-def guarded_arrays(root: zarr.Group, store: str) -> dict[str, GuardedArray]:
-    """Every array of ``root``, each guarded."""
-    return {name: GuardedArray(a, name, store) for name, a in root.arrays()}
+class GuardedStrings:
+    """Array-like (n,) over a string array stored as ``NAME_bytes`` and ``NAME_offsets``: a read decodes it whole
+    (one chunk each), as numpy StringDType; ``dims`` the string array's, ``stored`` the two arrays' names."""
+
+    def __init__(self, data: zarr.Array, offsets: zarr.Array, spec: dict[str, Any], store: str):
+        self.name, self.dims, self.stored = str(spec["name"]), tuple(spec["dims"]), (data.basename, offsets.basename)
+        self.data = GuardedArray(data, data.basename, store)
+        self.offsets = GuardedArray(offsets, offsets.basename, store)
+        self.shape, self.ndim, self.dtype = (max(0, offsets.shape[0] - 1),), 1, np.dtypes.StringDType()
+        self.chunks = self.shape
+
+    def __getitem__(self, key: Any) -> Any:
+        return decode(self.data[...], self.offsets[...])[key]
+
+
+def stored_strings(root: zarr.Group, store: str) -> dict[str, GuardedStrings]:
+    """The string arrays of ``root`` stored as bytes and offsets, by their names (a schema 1 store: none)."""
+    out = {}
+    for name, arr in root.arrays():
+        spec = arr.attrs.get(STRING_ATTR)
+        if not isinstance(spec, dict):
+            continue
+        data = root.get(str(spec.get("bytes")))
+        if not isinstance(data, zarr.Array) or not isinstance(spec.get("name"), str):
+            raise HeadstoreError(f"{store}: the string array {name!r} lacks its bytes array: the store is damaged")
+        out[spec["name"]] = GuardedStrings(data, arr, spec, store)
+    return out
+
+
+def guarded_arrays(root: zarr.Group, store: str) -> dict[str, GuardedArray | GuardedStrings]:
+    """Every array of ``root``, each guarded; string arrays stored as bytes and offsets by their own names."""
+    strings = stored_strings(root, store)
+    hidden = {name for s in strings.values() for name in s.stored}
+    plain = {name: GuardedArray(a, name, store) for name, a in root.arrays() if name not in hidden}
+    return {**plain, **strings}
 
 
 def lazy_dataset(root: zarr.Group, store: str) -> xr.Dataset:
     """``root`` (already open: no second metadata read) as a lazy Dataset, as ``xr.open_zarr(chunks={})``
-    presents it, each array's reads guarded (``damaged``)."""
+    presents it, each array's reads guarded (``damaged``), string arrays stored as bytes and offsets as the
+    string variables they hold."""
     import dask.array as da
     from xarray.backends.zarr import ZarrStore
 
@@ -77,4 +112,9 @@ def lazy_dataset(root: zarr.Group, store: str) -> xr.Dataset:
         guarded = GuardedArray(arr, str(name), store)
         data = da.from_array(guarded, chunks=var.data.chunks, name=False, meta=np.empty((0,) * arr.ndim, arr.dtype))
         ds[name] = var.copy(data=data)
+    strings = stored_strings(root, store)
+    ds = ds.drop_vars([name for s in strings.values() for name in s.stored])
+    for name, s in strings.items():
+        data = da.from_array(s, chunks=-1, name=False, meta=np.empty((0,), s.dtype))
+        ds[name] = xr.Variable(s.dims, data)
     return ds

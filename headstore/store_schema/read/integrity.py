@@ -19,6 +19,7 @@ from headstore.store_schema.hashing import content_sha256
 from headstore.store_schema.layout import ATTRS_KEY, WEIGHTS, WEIGHTS_ATTRS
 from headstore.store_schema.paths import StorePath
 from headstore.store_schema.provenance import Provenance
+from headstore.store_schema.read.guard import guarded_arrays, stored_strings
 from headstore.store_schema.read.reader import done_mask, open_group
 from headstore.store_schema.read.weights import verify
 from headstore.store_schema.shard_index import EMPTY, crc, decode_index, index_nbytes
@@ -75,6 +76,11 @@ def validate(path: str | os.PathLike[str], storage_options: dict[str, Any] | Non
             arr = root[wname]
             assert isinstance(arr, zarr.Array)
             problems.extend(_check_chunks(arr, wname, None))
+    for strings in stored_strings(root, str(path)).values():  # vocab, string columns: bytes and offsets
+        for sname in strings.stored:
+            arr = root[sname]
+            assert isinstance(arr, zarr.Array)
+            problems.extend(_check_chunks(arr, sname, None))
     if prov.weights_store is not None:  # every array of it read back (crc32c) and hashed
         try:
             verify(str(path), prov.weights_store, storage_options, content=True)
@@ -97,10 +103,10 @@ def _weights_group(where: StorePath) -> tuple[zarr.Group, dict[str, Any]] | None
 def _validate_weights(path: str | os.PathLike[str], root: zarr.Group, attrs: dict[str, Any]) -> ValidationReport:
     """Every chunk of a weights store read back (crc32c), then its arrays hashed as the stores that use it hash
     them on open (``hashing.content_sha256``) against the sha256 recorded at its creation."""
-    arrays = dict(root.arrays())
+    arrays = guarded_arrays(root, str(path))  # vocab as strings, however it is stored
     recorded = str(attrs.get("sha256"))
     problems = [f"{n}: missing array" for n in attrs.get("arrays", []) if n not in arrays]
-    for name, arr in sorted(arrays.items()):
+    for name, arr in sorted(root.arrays()):
         problems.extend(_check_chunks(arr, name, None))
     if not problems and (got := content_sha256(arrays)) != recorded:
         problems.append(

@@ -26,6 +26,7 @@ from headstore.store_schema.layout import WEIGHTS, WEIGHTS_ATTRS
 from headstore.store_schema.paths import StorePath
 from headstore.store_schema.provenance_parts import WeightsRef
 from headstore.store_schema.read.guard import guarded_arrays, lazy_dataset
+from headstore.store_schema.strings import STRING_ATTR, stored_names
 
 MODEL_DIMS = ("d_vocab", "d_model", "n_ctx")  # the sizes a store's model config fixes for its shared arrays
 
@@ -67,7 +68,7 @@ def verify(
             f"made with ({short}...): it was changed or replaced; restore it or re-extract"
         )
     listed = set(attrs.get("arrays") or ())
-    missing = [n for n in ref.arrays if n not in root or n not in listed]
+    missing = [n for n in ref.arrays if n not in listed or not (n in root or stored_names(n)[1] in root)]
     if missing:
         raise HeadstoreError(f"weights store {where} lacks {', '.join(missing)}, which {store} takes from it")
     for name in ref.arrays:
@@ -81,13 +82,23 @@ def verify(
 
 
 def _check_metadata(root: zarr.Group, name: str, sizes: Mapping[str, int], label: str, store: str) -> None:
-    """Array ``name`` of a weights store has ``sizes`` along its named dims (and is float32 if a weight)."""
-    arr = root[name]
-    assert isinstance(arr, zarr.Array)
-    dims = tuple(arr.metadata.dimension_names or ()) if hasattr(arr.metadata, "dimension_names") else ()
-    got = dict(zip(dims, arr.shape, strict=False))
+    """Array ``name`` of a weights store has ``sizes`` along its named dims (and is float32 if a weight); a
+    string array stored as bytes + offsets (``headstore.store_schema.strings``) by its offsets' length."""
+    if name not in root:  # NAME_bytes + NAME_offsets: n strings have n + 1 offsets
+        offsets = root[stored_names(name)[1]]
+        assert isinstance(offsets, zarr.Array)
+        spec = offsets.attrs.get(STRING_ATTR)
+        dims = tuple(spec.get("dims") or ()) if isinstance(spec, dict) else ()
+        got = dict(zip(dims, (offsets.shape[0] - 1,), strict=False))
+        arr: zarr.Array | None = None
+    else:
+        node = root[name]
+        assert isinstance(node, zarr.Array)
+        arr = node
+        dims = tuple(arr.metadata.dimension_names or ()) if hasattr(arr.metadata, "dimension_names") else ()
+        got = dict(zip(dims, arr.shape, strict=False))
     wrong = [f"{d} {got[d]} (not {sizes[d]})" for d in MODEL_DIMS if d in got and d in sizes and got[d] != sizes[d]]
-    if name in WEIGHTS and arr.dtype != np.float32:
+    if arr is not None and name in WEIGHTS and arr.dtype != np.float32:
         wrong.append(f"dtype {arr.dtype} (not float32)")
     if wrong:
         raise HeadstoreError(

@@ -18,6 +18,7 @@ from headstore.store_schema.arrays import ArraySpec, codecs, store_layout, whole
 from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.layout import ATTRS_KEY, WEIGHTS
 from headstore.store_schema.provenance import Provenance
+from headstore.store_schema.strings import STRING_ATTR, encode, is_text, stored_names
 from headstore.store_schema.write import checkpoint
 from headstore.store_schema.write.durable import sync_folder, sync_tree
 
@@ -94,15 +95,42 @@ def consolidate(store: Any) -> None:
 
 
 def write_columns(root: zarr.Group, columns: Mapping[str, np.ndarray], n: int) -> None:
-    """Per-sequence metadata columns, one chunk each."""
+    """Per-sequence metadata columns, one chunk each (string columns as bytes and offsets: ``write_strings``)."""
     for col, values in columns.items():
         arr = np.asarray(values)
-        col_dtype: Any = str if arr.dtype.kind in "UO" else arr.dtype
+        if is_text(arr.dtype):
+            write_strings(root, col, arr, ("batch",), taken=set(columns) - {col})
+            continue
         a = root.create_array(
-            col, shape=(n,), chunks=(n,), dtype=col_dtype, dimension_names=("batch",),
+            col, shape=(n,), chunks=(n,), dtype=arr.dtype, dimension_names=("batch",),
             compressors=codecs(col, arr.dtype), config={"write_empty_chunks": True},
         )  # fmt: skip
         a[:] = arr
+
+
+def write_strings(
+    root: zarr.Group, name: str, values: np.ndarray, dims: tuple[str, ...], *, taken: Iterable[str] = (),
+    write: bool = True,
+) -> None:  # fmt: skip
+    """The 1-D string array ``name`` as ``NAME_bytes`` (uint8 UTF-8) and ``NAME_offsets`` (int64, n + 1), one
+    chunk each (``headstore.store_schema.strings``); refused when a column of ``taken`` has either name."""
+    names = stored_names(name)
+    clash = sorted(set(names) & set(taken))
+    if clash:
+        raise HeadstoreError(
+            f"string column {name!r} is stored as {names[0]} and {names[1]}, and {clash[0]!r} is another column: "
+            "rename one of them"
+        )
+    data, offsets = encode(values)
+    attrs: dict[str, Any] = {STRING_ATTR: {"name": name, "dims": list(dims), "bytes": names[0]}}
+    for aname, value, dim, extra in ((names[0], data, "byte", {}), (names[1], offsets, "offset", attrs)):
+        a = root.create_array(
+            aname, shape=value.shape, chunks=(max(1, value.size),), dtype=value.dtype,
+            dimension_names=(f"{name}_{dim}",), compressors=codecs(aname, value.dtype), attributes=extra,
+            config={"write_empty_chunks": True},
+        )  # fmt: skip
+        if write:
+            a[...] = value
 
 
 def write_weights(root: zarr.Group, weights: Mapping[str, np.ndarray], layout: str, *, write: bool = True) -> None:
@@ -111,11 +139,13 @@ def write_weights(root: zarr.Group, weights: Mapping[str, np.ndarray], layout: s
     metadata only (what ``headstore.extract.plan`` measures)."""
     for wname, value in weights.items():
         dims = WEIGHTS[wname].dims if wname in WEIGHTS else ("d_vocab",)
+        if is_text(value.dtype):  # vocab
+            write_strings(root, wname, value, dims, write=write)
+            continue
         chunks = tuple(1 if d == "layer" else s for d, s in zip(dims, value.shape, strict=True))
-        w_dtype: Any = str if value.dtype.kind in "UO" else value.dtype
         a = root.create_array(
             wname, shape=value.shape, chunks=chunks, shards=whole_shard(value.shape, chunks, layout),
-            dtype=w_dtype, dimension_names=dims, compressors=codecs(wname, value.dtype),
+            dtype=value.dtype, dimension_names=dims, compressors=codecs(wname, value.dtype),
             config={"write_empty_chunks": True},
         )  # fmt: skip
         if write:

@@ -17,13 +17,14 @@ import zarr
 
 from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.hashing import content_sha256
-from headstore.store_schema.layout import ATTRS_KEY, WEIGHTS_ATTRS
+from headstore.store_schema.layout import ATTRS_KEY, SCHEMA_VERSION, WEIGHTS_ATTRS
 from headstore.store_schema.paths import StorePath, is_local
 from headstore.store_schema.provenance_parts import WeightsRef
 from headstore.store_schema.read.guard import guarded_arrays
 from headstore.store_schema.read.reader import read_provenance
 from headstore.store_schema.read.weights import verify
-from headstore.store_schema.write.create import consolidate, write_weights
+from headstore.store_schema.strings import is_text
+from headstore.store_schema.write.create import consolidate, write_strings, write_weights
 from headstore.store_schema.write.durable import sync_folder, sync_tree
 
 
@@ -70,10 +71,16 @@ def _reuse(where: str, shared: Mapping[str, np.ndarray]) -> str:
         raise HeadstoreError(f"--weights {where} exists but is not a weights store ({type(e).__name__})") from None
     if not isinstance(attrs, dict) or not isinstance(attrs.get("sha256"), str):
         raise HeadstoreError(f"--weights {where} is not a headstore weights store: choose another folder")
+    if isinstance(root.get("vocab"), zarr.Array):  # schema 1: zarr-python's string type, which others refuse
+        raise HeadstoreError(
+            f"--weights {where} was written by an older headstore (vocab in zarr-python's string type, which other "
+            "Zarr implementations cannot read): choose a new folder; the stores made with it still open"
+        )
+    arrays = guarded_arrays(root, where)
     for name, value in shared.items():
-        if name not in root:
+        if name not in arrays:
             raise HeadstoreError(f"--weights {where} lacks {name}: it holds another model's weights")
-        stored = np.asarray(root[name][...])  # type: ignore[index]
+        stored = np.asarray(arrays[name][...])
         if stored.shape != value.shape or not np.array_equal(stored, value):
             raise HeadstoreError(
                 f"--weights {where} holds another model's weights ({name} differs): choose another folder"
@@ -85,8 +92,10 @@ def _reuse(where: str, shared: Mapping[str, np.ndarray]) -> str:
 
 def pack(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """A self-contained copy of the local store ``src`` at ``out``: the arrays it takes from its weights
-    store written into it (as a store made without ``--weights`` holds them), the reference dropped.
-    Written under a temporary name and renamed into place."""
+    store written into it (as a store made without ``--weights`` holds them), the reference dropped, and
+    the strings of a schema-1 store in zarr-python's ``string`` type rewritten as bytes and offsets (the copy
+    is schema version 2, readable by any Zarr v3 implementation). Written under a temporary name and renamed
+    into place."""
     src, out = Path(src), Path(out)
     if not is_local(src):
         raise HeadstoreError(f"pack reads a local store; {src} is a URL: copy it locally first")
@@ -101,11 +110,13 @@ def pack(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         shutil.copytree(src, tmp)
-        if ref is not None:
-            root = zarr.open_group(str(tmp), mode="r+", zarr_format=3)
+        rewritten = _portable_strings(tmp)
+        if ref is not None or rewritten or prov.schema_version != SCHEMA_VERSION:
+            root = zarr.open_group(str(tmp), mode="r+", zarr_format=3, use_consolidated=False)
             write_weights(root, arrays, prov.layout)
             attrs = prov.to_dict()
             attrs["weights_store"] = None
+            attrs["schema_version"] = SCHEMA_VERSION  # every string array now bytes and offsets
             root.attrs[ATTRS_KEY] = attrs
             consolidate(str(tmp))
         sync_tree(tmp)
@@ -115,3 +126,15 @@ def pack(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _portable_strings(folder: Path) -> bool:
+    """Rewrite each string array of the local store ``folder`` held in zarr-python's ``string`` type (schema 1)
+    as bytes and offsets (``write_strings``); whether there was one."""
+    root = zarr.open_group(str(folder), mode="r+", zarr_format=3, use_consolidated=False)
+    old = [(name, arr) for name, arr in root.arrays() if is_text(arr.dtype)]
+    for name, arr in old:
+        values, dims = np.asarray(arr[...]), getattr(arr.metadata, "dimension_names", None) or ("batch",)
+        shutil.rmtree(folder / name)
+        write_strings(root, name, values, tuple(str(d) for d in dims))
+    return bool(old)
