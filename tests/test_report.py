@@ -379,6 +379,7 @@ def test_main_job_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert calls["composition"] == 1  # computed by the census, copied into the IOI report's folder
     assert calls["logit-attribution"] == 3  # census: targets IO and S; IOI report: target io_token
     assert calls["calibration"] == 1  # on text, in the census only
+    assert calls["attribution-patching"] == calls["edge-attribution"] == 1  # census; copied into ioi-vs-abc/
     assert (job.out / "ioi" / "composition" / "summary.csv").read_bytes() == (
         job.out / "census" / "weights" / "composition" / "summary.csv"
     ).read_bytes()
