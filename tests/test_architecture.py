@@ -221,8 +221,11 @@ def test_main_job_views_derive_from_the_declarations() -> None:
         expected = spec.n_stores == 1 and all(r in WEIGHTS or r == "vocab" for r in spec.requires)
         assert weights_only(spec) == expected, name
     assert {n for n, s in specs.items() if weights_only(s)} == {"circuits", "composition"}
+    from headstore.extract.grad import parse_metric, with_grad_fields
+
     for store, plan in STORES.items():  # each store holds every field its analyzers declare
-        held = set(parse_fields(",".join(extract_fields(plan))))
+        metric = None if plan.grad is None else parse_metric(plan.grad)  # --grad adds its fields, as extract does
+        held = set(with_grad_fields(parse_fields(",".join(extract_fields(plan))), metric))
         for name in plan.analyzers:
             need = {DERIVED_FROM.get(r, r) for r in specs[name].requires if r in FIELDS}
             assert need <= held, (store, name, need - held)

@@ -329,3 +329,38 @@ def test_tables_and_figures(pair: Any, tmp_path: Path) -> None:
     assert list(edges.columns) == ["edge", "sender", "receiver", "score"] and len(edges) == 5
     paths = F.attribution_patching_plot(atp, tmp_path) + F.edge_attribution_plot(eap, tmp_path)
     assert [p.suffix for p in paths] == [".png", ".html", ".png", ".html"] and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_main_job_exact_patching_equals_live_hook_result_patching(pair: Any, live_model: Any) -> None:
+    """The census's exact activation patching (``hook_z`` of one head from the ABC run) equals patching that head's
+    ``hook_result`` (z_h @ W_O[h], per-head outputs on) from the ABC run, written here on the live bridge, with
+    M = logit[IO] - logit[S] at END read off the logits here too."""
+    from headstore.pipeline.census_attribution import exact_patching
+
+    clean, corrupt = pair("tiny-gpt2")
+    m = live_model("tiny-gpt2")
+    bridge, heads = m.bridge, [(0, 1), (1, 2)]
+    exact, m_clean = exact_patching(m, clean, corrupt, heads, METRIC, batch_size=4)  # 6 prompts: a short last batch
+    x, xc = (torch.as_tensor(np.asarray(ds["tokens"].values)) for ds in (clean, corrupt))
+    b, end = torch.arange(x.shape[0]), torch.as_tensor(np.asarray(clean["end_pos"].values, np.int64))
+    io, s = (torch.as_tensor(np.asarray(clean[c].values, np.int64)) for c in ("io_token", "s_token"))
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return logits[b, end, io] - logits[b, end, s]
+
+    with _live_mode(bridge), torch.no_grad():
+        _, bad = bridge.run_with_cache(xc, names_filter=lambda n: n.endswith("attn.hook_result"))
+        base = metric(bridge(x, return_type="logits"))
+        want = []
+        for L, h in heads:
+
+            def swap(r: torch.Tensor, hook: Any, L: int = L, h: int = h) -> torch.Tensor:
+                r = r.clone()
+                r[:, :, h] = bad[f"blocks.{L}.attn.hook_result"][:, :, h]
+                return r
+
+            patched = bridge.run_with_hooks(x, fwd_hooks=[(f"blocks.{L}.attn.hook_result", swap)])
+            want.append(float((metric(patched) - base).mean()))
+    assert m_clean == pytest.approx(float(base.mean()), rel=1e-5)
+    np.testing.assert_allclose(exact, want, rtol=1e-3, atol=1e-7)
+    assert np.abs(np.asarray(want)).min() > 1e-5  # the heads do move M: the comparison is not of zeros

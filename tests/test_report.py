@@ -379,6 +379,7 @@ def test_main_job_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert calls["composition"] == 1  # computed by the census, copied into the IOI report's folder
     assert calls["logit-attribution"] == 3  # census: targets IO and S; IOI report: target io_token
     assert calls["calibration"] == 1  # on text, in the census only
+    assert calls["attribution-patching"] == calls["edge-attribution"] == 1  # census; copied into ioi-vs-abc/
     assert (job.out / "ioi" / "composition" / "summary.csv").read_bytes() == (
         job.out / "census" / "weights" / "composition" / "summary.csv"
     ).read_bytes()
@@ -395,6 +396,7 @@ def test_main_job_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert (text_ds.options["source"], text_ds.options["name"]) == ("hf", "python-stdlib-docstrings")
     page = (job.out / "census.html").read_text(encoding="utf-8")
     assert "Induction circuit" in page and "Path patching" in page and "Calibration with heads removed" in page
+    _check_atp_vs_exact(job.out, findings, page)
     saved = {p.parent.name for p in job.out.glob("*/*/summary.csv")}
     assert {"copy-suppression", "ioi", "ioi-pair"} <= saved
     calls.clear()
@@ -406,6 +408,26 @@ def test_main_job_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert job.out / "dashboard" / "index.html" in first and (job.out / "dashboard" / "heads" / "L1H2.html").is_file()
     pair = (job.out / "report-ioi-vs-abc.html").read_text(encoding="utf-8")
     assert "id='an-ioi-pair'" in pair and "saved output reused" in pair
+
+
+def _check_atp_vs_exact(out: Path, findings: pd.DataFrame, page: str) -> None:
+    """The census's AtP vs exact patching: the heads of largest |AtP| from the analyzer's output, the findings' rho
+    equal to scipy's Spearman rho of the CSV, and AtP close to exact on the tiny model (nearly linear per head)."""
+    from scipy.stats import spearmanr
+
+    table = pd.read_csv(out / "census" / "attribution" / "atp_vs_exact.csv")
+    atp = xr.open_zarr(out / "census" / "ioi-vs-abc" / "attribution-patching" / "result.zarr", consolidated=False)
+    score = atp["score"].transpose("layer", "head").values
+    assert len(table) == min(30, score.size) and (out / "census" / "attribution" / "atp_vs_exact.png").is_file()
+    np.testing.assert_allclose(table["atp"], [score[L, h] for L, h in zip(table["layer"], table["head_index"])])
+    assert (
+        np.all(np.diff(np.abs(table["atp"])) <= 0)
+        and np.abs(table["atp"]).min() >= np.sort(np.abs(score.ravel()))[-len(table)]
+    )
+    rho = float(findings.loc[findings["kind"] == "AtP vs exact patching", "score"].iloc[0])
+    assert -1 <= rho <= 1 and rho == pytest.approx(float(spearmanr(table["atp"], table["exact"]).statistic), abs=1e-12)
+    np.testing.assert_allclose(table["exact"], table["atp"], rtol=0.1, atol=1e-6)
+    assert "Attribution patching" in page and (out / "census" / "attribution" / "eap_circuit.png").is_file()
 
 
 def test_report_imports_no_torch() -> None:

@@ -1,11 +1,13 @@
 """The main job on the embedded default: a head census of SmolLM2-135M, then the seeds' experiments on
 heads chosen from the data, and the HTML reports, all under one output folder.
 
-Stores (``OUT/stores/``): IOI prompts and their ABC twins, text windows (for calibration), and
-repeated random tokens (for induction). The census (``OUT/census/``, page ``OUT/census.html``): head
-scores, attention statistics, composition, copy suppression, name movers (``headstore.pipeline.census`` says how
-each kind is chosen), path patching from the top name movers into the top copy-suppressive heads in
-both directions (seed 001) and calibration with those heads' direct effects removed (seed 003). Then the
+Stores (``OUT/stores/``): IOI prompts and their ABC twins (with the gradients of ``logit[IO] - logit[S]`` at
+END, ``extract --grad``), text windows (for calibration), and repeated random tokens (for induction). The census
+(``OUT/census/``, page ``OUT/census.html``): head scores, attention statistics, composition, copy suppression,
+name movers (``headstore.pipeline.census`` says how each kind is chosen), path patching from the top name movers
+into the top copy-suppressive heads in both directions (seed 001), attribution patching of every head checked
+against exact activation patching on the live model, with the top EAP edges beside the name movers
+(``census_attribution``), and calibration with those heads' direct effects removed (seed 003). Then the
 per-store reports of every applicable analyzer on the IOI store and the IOI/ABC pair, and the head dashboard
 of the IOI store (``OUT/dashboard/index.html``, ``headstore dashboard``).
 

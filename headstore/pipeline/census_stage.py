@@ -13,6 +13,7 @@ import xarray as xr
 from rich.table import Table
 
 from headstore.pipeline import census as C
+from headstore.pipeline.census_attribution import attribution_section
 from headstore.pipeline.job import MainJob, Stages, console, heads_text
 from headstore.pipeline.runner import Runner
 from headstore.report.census_report import Section, write_census_report
@@ -151,6 +152,13 @@ class Census:
         self.findings.append({"kind": "calibration", "rank": 0, "head": "-", "score": float(cal["overconfidence"]),
                               "definition": f"baseline overconfidence, top-3, {n_tok} text predictions"})  # fmt: skip
 
+    def attribution(self) -> None:
+        """AtP of every head (IOI clean, ABC corrupt), AtP vs exact patching on the live model, the top EAP edges
+        beside the name movers (``headstore.pipeline.census_attribution``)."""
+        section, findings = attribution_section(self.job, self.stage, self.run, self.stores, self.movers)
+        self.sections.append(section)
+        self.findings.extend(findings)
+
     def write(self) -> list[Path]:
         """The CSV tables, the census page, and the findings printed as a table."""
         job, stores = self.job, self.stores
@@ -180,5 +188,6 @@ def run_census(job: MainJob, stage: Stages, stores: dict[str, Path]) -> list[Pat
     census.head_kinds()
     census.induction_circuit()
     census.path_patching()
+    census.attribution()
     census.calibration()
     return census.write()

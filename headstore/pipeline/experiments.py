@@ -21,6 +21,8 @@ from headstore.store_schema import HeadstoreError, open_store
 # prompt's heads it would cost minutes for a curve of a few hundred predictions.
 IN_CENSUS_ONLY = {("ioi", "calibration")}
 # On IOI prompts the token after END is padding: attribute the answer (the IO name) instead.
+# Computed by the census on the same stores (OUT/census/GROUP/NAME/): copied, not recomputed.
+FROM_CENSUS = {("ioi-vs-abc", "attribution-patching"), ("ioi-vs-abc", "edge-attribution")}
 STORE_PARAMS: dict[tuple[str, str], Callable[[xr.Dataset], dict[str, Any]]] = {
     ("ioi", "logit-attribution"): lambda ds: {"target": ds["io_token"].load()},
     ("ioi-abc", "logit-attribution"): lambda ds: {"target": ds["io_token"].load()},
@@ -44,6 +46,10 @@ class Experiments:
         folder = safe_child(out, spec.name)
         key = weights_key(spec, datasets, tuple(params))
         saved, why = saved_output(spec, out), "reused"
+        census = self.job.out / "census" / group
+        if saved is None and (group, spec.name) in FROM_CENSUS and saved_output(spec, census) is not None:
+            copy_output(safe_child(census, spec.name), folder)
+            saved, why = saved_output(spec, out), "computed by the census: copied"
         if saved is None and key in self.by_weights:
             copy_output(self.by_weights[key], folder)
             saved, why = saved_output(spec, out), f"same weights as {self.by_weights[key].parent.name}: copied"

@@ -24,7 +24,8 @@ def extract_store(job: MainJob, stage: Stages, name: str, data: str | None = Non
         res = extract(
             ExtractRequest(
                 model=job.model, data=data or plan.data, out=str(path), fields=extract_fields(plan),
-                batch_size=job.batch_size, device=job.device, weights=str(weights_dir(job)), **kw,  # type: ignore[arg-type]
+                batch_size=job.batch_size, device=job.device, weights=str(weights_dir(job)),
+                grad=plan.grad, **kw,  # type: ignore[arg-type]
             )
         )  # fmt: skip
         console.print(f"  {path}: {res.n_sequences} sequences ({res.skipped} batches already done)", highlight=False)

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from headstore.analyze.registry import AnalyzerSpec, get_analyzer
 from headstore.store_schema import HeadstoreError
-from headstore.store_schema.layout import FIELDS, PRESETS
+from headstore.store_schema.layout import FIELDS, GRAD_FIELDS, PRESETS
 
 console = Console()
 
@@ -40,17 +40,22 @@ class MainJob:
 @dataclass(frozen=True)
 class StorePlan:
     """A store of the main job: its data source, the fields it keeps beyond what its analyzers declare
-    (``base``: presets and field names), and the analyzers the census runs on it."""
+    (``base``: presets and field names), the analyzers the census runs on it, and the metric whose gradients it
+    stores (``extract --grad``; its gradient fields and ``resid_pre`` come with it), if any."""
 
     data: str
     base: tuple[str, ...]
     analyzers: tuple[str, ...]
+    grad: str | None = None
 
 
-IOI_ANALYZERS = ("copy-suppression", "ioi", "logit-attribution", "composition", "path-patch-query")
+IOI_ANALYZERS = ("copy-suppression", "ioi", "logit-attribution", "composition", "path-patch-query",
+                 "attribution-patching", "edge-attribution")  # fmt: skip
+# The IOI metric the attribution analyzers take gradients of: logit[IO] - logit[S] at END.
+IOI_METRIC = "logit-diff:io_token,s_token@end_pos"
 STORES = {
-    "ioi": StorePlan("ioi", ("default",), IOI_ANALYZERS),
-    "ioi-abc": StorePlan("ioi-abc", ("default",), IOI_ANALYZERS),
+    "ioi": StorePlan("ioi", ("default",), IOI_ANALYZERS, IOI_METRIC),
+    "ioi-abc": StorePlan("ioi-abc", ("default",), IOI_ANALYZERS, IOI_METRIC),
     "text": StorePlan("text", ("loss",), ("calibration",)),
     "repeated-random": StorePlan("repeated-random", (), ("head-scores", "attention-stats")),
 }
@@ -68,8 +73,11 @@ def declared_fields(names: Iterable[str]) -> tuple[str, ...]:
 
 
 def extract_fields(plan: StorePlan) -> tuple[str, ...]:
-    """The ``fields`` of a store: its base plus whatever its analyzers declare that the base lacks."""
+    """The ``fields`` of a store: its base plus whatever its analyzers declare that the base lacks (gradient
+    fields excepted: ``extract --grad`` adds them, with ``resid_pre``, when the plan names a metric)."""
     have = {"tokens", *(f for item in plan.base for f in PRESETS.get(item, (item,)))}
+    if plan.grad is not None:
+        have |= {*GRAD_FIELDS, "resid_pre"}
     return (*plan.base, *(f for f in declared_fields(plan.analyzers) if f not in have))
 
 
