@@ -10,8 +10,6 @@ and refuses to start when the target has less free space than the plan.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -22,7 +20,7 @@ import numpy as np
 import zarr
 from zarr.storage import MemoryStore
 
-from headstore.store_schema import HeadstoreError, Provenance
+from headstore.store_schema import Provenance
 from headstore.store_schema.arrays import field_dtype, store_layout
 from headstore.store_schema.layout import ATTRS_KEY, FIELDS, MANIFEST
 from headstore.store_schema.paths import is_local
@@ -98,17 +96,17 @@ class Plan:
         out = [f"plan for {self.out}: {self.n_tokens:,} tokens in {self.n_batches} batches ({how})"]
         for f in self.fields:
             out.append(
-                f"  {f.name:<15} {f.bytes_per_token:>12,.1f} B/token {_gb(f.total_bytes):>11}  {f.files:>7,} files"
-                f"  {_gb(f.disk(self.block)):>11} on disk"
+                f"  {f.name:<15} {f.bytes_per_token:>12,.1f} B/token {gb(f.total_bytes):>11}  {f.files:>7,} files"
+                f"  {gb(f.disk(self.block)):>11} on disk"
             )
-        out.append(f"  {'weights':<15} {'':>12}         {_gb(self.weights_bytes):>11}  {self.weights_files:>7,} files")
-        out.append(f"  {'other':<15} {'':>12}         {_gb(self.other_bytes):>11}  {self.other_files:>7,} files"
+        out.append(f"  {'weights':<15} {'':>12}         {gb(self.weights_bytes):>11}  {self.weights_files:>7,} files")
+        out.append(f"  {'other':<15} {'':>12}         {gb(self.other_bytes):>11}  {self.other_files:>7,} files"
                    "  (tokens, columns, manifest, metadata)")  # fmt: skip
         act = sum(f.total_bytes for f in self.fields)
         disk = sum(f.disk(self.block) for f in self.fields) + self.total_bytes - act
         out.append(
-            f"  total {_gb(self.total_bytes)} ({act / max(self.n_tokens, 1):,.0f} B/token of activations), "
-            f"{self.n_files:,} files, {_gb(disk)} on disk"
+            f"  total {gb(self.total_bytes)} ({act / max(self.n_tokens, 1):,.0f} B/token of activations), "
+            f"{self.n_files:,} files, {gb(disk)} on disk"
         )
         if self.seconds_per_batch:
             parts = ", ".join(f"{k} {v:.3g} s" for k, v in self.seconds_per_batch.items())
@@ -119,7 +117,7 @@ class Plan:
         return out
 
 
-def _gb(n: float) -> str:
+def gb(n: float) -> str:
     for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
             return f"{n / size:.2f} {unit}"
@@ -286,30 +284,6 @@ def _raw_bytes_per_token(name: str, sizes: Mapping[str, int], prov: Provenance) 
     return per_seq / prov.seq_len
 
 
-def _existing(path: str | os.PathLike[str]) -> Path:
-    p = Path(path).absolute()
-    while not p.exists():
-        p = p.parent
-    return p
-
-
-def free_bytes(path: str | os.PathLike[str]) -> int:
-    """Free space of the filesystem that holds ``path`` (or its nearest existing parent)."""
-    return shutil.disk_usage(_existing(path)).free
-
-
-def check_space(plan: Plan) -> None:
-    """Refuse to start when the store's filesystem has less free space than the plan still needs (each
-    file rounded up to the filesystem's block: a store of small files takes more than its bytes)."""
-    block = os.statvfs(_existing(plan.out)).f_bsize
-    need, free = plan.bytes_needed + plan.files_needed * block, free_bytes(plan.out)
-    if free < need:
-        raise HeadstoreError(
-            f"not enough space at {plan.out}: the plan needs {_gb(need)}, {_gb(free)} free: free space, choose "
-            "another --out, or pass --ignore-space to start anyway (a full disk stops it, resumable)"
-        )
-
-
 def describe(plan: Plan) -> dict[str, Any]:
     """The plan as plain JSON values."""
     return {
@@ -385,19 +359,3 @@ def plan_extract(
                      creates=not existing)  # fmt: skip
     setup = 0.0 if existing else time.perf_counter() - t_setup - seconds.get("forward", 0.0) * 2
     return replace(plan, seconds_per_batch={**seconds, **plan.seconds_per_batch}, setup_seconds=setup)
-
-
-def disk_full(out: Path, n_sequences: int, batch_size: int) -> HeadstoreError:
-    """The one-line error of a full disk mid-run (the store resumes: each batch is marked done last)."""
-    from headstore.store_schema.read.reader import done_mask
-
-    n_batches, done = -(-n_sequences // batch_size), 0
-    if (out / "zarr.json").exists():
-        try:
-            mask = done_mask(out)
-            done = sum(bool(mask[s : s + batch_size].all()) for s in range(0, mask.size, batch_size))
-        except HeadstoreError:
-            pass
-    return HeadstoreError(
-        f"disk full at {out} after {done} of {n_batches} batches: free space and rerun the same command to resume"
-    )

@@ -208,6 +208,6 @@ def _block(out: str) -> int:
     """The filesystem block of ``out``'s nearest existing folder (4096 with no ``--out``)."""
     import os
 
-    from headstore.extract.plan import _existing
+    from headstore.extract.space import existing
 
-    return os.statvfs(_existing(out)).f_bsize if out else 4096
+    return os.statvfs(existing(out)).f_bsize if out else 4096

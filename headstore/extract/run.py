@@ -29,9 +29,10 @@ from headstore.extract.families import resolve_fields
 from headstore.extract.grad import check_grad, parse_metric, targets_for, with_grad_fields
 from headstore.extract.grad_ig import check_corrupt
 from headstore.extract.models import LoadedModel, load_model
-from headstore.extract.plan import Plan, check_space, disk_full, plan_extract
+from headstore.extract.plan import Plan, plan_extract
 from headstore.extract.plan_config import config_only, plan_from_config
 from headstore.extract.request import ExtractRequest, Layers, resolve_layers
+from headstore.extract.space import check_space, disk_full
 from headstore.extract.weights import collect_weights, effective_embedding, vocab_strings, weights_sha256
 from headstore.store_schema import (
     HeadstoreError,
