@@ -6,14 +6,14 @@ clean and corrupt runs. Nothing below reuses the code it checks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from test_attribution import _live_mode  # split q/k/v inputs on, as in the plain-gradient tests
 
 import headstore
 from headstore.analyze import attribution_patching, edge_attribution
@@ -34,21 +34,6 @@ def ig_pair(make_store: Callable[..., Path]) -> Callable[[str], tuple[Any, Any]]
         return headstore.open_store(clean), headstore.open_store(corrupt)
 
     return get
-
-
-@contextmanager
-def _split_inputs(bridge: Any) -> Iterator[None]:
-    names = ("split_qkv_input", "hook_mlp_in", "attn_result")
-    was = {n: bool(getattr(bridge.cfg, f"use_{n}", False)) for n in names}
-    try:
-        for n in names:
-            with suppress(NotImplementedError):
-                getattr(bridge, f"set_use_{n}")(True)
-        yield
-    finally:
-        for n in names:
-            with suppress(NotImplementedError):
-                getattr(bridge, f"set_use_{n}")(was[n])
 
 
 def _hooks(n_layers: int) -> list[str]:
@@ -73,7 +58,7 @@ def _run(bridge: Any, toks: np.ndarray, embed: torch.Tensor | None, cols: Any | 
     if embed is not None:
         fwd.append(("hook_embed", lambda t, hook: embed.clone().requires_grad_(True)))
     x = torch.as_tensor(toks, dtype=torch.long)
-    with _split_inputs(bridge):
+    with _live_mode(bridge):
         logits = bridge.run_with_hooks(x, fwd_hooks=fwd)
         if cols is not None:
             b = torch.arange(x.shape[0])
