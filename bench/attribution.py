@@ -359,7 +359,8 @@ def report(args: argparse.Namespace, model: str, n_seq: int, bs: int, repeat: in
     cmd = "python bench/attribution.py" + (" --quick" if args.quick else "")
     body = f"""## (g) Attribution from the store (AtP, EAP) vs the online method
 
-Command: `{cmd}` — machine: {C.machine()}; `uptime` load average at the start {LOAD0}.
+Command: `{cmd}`, run {time.strftime("%Y-%m-%d %H:%M", time.gmtime())} UTC — machine: {C.machine()}; `uptime` load
+average at the start {LOAD0}.
 Model `{model}` ({cfg.n_layers} layers x {cfg.n_heads} heads, {cfg.n_key_value_heads} kv heads), data `ioi`
 (clean, `--grad {METRIC}`) and `ioi-abc` (corrupt), {r["shape"][0]} sequences x {r["shape"][1]} tokens, batch
 (chunk) {bs}, float32 storage. Every time is the fastest of {
