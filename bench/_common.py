@@ -79,16 +79,21 @@ def timeit(
 
 
 def store(model: str, data: str, n_seq: int, batch_size: int, *, fields: tuple[str, ...] = ("default",), dtype: str = "float32",
-          seq_len: int | None = None, device: str = "cpu", layout: str | None = None) -> Path:  # fmt: skip
+          seq_len: int | None = None, device: str = "cpu", layout: str | None = None,
+          grad: str | None = None) -> Path:  # fmt: skip
     """A store under the bench cache, extracted on first use (same arguments -> same folder).
-    ``layout``: "sharded" or "chunked" (None: extract's default; the folder name then omits it)."""
+    ``layout``: "sharded" or "chunked" (None: extract's default; the folder name then omits it).
+    ``grad``: a metric whose gradients to store (``extract --grad``; None: none, and the folder name omits it)."""
     from headstore.extract import ExtractRequest, extract
 
     tag = f"{model}-{data.replace(':', '_')}-n{n_seq}-b{batch_size}-{'+'.join(fields)}-{dtype}-L{seq_len}"
     tag += "" if layout is None else f"-{layout}"
+    tag += "" if grad is None else "-grad_" + re.sub(r"[^A-Za-z0-9_.-]", "_", grad)
     out = CACHE / f"{tag}.zarr"
     out.parent.mkdir(parents=True, exist_ok=True)
-    kw = {} if layout is None else {"layout": layout}
+    kw: dict[str, Any] = {} if layout is None else {"layout": layout}
+    if grad is not None:
+        kw["grad"] = grad
     extract(ExtractRequest(model=model, data=data, out=str(out), fields=fields, dtype=dtype, n_seq=n_seq,
                            batch_size=batch_size, seq_len=seq_len, device=device, progress=False, **kw))  # fmt: skip
     return out

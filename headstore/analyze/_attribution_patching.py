@@ -105,7 +105,8 @@ def head_input_grads(
     """(pos, head, d_model) the gradient at each head's (or kv head's) own input: ``grad`` (pos, head, d_head)
     at hook_q/k/v, ``w`` (head, d_model, d_head) its layer's W_Q/W_K/W_V, ``resid`` (pos, d_model) the block's
     ``resid_pre``, ``scale`` (pos,) its ``ln1_scale``."""
-    g_ln = np.einsum("phe,hme->phm", grad, w)
+    # per head a (pos, d_head) @ (d_head, d_model) GEMM: numpy's einsum of this form runs ~5x slower
+    g_ln = (np.ascontiguousarray(grad.transpose(1, 0, 2)) @ w.transpose(0, 2, 1)).transpose(1, 0, 2)
     return norm_input_grad(g_ln, resid, scale, layer_norm)
 
 
