@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from headstore.extract.batch import HostBuffers, hook_names, run_batch
-from headstore.extract.compact import check_pattern_derivable, derives_pattern
+from headstore.extract.compact import auto_fields, settle_derived
 from headstore.extract.data import DataRequest, TokenDataset, build_dataset
 from headstore.extract.families import resolve_fields
 from headstore.extract.grad import check_grad, parse_metric, targets_for, with_grad_fields
@@ -40,8 +40,9 @@ from headstore.store_schema import (
     read_provenance,
 )
 from headstore.store_schema.arrays import store_sizes
-from headstore.store_schema.layout import SCHEMA_VERSION, SHARED
+from headstore.store_schema.layout import SCHEMA_VERSION, SHARED, derived_fields
 from headstore.store_schema.paths import relative_ref
+from headstore.store_schema.provenance import ModelConfig
 from headstore.store_schema.provenance_parts import ModelInfo, TokenizerInfo, WeightsRef
 from headstore.store_schema.write.weights import ensure_weights_store
 
@@ -136,8 +137,6 @@ def extract(req: ExtractRequest) -> ExtractResult:
         check_space(plan)
     try:
         if existing is None:
-            if derives_pattern(prov.fields):  # compact store: refuse a model whose pattern open_store cannot derive
-                check_pattern_derivable(model, ds.tokens, prov.layers)
             _create(out, prov, ds, model, weights, req.weights)
         res = _fill(out, model, ds, prov, mine, hooks, req.progress, time.perf_counter() - t0)
     except OSError as e:
@@ -161,10 +160,15 @@ def _describe(req: ExtractRequest, model: LoadedModel) -> tuple[Provenance, Toke
     fields = resolve_fields(req.named_fields(), with_grad_fields(req.selected_fields(), metric), model)
     cfg = model.config_dict()
     layers = resolve_layers("layers", req.layers, cfg["n_layers"])
-    pattern_layers = _pattern_layers(req, cfg["n_layers"], layers, fields)
+    _pattern_layers(req, cfg["n_layers"], layers, fields)  # bad --pattern-layers refused before the data loads
     data_req = DataRequest(req.data, req.n_seq, req.seq_len, req.seed, req.prepend_bos)
     ds = build_dataset(data_req, model.tokenizer, cfg["n_ctx"])
     seq_len = int(ds.tokens.shape[1])
+    fields = auto_fields(req.fields, req.drop, fields, ModelConfig.from_dict(cfg), seq_len,
+                         req.pattern_layers == "all", tuple(model.unrepresentable))  # fmt: skip
+    if not req.dry_run:  # what open_store will derive is checked against the live model (auto: else stored)
+        fields = settle_derived(model, ds.tokens, layers, fields, "auto" in req.fields)
+    pattern_layers = _pattern_layers(req, cfg["n_layers"], layers, fields)
     if metric is not None:  # the family, a missing column, a position outside a sequence: refused before any run
         check_grad(model, metric, ds)
     weights = collect_weights(model, layers, seq_len)
@@ -184,6 +188,7 @@ def _describe(req: ExtractRequest, model: LoadedModel) -> tuple[Provenance, Toke
         seq_len=seq_len,
         storage_dtype=req.dtype,
         fields=fields,
+        derived=derived_fields(fields),
         layers=layers,
         batch_size=req.batch_size,
         pattern_layers=pattern_layers,

@@ -150,6 +150,9 @@ class Provenance:
     # the metric whose gradients the store holds (``extract --grad``, e.g. "logit-diff:io_token,s_token@end_pos");
     # None: no gradients (and what stores made before the option read as).
     grad: str | None = None
+    # what open_store derives from ``fields`` (``layout.derived_fields``: pattern, z, result), recorded at
+    # creation so ``info`` tells stored from derived; None: a store made before the attr (same rules apply).
+    derived: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of the store's attrs (key order as the fields')."""
@@ -188,7 +191,7 @@ class Provenance:
         missing = sorted(
             n
             for n in names - set(d)
-            if n not in ("versions", "created", "pattern_layers", "layout", "weights_store", "grad")
+            if n not in ("versions", "created", "pattern_layers", "layout", "weights_store", "grad", "derived")
         )
         if missing:
             raise HeadstoreError(f"store attrs lack {', '.join(missing)}: the store is damaged; re-extract it")
@@ -225,6 +228,7 @@ class Provenance:
             raise HeadstoreError("store attr layers must be a list of integers")
         ModelConfig.from_dict(config)  # types and values checked once, here
         kwargs["fields"] = tuple(kwargs["fields"])
+        kwargs["derived"] = _derived(kwargs.get("derived"))
         kwargs["layers"] = tuple(kwargs["layers"])
         kwargs["pattern_layers"] = _pattern_layers(kwargs.get("pattern_layers"), kwargs["layers"], kwargs["fields"])
         return cls(**kwargs)
@@ -306,6 +310,15 @@ def _pattern_layers(value: Any, layers: tuple[int, ...], fields: tuple[str, ...]
         raise HeadstoreError(
             f"store attr pattern_layers {_short(value)} must be a sorted, non-empty subset of layers {list(layers)}"
         )
+    return tuple(value)
+
+
+def _derived(value: Any) -> tuple[str, ...] | None:
+    """Check attr ``derived``: None, or a list of field names."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(x, str) and x in FIELDS for x in value):
+        raise HeadstoreError(f"store attr derived must be null or a list of field names, got {_short(value)}")
     return tuple(value)
 
 
