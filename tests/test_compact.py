@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import headstore
 from headstore.analyze import copy_suppression, ioi
 from headstore.cli import app
+from headstore.cli.registry import analyzers
 from headstore.store_schema import FIELDS, HeadstoreError, parse_fields, provenance
 from headstore.store_schema.attention import derived_pattern
 from headstore.store_schema.layout import GRAD_FIELDS
@@ -206,3 +207,66 @@ def test_extract_refuses_compact_when_pattern_is_not_derivable(
     monkeypatch.setattr(compact, "pattern_block", real)
     toks = np.random.default_rng(0).integers(1, 500, (2, 16))
     assert compact.check_pattern_derivable(live_model("tiny-llama"), toks, [0, 1]) < 1e-6
+
+
+# --- fields auto, the default: q, k for pattern where smaller, z derived on open -------------------------
+
+
+def test_auto_resolves_by_bytes_per_token_at_seq_len() -> None:
+    """SmolLM2-135M: 9 heads, 3 kv heads, d_head 64: q + k = 768 values per token and layer, pattern 9 * seq_len."""
+    from headstore.extract.compact import auto_fields
+    from headstore.store_schema.layout import PRESETS, derived_fields
+    from headstore.store_schema.provenance import ModelConfig
+
+    cfg = ModelConfig(30, 9, 3, 576, 64, 49152, 8192, "RMS", 1e-5, "rotary")
+    auto = PRESETS["auto"]
+    assert "z" not in auto and "pattern" in auto and set(auto) == set(PRESETS["default"]) - {"z"}
+
+    def resolve(items: tuple[str, ...], seq_len: int, drop: tuple[str, ...] = (), **kw: Any) -> set[str]:
+        fields = parse_fields(",".join([*items, *(f"-{d}" for d in drop)]))
+        return set(auto_fields(items, drop, fields, cfg, seq_len, kw.get("all_layers", True), kw.get("cannot", ())))
+
+    swapped = set(auto) - {"pattern"} | {"q", "k"}
+    assert resolve(("auto",), 85) == set(auto)  # 9 * 85 = 765 < 768: the pattern is smaller
+    assert resolve(("auto",), 86) == swapped  # 774 > 768
+    assert resolve(("auto",), 2048) == swapped
+    assert resolve(("auto", "pattern"), 2048) == set(auto)  # pattern asked for by name: kept, no q, k
+    assert resolve(("auto", "z"), 2048) == swapped | {"z"}  # --fields auto,z (or default) stores z
+    assert resolve(("default",), 2048) == set(PRESETS["default"])  # default keeps its meaning
+    assert resolve(("auto",), 2048, all_layers=False) == set(auto) | {"z"}  # --pattern-layers: z not derivable
+    assert resolve(("auto",), 2048, cannot=("q",)) == set(auto)  # a family without q: pattern stays
+    assert resolve(("auto",), 2048, drop=("v",)) == swapped - {"v"} | {"z"}  # no v: z cannot be derived
+    assert derived_fields(tuple(swapped)) == ("pattern", "z", "result")
+    assert derived_fields(tuple(auto)) == ("z", "result")
+    assert derived_fields(PRESETS["default"]) == ("result",)
+
+
+AUTO_KW: dict[str, Any] = {"seq_len": 40, "n_seq": 4}  # tiny-gpt2: q + k = 128 values < pattern 4 * 40 = 160
+
+
+@pytest.mark.parametrize("name", sorted(analyzers()))
+def test_every_analyzer_same_on_auto_and_full(name: str, analyzer_inputs: Callable[..., Any]) -> None:
+    """Every registered analyzer on an auto store (q, k, v stored; pattern and z derived) and on a full store
+    (pattern and z stored) of the same model and prompts: the same results, float32 storage's tolerance."""
+    auto, kw = analyzer_inputs(name, "auto", **AUTO_KW)
+    full, kw_full = analyzer_inputs(name, "default", **AUTO_KW)
+    for ds in auto:  # z derived everywhere; pattern too at seq_len 40 (code-ifelse sequences are shorter)
+        derived = provenance(ds).derived or ()
+        assert "z" in derived and "z" not in provenance(ds).fields
+        assert "pattern" in derived or name == "ifelse-detector"
+    if name in ("logit-attribution",):
+        kw, kw_full = {"target": auto[0]["io_token"]}, {"target": full[0]["io_token"]}
+    a, b = analyzers()[name].func(*auto, **kw).compute(), analyzers()[name].func(*full, **kw_full).compute()
+    # attention-attribution adds score_stored where the store holds q and k: every full-store output is there
+    assert set(b.data_vars) <= set(a.data_vars) and set(a.data_vars) - set(b.data_vars) <= {"score_stored"}
+    assert a.attrs == b.attrs
+    for var in b.data_vars:
+        x, y = a[var].values, b[var].values
+        assert a[var].dims == b[var].dims, var
+        if var == "reconstruction_error":  # float32 round-off itself (~1e-8): compared as such
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-6, err_msg=f"{name}.{var}")
+        elif y.dtype.kind == "f":
+            scale = float(np.nanmax(np.abs(y))) if np.isfinite(y).any() else 1.0
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * max(scale, 1e-30), err_msg=f"{name}.{var}")
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=f"{name}.{var}")
