@@ -213,7 +213,8 @@ def test_extract_refuses_compact_when_pattern_is_not_derivable(
 
 
 def test_auto_resolves_by_bytes_per_token_at_seq_len() -> None:
-    """SmolLM2-135M: 9 heads, 3 kv heads, d_head 64: q + k = 768 values per token and layer, pattern 9 * seq_len."""
+    """SmolLM2-135M: 9 heads, 3 kv heads, d_head 64: q + k = 768 values per token and layer, the pattern's causal
+    non-zeros 9 * (seq_len + 1) / 2."""
     from headstore.extract.compact import auto_fields
     from headstore.store_schema.layout import PRESETS, derived_fields
     from headstore.store_schema.provenance import ModelConfig
@@ -227,8 +228,9 @@ def test_auto_resolves_by_bytes_per_token_at_seq_len() -> None:
         return set(auto_fields(items, drop, fields, cfg, seq_len, kw.get("all_layers", True), kw.get("cannot", ())))
 
     swapped = set(auto) - {"pattern"} | {"q", "k"}
-    assert resolve(("auto",), 85) == set(auto)  # 9 * 85 = 765 < 768: the pattern is smaller
-    assert resolve(("auto",), 86) == swapped  # 774 > 768
+    assert resolve(("auto",), 128) == set(auto)  # 9 * 129 / 2 = 580.5 < 768: the pattern is smaller
+    assert resolve(("auto",), 169) == set(auto)  # 765 < 768
+    assert resolve(("auto",), 170) == swapped  # 769.5 > 768
     assert resolve(("auto",), 2048) == swapped
     assert resolve(("auto", "pattern"), 2048) == set(auto)  # pattern asked for by name: kept, no q, k
     assert resolve(("auto", "z"), 2048) == swapped | {"z"}  # --fields auto,z (or default) stores z
@@ -241,7 +243,7 @@ def test_auto_resolves_by_bytes_per_token_at_seq_len() -> None:
     assert derived_fields(PRESETS["default"]) == ("result",)
 
 
-AUTO_KW: dict[str, Any] = {"seq_len": 40, "n_seq": 4}  # tiny-gpt2: q + k = 128 values < pattern 4 * 40 = 160
+AUTO_KW: dict[str, Any] = {"seq_len": 64, "n_seq": 4}  # tiny-gpt2: q + k = 128 values < pattern 4 * 65 / 2 = 130
 
 
 @pytest.mark.parametrize("name", sorted(analyzers()))
@@ -250,7 +252,7 @@ def test_every_analyzer_same_on_auto_and_full(name: str, analyzer_inputs: Callab
     (pattern and z stored) of the same model and prompts: the same results, float32 storage's tolerance."""
     auto, kw = analyzer_inputs(name, "auto", **AUTO_KW)
     full, kw_full = analyzer_inputs(name, "default", **AUTO_KW)
-    for ds in auto:  # z derived everywhere; pattern too at seq_len 40 (code-ifelse sequences are shorter)
+    for ds in auto:  # z derived everywhere; pattern too at seq_len 64 (code-ifelse sequences are shorter)
         derived = provenance(ds).derived or ()
         assert "z" in derived and "z" not in provenance(ds).fields
         assert "pattern" in derived or name == "ifelse-detector"
@@ -270,3 +272,38 @@ def test_every_analyzer_same_on_auto_and_full(name: str, analyzer_inputs: Callab
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * max(scale, 1e-30), err_msg=f"{name}.{var}")
         else:
             np.testing.assert_array_equal(x, y, err_msg=f"{name}.{var}")
+
+
+def test_cli_default_is_auto_and_info_shows_stored_and_derived(tmp_path: Path) -> None:
+    """No --fields: tiny-llama at 48 tokens stores q, k (96 values per token and layer < 4 * 49 / 2), no pattern or z."""
+    out = tmp_path / "a.zarr"
+    argv = ["extract", "--model", "tiny-llama", "--data", "text", "--seq-len", "48", "--n-seq", "4", "--batch-size",
+            "4", "--device", "cpu", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert CliRunner().invoke(app, argv).exit_code == 0
+    prov = provenance(headstore.open_store(out))
+    assert {"q", "k", "v"} <= set(prov.fields) and not {"pattern", "z"} & set(prov.fields)
+    assert prov.derived == ("pattern", "z", "result")
+    assert not (out / "pattern").exists() and not (out / "z").exists()
+    res = CliRunner().invoke(app, ["info", str(out)])
+    assert res.exit_code == 0
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("fields"))
+    assert line.endswith("; derived on open: pattern, z, result") and "stored: tokens, v, q, k" in line, line
+
+
+def test_auto_stores_z_when_the_model_does_not_give_pattern_at_v(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model whose z is not pattern @ v (simulated): auto stores z, with a notice; -z asked for is refused."""
+    import headstore.extract.compact as compact
+    from headstore.extract import ExtractRequest, extract
+
+    real = compact.z_block
+    monkeypatch.setattr(compact, "z_block", lambda p, v: real(p, v) * np.float32(1.01))
+    kw: dict[str, Any] = {"model": "tiny-llama", "data": "ioi", "n_seq": 4, "batch_size": 4, "device": "cpu"}
+    extract(ExtractRequest(out=str(tmp_path / "a.zarr"), progress=False, **kw))
+    assert "storing z: model 'tiny-llama': pattern @ v differs" in capsys.readouterr().err
+    prov = provenance(headstore.open_store(tmp_path / "a.zarr"))
+    assert "z" in prov.fields and prov.derived == ("result",)
+    with pytest.raises(HeadstoreError, match="z cannot be derived") as ei:
+        extract(ExtractRequest(out=str(tmp_path / "b.zarr"), fields=("default",), drop=("z",), progress=False, **kw))
+    assert "\n" not in str(ei.value) and not (tmp_path / "b.zarr").exists()

@@ -47,6 +47,9 @@ class StorePlan:
 
 
 IOI_ANALYZERS = ("copy-suppression", "ioi", "logit-attribution", "composition", "path-patch-query")
+# Explicit fields per store, not extract's default (auto): the IOI stores keep "default" (pattern and z stored:
+# at ~18 tokens both are small, and the analyzers read them without deriving); the others store exactly what
+# their analyzers declare (text: z for calibration; repeated-random: pattern at 61 tokens, smaller than q + k).
 STORES = {
     "ioi": StorePlan("ioi", ("default",), IOI_ANALYZERS),
     "ioi-abc": StorePlan("ioi-abc", ("default",), IOI_ANALYZERS),

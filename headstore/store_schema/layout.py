@@ -172,9 +172,10 @@ PRESETS: dict[str, tuple[str, ...]] = {
 
 
 def auto_stores_qk(n_heads: int, n_kv_heads: int, d_head: int, seq_len: int) -> bool:
-    """True when q and k take fewer values per token and layer than the pattern row:
-    ``n_heads * d_head + n_kv_heads * d_head < n_heads * seq_len`` (a tie keeps the pattern)."""
-    return (n_heads + n_kv_heads) * d_head < n_heads * seq_len
+    """True when q and k take fewer bytes per token and layer than the pattern does on disk:
+    ``(n_heads + n_kv_heads) * d_head < n_heads * (seq_len + 1) / 2`` (the pattern's causal non-zeros, what its
+    compressor leaves, as extract's plan counts them; a tie keeps the pattern)."""
+    return 2 * (n_heads + n_kv_heads) * d_head < n_heads * (seq_len + 1)
 
 
 def derived_fields(stored: tuple[str, ...] | list[str]) -> tuple[str, ...]:
