@@ -160,12 +160,12 @@ def _describe(req: ExtractRequest, model: LoadedModel) -> tuple[Provenance, Toke
     fields = resolve_fields(req.named_fields(), with_grad_fields(req.selected_fields(), metric), model)
     cfg = model.config_dict()
     layers = resolve_layers("layers", req.layers, cfg["n_layers"])
-    _pattern_layers(req, cfg["n_layers"], layers, fields)  # bad --pattern-layers refused before the data loads
+    chosen = _pattern_layers(req, cfg["n_layers"], layers, fields)  # bad --pattern-layers refused before the data
     data_req = DataRequest(req.data, req.n_seq, req.seq_len, req.seed, req.prepend_bos)
     ds = build_dataset(data_req, model.tokenizer, cfg["n_ctx"])
     seq_len = int(ds.tokens.shape[1])
     fields = auto_fields(req.fields, req.drop, fields, ModelConfig.from_dict(cfg), seq_len,
-                         req.pattern_layers == "all", tuple(model.unrepresentable))  # fmt: skip
+                         chosen in (None, layers), tuple(model.unrepresentable))  # fmt: skip
     if not req.dry_run:  # what open_store will derive is checked against the live model (auto: else stored)
         fields = settle_derived(model, ds.tokens, layers, fields, "auto" in req.fields)
     pattern_layers = _pattern_layers(req, cfg["n_layers"], layers, fields)

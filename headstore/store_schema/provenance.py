@@ -265,8 +265,9 @@ class Provenance:
     def check_same_run(self, other: Provenance) -> None:
         """Refuse resuming/appending with anything different, naming the first difference."""
         mine, theirs = self.identity(), other.identity()
-        # the weights hash follows from model and layers: name what the user changed first
-        for key in sorted(mine, key=lambda k: k == "model.weights_sha256"):
+        # the weights hash follows from model and layers, and the fields --fields auto resolves from seq_len and
+        # --pattern-layers: name what the user changed first
+        for key in sorted(mine, key=lambda k: (k == "model.weights_sha256", k == "fields")):
             if mine[key] != theirs[key]:
                 raise HeadstoreError(
                     f"the store was made with a different {key} ({_short(mine[key])} vs {_short(theirs[key])}): "
