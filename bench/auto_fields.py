@@ -119,7 +119,7 @@ def main() -> None:
     rows = run(seq_lens, layers, {} if args.all_analyzers else {1024: heavy, 2048: heavy})
     body = (
         f"## auto fields (issue 27): bytes per token and derive times, {MODEL} float16\n\n"
-        f"Machine: {C.machine()}{C.SHARED}\n\n"
+        f"Machine: {C.machine()}\n\n"
         "KB per token: every field on disk (1000 B), the per-layer ones scaled from the stores' layer(s) to all 30; "
         "goal: at most 61 KB at every context. Times: one run each on stores of layer(s) "
         f"{', '.join(map(str, layers))} only, auto / default: `pattern` and `z` are derived on the auto store "
