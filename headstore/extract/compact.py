@@ -38,11 +38,6 @@ def tolerance(base: float, dtype: torch.dtype) -> float:
     return max(base, 4 * float(torch.finfo(dtype).eps))
 
 
-def derives_pattern(fields: Sequence[str]) -> bool:
-    """True when ``pattern`` is not stored and ``open_store`` will derive it from ``q`` and ``k``."""
-    return "pattern" not in fields and "q" in fields and "k" in fields
-
-
 @torch.inference_mode()
 def check_pattern_derivable(model: Any, tokens: np.ndarray, layers: Sequence[int], n_check: int = 2) -> float:
     """Max abs difference between the derived and the live pattern on ``tokens[:n_check]``; raises past ATOL."""
