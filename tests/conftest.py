@@ -57,6 +57,40 @@ def make_store(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
+def analyzer_inputs(make_store: Callable[..., Path]) -> Callable[..., tuple[list[Any], dict[str, Any]]]:
+    """``analyzer_inputs(name, base="default", **store_kw)`` -> (datasets, params) that analyzer ``name`` runs on:
+    tiny-gpt2 IOI / ABC stores of fields ``(base, "k", "resid_pre")`` (a store with gradients, a code-ifelse
+    store for the analyzers that need one), ``store_kw`` (seq_len, n_seq...) passed to the IOI stores."""
+    import headstore.analyze as A
+    from headstore.store_schema import open_store
+
+    def inputs(name: str, base: str = "default", **store_kw: Any) -> tuple[list[Any], dict[str, Any]]:
+        kw: dict[str, Any] = {"fields": (base, "k", "resid_pre"), **store_kw}
+        if name == "ifelse-detector":
+            return [open_store(make_store("tiny-gpt2", "code-ifelse", n_seq=24, fields=(base,)))], {}
+        ioi, abc = (
+            open_store(make_store("tiny-gpt2", "ioi", **kw)),
+            open_store(make_store("tiny-gpt2", "ioi-abc", **kw)),
+        )
+        if name in ("attribution-patching", "edge-attribution"):  # a clean store with gradients (extract --grad)
+            grad = "logit-diff:io_token,s_token@end_pos"
+            return [open_store(make_store("tiny-gpt2", "ioi", grad=grad, fields=(base,), **store_kw)), abc], {}
+        if name == "path-patch-query":
+            return [ioi, abc], {"senders": [(0, 1)], "receiver": (1, 2)}
+        if name == "attention-attribution":
+            return [ioi], {"head": (1, 2)}
+        if name == "logit-attribution":
+            return [ioi], {"target": ioi["io_token"]}
+        if name == "calibration":
+            return [ioi], {"heads": [(1, 2), (0, 0)]}
+        if name == "attention-search":
+            return [ioi], {"query": A.Relation.ANY, "key": A.Relation.PREVIOUS}
+        return ([ioi, abc] if name == "ioi-pair" else [ioi]), {}
+
+    return inputs
+
+
+@pytest.fixture(scope="session")
 def run_without_torch() -> Callable[[str], dict[str, Any]]:
     """``run_without_torch(code)`` runs ``code`` in a fresh interpreter; ``code`` fills a dict ``out``
     with JSON values. Asserts the run never imported torch, and returns ``out``."""

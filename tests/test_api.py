@@ -267,30 +267,10 @@ def test_path_patch_store_columns_equal_explicit_positions(llama3: Path, tmp_pat
 # One return convention, for every analyzer the CLI knows
 
 
-def _inputs(name: str, make_store: Callable[..., Path]) -> tuple[list[xr.Dataset], dict[str, Any]]:
-    kw: dict[str, Any] = {"fields": ("default", "k", "resid_pre")}
-    if name == "ifelse-detector":
-        return [open_store(make_store("tiny-gpt2", "code-ifelse", n_seq=24))], {}
-    ioi, abc = open_store(make_store("tiny-gpt2", "ioi", **kw)), open_store(make_store("tiny-gpt2", "ioi-abc", **kw))
-    if name in ("attribution-patching", "edge-attribution"):  # a clean store with gradients (extract --grad)
-        return [open_store(make_store("tiny-gpt2", "ioi", grad="logit-diff:io_token,s_token@end_pos")), abc], {}
-    if name == "path-patch-query":
-        return [ioi, abc], {"senders": [(0, 1)], "receiver": (1, 2)}
-    if name == "attention-attribution":
-        return [ioi], {"head": (1, 2)}
-    if name == "logit-attribution":
-        return [ioi], {"target": ioi["io_token"]}
-    if name == "calibration":
-        return [ioi], {"heads": [(1, 2), (0, 0)]}
-    if name == "attention-search":
-        return [ioi], {"query": A.Relation.ANY, "key": A.Relation.PREVIOUS}
-    return ([ioi, abc] if name == "ioi-pair" else [ioi]), {}
-
-
 @pytest.mark.parametrize("name", sorted(analyzers()))
-def test_every_analyzer_follows_the_return_convention(name: str, make_store: Callable[..., Path]) -> None:
+def test_every_analyzer_follows_the_return_convention(name: str, analyzer_inputs: Callable[..., Any]) -> None:
     spec = analyzers()[name]
-    datasets, kw = _inputs(name, make_store)
+    datasets, kw = analyzer_inputs(name)
     res = spec.func(*datasets, **kw)
     assert isinstance(res, xr.Dataset) and res.attrs["analyzer"] == name
     for var_name, var in res.data_vars.items():
@@ -313,10 +293,10 @@ def test_every_analyzer_follows_the_return_convention(name: str, make_store: Cal
 
 
 @pytest.mark.parametrize("name", sorted(analyzers()))
-def test_every_analyzer_refuses_a_dataset_without_layer_dim(name: str, make_store: Callable[..., Path]) -> None:
+def test_every_analyzer_refuses_a_dataset_without_layer_dim(name: str, analyzer_inputs: Callable[..., Any]) -> None:
     """``ds.sel(layer=1)`` drops the dim: one line naming the fix, for every store an analyzer takes."""
     spec = analyzers()[name]
-    datasets, kw = _inputs(name, make_store)
+    datasets, kw = analyzer_inputs(name)
     for i in range(len(datasets)):  # each store of a pair on its own, then (for one store) the only one
         given = [d.sel(layer=1) if j == i else d for j, d in enumerate(datasets)]
         with pytest.raises(HeadstoreError) as e:

@@ -136,7 +136,8 @@ def test_name_movers_never_rank_heads_not_measured(make_store: Callable[..., Pat
     layer 1's lists are what the full store's numbers give when ranked by hand."""
     kw = {"n_seq": 10, "batch_size": 4}
     tables = []
-    for path in (make_store("tiny-gpt2", "ioi", pattern_layers=(1,), **kw), make_store("tiny-gpt2", "ioi", **kw)):
+    full_store = make_store("tiny-gpt2", "ioi", fields=("default",), **kw)  # z stored, as with --pattern-layers
+    for path in (make_store("tiny-gpt2", "ioi", pattern_layers=(1,), **kw), full_store):
         ds = open_store(path)
         la_io, la_s = (logit_attribution(ds, target=ds[t]) for t in ("io_token", "s_token"))
         tables.append(census.name_mover_table(ioi(ds), la_io, la_s).compute())

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import headstore
 from headstore.analyze import copy_suppression, ioi
 from headstore.cli import app
+from headstore.cli.registry import analyzers
 from headstore.store_schema import FIELDS, HeadstoreError, parse_fields, provenance
 from headstore.store_schema.attention import derived_pattern
 from headstore.store_schema.layout import GRAD_FIELDS, IG_FIELDS
@@ -206,3 +207,104 @@ def test_extract_refuses_compact_when_pattern_is_not_derivable(
     monkeypatch.setattr(compact, "pattern_block", real)
     toks = np.random.default_rng(0).integers(1, 500, (2, 16))
     assert compact.check_pattern_derivable(live_model("tiny-llama"), toks, [0, 1]) < 1e-6
+
+
+# --- fields auto, the default: q, k for pattern where smaller, z derived on open -------------------------
+
+
+def test_auto_resolves_by_bytes_per_token_at_seq_len() -> None:
+    """SmolLM2-135M: 9 heads, 3 kv heads, d_head 64: q + k = 768 values per token and layer, the pattern's causal
+    non-zeros 9 * (seq_len + 1) / 2."""
+    from headstore.extract.auto import auto_fields
+    from headstore.store_schema.layout import PRESETS, derived_fields
+    from headstore.store_schema.provenance import ModelConfig
+
+    cfg = ModelConfig(30, 9, 3, 576, 64, 49152, 8192, "RMS", 1e-5, "rotary")
+    auto = PRESETS["auto"]
+    assert "z" not in auto and "pattern" in auto and set(auto) == set(PRESETS["default"]) - {"z"}
+
+    def resolve(items: tuple[str, ...], seq_len: int, drop: tuple[str, ...] = (), **kw: Any) -> set[str]:
+        fields = parse_fields(",".join([*items, *(f"-{d}" for d in drop)]))
+        return set(auto_fields(items, drop, fields, cfg, seq_len, kw.get("all_layers", True), kw.get("cannot", ())))
+
+    swapped = set(auto) - {"pattern"} | {"q", "k"}
+    assert resolve(("auto",), 128) == set(auto)  # 9 * 129 / 2 = 580.5 < 768: the pattern is smaller
+    assert resolve(("auto",), 169) == set(auto)  # 765 < 768
+    assert resolve(("auto",), 170) == swapped  # 769.5 > 768
+    assert resolve(("auto",), 2048) == swapped
+    assert resolve(("auto", "pattern"), 2048) == set(auto)  # pattern asked for by name: kept, no q, k
+    assert resolve(("auto", "z"), 2048) == swapped | {"z"}  # --fields auto,z (or default) stores z
+    assert resolve(("default",), 2048) == set(PRESETS["default"])  # default keeps its meaning
+    assert resolve(("auto",), 2048, all_layers=False) == set(auto) | {"z"}  # --pattern-layers: z not derivable
+    assert resolve(("auto",), 2048, cannot=("q",)) == set(auto)  # a family without q: pattern stays
+    assert resolve(("auto",), 2048, drop=("v",)) == swapped - {"v"} | {"z"}  # no v: z cannot be derived
+    assert derived_fields(tuple(swapped)) == ("pattern", "z", "result")
+    assert derived_fields(tuple(auto)) == ("z", "result")
+    assert derived_fields(PRESETS["default"]) == ("result",)
+
+
+AUTO_KW: dict[str, Any] = {"seq_len": 64, "n_seq": 4}  # tiny-gpt2: q + k = 128 values < pattern 4 * 65 / 2 = 130
+
+
+@pytest.mark.parametrize("name", sorted(analyzers()))
+def test_every_analyzer_same_on_auto_and_full(name: str, analyzer_inputs: Callable[..., Any]) -> None:
+    """Every registered analyzer on an auto store (q, k, v stored; pattern and z derived) and on a full store
+    (pattern and z stored) of the same model and prompts: the same results, float32 storage's tolerance."""
+    auto, kw = analyzer_inputs(name, "auto", **AUTO_KW)
+    full, kw_full = analyzer_inputs(name, "default", **AUTO_KW)
+    for ds in auto:  # z derived everywhere; pattern too at seq_len 64 (code-ifelse sequences are shorter)
+        derived = provenance(ds).derived or ()
+        assert "z" in derived and "z" not in provenance(ds).fields
+        assert "pattern" in derived or name == "ifelse-detector"
+    if name in ("logit-attribution",):
+        kw, kw_full = {"target": auto[0]["io_token"]}, {"target": full[0]["io_token"]}
+    a, b = analyzers()[name].func(*auto, **kw).compute(), analyzers()[name].func(*full, **kw_full).compute()
+    # attention-attribution adds score_stored where the store holds q and k: every full-store output is there
+    assert set(b.data_vars) <= set(a.data_vars) and set(a.data_vars) - set(b.data_vars) <= {"score_stored"}
+    assert a.attrs == b.attrs
+    for var in b.data_vars:
+        x, y = a[var].values, b[var].values
+        assert a[var].dims == b[var].dims, var
+        # differences of O(1) float32 values (a residual; loss - loss_original): round-off of their terms
+        if var in ("reconstruction_error", "mean_increase"):
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-6, err_msg=f"{name}.{var}")
+        elif y.dtype.kind == "f":
+            scale = float(np.nanmax(np.abs(y))) if np.isfinite(y).any() else 1.0
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * max(scale, 1e-30), err_msg=f"{name}.{var}")
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=f"{name}.{var}")
+
+
+def test_cli_default_is_auto_and_info_shows_stored_and_derived(tmp_path: Path) -> None:
+    """No --fields: tiny-llama at 48 tokens stores q, k (96 values per token and layer < 4 * 49 / 2), no pattern or z."""
+    out = tmp_path / "a.zarr"
+    argv = ["extract", "--model", "tiny-llama", "--data", "text", "--seq-len", "48", "--n-seq", "4", "--batch-size",
+            "4", "--device", "cpu", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert CliRunner().invoke(app, argv).exit_code == 0
+    prov = provenance(headstore.open_store(out))
+    assert {"q", "k", "v"} <= set(prov.fields) and not {"pattern", "z"} & set(prov.fields)
+    assert prov.derived == ("pattern", "z", "result")
+    assert not (out / "pattern").exists() and not (out / "z").exists()
+    res = CliRunner().invoke(app, ["info", str(out)])
+    assert res.exit_code == 0
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("fields"))
+    assert line.endswith("; derived on open: pattern, z, result") and "stored: tokens, v, q, k" in line, line
+
+
+def test_auto_stores_z_when_the_model_does_not_give_pattern_at_v(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model whose z is not pattern @ v (simulated): auto stores z, with a notice; -z asked for is refused."""
+    import headstore.extract.compact as compact
+    from headstore.extract import ExtractRequest, extract
+
+    real = compact.z_block
+    monkeypatch.setattr(compact, "z_block", lambda p, v: real(p, v) * np.float32(1.01))
+    kw: dict[str, Any] = {"model": "tiny-llama", "data": "ioi", "n_seq": 4, "batch_size": 4, "device": "cpu"}
+    extract(ExtractRequest(out=str(tmp_path / "a.zarr"), progress=False, **kw))
+    assert "storing z: model 'tiny-llama': pattern @ v differs" in capsys.readouterr().err
+    prov = provenance(headstore.open_store(tmp_path / "a.zarr"))
+    assert "z" in prov.fields and prov.derived == ("result",)
+    with pytest.raises(HeadstoreError, match="z cannot be derived") as ei:
+        extract(ExtractRequest(out=str(tmp_path / "b.zarr"), fields=("default",), drop=("z",), progress=False, **kw))
+    assert "\n" not in str(ei.value) and not (tmp_path / "b.zarr").exists()

@@ -86,7 +86,7 @@ def test_float32_store_equals_live_cache(model_name, make_store, live_model):
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_derived_result_logits_loss_and_z(model_name, make_store, live_model):
-    path = make_store(model_name, "ioi", n_seq=10, batch_size=4)  # default fields: result derived
+    path = make_store(model_name, "ioi", n_seq=10, batch_size=4)  # default fields (auto): z and result derived
     ds = headstore.open_store(path)
     prov = provenance(ds)
     assert "result" not in prov.fields and "result" in ds
@@ -117,6 +117,9 @@ def test_derived_result_logits_loss_and_z(model_name, make_store, live_model):
     v = ds["v"].values[:, :, :, kv]  # batch layer pos head d_head
     z = np.einsum("blhqk,blkhd->blqhd", ds["pattern"].values, v)
     np.testing.assert_allclose(ds["z"].values, z, rtol=1e-5, atol=1e-6)
+    assert "z" not in prov.fields and prov.derived == ("z", "result")  # auto at IOI lengths: pattern stored
+    live_z = np.stack([cache[f"blocks.{L}.attn.hook_z"].numpy() for L in prov.layers], axis=1)
+    np.testing.assert_allclose(ds["z"].values, live_z, rtol=1e-5, atol=1e-6)  # derived z == the model's hook_z
     if model_name == "tiny-llama":
         assert n_kv < n_h  # grouped-query really exercised
 
@@ -128,8 +131,10 @@ def test_float16_store_within_precision(model_name, make_store, live_model):
     assert ds["pattern"].dtype == np.float16 and ds["resid_final"].dtype == np.float32
     _, cache = _live(live_model(model_name), ds["tokens"].values)
     pairs = _stored_vs_live(ds, live_model(model_name), None, cache)
-    assert set(pairs) == {"pattern", "v", "z", "ln1_scale", "ln2_scale", "ln_final_scale", "resid_final"}
-    assert set(pairs) == set(DEFAULT_FIELDS) - {"tokens", "loss", "ln1_post_scale"}
+    assert set(pairs) == {"pattern", "v", "ln1_scale", "ln2_scale", "ln_final_scale", "resid_final"}
+    assert set(pairs) == set(DEFAULT_FIELDS) - {"tokens", "loss", "ln1_post_scale", "z"}  # auto: z derived
+    live_z = np.stack([cache[f"blocks.{L}.attn.hook_z"].numpy() for L in ds["layer"].values], axis=1)
+    np.testing.assert_allclose(ds["z"].values, live_z, rtol=2e-3, atol=2e-3)  # from float16 pattern and v
     for name, (stored, live) in pairs.items():
         if FIELDS[name].dtype == "storage":
             np.testing.assert_allclose(stored.astype(np.float32), live, rtol=2e-3, atol=2e-3, err_msg=name)
@@ -226,7 +231,14 @@ def test_reused_buffers_survive_a_slow_writer(tmp_path, live_model, monkeypatch)
     out = tmp_path / "slow.zarr"
     extract(  # 5 batches, each buffer set reused twice
         ExtractRequest(
-            model="tiny-llama", data="ioi", out=str(out), n_seq=20, batch_size=4, device="cpu", progress=False
+            model="tiny-llama",
+            data="ioi",
+            out=str(out),
+            n_seq=20,
+            batch_size=4,
+            device="cpu",
+            progress=False,
+            fields=("default",),  # z stored: every hooked field compared to the bit
         )
     )
     assert model.bridge.cfg.use_attn_result  # restored after extraction turned it off

@@ -227,7 +227,7 @@ def test_unstored_pattern_layers_are_nan_not_zero(make_store) -> None:
     """``--pattern-layers 1``: layer 0's source terms and their sum are NaN; layer 1's equal the full store's."""
     kw = {"n_seq": 10, "batch_size": 4}  # the stores test_pattern_layers and test_census use
     part = open_store(make_store("tiny-gpt2", "ioi", pattern_layers=(1,), **kw))
-    full = open_store(make_store("tiny-gpt2", "ioi", **kw))
+    full = open_store(make_store("tiny-gpt2", "ioi", fields=("default",), **kw))  # z stored, as in part
     res = logit_attribution(part, target=part["io_token"]).compute()
     ref = logit_attribution(full, target=full["io_token"]).compute()
     assert np.isnan(res["contrib"].sel(layer=0).values).all()

@@ -65,7 +65,7 @@ def test_chosen_layer_stored_exactly_others_nan(
     make_store: Callable[..., Path], live_model: Callable[[str], Any]
 ) -> None:
     path = make_store("tiny-gpt2", "ioi", pattern_layers=(1,), **KW)
-    full_path = make_store("tiny-gpt2", "ioi", **KW)
+    full_path = make_store("tiny-gpt2", "ioi", fields=("default",), **KW)
     ds, full = headstore.open_store(path), headstore.open_store(full_path)
     prov = provenance(ds)
     assert prov.layers == (0, 1) and prov.pattern_layers == (1,) and prov.stored_pattern_layers == (1,)
@@ -122,7 +122,7 @@ def test_validate_skips_unwritten_layers_but_checks_written(make_store: Callable
 
 def test_analyzers_stored_layer_equal_others_nan(make_store: Callable[..., Path]) -> None:
     ds = headstore.open_store(make_store("tiny-gpt2", "ioi", pattern_layers=(1,), **KW))
-    full = headstore.open_store(make_store("tiny-gpt2", "ioi", **KW))
+    full = headstore.open_store(make_store("tiny-gpt2", "ioi", fields=("default",), **KW))
     a, b = copy_suppression(ds).compute(), copy_suppression(full).compute()
     ia, ib = ioi(ds).compute(), ioi(full).compute()
     checked = []
@@ -159,7 +159,7 @@ def test_unstored_layers_derived_when_q_k_stored(
 
 
 def test_provenance_pattern_layers_parsing(make_store: Callable[..., Path]) -> None:
-    d = read_provenance(make_store("tiny-gpt2", "ioi", **KW)).to_dict()
+    d = read_provenance(make_store("tiny-gpt2", "ioi", fields=("default",), **KW)).to_dict()
     assert d["pattern_layers"] == [0, 1]
     old = {k: v for k, v in d.items() if k != "pattern_layers"}  # a store made before the option
     p_old, p_new = Provenance.from_dict(old), Provenance.from_dict(d)
@@ -216,5 +216,5 @@ def test_info_shows_pattern_layers(make_store: Callable[..., Path]) -> None:
     assert "pattern    layers [1] (the other layers are not stored: NaN)" in res.stdout, res.stdout
     res = CliRunner().invoke(app, ["info", "--json", str(path)])
     assert json.loads(res.stdout)["provenance"]["pattern_layers"] == [1]
-    full = CliRunner().invoke(app, ["info", str(make_store("tiny-gpt2", "ioi", **KW))])
+    full = CliRunner().invoke(app, ["info", str(make_store("tiny-gpt2", "ioi", fields=("default",), **KW))])
     assert "pattern    layers [0, 1]\n" in full.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from collections.abc import Callable
@@ -70,7 +71,13 @@ def test_config_plan_sizes_from_the_config_shapes(tmp_path: Path) -> None:
     assert config_only(str(path)) == path and config_only(str(tmp_path)) == path
     (tmp_path / "model.safetensors").write_bytes(b"")
     assert config_only(str(tmp_path)) is None  # a folder with weights loads the model
-    req = ExtractRequest(model=str(path), dry_run=True, seq_len=100, n_tokens=2_000, dtype="float16", batch_size=8)
+    auto = ExtractRequest(model=str(path), dry_run=True, seq_len=100, n_tokens=2_000, dtype="float16", batch_size=8)
+    # --fields auto (the default): q + k take (6 + 2) x 16 values per layer and token, under the pattern's
+    # 6 x 101 / 2 causal non-zeros; z derived on open
+    assert {f.name for f in plan_from_config(auto, path).fields} == {
+        "q", "k", "v", "ln1_scale", "ln2_scale", "ln_final_scale", "resid_final", "loss"
+    }  # fmt: skip
+    req = dataclasses.replace(auto, fields=("default",))
     plan = plan_from_config(req, path)
     n_seq, n_batches = 20, 3  # ceil(2000 / 100); ceil(20 / 8), the last one padded to 8
     by = {f.name: f for f in plan.fields}
@@ -98,7 +105,9 @@ def test_cli_plans_from_a_config_without_torch_data_or_out(
     )
     text = run_without_torch(code)["text"]
     assert "1,000,000 tokens in 1954 batches" in text and "dry run: nothing written" in text
-    assert all(f" {name} " in text for name in ("pattern", "v", "z", "resid_final", "weights", "total"))
+    fields = {line.split()[0] for line in text.splitlines()[1:] if line.startswith("  ")}
+    assert fields == {"q", "k", "v", "ln1_scale", "ln2_scale", "ln_final_scale", "resid_final", "loss", "weights",
+                      "other", "total"}, text  # --fields auto at 64 tokens: q, k instead of the pattern; z derived  # fmt: skip
     assert "on disk" in text and not list(Path.cwd().glob("*.zarr"))
 
 

@@ -28,7 +28,9 @@ from headstore.store_schema.layout import ATTRS_KEY, MANIFEST, SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SEQ, BS = 24, 4
-ARGS = ["--model", "tiny-gpt2", "--data", "ioi", "--n-seq", str(N_SEQ), "--batch-size", str(BS), "--device", "cpu"]
+# --fields default: z and pattern stored (the kill points and damaged chunks below are in z's and pattern's files)
+ARGS = ["--model", "tiny-gpt2", "--data", "ioi", "--n-seq", str(N_SEQ), "--batch-size", str(BS), "--device", "cpu",
+        "--fields", "default"]  # fmt: skip
 
 
 def run_cli(out: Path, kill_at: str | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
@@ -86,7 +88,7 @@ def batches_done(path: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def reference(make_store: Callable[..., Path]) -> Path:
-    return make_store("tiny-gpt2", "ioi", n_seq=N_SEQ, batch_size=BS)
+    return make_store("tiny-gpt2", "ioi", n_seq=N_SEQ, batch_size=BS, fields=("default",))
 
 
 # --- 1. crash-safe resume ------------------------------------------------------------------------
@@ -262,7 +264,7 @@ def test_validate_finds_torn_shards_of_completed_batches(tmp_path: Path, referen
 
 def test_validate_chunked_layout_names_chunks(tmp_path: Path, make_store: Callable[..., Path]) -> None:
     """Stores of the older layout (one file per layer) still validate chunk by chunk."""
-    src = make_store("tiny-gpt2", "ioi", n_seq=8, batch_size=4, layout="chunked")
+    src = make_store("tiny-gpt2", "ioi", n_seq=8, batch_size=4, layout="chunked", fields=("default",))
     out = tmp_path / "old.zarr"
     shutil.copytree(src, out)
     chunk = out / "z" / "c" / "1" / "1" / "0" / "0" / "0"

@@ -418,7 +418,7 @@ def test_bfloat16_model_stored_as_its_live_cache(store_dtype: str, tmp_path: Pat
 
     out = tmp_path / "bf16.zarr"
     extract(ExtractRequest(model="tiny-llama", data="ioi", out=str(out), n_seq=8, batch_size=4, device="cpu",
-                           model_dtype="bfloat16", dtype=store_dtype, progress=False))  # fmt: skip
+                           model_dtype="bfloat16", dtype=store_dtype, progress=False, fields=("default",)))  # fmt: skip
     ds = open_store(out)
     assert read_provenance(out).model.dtype == "bfloat16"
     live = load_model("tiny-llama", "cpu", "bfloat16")

@@ -122,7 +122,7 @@ def test_extraction_writes_zarrs_shards(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(ShardEncoder, "encode", lambda self, v, b: calls.append(v.shape) or real(self, v, b))
     out = tmp_path / "s.zarr"
     extract(ExtractRequest(model="tiny-llama", data="text", out=str(out), n_seq=10, seq_len=24, batch_size=4,
-                           dtype=dtype, progress=False))  # fmt: skip
+                           dtype=dtype, progress=False, fields=("default",)))  # fmt: skip
     g = zarr.open_group(out, mode="r")
     sharded = [n for n in g.array_keys() if n != "tokens" and g[n].shards is not None and g[n].shape[0] == 10]
     assert {"pattern", "v", "z"} <= set(sharded)

@@ -166,7 +166,7 @@ def projection_loss(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datase
     w_u = f32(ds["W_U"])
     loss_original = xr.apply_ufunc(
         _token_loss,
-        clean,
+        clean.chunk({"pos": -1, "d_vocab": -1}),  # xr.dot may split pos (it does from ~40 positions on)
         nxt,
         kwargs={"cap": cap},
         input_core_dims=[["pos", "d_vocab"], ["pos"]],

@@ -68,9 +68,11 @@ def extract(
     fields: Annotated[
         str,
         typer.Option(
-            help="comma list: presets default, all, compact (= default,-pattern,q,k), field names (q, k, result...), -NAME drops one"
+            help="comma list: presets auto (default,-z, and q,k instead of pattern where smaller at seq_len; "
+            "z and pattern derived on open), default, all, compact (= default,-pattern,q,k), field names "
+            "(q, k, z, result...), -NAME drops one"
         ),
-    ] = "default",
+    ] = "auto",
     layers: Annotated[str, typer.Option(help="all, 0,3,5 or 2-5")] = "all",
     pattern_layers: Annotated[
         str, typer.Option(help="extracted layers whose pattern is stored (others read as NaN): all, 0,3,5 or 2-5")
@@ -215,6 +217,8 @@ def _print_provenance(store: str, prov: Provenance) -> None:
     console.print(f"dataset    {d.kind} ({d.spec})  {d.n_sequences} sequences x {prov.seq_len} tokens")
     layers = list(prov.layers)
     console.print(f"layers     {layers}  dtype {prov.storage_dtype}  batch {prov.batch_size}")
+    derived = "" if prov.derived is None else f"; derived on open: {', '.join(prov.derived) or '(none)'}"
+    console.print(f"fields     stored: {', '.join(prov.fields)}{derived}", soft_wrap=True)
     if "pattern" in prov.fields:
         pl = None if prov.pattern_layers is None else list(prov.pattern_layers)
         rest = "" if pl in (None, layers) else " (the other layers are not stored: NaN)"

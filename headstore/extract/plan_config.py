@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from headstore.extract.auto import auto_fields
 from headstore.extract.plan import Plan, make_plan
 from headstore.extract.request import ExtractRequest, resolve_layers
 from headstore.store_schema import HeadstoreError, Provenance
@@ -39,6 +40,15 @@ class ConfigModel:
 
     architecture: str
     unrepresentable: dict[str, str]
+
+
+@dataclass(frozen=True)
+class _Heads:
+    """The head shape ``--fields auto`` reads (``headstore.extract.auto.HeadShape``), from a config."""
+
+    n_heads: int
+    n_key_value_heads: int
+    d_head: int
 
 
 def config_only(model: str) -> Path | None:
@@ -141,6 +151,8 @@ def config_provenance(req: ExtractRequest, path: Path) -> Provenance:
         raise HeadstoreError(f"--seq-len {req.seq_len} is over the model's context of {cfg['n_ctx']} tokens: lower it")
     fields = _resolve_fields(req.named_fields(), req.selected_fields(), model)
     layers = resolve_layers("layers", req.layers, cfg["n_layers"])
+    fields = auto_fields(req.fields, req.drop, fields, _Heads(cfg["n_heads"], cfg["n_key_value_heads"], cfg["d_head"]), req.seq_len,
+                         req.pattern_layers == "all", tuple(model.unrepresentable))  # fmt: skip
     pattern_layers = None
     if "pattern" in fields:
         pl = req.pattern_layers

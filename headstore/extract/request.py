@@ -18,7 +18,8 @@ Layers = tuple[int, ...] | Literal["all"]
 
 @dataclass(frozen=True)
 class ExtractRequest:
-    """One extraction. ``fields``: field names and presets (``default``, ``all``, ``compact``), with ``drop``
+    """One extraction. ``fields``: field names and presets (``auto``, the default: ``default`` less z, with q, k
+    for pattern where smaller at the run's seq_len; ``default``, ``all``, ``compact``), with ``drop``
     removed after every addition (``tokens`` is always stored; ``()`` stores tokens only); a field named here
     that the model's family cannot represent is refused, one that came from a preset is left out.
     ``layers`` / ``pattern_layers``: layer indices or ``"all"`` (pattern_layers: among ``layers``).
@@ -27,7 +28,7 @@ class ExtractRequest:
     model: str
     data: str = ""  # needed unless a dry run plans from a model's config alone (extract.plan_config)
     out: str = ""  # as data
-    fields: tuple[str, ...] = ("default",)
+    fields: tuple[str, ...] = ("auto",)
     drop: tuple[str, ...] = ()
     layers: Layers = "all"
     pattern_layers: Layers = "all"

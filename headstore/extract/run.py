@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from headstore.extract.auto import auto_fields
 from headstore.extract.batch import HostBatch, HostBuffers, hook_names, run_batch
-from headstore.extract.compact import check_pattern_derivable, derives_pattern
+from headstore.extract.compact import settle_derived
 from headstore.extract.data import DataRequest, TokenDataset, build_dataset
 from headstore.extract.families import resolve_fields
 from headstore.extract.grad import check_grad, parse_metric, targets_for, with_grad_fields
@@ -43,8 +44,9 @@ from headstore.store_schema import (
     read_provenance,
 )
 from headstore.store_schema.arrays import store_sizes
-from headstore.store_schema.layout import SCHEMA_VERSION, SHARED
+from headstore.store_schema.layout import SCHEMA_VERSION, SHARED, derived_fields
 from headstore.store_schema.paths import relative_ref
+from headstore.store_schema.provenance import ModelConfig
 from headstore.store_schema.provenance_parts import ModelInfo, TokenizerInfo, WeightsRef
 from headstore.store_schema.write.weights import ensure_weights_store
 
@@ -148,8 +150,6 @@ def extract(req: ExtractRequest) -> ExtractResult:
         check_space(plan)
     try:
         if existing is None:
-            if derives_pattern(prov.fields):  # compact store: refuse a model whose pattern open_store cannot derive
-                check_pattern_derivable(model, ds.tokens, prov.layers)
             _create(out, prov, ds, model, weights, req.weights)
         res = _fill(out, model, ds, prov, mine, hooks, req.progress, time.perf_counter() - t0, bad)
     except OSError as e:
@@ -186,13 +186,18 @@ def _describe(
     fields = resolve_fields(req.named_fields(), with_grad_fields(req.selected_fields(), metric, ig), model)
     cfg = model.config_dict()
     layers = resolve_layers("layers", req.layers, cfg["n_layers"])
-    pattern_layers = _pattern_layers(req, cfg["n_layers"], layers, fields)
+    chosen = _pattern_layers(req, cfg["n_layers"], layers, fields)  # bad --pattern-layers refused before the data
     data_req = DataRequest(req.data, req.n_sequences(), req.seq_len, req.seed, req.prepend_bos)
     ds = build_dataset(data_req, model.tokenizer, cfg["n_ctx"])
     bad = None
     if ig:  # EAP-IG: the corrupt twin, built with the same options, of the same shape
         bad = build_dataset(dataclasses.replace(data_req, spec=str(req.corrupt)), model.tokenizer, cfg["n_ctx"])
     seq_len = int(ds.tokens.shape[1])
+    fields = auto_fields(req.fields, req.drop, fields, ModelConfig.from_dict(cfg), seq_len,
+                         chosen in (None, layers), tuple(model.unrepresentable))  # fmt: skip
+    if not req.dry_run:  # what open_store will derive is checked against the live model (auto: else stored)
+        fields = settle_derived(model, ds.tokens, layers, fields, "auto" in req.fields)
+    pattern_layers = _pattern_layers(req, cfg["n_layers"], layers, fields)
     if metric is not None:  # the family, a missing column, a position outside a sequence: refused before any run
         check_grad(model, metric, ds)
     if bad is not None:
@@ -214,6 +219,7 @@ def _describe(
         seq_len=seq_len,
         storage_dtype=req.dtype,
         fields=fields,
+        derived=derived_fields(fields),
         layers=layers,
         batch_size=req.batch_size,
         pattern_layers=pattern_layers,

@@ -53,6 +53,9 @@ IOI_ANALYZERS = ("copy-suppression", "ioi", "logit-attribution", "composition", 
                  "attribution-patching", "edge-attribution")  # fmt: skip
 # The IOI metric the attribution analyzers take gradients of: logit[IO] - logit[S] at END.
 IOI_METRIC = "logit-diff:io_token,s_token@end_pos"
+# Explicit fields per store, not extract's default (auto): the IOI stores keep "default" (pattern and z stored:
+# at ~18 tokens both are small, and the analyzers read them without deriving); the others store exactly what
+# their analyzers declare (text: z for calibration; repeated-random: pattern at 61 tokens, smaller than q + k).
 STORES = {
     "ioi": StorePlan("ioi", ("default",), IOI_ANALYZERS, IOI_METRIC),
     "ioi-abc": StorePlan("ioi-abc", ("default",), IOI_ANALYZERS, IOI_METRIC),

@@ -115,6 +115,41 @@ def derived_pattern(q: xr.DataArray, k: xr.DataArray, config: ModelConfig | None
     return xr.DataArray(data, dims=dims, coords=coords)
 
 
+def z_block(pattern: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """numpy kernel: pattern (b, l, head, query_pos, key_pos), v (b, l, pos, kv_head, d_head) -> z (b, l, pos,
+    head, d_head) float32; head h reads kv head h // (n_heads // n_kv_heads)."""
+    b, n_l, n_heads, n_q, n_k = pattern.shape
+    n_kv, d_head = v.shape[3], v.shape[4]
+    if n_heads % n_kv:
+        raise HeadstoreError(f"pattern has {n_heads} heads, not a multiple of v's {n_kv} kv heads: store damaged")
+    g = n_heads // n_kv
+    p = pattern.astype(np.float32, copy=False).reshape(b, n_l, n_kv, g, n_q, n_k)
+    vv = v.astype(np.float32, copy=False).transpose(0, 1, 3, 2, 4)[:, :, :, None]  # (b, l, kv, 1, key_pos, d)
+    z = np.matmul(p, vv).reshape(b, n_l, n_heads, n_q, d_head)
+    return np.ascontiguousarray(z.transpose(0, 1, 3, 2, 4))
+
+
+def derived_z(pattern: xr.DataArray, v: xr.DataArray) -> xr.DataArray:
+    """``z[batch, layer, pos, head, d_head] = sum_key_pos pattern[batch, layer, head, pos, key_pos] *
+    v[batch, layer, key_pos, kv(head), d_head]`` (float32; lazy on dask input, one chunk per chunk of
+    ``pattern``, which is one per (batch chunk, layer)). The stores that do not keep z (``--fields auto``)."""
+    pd = pattern.transpose("batch", "layer", "head", "query_pos", "key_pos")
+    vd = v.transpose("batch", "layer", "pos", "kv_head", "d_head")
+    dims = ("batch", "layer", "pos", "head", "d_head")
+    coords = {c: pattern.coords[c] for c in ("batch", "layer", "head") if c in pattern.coords}
+    if pd.chunks is None and vd.chunks is None:
+        return xr.DataArray(z_block(np.asarray(pd.values), np.asarray(vd.values)), dims=dims, coords=coords)
+    import dask.array as da
+
+    pa = pd.data if pd.chunks is not None else da.from_array(np.asarray(pd.values))
+    pa = pa.rechunk({2: -1, 3: -1, 4: -1})
+    va = vd.data if vd.chunks is not None else da.from_array(np.asarray(vd.values))
+    va = va.rechunk({0: pa.chunks[0], 1: pa.chunks[1], 2: -1, 3: -1, 4: -1})
+    out_chunks = (pa.chunks[0], pa.chunks[1], (vd.sizes["pos"],), (pd.sizes["head"],), (vd.sizes["d_head"],))
+    data = da.map_blocks(z_block, pa, va, chunks=out_chunks, dtype=np.float32, meta=np.empty((0,) * 5, np.float32))
+    return xr.DataArray(data, dims=dims, coords=coords)
+
+
 def pattern_layer_index(prov: Provenance) -> list[int]:
     """Positions along ``layer`` (not model layer numbers) whose ``pattern`` chunks are written."""
     stored = set(prov.stored_pattern_layers)

@@ -198,7 +198,32 @@ PRESETS: dict[str, tuple[str, ...]] = {
     # pattern (batch, layer, head, query_pos, key_pos) grows with seq_len**2: store q and k instead and
     # let open_store derive pattern from them (store_schema.attention.derived_pattern).
     "compact": (*(n for n in DEFAULT_FIELDS if n != "pattern"), "q", "k"),
+    # the default of extract: ``default`` less z (open_store derives z = pattern @ v), and with q, k instead of
+    # pattern where they take fewer bytes per token at the run's seq_len (``auto_stores_qk``; the swap is made
+    # by extract, which knows seq_len: this tuple is the pattern form).
+    "auto": tuple(n for n in DEFAULT_FIELDS if n != "z"),
 }
+
+
+def auto_stores_qk(n_heads: int, n_kv_heads: int, d_head: int, seq_len: int) -> bool:
+    """True when q and k take fewer bytes per token and layer than the pattern does on disk:
+    ``(n_heads + n_kv_heads) * d_head < n_heads * (seq_len + 1) / 2`` (the pattern's causal non-zeros, what its
+    compressor leaves, as extract's plan counts them; a tie keeps the pattern)."""
+    return 2 * (n_heads + n_kv_heads) * d_head < n_heads * (seq_len + 1)
+
+
+def derived_fields(stored: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """What ``open_store`` derives from ``stored``, in schema order: ``pattern`` from q, k; ``z`` as pattern @ v
+    (stored or derived pattern); ``result`` as z @ W_O (W_O is always stored)."""
+    have = set(stored)
+    out = []
+    if "pattern" not in have and {"q", "k"} <= have:
+        out.append("pattern")
+    if "z" not in have and "v" in have and ("pattern" in have or "pattern" in out):
+        out.append("z")
+    if "result" not in have and ("z" in have or "z" in out):
+        out.append("result")
+    return tuple(n for n in FIELDS if n in out)
 
 
 def parse_fields(spec: str) -> tuple[str, ...]:
@@ -207,7 +232,8 @@ def parse_fields(spec: str) -> tuple[str, ...]:
     ``"default,q,k"`` adds q and k to the default set; ``"default,-pattern,q,k"`` (= ``"compact"``)
     also drops ``pattern``. Removals apply after every addition, so their place in the list does not
     matter; removing a field that nothing selected, or ``tokens``, is refused. Presets: ``default``,
-    ``all``, ``compact``. ``tokens`` is always kept.
+    ``all``, ``compact``, ``auto`` (here its pattern form: extract swaps pattern for q, k where smaller).
+    ``tokens`` is always kept.
     """
     from headstore.store_schema.errors import HeadstoreError
 

@@ -121,6 +121,11 @@ class ModelConfig:
         return cfg
 
 
+# attrs a store may lack (made before they existed, or not used by its run): the defaults apply
+OPTIONAL_ATTRS = ("versions", "created", "pattern_layers", "layout", "weights_store", "grad", "grad_ig", "corrupt",
+                  "derived")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Provenance:
     """Everything needed to tell two stores apart, or to refuse mixing them."""
@@ -155,6 +160,9 @@ class Provenance:
     # from; None: gradients at the clean input only (and what stores made before the option read as).
     grad_ig: int | None = None
     corrupt: DatasetInfo | None = None
+    # what open_store derives from ``fields`` (``layout.derived_fields``: pattern, z, result), recorded at
+    # creation so ``info`` tells stored from derived; None: a store made before the attr (same rules apply).
+    derived: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of the store's attrs (key order as the fields')."""
@@ -192,12 +200,7 @@ class Provenance:
                 f"store has schema version {version}, older than {OLDEST_SCHEMA_VERSION}: re-extract it"
             )
         names = {f.name for f in fields(cls)}
-        missing = sorted(
-            n
-            for n in names - set(d)
-            if n
-            not in ("versions", "created", "pattern_layers", "layout", "weights_store", "grad", "grad_ig", "corrupt")
-        )
+        missing = sorted(n for n in names - set(d) if n not in OPTIONAL_ATTRS)
         if missing:
             raise HeadstoreError(f"store attrs lack {', '.join(missing)}: the store is damaged; re-extract it")
         kwargs = {k: d[k] for k in names if k in d}
@@ -234,6 +237,7 @@ class Provenance:
             raise HeadstoreError("store attr layers must be a list of integers")
         ModelConfig.from_dict(config)  # types and values checked once, here
         kwargs["fields"] = tuple(kwargs["fields"])
+        kwargs["derived"] = _derived(kwargs.get("derived"))
         kwargs["layers"] = tuple(kwargs["layers"])
         kwargs["pattern_layers"] = _pattern_layers(kwargs.get("pattern_layers"), kwargs["layers"], kwargs["fields"])
         return cls(**kwargs)
@@ -272,8 +276,9 @@ class Provenance:
     def check_same_run(self, other: Provenance) -> None:
         """Refuse resuming/appending with anything different, naming the first difference."""
         mine, theirs = self.identity(), other.identity()
-        # the weights hash follows from model and layers: name what the user changed first
-        for key in sorted(mine, key=lambda k: k == "model.weights_sha256"):
+        # the weights hash follows from model and layers, and the fields --fields auto resolves from seq_len and
+        # --pattern-layers: name what the user changed first
+        for key in sorted(mine, key=lambda k: (k == "model.weights_sha256", k == "fields")):
             if mine[key] != theirs[key]:
                 raise HeadstoreError(
                     f"the store was made with a different {key} ({_short(mine[key])} vs {_short(theirs[key])}): "
@@ -329,6 +334,15 @@ def _grad_ig(kwargs: dict[str, Any]) -> None:
     if (steps is None) != (corrupt is None) or (steps is not None and kwargs["grad"] is None):
         raise HeadstoreError("store attrs grad_ig and corrupt come together, with grad: the store is damaged")
     kwargs["corrupt"] = None if corrupt is None else DatasetInfo.from_dict(corrupt)
+
+
+def _derived(value: Any) -> tuple[str, ...] | None:
+    """Check attr ``derived``: None, or a list of field names."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(x, str) and x in FIELDS for x in value):
+        raise HeadstoreError(f"store attr derived must be null or a list of field names, got {_short(value)}")
+    return tuple(value)
 
 
 def _expect(d: dict[str, Any], key: str, typ: type) -> None:

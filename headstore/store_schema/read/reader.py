@@ -9,7 +9,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from headstore.store_schema.attention import derived_pattern, pattern_layer_index
+from headstore.store_schema.attention import derived_pattern, derived_z, pattern_layer_index
 from headstore.store_schema.errors import HeadstoreError
 from headstore.store_schema.layout import ATTRS_KEY, MANIFEST
 from headstore.store_schema.paths import StorePath
@@ -64,7 +64,8 @@ def open_store(
     ``partial=True`` and any ``isel`` keep), ``layer`` (model layer numbers) and ``head``; the derived
     ``result = z @ W_O`` when ``result`` was not materialised, and the derived ``pattern =
     softmax(q . k / sqrt(d_head))`` (causal) when ``pattern`` was not stored but ``q`` and ``k`` were
-    (``--fields compact``). With ``--pattern-layers``, the layers whose pattern was not stored read as
+    (``--fields compact``, and ``auto`` at long contexts), then ``z = pattern @ v`` when ``z`` was not stored
+    (``--fields auto``, float32). With ``--pattern-layers``, the layers whose pattern was not stored read as
     NaN, or are derived the same way when ``q`` and ``k`` were stored (the whole ``pattern`` is then
     float32). An incomplete store is refused unless ``partial=True``, which keeps only the completed
     sequences (their ``batch`` labels say which).
@@ -85,12 +86,14 @@ def open_store(
         for name in wds.data_vars:
             ds[name] = wds[name]
     ds = ds.assign_coords(_coordinates(ds, prov))
-    if "result" not in ds and "z" in ds and "W_O" in ds:
-        ds["result"] = derived_result(ds["z"], ds["W_O"])
     if "pattern" not in ds and "q" in ds and "k" in ds:
         ds["pattern"] = derived_pattern(ds["q"], ds["k"], prov.model_config)
     elif "pattern" in ds and "q" in ds and "k" in ds and len(prov.stored_pattern_layers) < len(prov.layers):
         ds["pattern"] = _fill_unstored_pattern(ds, pattern_layer_index(prov), prov)
+    if "z" not in ds and "pattern" in ds and "v" in ds:  # --fields auto: z = pattern @ v
+        ds["z"] = derived_z(ds["pattern"], ds["v"])
+    if "result" not in ds and "z" in ds and "W_O" in ds:
+        ds["result"] = derived_result(ds["z"], ds["W_O"])
     if not done.all():
         if not partial:
             raise HeadstoreError(
