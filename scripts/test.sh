@@ -12,4 +12,6 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 ruff check headstore tests bench
 ruff format --check headstore tests bench
 mypy
-python3 -m pytest -q -x -p no:cacheprovider "$@"
+# two workers, a test file each at a time (files share session fixtures): most of the suite waits on imports,
+# subprocesses and I/O, so two files at once finish well before two one after the other (docs/benchmarks.md)
+python3 -m pytest -q -x -p no:cacheprovider -n 2 --dist loadfile "$@"

@@ -175,9 +175,10 @@ def test_spec_params_are_the_functions_keyword_only_params() -> None:
         assert len(positional) == spec.n_stores, name
 
 
-def test_cli_listing_and_parsers_derive_from_the_declarations() -> None:
+def test_cli_listing_and_parsers_derive_from_the_declarations(monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
+    import headstore.cli as cli
     from headstore.cli import app, parse
     from headstore.cli.registry import analyzers as cli_view
 
@@ -190,6 +191,8 @@ def test_cli_listing_and_parsers_derive_from_the_declarations() -> None:
             parser = view[name].params[param]
             if tp in parse.BY_TYPE:
                 assert parser is parse.BY_TYPE[tp], (name, param)
+    # the CLI's console was sized when headstore.cli was first imported (maybe by another test): widen it here
+    monkeypatch.setattr(cli.console, "width", 400)
     res = CliRunner().invoke(app, ["analyzers"], env={"COLUMNS": "400"})
     assert res.exit_code == 0, res.output
     for name, spec in specs.items():
