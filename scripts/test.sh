@@ -13,5 +13,5 @@ ruff check headstore tests bench
 ruff format --check headstore tests bench
 mypy
 # two workers, a test file each at a time (files share session fixtures): most of the suite waits on imports,
-# subprocesses and I/O, so two files at once finish well before two one after the other (docs/benchmarks.md)
+# subprocesses and I/O, so two files at once finish sooner than one after the other
 python3 -m pytest -q -x -p no:cacheprovider -n 2 --dist loadfile "$@"
