@@ -13,7 +13,7 @@ compares the derivation with the live ``hook_pattern`` and refuses the store on 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -69,23 +69,21 @@ def settle_derived(
     """Check every field open_store will derive from ``fields`` (pattern from q, k; z as pattern @ v) against
     the live model on a few sequences. A mismatch under ``auto`` stores the field instead (pattern for q, k;
     z), with a notice; otherwise it is refused in one line."""
-    derived = derived_fields(fields)
-    if "pattern" in derived:
+    # (field open_store would derive, its check, the fields it is derived from and no longer needs, notice)
+    fallbacks: tuple[tuple[str, Callable[..., float], set[str], str], ...] = (
+        ("pattern", check_pattern_derivable, {"q", "k"}, "pattern, not q and k"),
+        ("z", check_z_derivable, set(), "z"),
+    )
+    for name, check, sources, notice in fallbacks:
+        if name not in derived_fields(fields) or name in fields:
+            continue
         try:
-            check_pattern_derivable(model, tokens, layers)
+            check(model, tokens, layers)
         except HeadstoreError as e:
             if not auto:
                 raise
-            print(f"headstore: storing pattern, not q and k: {e}", file=sys.stderr)
-            fields = tuple(n for n in FIELDS if n in (set(fields) - {"q", "k"}) | {"pattern"})
-    if "z" in derived_fields(fields) and "z" not in fields:
-        try:
-            check_z_derivable(model, tokens, layers)
-        except HeadstoreError as e:
-            if not auto:
-                raise
-            print(f"headstore: storing z: {e}", file=sys.stderr)
-            fields = tuple(n for n in FIELDS if n in {*fields, "z"})
+            print(f"headstore: storing {notice}: {e}", file=sys.stderr)
+            fields = tuple(n for n in FIELDS if n in (set(fields) - sources) | {name})
     return fields
 
 
