@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from typer.testing import CliRunner
 from headstore.cli import app
 from headstore.cli.serve import RangeRequestHandler
 from headstore.store_schema import done_mask, open_store, read_provenance, validate
-from headstore.store_schema.layout import ATTRS_KEY
+from headstore.store_schema.layout import ATTRS_KEY, FIELDS
 
 SMALL = {"n_seq": 10, "batch_size": 4}  # three batches, the last one short
 
@@ -52,11 +53,17 @@ def test_sharded_store_equals_chunked_array_by_array(pair: tuple[Path, Path]) ->
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
         assert np.array_equal(a[name], b[name], equal_nan=a[name].dtype.kind == "f"), name
-    # open_store presents the same Dataset, chunked the same way (one dask chunk per batch x layer)
+    # open_store presents the same Dataset; its dask blocks are the stored files: a sharded field's shard (every
+    # layer of a batch), a chunked field's chunk (one batch x one layer)
     da, db = open_store(sharded), open_store(chunked)
+    n_layers = da.sizes["layer"]
     assert sorted(da.variables) == sorted(db.variables)
     for name in da.variables:
-        assert da[name].dims == db[name].dims and da[name].chunks == db[name].chunks, name
+        assert da[name].dims == db[name].dims, name
+        if "layer" in da[name].dims and name in FIELDS and da[name].chunks is not None and name != "tokens":
+            i = da[name].dims.index("layer")
+            assert da[name].data.chunks[i] == (n_layers,) and db[name].data.chunks[i] == (1,) * n_layers, name
+            assert da[name].data.chunks[0] == db[name].data.chunks[0], name  # the batch chunks
         x, y = da[name].values, db[name].values
         assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name
     assert validate(sharded).ok and validate(chunked).ok
@@ -309,9 +316,11 @@ def test_flipped_byte_in_a_weights_store_is_refused_naming_store_array_chunk(sha
             ds["W_E"].values  # noqa: B018
         msg = str(ei.value)
         assert "\n" not in msg and msg.startswith(f"{copy / 'w' / 'tiny.zarr'}: array 'W_E' has a damaged chunk"), msg
-        assert "(chunk 0.0): ValueError: Stored and computed checksum do not match" in msg, msg
+        # zarr-python's words, or zarrs' where it read the whole chunk (store_schema/read/codec_pipeline.py)
+        checksum = r"\(chunk 0\.0\): (ValueError: Stored and computed checksum do not match|RuntimeError: the checksum is invalid)"
+        assert re.search(checksum, msg), msg
         assert f"run `headstore validate {copy / 'w' / 'tiny.zarr'}`" in msg, msg
-        assert isinstance(ei.value.__cause__, ValueError)
+        assert isinstance(ei.value.__cause__, (ValueError, RuntimeError))
     assert any("W_E" in p and "damaged" in p for p in validate(copy / "a.zarr").problems)
 
 
@@ -331,7 +340,7 @@ def test_flipped_byte_in_an_activation_chunk_read_lazily_names_store_array_chunk
         ds["z"].isel(layer=[0]).compute()
     msg = str(ei.value)
     assert "\n" not in msg and msg.startswith(f"{copy}: array 'z' has a damaged chunk (chunk 1.0.0.0.0)"), msg
-    assert "checksum do not match" in msg and f"run `headstore validate {copy}`" in msg, msg
+    assert re.search("checksum (do not match|is invalid)", msg) and f"run `headstore validate {copy}`" in msg, msg
 
 
 def test_pack_writes_a_self_contained_copy(shared: Path, tmp_path: Path, make_store: Callable[..., Path]) -> None:

@@ -103,7 +103,7 @@ def derived_pattern(q: xr.DataArray, k: xr.DataArray, config: ModelConfig | None
     else:
         import dask.array as da
 
-        qa = qd.data.rechunk({2: -1, 3: -1, 4: -1})
+        qa = qd.data.rechunk({1: 1, 2: -1, 3: -1, 4: -1})  # one layer a block: a float32 pattern block is large
         ka = kd.data.rechunk({0: qa.chunks[0], 1: qa.chunks[1], 2: -1, 3: -1, 4: -1})
         out_chunks = (qa.chunks[0], qa.chunks[1], (sizes["head"],), (sizes["pos"],), (sizes["pos"],))
 

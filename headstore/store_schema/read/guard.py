@@ -11,6 +11,7 @@ import xarray as xr
 import zarr
 
 from headstore.store_schema.errors import HeadstoreError
+from headstore.store_schema.read.codec_pipeline import read_chunks, with_fast_reads
 from headstore.store_schema.strings import STRING_ATTR, decode
 
 
@@ -46,16 +47,18 @@ def damaged(store: str, name: str, arr: zarr.Array, key: Any, e: Exception) -> H
 
 
 class GuardedArray:
-    """Array-like over one zarr array whose failed reads raise ``damaged``."""
+    """Array-like over one zarr array whose failed reads raise ``damaged``; ``fast``: whole-shard reads go through
+    zarrs where it serves (``codec_pipeline.with_fast_reads``)."""
 
-    def __init__(self, arr: zarr.Array, name: str, store: str):
+    def __init__(self, arr: zarr.Array, name: str, store: str, *, fast: bool = False):
         self.arr, self.name, self.store = arr, name, store
+        self.source = with_fast_reads(arr) if fast else arr
         self.shape, self.dtype, self.ndim = tuple(arr.shape), arr.dtype, arr.ndim
         self.chunks = arr.chunks
 
     def __getitem__(self, key: Any) -> Any:
         try:
-            return self.arr[key]
+            return self.source[key]
         except Exception as e:
             raise damaged(self.store, self.name, self.arr, key, e) from e
 
@@ -97,10 +100,11 @@ def guarded_arrays(root: zarr.Group, store: str) -> dict[str, GuardedArray | Gua
     return {**plain, **strings}
 
 
-def lazy_dataset(root: zarr.Group, store: str) -> xr.Dataset:
+def lazy_dataset(root: zarr.Group, store: str, inner: frozenset[str] = frozenset()) -> xr.Dataset:
     """``root`` (already open: no second metadata read) as a lazy Dataset, as ``xr.open_zarr(chunks={})``
     presents it, each array's reads guarded (``damaged``), string arrays stored as bytes and offsets as the
-    string variables they hold."""
+    string variables they hold. Dask blocks: whole shards of a sharded array (``codec_pipeline.read_chunks``),
+    except for the arrays named in ``inner``, which keep the stored (inner) chunks."""
     import dask.array as da
     from xarray.backends.zarr import ZarrStore
 
@@ -109,8 +113,10 @@ def lazy_dataset(root: zarr.Group, store: str) -> xr.Dataset:
         var, arr = ds[name], root.get(str(name))
         if not isinstance(arr, zarr.Array) or var.chunks is None or var.dtype != arr.dtype or var.shape != arr.shape:
             continue
-        guarded = GuardedArray(arr, str(name), store)
-        data = da.from_array(guarded, chunks=var.data.chunks, name=False, meta=np.empty((0,) * arr.ndim, arr.dtype))
+        guarded = GuardedArray(arr, str(name), store, fast=True)
+        by_batch = bool(var.dims) and var.dims[0] == "batch"
+        chunks = var.data.chunks if name in inner else read_chunks(arr, var.data.chunks, by_batch=by_batch)
+        data = da.from_array(guarded, chunks=chunks, name=False, meta=np.empty((0,) * arr.ndim, arr.dtype))
         ds[name] = var.copy(data=data)
     strings = stored_strings(root, store)
     ds = ds.drop_vars([name for s in strings.values() for name in s.stored])

@@ -76,7 +76,7 @@ def open_store(
     if prov.layout == "sharded" and where.http:
         _check_range_requests(where, root)
     done = done_mask(root)
-    ds = lazy_dataset(root, where.url).drop_vars(MANIFEST)
+    ds = lazy_dataset(root, where.url, _per_layer_reads(prov)).drop_vars(MANIFEST)
     missing = [name for name in prov.fields if name not in ds]
     if missing:
         raise HeadstoreError(f"store lacks {', '.join(missing)} that its attrs list: the store is damaged")
@@ -103,6 +103,15 @@ def open_store(
         ds = ds.isel(batch=np.flatnonzero(done))
     ds.attrs[ATTRS_KEY] = prov.to_dict()
     return ds
+
+
+def _per_layer_reads(prov: Provenance) -> frozenset[str]:
+    """The fields read one layer a block (their stored inner chunks) rather than one shard a block: ``q``, ``k``
+    and ``v`` where ``pattern`` is derived (``derived_pattern`` makes one float32 layer a block, which a whole
+    shard of several layers would be split into, and dask would then hold every shard read until its last
+    layer is used: memory that grows with the store)."""
+    derived = "pattern" not in prov.fields or len(prov.stored_pattern_layers) < len(prov.layers)
+    return frozenset({"q", "k", "v"}) if derived and {"q", "k"} <= set(prov.fields) else frozenset()
 
 
 def _coordinates(ds: xr.Dataset, prov: Provenance) -> dict[str, tuple[str, np.ndarray]]:
@@ -143,7 +152,7 @@ def _fill_unstored_pattern(ds: xr.Dataset, stored: list[int], prov: Provenance) 
     parts = [
         pat.isel(layer=[i]) if i in stored else derived.isel(layer=[missing.index(i)]) for i in range(ds.sizes["layer"])
     ]
-    return xr.concat(parts, dim="layer")
+    return xr.concat(parts, dim="layer").chunk({"layer": pat.chunksizes["layer"]})  # the stored blocks (shards)
 
 
 def derived_result(z: xr.DataArray, W_O: xr.DataArray) -> xr.DataArray:
