@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from headstore.analyze._apply import apply_blocks, store_blocks
 from headstore.analyze._maths import lead_axes, require, sequence_lengths
 from headstore.analyze.registry import AnalyzerSpec, register_analyzer
 
@@ -49,23 +50,18 @@ def attention_stats(ds: xr.Dataset) -> xr.Dataset:
     ``entropy_per_sequence[layer, head, batch] = mean_{1 <= q < n} -sum_k A log A``,
     ``distance_... = mean_q sum_k A (q - k)``, ``top1_... = mean_q max_k A`` with ``A = pattern[batch,
     layer, head, q, :]`` and ``n`` the sequence's real tokens; ``X[layer, head]`` = mean over batch,
-    ``X_std`` = std over batch. Lazy; one task per (batch chunk, layer).
+    ``X_std`` = std over batch. Lazy; one task per (batch chunk, stored layer block).
     """
     require(ds, REQUIRES, "attention-stats")
-    batch_chunks = ds["tokens"].chunksizes.get("batch", ds.sizes["batch"])
-
-    def block(x: xr.DataArray) -> xr.DataArray:
-        return x.chunk({d: (batch_chunks if d == "batch" else 1 if d == "layer" else -1) for d in x.dims})
-
-    stats = xr.apply_ufunc(
+    block = store_blocks(ds, "pattern")  # the store's batch chunk x its stored layer block (a shard), whole elsewhere
+    stats = apply_blocks(
         _block,
         block(sequence_lengths(ds)),
         block(ds["pattern"]),
         input_core_dims=[[], ["head", "query_pos", "key_pos"]],
         output_core_dims=[["head", "stat"]],
-        dask="parallelized",
         output_dtypes=[np.float64],
-        dask_gufunc_kwargs={"output_sizes": {"stat": len(STATS)}},
+        output_sizes={"stat": len(STATS)},
     )
     out = xr.Dataset()
     for i, name in enumerate(STATS):

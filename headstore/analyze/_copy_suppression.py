@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from headstore.analyze._apply import apply_blocks, store_blocks
 from headstore.analyze._maths import (
     _take_columns,
     f32,
@@ -69,23 +70,29 @@ def _block(
     sums, with ``coef[b, l, h, k] = (v[b, l, kv[h], k] @ W_O[l, h]) . u[b, k]``.
     """
     v, pattern = lead_axes(v, 3), lead_axes(pattern, 3)
-    # the unembedding columns of this block's tokens, gathered here rather than as a dask input of their
-    # own: dask would hold the gathered columns of every batch chunk (batch x pos x d_model floats) while
-    # it works through the layers
-    w_o, u = lead_axes(w_o, 3)[0], _take_columns(lead_axes(tokens, 1)[:, 0], lead_axes(w_u, 2)[0, 0])
+    w_o, tok = lead_axes(w_o, 3)[0], lead_axes(tokens, 1)[:, 0]  # (l, h, d_head, d_model), (b, pos)
     keep, inv_scale = lead_axes(keep, 1)[:, 0], lead_axes(inv_scale, 1)  # inv_scale: b, l (or 1), q
-    v = v[:, :, kv].astype(np.float32, copy=False)  # b, l, h, k, d
-    n_b, n_l, n_h, n_k, n_d = v.shape
-    # (v @ W_O) . u as two BLAS products: W_O[l, h] @ u[b, k] for every (l, h, d_head) x (b, k) at once
-    w_ou = w_o.reshape(n_l * n_h * n_d, -1) @ u.reshape(n_b * n_k, -1).T  # (l h d), (b k)
-    w_ou = w_ou.reshape(n_l, n_h, n_d, n_b, n_k).transpose(3, 0, 1, 4, 2)  # b, l, h, k, d
-    coef = (v * w_ou).sum(-1)  # b, l, h, k
+    n_b, n_l, n_kv, n_k, n_d = v.shape
+    n_h = w_o.shape[1]
+    if not np.array_equal(kv, np.arange(n_h) // (n_h // n_kv)):  # not grouped as kv_index groups: one kv per head
+        v, n_kv = v[:, :, kv], n_h
+    # W_O[l, h] @ W_U[:, t] once per distinct token t of the block (one BLAS product; the unembedding columns
+    # gathered here rather than as a dask input: dask would hold every batch chunk's columns), then each
+    # position's row, dotted with v over d_head
+    distinct, which = np.unique(tok, return_inverse=True)
+    u = _take_columns(distinct[None], lead_axes(w_u, 2)[0, 0])[0]  # (distinct, d_model)
+    w_ou = u @ w_o.reshape(n_l * n_h * n_d, -1).T  # (distinct, l h d)
+    w_ou = w_ou[which.ravel()].reshape(n_b * n_k, n_l, n_kv, n_h // n_kv, n_d)
+    v_t = v.astype(np.float32, copy=False).transpose(0, 3, 1, 2, 4).reshape(n_b * n_k, n_l, n_kv, n_d)
+    coef = np.einsum("nlkgd,nlkd->nlkg", w_ou, v_t).reshape(n_b, n_k, n_l, n_h).transpose(0, 2, 3, 1)  # b, l, h, k
     if only_negative:
         coef = np.where(coef < 0, coef, np.float32(0.0))
-    a = pattern.astype(np.float32)  # a copy: the mask is applied in place
-    a *= keep[:, None, None, :, None] * keep[:, None, None, None, :]
-    per_position = (coef * np.matmul(inv_scale[:, :, None, None, :], a)[..., 0, :]).astype(np.float32, copy=False)
-    attn = a.sum(axis=3, dtype=np.float32)  # b, l, h, k
+    # sum_q w[q] a[q, k] for w = inv_scale * keep and w = keep in one product over the pattern as stored (float16
+    # upcast once, float32 read in place): the mask on q is in the weights, the mask on k applied after
+    weights = np.stack(np.broadcast_arrays(inv_scale * keep[:, None, :], keep[:, None, :]), axis=2)  # b, l|1, 2, q
+    sums = np.matmul(weights[:, :, None], pattern.astype(np.float32, copy=False))  # b, l, h, 2, k
+    num, attn = sums[..., 0, :] * keep[:, None, None, :], sums[..., 1, :] * keep[:, None, None, :]
+    per_position = (coef * num).astype(np.float32, copy=False)
     return per_position, (per_position * attn).sum(-1), attn.sum(-1)
 
 
@@ -105,12 +112,11 @@ def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datas
     batch_chunks = ds["tokens"].chunksizes.get("batch", ds.sizes["batch"])
     b_max = max(batch_chunks, default=1) if isinstance(batch_chunks, tuple) else batch_chunks
     per_layer = ds.sizes["head"] * ds.sizes["query_pos"] * ds.sizes["key_pos"] * 4 * b_max
-    layers = max(1, min(ds.sizes["layer"], BLOCK_BYTES // per_layer))
+    # the store's batch chunk x its stored layer block (a shard: read by zarrs, never split), whole elsewhere; in
+    # memory, layers grouped to about BLOCK_BYTES
+    block = store_blocks(ds, "pattern", layers=max(1, min(ds.sizes["layer"], BLOCK_BYTES // per_layer)))
 
-    def block(x: xr.DataArray) -> xr.DataArray:  # the store's batch chunk x a group of layers, whole elsewhere
-        return x.chunk({d: (batch_chunks if d == "batch" else layers if d == "layer" else -1) for d in x.dims})
-
-    per_position, num, den = xr.apply_ufunc(
+    per_position, num, den = apply_blocks(
         _block,
         block(ds["v"]),
         block(ds["pattern"]),
@@ -130,7 +136,6 @@ def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datas
             ["pos"],
         ],
         output_core_dims=[["head", "key_pos"], ["head"], ["head"]],
-        dask="parallelized",
         output_dtypes=[np.float32, np.float32, np.float32],
     )
     # a layer without a stored pattern stays NaN (its sums are NaN)

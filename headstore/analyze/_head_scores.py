@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 import xarray as xr
 
+from headstore.analyze._apply import apply_blocks, store_blocks
 from headstore.analyze._maths import lead_axes, require, sequence_lengths
 from headstore.analyze.registry import AnalyzerSpec, register_analyzer
 from headstore.analyze.types import ErrorMeasure, HeadScoreKinds
@@ -122,18 +123,14 @@ def head_scores(
     ``K_per_sequence[layer, head, batch]`` = ``sum_qk(w A D_K) / sum_qk(w A)`` (``mul``) or
     ``1 - sum_qk(w |A - D_K|) / n`` (``abs``), ``A = pattern[batch, layer, head]`` over the ``n`` real
     tokens, ``w`` the BOS-column / diagonal exclusions; ``K[layer, head] = mean_batch K_per_sequence``.
-    Lazy; one task per (batch chunk, layer). See the module docstring for the detection patterns.
+    Lazy; one task per (batch chunk, stored layer block). See the module docstring for the detection patterns.
     """
     kinds = _kinds(kinds)
     if error_measure not in ERROR_MEASURES:
         raise HeadstoreError(f"error_measure must be 'mul' or 'abs', got {error_measure!r}")
     require(ds, REQUIRES, "head-scores")
-    batch_chunks = ds["tokens"].chunksizes.get("batch", ds.sizes["batch"])
-
-    def block(x: xr.DataArray) -> xr.DataArray:  # the store's batch chunk x one layer, whole elsewhere
-        return x.chunk({d: (batch_chunks if d == "batch" else 1 if d == "layer" else -1) for d in x.dims})
-
-    scores = xr.apply_ufunc(
+    block = store_blocks(ds, "pattern")  # the store's batch chunk x its stored layer block (a shard), whole elsewhere
+    scores = apply_blocks(
         _block,
         block(ds["tokens"]),
         block(sequence_lengths(ds)),
@@ -144,9 +141,8 @@ def head_scores(
         },
         input_core_dims=[["pos"], [], ["head", "query_pos", "key_pos"]],
         output_core_dims=[["head", "kind"]],
-        dask="parallelized",
         output_dtypes=[np.float64],
-        dask_gufunc_kwargs={"output_sizes": {"kind": len(kinds)}},
+        output_sizes={"kind": len(kinds)},
     )  # fmt: skip
     out = xr.Dataset()
     for i, kind in enumerate(kinds):
