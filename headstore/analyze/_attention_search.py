@@ -13,7 +13,7 @@ real tokens (``< length[b]``), and ``Q`` the (b, q) with at least one such ``k``
 
 ``n_queries = |Q|``, ``n_pairs = sum M``; ``rank`` orders the heads by ``mass``, largest first (0), ties to
 the earlier (layer, head); a head whose pattern was not stored has NaN mass and rank -1. Streamed one batch
-chunk and one layer at a time (sums only).
+chunk and one stored layer block at a time (sums only).
 """
 
 from __future__ import annotations

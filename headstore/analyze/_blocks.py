@@ -14,6 +14,7 @@ position). :func:`top_k_rows` applies it inside a block and :func:`merge_top` ac
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -36,34 +37,76 @@ def layer_groups(layers: Sequence[int], size: int) -> list[list[int]]:
     return [list(layers[i : i + size]) for i in range(0, len(layers), size)]
 
 
+def _layer_blocks(arrays: dict[str, xr.DataArray]) -> list[range]:
+    """The dask blocks along ``layer`` of the largest dask-backed array that has the dim (a sharded store's
+    shard holds every layer: one block; a chunked store's chunk one layer), as ranges of layer positions."""
+    lazy = [da for da in arrays.values() if "layer" in da.dims and da.chunks is not None]
+    if not lazy:
+        return []
+    sizes = max(lazy, key=lambda da: da.nbytes).chunksizes["layer"]
+    bounds = np.cumsum((0, *sizes))
+    return [range(int(a), int(b)) for a, b in pairwise(bounds)]
+
+
+def _run_groups(
+    fn: Callable[..., Any],
+    start: int,
+    blocks: dict[str, np.ndarray],
+    axes: dict[str, int],
+    groups: list[tuple[list[int], dict[str, Any]]],
+    kwargs: dict[str, Any],
+) -> list[Any]:
+    """``fn`` on each group's layers (positions into the blocks' ``layer`` axis ``axes[name]``) of one task."""
+    out = []
+    for where, extra in groups:
+        whole = {n: where == list(range(b.shape[axes[n]])) for n, b in blocks.items() if n in axes}
+        part = {n: (b if whole.get(n, True) else np.take(b, where, axis=axes[n])) for n, b in blocks.items()}
+        out.append(fn(start=start, **part, **kwargs, **extra))
+    return out
+
+
 def stream(
     fn: Callable[..., Any],
     arrays: dict[str, xr.DataArray],
     batches: Sequence[slice],
     groups: Sequence[Sequence[int]],
+    group_kwargs: Sequence[dict[str, Any]] | None = None,
     **kwargs: Any,
 ) -> list[tuple[slice, list[int], Any]]:
-    """``fn(start=..., **numpy blocks, **kwargs)`` for every (batch slice, layer group), as dask tasks computed
-    together; ``start`` is the block's first row along ``batch``. Arrays lacking ``batch`` or ``layer`` are
-    handed whole along it. Returns ``(batch slice, layer group, fn's result)`` per block, in order."""
+    """``fn(start=..., **numpy blocks, **kwargs, **group_kwargs[g])`` for every (batch slice, layer group ``g``), as
+    dask tasks computed together; ``start`` is the block's first row along ``batch``. Arrays lacking ``batch`` or
+    ``layer`` are handed whole along it. One task per batch slice and stored layer block (``_layer_blocks``: a
+    whole shard is read once, then cut into the groups that start in it), so a store is read once whatever
+    the groups. Returns ``(batch slice, layer group, fn's result)`` per block, in the order of ``groups``."""
     import dask
 
+    extras = list(group_kwargs) if group_kwargs is not None else [{} for _ in groups]
+    spans = _layer_blocks(arrays)
+    by_span: dict[int, list[int]] = {}
+    for g, group in enumerate(groups):
+        first = group[0] if len(group) else 0
+        span = next((j for j, r in enumerate(spans) if first in r), -1)
+        by_span.setdefault(span, []).append(g)
     tasks, keys = [], []
     for bs in batches:
-        for group in groups:
-            blocks = {}
+        for members in by_span.values():
+            layers = sorted({i for g in members for i in groups[g]})
+            blocks, axes = {}, {}
             for name, da in arrays.items():
                 sel: dict[str, Any] = {}
                 if "batch" in da.dims:
                     sel["batch"] = bs
                 if "layer" in da.dims:
-                    sel["layer"] = list(group)
+                    sel["layer"] = layers
+                    axes[name] = da.dims.index("layer")
                 part = da.isel(sel)
                 blocks[name] = part.data if part.chunks is not None else np.asarray(part.values)
-            tasks.append(dask.delayed(fn)(start=bs.start, **blocks, **kwargs))
-            keys.append((bs, list(group)))
+            parts = [([layers.index(i) for i in groups[g]], extras[g]) for g in members]
+            tasks.append(dask.delayed(_run_groups)(fn, bs.start, blocks, axes, parts, kwargs))
+            keys.append((bs, members))
     results = dask.compute(*tasks)
-    return [(bs, group, res) for (bs, group), res in zip(keys, results)]
+    found = {(bs.start, g): res for (bs, members), out in zip(keys, results) for g, res in zip(members, out)}
+    return [(bs, list(group), found[(bs.start, g)]) for bs in batches for g, group in enumerate(groups)]
 
 
 def top_k_rows(values: np.ndarray, k: int) -> np.ndarray:

@@ -5,7 +5,7 @@ For head ``(L, h)`` the candidates are the entries ``pattern[b, L, h, q, k]`` wi
 (``exclude_bos``) and the diagonal ``k == q`` (``exclude_self``); a NaN weight (a layer whose pattern was
 not stored) is never a candidate. The k largest are kept; ties go to the entry that comes first in the
 store (earlier sequence, then earlier query, then earlier key: ``_blocks``). Streamed one batch chunk and
-one layer at a time, keeping k candidates per head and block.
+one stored layer block (a shard) at a time, keeping k candidates per head, layer and block.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def top_attention(
     earlier sequence, then query, then key. Also ``sequence`` (the ``batch`` label of ``b``), ``query_pos``,
     ``key_pos``, ``query_token``, ``key_token`` (ids) and ``query_str``, ``key_str``. A rank with no entry
     (a head whose pattern was not stored, or fewer than ``k`` entries) has weight NaN and -1 elsewhere.
-    Computed on call, streaming one batch chunk and one layer at a time.
+    Computed on call, streaming one batch chunk and one stored layer block at a time.
     """
     require(ds, REQUIRES, "top-attention")
     chosen = _args.heads(ds, heads, "heads")
@@ -77,14 +77,14 @@ def top_attention(
     n_l, n_h = len(layers), ds.sizes["head"]
     cand_w = [[[] for _ in range(n_h)] for _ in range(n_l)]  # type: list[list[list[Any]]]
     cand_at = [[[] for _ in range(n_h)] for _ in range(n_l)]  # type: list[list[list[Any]]]
-    for i in todo:  # one stream per layer: its heads are the same in every block
-        for _bs, _group, (w, at) in stream(
-            _block, arrays, batch_slices(ds), [[i]], heads=by_layer[i], k=k,
-            bos=-1 if bos is None else bos, exclude_self=bool(exclude_self),
-        ):  # fmt: skip
-            for j, h in enumerate(by_layer[i]):
-                cand_w[i][h].append(w[0, j])
-                cand_at[i][h].append(at[0, j])
+    found = stream(  # one group per layer, each with its own heads; a stored block is read once for all
+        _block, arrays, batch_slices(ds), [[i] for i in todo], [{"heads": by_layer[i]} for i in todo], k=k,
+        bos=-1 if bos is None else bos, exclude_self=bool(exclude_self),
+    )  # fmt: skip
+    for _bs, (i,), (w, at) in found:
+        for j, h in enumerate(by_layer[i]):
+            cand_w[i][h].append(w[0, j])
+            cand_at[i][h].append(at[0, j])
     weight = np.full((n_l, n_h, k), np.nan, np.float32)
     where = np.full((n_l, n_h, k, 3), -1, np.int64)
     for i in todo:

@@ -14,7 +14,7 @@ post-attention norm's gain on post-norm models, ``inv_post`` that norm's inverse
   non-BOS keys (copy suppression's ``per_position`` is ``sum_q`` of these terms), over real queries.
 
 Both orders are kept (``order = largest, most_negative``); ties go to the earlier sequence, then position.
-Streamed one batch chunk and one layer at a time. The logit is the pre-soft-cap one on soft-capped models.
+Streamed one batch chunk and one stored layer block at a time. The logit is the pre-soft-cap one on soft-capped models.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def top_effects(ds: xr.Dataset, *, heads: Heads = "all", k: int = 20, by: TopEff
     ``order`` is ``largest`` (largest first) or ``most_negative`` (most negative first); ties go to the earlier
     sequence, then position. Also ``sequence`` (``batch`` label), ``pos``, ``token`` / ``token_str`` (the token at
     ``pos``) and ``target`` / ``target_str`` (the next token for ``"next"``; -1 / '' for ``"attended"``).
-    Computed on call, streaming one batch chunk and one layer at a time.
+    Computed on call, streaming one batch chunk and one stored layer block at a time.
     """
     if by not in BY:
         raise HeadstoreError(f"by must be 'next' or 'attended', got {by!r}")
