@@ -91,12 +91,27 @@ def store(model: str, data: str, n_seq: int, batch_size: int, *, fields: tuple[s
     tag += "" if grad is None else "-grad_" + re.sub(r"[^A-Za-z0-9_.-]", "_", grad)
     out = CACHE / f"{tag}.zarr"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if _complete(out):  # made before (an older schema included: extract would refuse to resume it, and it reads)
+        return out
     kw: dict[str, Any] = {} if layout is None else {"layout": layout}
     if grad is not None:
         kw["grad"] = grad
     extract(ExtractRequest(model=model, data=data, out=str(out), fields=fields, dtype=dtype, n_seq=n_seq,
                            batch_size=batch_size, seq_len=seq_len, device=device, progress=False, **kw))  # fmt: skip
     return out
+
+
+def _complete(path: Path) -> bool:
+    """``path`` is a store whose every sequence is written."""
+    if not (path / "zarr.json").exists():
+        return False
+    from headstore.store_schema import HeadstoreError, open_store
+
+    try:
+        open_store(path)
+    except HeadstoreError:
+        return False
+    return True
 
 
 def plain_forward(bridge: Any, toks: np.ndarray, batch_size: int) -> None:
