@@ -64,7 +64,10 @@ def assert_fields_read_by_zarrs(store: str | Path, local: Path, reads: collectio
     for name in bulk:
         reads.clear()
         got = ds[name].values  # dask computes here, long after open_store returned
-        assert reads["zarrs"] > 0 and reads["zarr"] == 0, (name, dict(reads))
+        if zarr.open_array(str(local), path=name, mode="r").shards is not None:  # zarrs reads whole shards
+            assert reads["zarrs"] > 0 and reads["zarr"] == 0, (name, dict(reads))
+        else:  # and zarr-python plain chunks (faster there)
+            assert reads["zarrs"] == 0 and reads["zarr"] > 0, (name, dict(reads))
         reads.clear()
         want = slow[name].values
         assert reads["zarrs"] == 0 and reads["zarr"] > 0, (name, dict(reads))
