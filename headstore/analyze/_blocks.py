@@ -13,7 +13,7 @@ position). :func:`top_k_rows` applies it inside a block and :func:`merge_top` ac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,34 +36,56 @@ def layer_groups(layers: Sequence[int], size: int) -> list[list[int]]:
     return [list(layers[i : i + size]) for i in range(0, len(layers), size)]
 
 
+def _wave_size() -> int:
+    """Blocks computed together: one per worker thread (dask's threaded pool, or a distributed client's threads)."""
+    import sys
+
+    import dask
+    from dask.system import CPU_COUNT
+
+    if "distributed" in sys.modules:  # a client can only exist once distributed was imported
+        from distributed import default_client
+
+        try:
+            return max(1, sum(default_client().nthreads().values()))
+        except ValueError:  # no client: the local scheduler
+            pass
+    return max(1, int(dask.config.get("num_workers", None) or CPU_COUNT))
+
+
 def stream(
     fn: Callable[..., Any],
     arrays: dict[str, xr.DataArray],
     batches: Sequence[slice],
     groups: Sequence[Sequence[int]],
     **kwargs: Any,
-) -> list[tuple[slice, list[int], Any]]:
-    """``fn(start=..., **numpy blocks, **kwargs)`` for every (batch slice, layer group), as dask tasks computed
-    together; ``start`` is the block's first row along ``batch``. Arrays lacking ``batch`` or ``layer`` are
-    handed whole along it. Returns ``(batch slice, layer group, fn's result)`` per block, in order."""
+) -> Iterator[tuple[slice, list[int], Any]]:
+    """``fn(start=..., **numpy blocks, **kwargs)`` for every (batch slice, layer group), as dask tasks; ``start`` is
+    the block's first row along ``batch``. Arrays lacking ``batch`` (weights) are read once and handed whole, or
+    by layer group when they have ``layer``. Yields ``(batch slice, layer group, fn's result)`` per block, in
+    order, computing one wave of blocks (a block per worker thread) at a time: memory holds a wave's blocks and
+    what the caller folds, whatever the number of blocks (one ``dask.compute`` of every block would let the
+    scheduler read blocks far ahead of the tasks that reduce them)."""
     import dask
 
-    tasks, keys = [], []
-    for bs in batches:
-        for group in groups:
-            blocks = {}
+    shared = {name: dask.delayed(np.asarray(da.values), pure=False) for name, da in arrays.items()
+              if "batch" not in da.dims and "layer" not in da.dims}  # fmt: skip
+    per_layer = {name: da.load() for name, da in arrays.items() if "batch" not in da.dims and "layer" in da.dims}
+    keys = [(bs, list(group)) for bs in batches for group in groups]
+    wave = _wave_size()
+    for w in range(0, len(keys), wave):
+        tasks = []
+        for bs, group in keys[w : w + wave]:
+            blocks: dict[str, Any] = dict(shared)
             for name, da in arrays.items():
-                sel: dict[str, Any] = {}
+                if name in shared:
+                    continue
+                part = (per_layer.get(name, da)).isel({"layer": group} if "layer" in da.dims else {})
                 if "batch" in da.dims:
-                    sel["batch"] = bs
-                if "layer" in da.dims:
-                    sel["layer"] = list(group)
-                part = da.isel(sel)
+                    part = part.isel(batch=bs)
                 blocks[name] = part.data if part.chunks is not None else np.asarray(part.values)
             tasks.append(dask.delayed(fn)(start=bs.start, **blocks, **kwargs))
-            keys.append((bs, list(group)))
-    results = dask.compute(*tasks)
-    return [(bs, group, res) for (bs, group), res in zip(keys, results)]
+        yield from ((bs, group, res) for (bs, group), res in zip(keys[w : w + wave], dask.compute(*tasks)))
 
 
 def top_k_rows(values: np.ndarray, k: int) -> np.ndarray:
@@ -100,6 +122,22 @@ def merge_top(values: np.ndarray, order: np.ndarray, k: int) -> np.ndarray:
         best = ok[np.lexsort((*keys, -values[r, ok]))][:k]
         out[r, : best.size] = best
     return out
+
+
+def merge_into(
+    values: np.ndarray, order: np.ndarray, new_values: np.ndarray, new_order: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """numpy: the best ``k`` so far (``values`` (rows, k), NaN: none; ``order`` (rows, k, n_keys)) merged with a
+    block's candidates (``new_values`` (rows, m), ``new_order``) by :func:`merge_top` -> the new best ``k`` (rows,
+    k) and their order, NaN / -1 past the candidates. Folding blocks one at a time gives the top ``k`` of all."""
+    vals = np.concatenate([values, new_values], 1)
+    at = np.concatenate([order, new_order], 1)
+    best = merge_top(vals, at, k)
+    ok = best >= 0
+    rows = np.arange(vals.shape[0])[:, None]
+    out_v = np.where(ok, vals[rows, np.maximum(best, 0)], np.nan).astype(values.dtype)
+    out_at = np.where(ok[..., None], at[rows, np.maximum(best, 0)], -1).astype(order.dtype)
+    return out_v, out_at
 
 
 def masked(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
