@@ -28,20 +28,38 @@ N_CIRCUIT_TOP = 5  # outputs / keys listed per token
 
 
 def _query_rows(ds: xr.Dataset, top: xr.Dataset) -> dict[tuple[int, int, int], np.ndarray]:
-    """The attention row ``pattern[b, L, h, q, :]`` of every top example, read one layer at a time (only the
-    sequences some example of that layer comes from)."""
+    """The attention row ``pattern[b, L, h, q, :q + 1]`` of every top example (a copy: a view would keep its whole
+    block alive), read one layer and one batch chunk at a time (only the sequences some example comes from)."""
     labels = {int(v): i for i, v in enumerate(np.asarray(ds["batch"].values))}
+    chunk = np.cumsum(ds["pattern"].chunksizes.get("batch", (ds.sizes["batch"],)))  # each chunk's end along batch
+    query_pos = np.asarray(top["query_pos"].values)
     out: dict[tuple[int, int, int], np.ndarray] = {}
     for i in range(ds.sizes["layer"]):
-        seq = top["sequence"].isel(layer=i).values  # head, rank
-        rows = sorted({labels[int(s)] for s in seq.ravel() if s >= 0})
-        if not rows:
-            continue
-        block = np.asarray(ds["pattern"].isel(layer=i, batch=rows).values)  # b, head, q, k
-        for h, r in zip(*np.nonzero(seq >= 0)):
-            q = int(top["query_pos"].values[i, h, r])
-            out[(i, int(h), int(r))] = block[rows.index(labels[int(seq[h, r])]), h, q, : q + 1]
+        seq = np.asarray(top["sequence"].isel(layer=i).values)  # head, rank
+        at = {(h, r): labels[int(seq[h, r])] for h, r in zip(*np.nonzero(seq >= 0))}  # (head, rank) -> row
+        by_chunk: dict[int, list[int]] = {}
+        for row in sorted(set(at.values())):
+            by_chunk.setdefault(int(np.searchsorted(chunk, row, side="right")), []).append(row)
+        for rows in by_chunk.values():
+            block = np.asarray(ds["pattern"].isel(layer=i, batch=rows).values)  # b, head, q, k
+            for (h, r), row in at.items():
+                if row in rows:
+                    q = int(query_pos[i, h, r])
+                    out[(i, int(h), int(r))] = block[rows.index(row), h, q, : q + 1].copy()
     return out
+
+
+def _example_tokens(ds: xr.Dataset, sequences: list[xr.DataArray]) -> dict[int, np.ndarray]:
+    """``batch`` label -> the token ids of its real positions, for the sequences the examples come from (never
+    the whole ``tokens``: (batch, pos) grows with the store)."""
+    labels = np.asarray(ds["batch"].values)
+    wanted = np.unique(np.concatenate([np.asarray(s.values).ravel() for s in sequences]))
+    rows = np.flatnonzero(np.isin(labels, wanted[wanted >= 0]))
+    if rows.size == 0:
+        return {}
+    tokens = np.asarray(ds["tokens"].isel(batch=rows).values)
+    n = np.asarray(ds["length"].isel(batch=rows).values) if "length" in ds else np.full(rows.size, ds.sizes["pos"])
+    return {int(labels[r]): tokens[j, : int(n[j])].copy() for j, r in enumerate(rows)}
 
 
 def _ov_qk(ds: xr.Dataset, top: xr.Dataset) -> dict[tuple[int, int], dict[str, list[tuple[str, str, float]]]]:
@@ -102,7 +120,7 @@ def collect(ds: xr.Dataset, title: str, k: int = 10) -> SiteData:
     else:
         notes.append("no top effects: the store lacks z, ln_final_scale, W_O or W_U")
     data = SiteData(ds, title, scores, head_kinds(scores), top, _query_rows(ds, top), effects, head_similarity(ds))
-    data.token_ids = np.asarray(ds["tokens"].values)
+    data.token_ids = _example_tokens(ds, [top["sequence"], *([] if effects is None else [effects["sequence"]])])
     data.circuits = _ov_qk(ds, top)
     if not data.circuits:
         notes.append("no OV / QK circuits: the store lacks some of W_E, W_Q, W_K, W_V, W_O, W_U, vocab")
