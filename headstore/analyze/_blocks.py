@@ -3,12 +3,13 @@ example analyzers (``top_attention``, ``top_effects``, ``attention_search``, ``h
 
 A block is one batch chunk of the store (its ``tokens`` chunking) times a group of layers. Each block's
 arrays are read, reduced by a numpy function to something small (a few candidates per head, or sums) and
-released, so memory holds a few blocks whatever the number of tokens; the blocks run as dask tasks (in
-parallel on the threaded scheduler, or on a cluster).
+released, and the caller folds each block's reduction into its running one (the best k so far, sums), so
+memory holds a few blocks whatever the number of tokens; the blocks run as dask tasks, one wave (a block
+per worker thread) at a time (in parallel on the threaded scheduler, or on a cluster).
 
 Tie rule of every top-k here: a larger value first; among equal values the entry that comes first in the
 store (the earlier sequence, in ``batch`` order, then the earlier query position, then the earlier key
-position). :func:`top_k_rows` applies it inside a block and :func:`merge_top` across blocks.
+position). :func:`top_k_rows` applies it inside a block and :func:`merge_top` (:func:`merge_into`) across blocks.
 """
 
 from __future__ import annotations
