@@ -89,6 +89,14 @@ def _block(
     return per_position, (per_position * attn).sum(-1), attn.sum(-1)
 
 
+def layers_per_block(ds: xr.Dataset) -> int:
+    """Layers in one block: as many as keep a batch chunk's float32 pattern near ``BLOCK_BYTES`` (at least 1)."""
+    batch_chunks = ds["tokens"].chunksizes.get("batch", ds.sizes["batch"])
+    b_max = max(batch_chunks, default=1) if isinstance(batch_chunks, tuple) else batch_chunks
+    per_layer = ds.sizes["head"] * ds.sizes["query_pos"] * ds.sizes["key_pos"] * 4 * b_max
+    return max(1, min(ds.sizes["layer"], BLOCK_BYTES // per_layer))
+
+
 def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Dataset:
     """Per-position, per-sequence and mean source-suppression scores of every head.
 
@@ -103,9 +111,7 @@ def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datas
     if inv_post is not None:
         inv_scale = inv_scale * inv_post  # (batch, layer, pos)
     batch_chunks = ds["tokens"].chunksizes.get("batch", ds.sizes["batch"])
-    b_max = max(batch_chunks, default=1) if isinstance(batch_chunks, tuple) else batch_chunks
-    per_layer = ds.sizes["head"] * ds.sizes["query_pos"] * ds.sizes["key_pos"] * 4 * b_max
-    layers = max(1, min(ds.sizes["layer"], BLOCK_BYTES // per_layer))
+    layers = layers_per_block(ds)
 
     def block(x: xr.DataArray) -> xr.DataArray:  # the store's batch chunk x a group of layers, whole elsewhere
         return x.chunk({d: (batch_chunks if d == "batch" else layers if d == "layer" else -1) for d in x.dims})
