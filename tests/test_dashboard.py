@@ -435,3 +435,24 @@ def test_dashboard_circuits_equal_the_circuit_rows(family: str, live_family: Cal
             got = circ[kind]
             assert [(a, b) for a, b, _ in got] == [(a, b) for a, b, _ in want], (kind, i, h)
             np.testing.assert_allclose([v for *_, v in got], [v for *_, v in want], rtol=1e-4, atol=1e-5)
+
+
+def test_dashboard_scores_and_streams_equal_the_whole_store_computations(make_store: Callable[..., Path]) -> None:
+    """The dashboard's census scores (computed a few layers at a time) are head_scores' and copy_suppression's
+    means bitwise; the streamed analyzers give the same results one block at a time as a wave of blocks at once."""
+    import dask
+
+    from headstore.analyze import copy_suppression, head_scores
+    from headstore.pipeline.census import KINDS
+    from headstore.report.dashboard import collect
+
+    ds = headstore.open_store(make_store("tiny-gpt2", "ioi", n_seq=6, batch_size=2))
+    data = collect(ds, "tiny", k=3)
+    want = head_scores(ds).compute()
+    for kind in KINDS:
+        np.testing.assert_array_equal(data.scores[kind].values, want[kind].values, err_msg=kind)
+    np.testing.assert_array_equal(data.scores["copy_suppression"].values, copy_suppression(ds)["score"].values)
+    with dask.config.set(num_workers=1):
+        one = top_attention(ds, k=3), top_effects(ds, k=3), head_similarity(ds)
+    for a, b in zip(one, (data.top, data.effects, data.similarity)):
+        xr.testing.assert_identical(a, b)

@@ -96,6 +96,14 @@ def _block(
     return per_position, (per_position * attn).sum(-1), attn.sum(-1)
 
 
+def layers_per_block(ds: xr.Dataset) -> int:
+    """Layers in one block: as many as keep a batch chunk's float32 pattern near ``BLOCK_BYTES`` (at least 1)."""
+    batch_chunks = ds["tokens"].chunksizes.get("batch", ds.sizes["batch"])
+    b_max = max(batch_chunks, default=1) if isinstance(batch_chunks, tuple) else batch_chunks
+    per_layer = ds.sizes["head"] * ds.sizes["query_pos"] * ds.sizes["key_pos"] * 4 * b_max
+    return max(1, min(ds.sizes["layer"], BLOCK_BYTES // per_layer))
+
+
 def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Dataset:
     """Per-position, per-sequence and mean source-suppression scores of every head.
 
@@ -109,12 +117,9 @@ def copy_suppression(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datas
     inv_scale = 1.0 / ds["ln_final_scale"].astype(np.float32)
     if inv_post is not None:
         inv_scale = inv_scale * inv_post  # (batch, layer, pos)
-    batch_chunks = ds["tokens"].chunksizes.get("batch", ds.sizes["batch"])
-    b_max = max(batch_chunks, default=1) if isinstance(batch_chunks, tuple) else batch_chunks
-    per_layer = ds.sizes["head"] * ds.sizes["query_pos"] * ds.sizes["key_pos"] * 4 * b_max
     # the store's batch chunk x its stored layer block (a shard: read by zarrs, never split), whole elsewhere; in
     # memory, layers grouped to about BLOCK_BYTES
-    block = store_blocks(ds, "pattern", layers=max(1, min(ds.sizes["layer"], BLOCK_BYTES // per_layer)))
+    block = store_blocks(ds, "pattern", layers=layers_per_block(ds))
 
     per_position, num, den = apply_blocks(
         _block,

@@ -79,12 +79,11 @@ def head_similarity(ds: xr.Dataset, *, threshold: float = 0.5) -> xr.Dataset:
         raise HeadstoreError(f"threshold is a correlation in [-1, 1], got {threshold!r}")
     n_l, n_h = ds.sizes["layer"], ds.sizes["head"]
     arrays = {"pattern": ds["pattern"], "length": sequence_lengths(ds)}
-    found = stream(_block, arrays, batch_slices(ds), [list(range(n_l))])
-    n = sum(r[0] for *_, r in found)
+    n, s, g = 0, 0.0, 0.0  # sums folded block by block, in the store's order
+    for *_, (n_b, s_b, g_b) in stream(_block, arrays, batch_slices(ds), [list(range(n_l))]):
+        n, s, g = n + n_b, s + s_b, g + g_b
     if n < 2:
         raise HeadstoreError("head-similarity needs sequences of at least 2 real tokens: this store has none")
-    s = sum(r[1] for *_, r in found)
-    g = sum(r[2] for *_, r in found)
     cov = g / n - np.outer(s, s) / n**2
     d = np.sqrt(np.where(np.diag(cov) > 0, np.diag(cov), np.nan))
     sim = cov / np.outer(d, d)

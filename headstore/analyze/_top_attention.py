@@ -5,7 +5,7 @@ For head ``(L, h)`` the candidates are the entries ``pattern[b, L, h, q, k]`` wi
 (``exclude_bos``) and the diagonal ``k == q`` (``exclude_self``); a NaN weight (a layer whose pattern was
 not stored) is never a candidate. The k largest are kept; ties go to the entry that comes first in the
 store (earlier sequence, then earlier query, then earlier key: ``_blocks``). Streamed one batch chunk and
-one stored layer block (a shard) at a time, keeping k candidates per head, layer and block.
+one stored layer block (a shard) at a time, keeping the best k per head so far and merging each block's k into them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 
 from headstore.analyze import _args
-from headstore.analyze._blocks import batch_slices, masked, merge_top, stream, token_strings, tokens_at, top_k_rows
+from headstore.analyze._blocks import batch_slices, masked, merge_into, stream, token_strings, tokens_at, top_k_rows
 from headstore.analyze._maths import bos_id, require, sequence_lengths
 from headstore.analyze.registry import AnalyzerSpec, register_analyzer
 from headstore.analyze.types import Heads
@@ -75,26 +75,16 @@ def top_attention(
     bos = bos_id(ds) if exclude_bos else None
     arrays = {"pattern": ds["pattern"], "tokens": ds["tokens"], "length": sequence_lengths(ds)}
     n_l, n_h = len(layers), ds.sizes["head"]
-    cand_w = [[[] for _ in range(n_h)] for _ in range(n_l)]  # type: list[list[list[Any]]]
-    cand_at = [[[] for _ in range(n_h)] for _ in range(n_l)]  # type: list[list[list[Any]]]
-    found = stream(  # one group per layer, each with its own heads; a stored block is read once for all
+    weight = np.full((n_l, n_h, k), np.nan)  # float64 while merging, as the blocks' candidates
+    where = np.full((n_l, n_h, k, 3), -1, np.int64)
+    for _bs, (i,), (w, at) in stream(  # a group per layer with its own heads; a stored block is read once for all
         _block, arrays, batch_slices(ds), [[i] for i in todo], [{"heads": by_layer[i]} for i in todo], k=k,
         bos=-1 if bos is None else bos, exclude_self=bool(exclude_self),
-    )  # fmt: skip
-    for _bs, (i,), (w, at) in found:
-        for j, h in enumerate(by_layer[i]):
-            cand_w[i][h].append(w[0, j])
-            cand_at[i][h].append(at[0, j])
-    weight = np.full((n_l, n_h, k), np.nan, np.float32)
-    where = np.full((n_l, n_h, k, 3), -1, np.int64)
-    for i in todo:
-        for h in by_layer[i]:
-            w, at = np.concatenate(cand_w[i][h])[None], np.concatenate(cand_at[i][h])[None]
-            best = merge_top(w, at, k)[0]
-            ok = best >= 0
-            weight[i, h, : ok.sum()] = w[0, best[ok]]
-            where[i, h, : ok.sum()] = at[0, best[ok]]
-    return _result(ds, weight, where, heads, k, exclude_bos, exclude_self)
+    ):  # fmt: skip
+        # the best k so far and this block's k, merged: the top k of a union is the top k of the parts' top k
+        hs = by_layer[i]
+        weight[i, hs], where[i, hs] = merge_into(weight[i, hs], where[i, hs], w[0], at[0], k)
+    return _result(ds, weight.astype(np.float32), where, heads, k, exclude_bos, exclude_self)
 
 
 def _result(

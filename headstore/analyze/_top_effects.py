@@ -23,7 +23,7 @@ import numpy as np
 import xarray as xr
 
 from headstore.analyze import _args
-from headstore.analyze._blocks import batch_slices, masked, merge_top, stream, token_strings, tokens_at, top_k_rows
+from headstore.analyze._blocks import batch_slices, masked, merge_into, stream, token_strings, tokens_at, top_k_rows
 from headstore.analyze._maths import (
     _take_columns,
     bos_id,
@@ -127,27 +127,21 @@ def top_effects(ds: xr.Dataset, *, heads: Heads = "all", k: int = 20, by: TopEff
     }  # fmt: skip
     layers = sorted({ds.hs.layers.index(L) for L, _ in chosen})
     bos = bos_id(ds)
-    found = stream(
+    n_l, n_h = ds.sizes["layer"], ds.sizes["head"]
+    effect = np.full((n_l, n_h, 2, k), np.nan)  # float64 while merging, as the blocks' candidates
+    where = np.full((n_l, n_h, 2, k, 2), -1, np.int64)
+    for _bs, (i,), (vals, at) in stream(
         _block, arrays, batch_slices(ds), [[i] for i in layers], k=k, by=by,
         centre=ds.hs.config.normalization_type == "LN", kv=kv_index(ds).values, bos=-1 if bos is None else bos,
-    )  # fmt: skip
-    n_l, n_h = ds.sizes["layer"], ds.sizes["head"]
-    effect = np.full((n_l, n_h, 2, k), np.nan, np.float32)
-    where = np.full((n_l, n_h, 2, k, 2), -1, np.int64)
-    for i in layers:
-        vals = np.concatenate([r[0][:, 0] for _, g, r in found if g == [i]], -1)  # order, h, m
-        at = np.concatenate([r[1][:, 0] for _, g, r in found if g == [i]], -2)  # order, h, m, 2
-        for o, sign in enumerate((1.0, -1.0)):
-            best = merge_top(vals[o] * sign, at[o], k)
-            for h in range(n_h):
-                ok = best[h][best[h] >= 0]
-                effect[i, h, o, : ok.size] = vals[o, h, ok]
-                where[i, h, o, : ok.size] = at[o, h, ok]
+    ):  # fmt: skip
+        for o, sign in enumerate((1.0, -1.0)):  # the best k so far merged with this block's k (signed: larger first)
+            best, where[i, :, o] = merge_into(effect[i, :, o] * sign, where[i, :, o], vals[o, 0] * sign, at[o, 0], k)
+            effect[i, :, o] = best * sign
     keep = np.zeros((n_l, n_h), bool)
     for L, h in chosen:
         keep[ds.hs.layers.index(L), h] = True
     effect[~keep], where[~keep] = np.nan, -1
-    return _result(ds, effect, where, heads, k, by)
+    return _result(ds, effect.astype(np.float32), where, heads, k, by)
 
 
 def _result(ds: xr.Dataset, effect: np.ndarray, where: np.ndarray, heads: object, k: int, by: str) -> xr.Dataset:

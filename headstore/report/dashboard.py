@@ -10,6 +10,7 @@ page holds examples, never arrays: its size depends on ``k`` and the window, not
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import xarray as xr
 
 from headstore.analyze import copy_suppression, head_scores, head_similarity, top_attention, top_effects
 from headstore.analyze._circuits import _embedding, _keys, _ln1, _queries, _w, _w_write
+from headstore.analyze._copy_suppression import layers_per_block
 from headstore.analyze._maths import kv_index, normalize_rows
 from headstore.pipeline.census import head_kinds
 from headstore.report.dashboard_pages import SiteData, head_page, index_page
@@ -28,20 +30,38 @@ N_CIRCUIT_TOP = 5  # outputs / keys listed per token
 
 
 def _query_rows(ds: xr.Dataset, top: xr.Dataset) -> dict[tuple[int, int, int], np.ndarray]:
-    """The attention row ``pattern[b, L, h, q, :]`` of every top example, read one layer at a time (only the
-    sequences some example of that layer comes from)."""
+    """The attention row ``pattern[b, L, h, q, :q + 1]`` of every top example (a copy: a view would keep its whole
+    block alive), read one layer and one batch chunk at a time (only the sequences some example comes from)."""
     labels = {int(v): i for i, v in enumerate(np.asarray(ds["batch"].values))}
+    chunk = np.cumsum(ds["pattern"].chunksizes.get("batch", (ds.sizes["batch"],)))  # each chunk's end along batch
+    query_pos = np.asarray(top["query_pos"].values)
     out: dict[tuple[int, int, int], np.ndarray] = {}
     for i in range(ds.sizes["layer"]):
-        seq = top["sequence"].isel(layer=i).values  # head, rank
-        rows = sorted({labels[int(s)] for s in seq.ravel() if s >= 0})
-        if not rows:
-            continue
-        block = np.asarray(ds["pattern"].isel(layer=i, batch=rows).values)  # b, head, q, k
-        for h, r in zip(*np.nonzero(seq >= 0)):
-            q = int(top["query_pos"].values[i, h, r])
-            out[(i, int(h), int(r))] = block[rows.index(labels[int(seq[h, r])]), h, q, : q + 1]
+        seq = np.asarray(top["sequence"].isel(layer=i).values)  # head, rank
+        at = {(h, r): labels[int(seq[h, r])] for h, r in zip(*np.nonzero(seq >= 0))}  # (head, rank) -> row
+        by_chunk: dict[int, list[int]] = {}
+        for row in sorted(set(at.values())):
+            by_chunk.setdefault(int(np.searchsorted(chunk, row, side="right")), []).append(row)
+        for rows in by_chunk.values():
+            block = np.asarray(ds["pattern"].isel(layer=i, batch=rows).values)  # b, head, q, k
+            for (h, r), row in at.items():
+                if row in rows:
+                    q = int(query_pos[i, h, r])
+                    out[(i, int(h), int(r))] = block[rows.index(row), h, q, : q + 1].copy()
     return out
+
+
+def _example_tokens(ds: xr.Dataset, sequences: list[xr.DataArray]) -> dict[int, np.ndarray]:
+    """``batch`` label -> the token ids of its real positions, for the sequences the examples come from (never
+    the whole ``tokens``: (batch, pos) grows with the store)."""
+    labels = np.asarray(ds["batch"].values)
+    wanted = np.unique(np.concatenate([np.asarray(s.values).ravel() for s in sequences]))
+    rows = np.flatnonzero(np.isin(labels, wanted[wanted >= 0]))
+    if rows.size == 0:
+        return {}
+    tokens = np.asarray(ds["tokens"].isel(batch=rows).values)
+    n = np.asarray(ds["length"].isel(batch=rows).values) if "length" in ds else np.full(rows.size, ds.sizes["pos"])
+    return {int(labels[r]): tokens[j, : int(n[j])].copy() for j, r in enumerate(rows)}
 
 
 def _ov_qk(ds: xr.Dataset, top: xr.Dataset) -> dict[tuple[int, int], dict[str, list[tuple[str, str, float]]]]:
@@ -84,6 +104,20 @@ def _best(vocab: np.ndarray, rows: list[int], scores: np.ndarray) -> list[tuple[
     return out
 
 
+def _by_layers(ds: xr.Dataset, size: int, analysis: Callable[[xr.Dataset], xr.Dataset]) -> xr.Dataset:
+    """The (layer, head) means of a lazy analysis, computed ``size`` layers at a time and joined along ``layer``.
+
+    Each layer group is its own dask graph of a batch chunk per block (the analysis' blocks: a group is aligned with
+    its layer blocks, so every mean is bitwise the one of the whole store's graph); the per-sequence variables are
+    never computed. One graph of the whole store let the threaded scheduler read ahead and hold what it freed:
+    peak memory grew with the store (head_scores 72 -> 256 MB from 10^4 to 10^5 tokens)."""
+    parts = []
+    for start in range(0, ds.sizes["layer"], size):
+        res = analysis(ds.isel(layer=slice(start, start + size)))
+        parts.append(res[[n for n, v in res.data_vars.items() if v.dims == ("layer", "head")]].compute())
+    return xr.concat(parts, "layer", combine_attrs="override")
+
+
 def collect(ds: xr.Dataset, title: str, k: int = 10) -> SiteData:
     """Compute what the site shows: census scores and kinds, top attention, top effects, similarity, circuits."""
     if "pattern" not in ds:
@@ -92,9 +126,10 @@ def collect(ds: xr.Dataset, title: str, k: int = 10) -> SiteData:
             "(or compact, which derives it from q and k)"
         )
     notes: list[str] = []
-    scores = head_scores(ds).compute()
+    scores = _by_layers(ds, 1, lambda part: head_scores(part))
     if all(n in ds for n in ("v", "ln_final_scale", "W_O", "W_U")):
-        scores["copy_suppression"] = copy_suppression(ds)["score"].compute()
+        group = layers_per_block(ds)  # about BLOCK_BYTES of float32 pattern per (batch chunk, group): memory bounded
+        scores["copy_suppression"] = _by_layers(ds, group, lambda part: copy_suppression(part)[["score"]])["score"]
     top = top_attention(ds, k=k)
     effects = None
     if all(n in ds for n in ("z", "ln_final_scale", "W_O", "W_U")):
@@ -102,7 +137,7 @@ def collect(ds: xr.Dataset, title: str, k: int = 10) -> SiteData:
     else:
         notes.append("no top effects: the store lacks z, ln_final_scale, W_O or W_U")
     data = SiteData(ds, title, scores, head_kinds(scores), top, _query_rows(ds, top), effects, head_similarity(ds))
-    data.token_ids = np.asarray(ds["tokens"].values)
+    data.token_ids = _example_tokens(ds, [top["sequence"], *([] if effects is None else [effects["sequence"]])])
     data.circuits = _ov_qk(ds, top)
     if not data.circuits:
         notes.append("no OV / QK circuits: the store lacks some of W_E, W_Q, W_K, W_V, W_O, W_U, vocab")

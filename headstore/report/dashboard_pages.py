@@ -31,7 +31,7 @@ class SiteData:
     effects: xr.Dataset | None
     similarity: xr.Dataset
     circuits: dict[tuple[int, int], dict[str, list[tuple[str, str, float]]]] = field(default_factory=dict)
-    token_ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # (batch, pos), loaded once
+    token_ids: dict[int, np.ndarray] = field(default_factory=dict)  # batch label -> ids of the examples' sequences
     notes: list[str] = field(default_factory=list)
 
 
@@ -142,9 +142,7 @@ def example(tokens: list[str], q: int, k: int, row: np.ndarray | None, meta: str
 
 
 def _tokens(data: SiteData, seq: int) -> list[str]:
-    row = int(np.flatnonzero(np.asarray(data.ds["batch"].values) == seq)[0])
-    n = int(data.ds["length"].values[row]) if "length" in data.ds else data.ds.sizes["pos"]
-    return [str(t) for t in data.ds.hs.vocab[data.token_ids[row, :n]].tolist()]
+    return [str(t) for t in data.ds.hs.vocab[data.token_ids[seq]].tolist()]
 
 
 def _attention_examples(data: SiteData, i: int, h: int) -> str:

@@ -156,12 +156,25 @@ def _fill_unstored_pattern(ds: xr.Dataset, stored: list[int], prov: Provenance) 
 
 
 def derived_result(z: xr.DataArray, W_O: xr.DataArray) -> xr.DataArray:
-    """``result[batch, layer, pos, head, d_model] = sum_d_head z * W_O`` (float32)."""
-    out = xr.dot(z.astype("float32"), W_O.astype("float32"), dim="d_head")
-    out = out.transpose("batch", "layer", "pos", "head", "d_model")
-    if z.chunks is not None:  # keep z's chunking (dask's einsum may split it further)
-        out = out.chunk({d: z.chunksizes[d] for d in ("batch", "layer", "pos", "head")} | {"d_model": -1})
-    return out
+    """``result[batch, layer, pos, head, d_model] = sum_d_head z * W_O`` (float32), one task per ``z`` chunk.
+
+    A blockwise product on ``z``'s chunks (``d_head`` is whole in both): its graph is one lazy layer whatever the
+    store's size, where ``xr.dot``'s rechunks built a task dict per chunk when the store was opened."""
+    out = xr.apply_ufunc(
+        _result_block, z, W_O, input_core_dims=[["d_head"], ["d_head", "d_model"]], output_core_dims=[["d_model"]],
+        dask="parallelized", output_dtypes=[np.float32], dask_gufunc_kwargs={"output_sizes": {"d_model": W_O.sizes["d_model"]}},
+    )  # fmt: skip
+    return out.transpose("batch", "layer", "pos", "head", "d_model")
+
+
+def _result_block(z: np.ndarray, w_o: np.ndarray) -> np.ndarray:
+    """numpy: z (batch, layer, pos, head, d_head) and w_o ([1,] layer, 1, head, d_head, d_model: broadcast by
+    apply_ufunc) -> (batch, layer, pos, head, d_model), as ``xr.dot`` computes it (``np.einsum`` over (layer, head,
+    batch, pos, d_head) views)."""
+    zt = z.astype(np.float32).transpose(1, 3, 0, 2, 4)
+    w = w_o.reshape((1,) * (6 - w_o.ndim) + w_o.shape)[0, :, 0]  # layer, head, d_head, d_model
+    out = np.einsum("...abc,...cd->...abd", zt, w.astype(np.float32), dtype=np.float32)
+    return out.transpose(2, 0, 3, 1, 4)
 
 
 def provenance(ds: xr.Dataset) -> Provenance:
