@@ -45,9 +45,8 @@ def _wave_size() -> int:
     import dask
     from dask.system import CPU_COUNT
 
-    if "distributed" in sys.modules:  # a client can only exist once distributed was imported
-        from distributed import default_client
-
+    default_client = getattr(sys.modules.get("distributed"), "default_client", None)  # a client needs it imported
+    if default_client is not None:  # (a module of another package named "distributed" has none)
         try:
             return max(1, sum(default_client().nthreads().values()))
         except ValueError:  # no client: the local scheduler
