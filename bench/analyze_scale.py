@@ -72,7 +72,8 @@ store: `copy_suppression(open_store(path)).compute()` (all heads, every output i
 
 {C.table(["tokens", "seconds", "us per token", "reads GB", "read GB/s", "peak RSS MB"], rows)}
 
-Time per token at the largest size / the one 10x smaller: **{ratio:.2f}x** (linear: at most 1.2x).
+Time per token at the largest size / the one 10x smaller: **{ratio:.2f}x** (linear: at most 1.2x). The read rate
+is the bytes over the whole time: copy suppression's bound is its `W_O @ W_U` product, not its reads (section (l)).
 
 Machine: {C.machine()}.
 """
