@@ -117,20 +117,28 @@ def ioi_store(make_store: Callable[..., Path]) -> Callable[[str], Path]:
     return lambda model: make_store(model, "ioi", n_seq=8, batch_size=4)
 
 
-@pytest.mark.parametrize(("only_negative", "gram"), [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize(
+    ("only_negative", "gram", "row_tile"), [(False, True, 32), (True, True, 32), (False, False, 32), (False, True, 5)]
+)
 @pytest.mark.parametrize("model", MODELS)
 def test_matches_online_hooks(
     model: str,
     only_negative: bool,
     gram: bool,
+    row_tile: int,
     ioi_store: Callable[[str], Path],
     live_model: Callable[[str], Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``gram``: the source tokens' unembedding shared by all heads (short sequences), else per head."""
+    """``gram``: the source tokens' unembedding shared by all heads (short sequences), else per head;
+    ``row_tile`` 5: each sequence's positions in runs of 5 rows (the causal key cut per run), one stored batch
+    chunk a block (32: whole sequences, both chunks in one block)."""
+    import headstore.analyze._apply as ap
     import headstore.analyze._projection_loss as pl
 
     monkeypatch.setattr(pl, "GRAM_MAX_POS_PER_D_MODEL", 1e9 if gram else 0.0)
+    monkeypatch.setattr(pl, "ROW_TILE", row_tile)
+    monkeypatch.setattr(ap, "VOCAB_BLOCK_BYTES", 1 if row_tile < 32 else 1 << 30)
     ds = open_store(ioi_store(model))
     toks = ds["tokens"].values
     # IOI rows are right-padded: prediction q is real only if q + 1 < length (the seed's prompts had no padding)

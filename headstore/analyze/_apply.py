@@ -120,3 +120,15 @@ def store_blocks(ds: xr.Dataset, name: str, layers: int = 1) -> Callable[[xr.Dat
         return x.chunk({d: (batch if d == "batch" else along if d == "layer" else -1) for d in x.dims})
 
     return block
+
+
+VOCAB_BLOCK_BYTES = 1 << 27  # a block's (tokens, d_vocab) float32 logits: the store's batch chunks grouped to 128 MiB
+
+
+def vocab_rows(ds: xr.Dataset) -> int:
+    """Sequences per block of a vocabulary-sized kernel: the store's batch chunks grouped while a block's
+    ``(batch, pos, d_vocab)`` float32 logits fit ``VOCAB_BLOCK_BYTES``, so per-head work over ``d_vocab``
+    (``W_O[L, h] @ W_U``) is shared by more tokens; at least one stored chunk."""
+    chunk = ds["tokens"].chunksizes.get("batch", (ds.sizes["batch"],))[0]
+    per_chunk = chunk * ds.sizes["pos"] * ds.sizes["d_vocab"] * 4
+    return int(chunk * max(1, VOCAB_BLOCK_BYTES // per_chunk))

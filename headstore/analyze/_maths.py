@@ -213,11 +213,14 @@ def head_unembed(x: np.ndarray, w_o: np.ndarray, w_u: np.ndarray, out: np.ndarra
     ``(x @ W_O) @ W_U`` costs ``n d_model (d_head + d_vocab)`` flops, ``x @ (W_O @ W_U)`` costs
     ``d_head d_vocab (d_model + n)``: the second wins once ``n`` is above about ``d_head``.
     """
-    n, d_head = x.shape
-    d_model, d_vocab = w_u.shape
-    if d_head * d_vocab * (d_model + n) < n * d_model * (d_head + d_vocab):
+    if ou_first(x.shape[0], *w_o.shape, w_u.shape[1]):
         return np.matmul(x, w_o @ w_u, out=out)
     return np.matmul(x @ w_o, w_u, out=out)
+
+
+def ou_first(n: int, d_head: int, d_model: int, d_vocab: int) -> bool:
+    """Whether ``x @ (W_O @ W_U)`` costs fewer flops than ``(x @ W_O) @ W_U`` for ``n`` rows of ``x``."""
+    return d_head * d_vocab * (d_model + n) < n * d_model * (d_head + d_vocab)
 
 
 def logit_direction(ds: xr.Dataset, target: xr.DataArray) -> xr.DataArray:

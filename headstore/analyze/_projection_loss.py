@@ -28,17 +28,20 @@ writes through its layer's post-attention norm, frozen (``W_O * ln1_post_w``, ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
+from headstore.analyze._apply import apply_blocks, vocab_rows
 from headstore.analyze._maths import (
     f32,
-    head_unembed,
     head_writes,
     lead_axes,
     logits,
     next_tokens,
+    ou_first,
     per_head,
     require,
     softcap,
@@ -48,7 +51,18 @@ from headstore.analyze.registry import AnalyzerSpec, register_analyzer
 
 REQUIRES = ("tokens", "v", "pattern", "z", "ln_final_scale", "resid_final", "W_O", "W_U", "b_U")
 MODES = ("project", "perpendicular", "ablation")
-GRAM_MAX_POS_PER_D_MODEL = 1.0  # unembed the source tokens once per block while seq_len < d_model (fewer flops)
+GRAM_MAX_POS_PER_D_MODEL = 1.0  # unembed the source tokens once per batch group while seq_len < d_model (fewer flops)
+ROW_TILE = 32  # token rows of vocabulary-sized work at a time: 32 x 49,152 float32 = 6 MiB an array, in L3
+
+
+def _group_blocks(ds: xr.Dataset) -> Callable[[xr.DataArray], xr.DataArray]:
+    """A rechunker onto (batch group, one layer) blocks (``_apply.vocab_rows``), every other dim whole."""
+    rows = vocab_rows(ds)
+
+    def block(x: xr.DataArray) -> xr.DataArray:
+        return x.chunk({d: (rows if d == "batch" else 1 if d == "layer" else -1) for d in x.dims})
+
+    return block
 
 
 def _token_loss(lg: np.ndarray, nxt: np.ndarray, cap: float = 0.0) -> np.ndarray:
@@ -72,7 +86,20 @@ def _token_loss_inplace(lg: np.ndarray, nxt: np.ndarray, cap: float = 0.0) -> np
 def _unembed(x: np.ndarray, w_u: np.ndarray) -> np.ndarray:
     """(..., d_model) @ (d_model, d_vocab) as one 2-D matmul (numpy loops over the leading axes of a
     stacked one: half the speed)."""
+    w_u = w_u.reshape(w_u.shape[-2:])
     return (x.reshape(-1, x.shape[-1]) @ w_u).reshape(*x.shape[:-1], w_u.shape[-1])
+
+
+def _tiles(n_batch: int, n_pos: int, rows: int) -> list[tuple[slice, slice, int, int]]:
+    """``(batch slice, pos slice, n_batch, n_pos)`` tiles of about ``rows`` token rows: whole sequences together
+    where they are short, runs of positions of one sequence where they are long."""
+    nb = max(1, rows // n_pos)
+    nq = -(-n_pos // -(-n_pos // max(1, rows)))  # even runs of at most ``rows`` positions
+    return [
+        (slice(b, b + nb), slice(q, q + nq), min(nb, n_batch - b), min(nq, n_pos - q))
+        for b in range(0, n_batch, nb)
+        for q in range(0, n_pos, nq)
+    ]
 
 
 def _block_losses(
@@ -80,6 +107,7 @@ def _block_losses(
     nxt: np.ndarray,
     scale: np.ndarray,
     u: np.ndarray,
+    uw: np.ndarray,
     v: np.ndarray,
     pattern: np.ndarray,
     z: np.ndarray,
@@ -87,15 +115,16 @@ def _block_losses(
     w_u: np.ndarray,
     only_negative: bool,
     cap: float = 0.0,
+    gram: bool = True,
 ) -> np.ndarray:
-    """One (batch chunk, layer chunk) block -> losses (batch, layer, mode, head, pos).
+    """One (batch group, layer) block -> losses (batch, layer, mode, head, pos).
 
     Loop axes are (batch, layer); inputs without ``layer`` carry a size-1 axis there. BLAS runs
     single-threaded here: dask already runs one block per core, and nested BLAS threads on small
     blocks cost ~100x (thread hand-off dominates the tiny matmuls).
     """
     with threadpool_limits(limits=1, user_api="blas"):
-        return _block_losses_1(lg, nxt, scale, u, v, pattern, z, w_o, w_u, only_negative, cap)
+        return _block_losses_1(lg, nxt, scale, u, uw, v, pattern, z, w_o, w_u, only_negative, cap, gram)
 
 
 def _block_losses_1(
@@ -103,16 +132,18 @@ def _block_losses_1(
     nxt: np.ndarray,
     scale: np.ndarray,
     u: np.ndarray,
+    uw: np.ndarray,
     v: np.ndarray,
     pattern: np.ndarray,
     z: np.ndarray,
     w_o: np.ndarray,
     w_u: np.ndarray,
     only_negative: bool,
-    cap: float = 0.0,
+    cap: float,
+    gram: bool,
 ) -> np.ndarray:
     lg, nxt, scale = lead_axes(lg, 2)[:, 0], lead_axes(nxt, 1)[:, 0], lead_axes(scale, 1)[:, 0]
-    u = lead_axes(u, 2)[:, 0]  # batch, pos, d_model
+    u, uw = lead_axes(u, 2)[:, 0], lead_axes(uw, 2)[:, 0]  # batch, pos, d_model | d_vocab
     v, pattern, z = lead_axes(v, 3), lead_axes(pattern, 3), lead_axes(z, 3)
     w_o = lead_axes(w_o, 3)[0]  # layer, head, d_head, d_model
     w_u = w_u.reshape(w_u.shape[-2:])
@@ -120,11 +151,12 @@ def _block_losses_1(
     out = np.empty((n_batch, n_layer, len(MODES), n_head, n_pos), dtype=np.float32)
     uu = (u * u).sum(-1)  # batch, pos
     inv_uu = np.divide(1.0, uu, out=np.zeros_like(uu), where=uu > 0)  # a zero direction projects to zero
-    buf = np.empty(lg.shape, np.float32)  # batch, pos, d_vocab: the changed logits of one mode at a time
     inv_scale = 1.0 / scale[..., None]
-    # new[b, q] = sum_k a[b, q, k] u[b, k], so new @ W_U = a @ (u @ W_U): one unembedding of the source
-    # tokens shared by every head, then seq-long sums per head instead of a d_model-long matmul
-    uw = _unembed(u, w_u) if n_pos < u.shape[-1] * GRAM_MAX_POS_PER_D_MODEL else None  # batch, key_pos, d_vocab
+    tiles = _tiles(n_batch, n_pos, ROW_TILE)
+    rows = min(n_batch, max(1, ROW_TILE // n_pos)) * min(n_pos, ROW_TILE)
+    d_new, d_orig, buf = (np.empty((rows, w_u.shape[-1]), np.float32) for _ in range(3))
+    d_head, (d_model, d_vocab) = z.shape[-1], w_u.shape
+    per_head_ou = ou_first(n_batch * n_pos, d_head, d_model, d_vocab)  # the cheaper order for the whole block
     for li in range(n_layer):
         for h in range(n_head):
             pre = v[:, li, h] @ w_o[li, h]  # batch, key_pos, d_model
@@ -132,20 +164,34 @@ def _block_losses_1(
             if only_negative:
                 coeff = np.where(coeff < 0, coeff, 0.0).astype(np.float32)
             a = pattern[:, li, h] * coeff[:, None, :]  # batch, query_pos, key_pos
-            if uw is not None:
-                d_new = (a @ uw) * inv_scale  # batch, pos, d_vocab
-            else:
-                d_new = _unembed(np.einsum("bqk,bkd->bqd", a, u) * inv_scale, w_u)
-            # the three deltas (new - orig, -new, -orig) are linear in these two products
-            zs = (z[:, li, h] * inv_scale).reshape(-1, z.shape[-1])  # (batch pos), d_head
-            d_orig = head_unembed(zs, w_o[li, h], w_u).reshape(n_batch, n_pos, -1)  # result_orig / scale @ W_U
-            np.add(lg, d_new, out=buf)
-            buf -= d_orig
-            out[:, li, 0, h] = _token_loss_inplace(buf, nxt, cap)  # project
-            np.subtract(lg, d_new, out=buf)
-            out[:, li, 1, h] = _token_loss_inplace(buf, nxt, cap)  # perpendicular
-            np.subtract(lg, d_orig, out=buf)
-            out[:, li, 2, h] = _token_loss_inplace(buf, nxt, cap)  # ablation
+            # new[b, q] = sum_k a[b, q, k] u[b, k], so new @ W_U = a @ (u @ W_U): the source tokens' unembedding
+            # ``uw`` is shared by every head and layer (short sequences); else new is unembedded per head
+            src = a if gram else np.einsum("bqk,bkd->bqd", a, u) * inv_scale  # else new: batch, pos, d_model
+            zs = z[:, li, h] * inv_scale  # batch, pos, d_head: result_orig / scale = zs @ W_O
+            w_ou = w_o[li, h] @ w_u if per_head_ou else None  # d_head, d_vocab: once per head and block
+            for bs, qs, nb, nq in tiles:  # the vocabulary-sized work a few rows at a time, in cache
+                n = nb * nq
+                dn, do, bf = d_new[:n], d_orig[:n], buf[:n]
+                if gram:  # causal: a[b, q, k] = 0 for k > q, so the keys past the tile's last query drop out
+                    k_end = qs.stop if nb == 1 else n_pos
+                    np.matmul(src[bs, qs, :k_end], uw[bs, :k_end], out=dn.reshape(nb, nq, d_vocab))
+                    dn *= inv_scale[bs, qs].reshape(n, 1)
+                else:
+                    np.matmul(src[bs, qs].reshape(n, d_model), w_u, out=dn)
+                zt = zs[bs, qs].reshape(n, d_head)
+                if w_ou is not None:
+                    np.matmul(zt, w_ou, out=do)
+                else:
+                    np.matmul(zt @ w_o[li, h], w_u, out=do)
+                lt, t = lg[bs, qs].reshape(n, d_vocab), nxt[bs, qs].reshape(n)
+                # the three deltas (new - orig, -new, -orig) are linear in these two products
+                np.add(lt, dn, out=bf)
+                bf -= do
+                out[bs, li, 0, h, qs] = _token_loss_inplace(bf, t, cap).reshape(nb, nq)  # project
+                np.subtract(lt, dn, out=bf)
+                out[bs, li, 1, h, qs] = _token_loss_inplace(bf, t, cap).reshape(nb, nq)  # perpendicular
+                np.subtract(lt, do, out=bf)
+                out[bs, li, 2, h, qs] = _token_loss_inplace(bf, t, cap).reshape(nb, nq)  # ablation
     return out
 
 
@@ -174,24 +220,30 @@ def projection_loss(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datase
         dask="parallelized",
         output_dtypes=[np.float32],
     )
-    # one block = the store's batch chunk x one layer, whole along every other dim
-    batch_chunks = ds["tokens"].chunksizes.get("batch", ds.sizes["batch"])
-
-    def block(x: xr.DataArray) -> xr.DataArray:
-        return x.chunk({d: (batch_chunks if d == "batch" else 1 if d == "layer" else -1) for d in x.dims})
-
-    v = per_head(f32(ds["v"]), ds)
-    loss = xr.apply_ufunc(
+    # one block = a group of the store's batch chunks x one layer, whole along every other dim
+    block = _group_blocks(ds)
+    u = block(unembed_columns(ds))
+    gram = ds.sizes["pos"] < ds.sizes["d_model"] * GRAM_MAX_POS_PER_D_MODEL
+    # the source tokens' unembedding u @ W_U, once per batch group (shared by every layer's block)
+    (uw,) = (
+        [apply_blocks(_unembed, u, w_u, input_core_dims=[["d_model"], ["d_model", "d_vocab"]],
+                      output_core_dims=[["d_vocab"]], output_dtypes=[np.float32])]
+        if gram else [u]
+    )  # fmt: skip
+    loss = apply_blocks(
         _block_losses,
-        *(block(x) for x in (clean, nxt, scale, unembed_columns(ds), v, f32(ds["pattern"]), f32(ds["z"]))),
-        block(w_write),
+        *(block(x) for x in (clean, nxt, scale)),
+        u,
+        uw,
+        *(block(x) for x in (per_head(f32(ds["v"]), ds), f32(ds["pattern"]), f32(ds["z"]), w_write)),
         w_u,
-        kwargs={"only_negative": only_negative, "cap": cap},
+        kwargs={"only_negative": only_negative, "cap": cap, "gram": gram},
         input_core_dims=[
             ["pos", "d_vocab"],
             ["pos"],
             ["pos"],
             ["pos", "d_model"],
+            ["pos", "d_vocab" if gram else "d_model"],
             ["head", "pos", "d_head"],
             ["head", "query_pos", "key_pos"],
             ["head", "pos", "d_head"],
@@ -199,9 +251,8 @@ def projection_loss(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datase
             ["d_model", "d_vocab"],
         ],
         output_core_dims=[["mode", "head", "pos"]],
-        dask="parallelized",
         output_dtypes=[np.float32],
-        dask_gufunc_kwargs={"allow_rechunk": True, "output_sizes": {"mode": len(MODES)}},
+        output_sizes={"mode": len(MODES)},
     )
     loss = loss.assign_coords(mode=list(MODES)).transpose("layer", "head", "mode", "batch", "pos")
     loss_original = loss_original.transpose("batch", "pos")
