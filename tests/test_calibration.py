@@ -132,14 +132,23 @@ def test_selected_heads_and_dims(make_store) -> None:
         parse.heads("1-2")
 
 
-def test_blockwise_graph(make_store) -> None:
-    """One counting task per batch chunk; results independent of the chunking."""
+@pytest.mark.parametrize("block_bytes", [1, 1 << 30])
+def test_blockwise_graph(make_store, monkeypatch: pytest.MonkeyPatch, block_bytes: int) -> None:
+    """One baseline task per batch block and one counting task per (batch block, layer); blocks group the store's
+    batch chunks up to ``VOCAB_BLOCK_BYTES`` of logits; results independent of the chunking."""
+    import headstore.analyze._apply as ap
+
+    monkeypatch.setattr(ap, "VOCAB_BLOCK_BYTES", block_bytes)
     ds = open_store(make_store("tiny-gpt2", "text", **STORE_KW))
+    n_blocks = len(ds["resid_final"].chunksizes["batch"]) if block_bytes == 1 else 1
+    assert len(ds["resid_final"].chunksizes["batch"]) == 2
     res = calibration(ds, n_bins=300)
-    names = [k for k in dict(res["bucket_frequency"].data.dask) if "_block_counts" in str(k)]
-    assert len({n if isinstance(n, str) else n[0] for n in names}) == len(ds["resid_final"].chunksizes["batch"]) == 2
+    keys = [k if isinstance(k, str) else k[0] for k in dict(res["bucket_frequency"].data.dask)]
+    assert len({k for k in keys if "_base_counts" in k}) == n_blocks
+    assert len({k for k in keys if "_layer_counts" in k}) == n_blocks * ds.sizes["layer"]
     one = calibration(ds.chunk(batch=-1), n_bins=300).compute()
     np.testing.assert_array_equal(one["head_bucket_frequency"].values, res["head_bucket_frequency"].values)
+    np.testing.assert_array_equal(one["bucket_frequency"].values, res["bucket_frequency"].values)
 
 
 def test_overconfidence_edge_cases() -> None:

@@ -23,8 +23,8 @@ Seed 003 (``measure_calibration`` / ``measure_calibration_minus_heads``), offlin
   models (Gemma-2, OLMo-2) a head writes through its layer's frozen post-attention norm
   (``W_O * ln1_post_w``, ``ln_final_scale * ln1_post_scale``: ``_maths.head_writes``).
 
-Counts are accumulated blockwise: one dask task per ``batch`` chunk, which holds that chunk's
-baseline logits and one head's ablated logits at a time (never all heads' ``tokens x d_vocab``).
+Counts are accumulated blockwise: one dask task per (batch block, layer), which holds that block's baseline
+logits and a few rows of one head's ablated logits at a time (never all heads' ``tokens x d_vocab``).
 
 ``overconfidence(accuracy)`` is the seed's ``calculate_overconfidence``: with
 ``perfect = (arange(n) + 0.5) / n``, ``f = accuracy - perfect`` and ``x = 0.5 - perfect`` it is
@@ -45,8 +45,10 @@ import dask
 import dask.array as dsa
 import numpy as np
 import xarray as xr
+from threadpoolctl import threadpool_limits
 
 from headstore.analyze import _args, _maths
+from headstore.analyze._apply import vocab_rows
 from headstore.analyze.registry import AnalyzerSpec, register_analyzer
 from headstore.analyze.types import Heads
 from headstore.store_schema import HeadstoreError
@@ -109,80 +111,121 @@ def _bin_counts(logit_rows: np.ndarray, nxt: np.ndarray, top_k: int, edges: np.n
     return np.stack([freq, corr]).astype(np.int64)
 
 
-def _block_counts(
+ROW_TILE = 32  # token rows of vocabulary-sized work at a time: 32 x 49,152 float32 = 6 MiB, in L3
+
+
+def _real_rows(lg: np.ndarray, nxt: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """``(rows, lg2, nxt1)``: the flat (b q) rows with a real next token (None: all), their logits (float32,
+    (n_real, d_vocab)) and next ids."""
+    n_tok = nxt.size
+    nxt1 = nxt.reshape(n_tok)
+    rows = np.flatnonzero(nxt1 >= 0) if (nxt1 < 0).any() else None
+    lg2 = np.ascontiguousarray(lg, dtype=np.float32).reshape(n_tok, -1)
+    return rows, (lg2 if rows is None else lg2[rows]), (nxt1 if rows is None else nxt1[rows])
+
+
+def _base_counts(lg: np.ndarray, nxt: np.ndarray, top_k: int, edges: np.ndarray, cap: float = 0.0) -> np.ndarray:
+    """One batch block -> (1, 2, n_bins): the baseline's counts. ``lg`` (b, q, d_vocab) pre-cap logits, ``nxt``
+    (b, q) with -1 where there is no real next token (left out)."""
+    _, lg2, nxt1 = _real_rows(lg, nxt)
+    out = np.zeros((1, 2, edges.size - 1), np.int64)
+    if len(nxt1):
+        out[0] = _bin_counts(_maths.softcap(lg2.copy(), cap), nxt1, top_k, edges)
+    return out
+
+
+def _layer_counts(
     lg: np.ndarray,
     z: np.ndarray,
     scale: np.ndarray,
     nxt: np.ndarray,
     W_O: np.ndarray,
     W_U: np.ndarray,
-    head_idx: list[tuple[int, int]],
+    heads: list[int],
     top_k: int,
     edges: np.ndarray,
     cap: float = 0.0,
 ) -> np.ndarray:
-    """One batch chunk -> (1 + n_selected_heads, 2, n_bins) counts.
+    """One (batch block, layer) -> (len(heads), 2, n_bins) counts with each head's direct effect removed.
 
-    ``lg`` (b, q, d_vocab) pre-cap logits, ``z`` (b, layer, q, head, d_head), ``scale`` (b, q), or (b, layer, q)
-    on post-norm models, ``nxt`` (b, q) with -1 where there is no real next token (those rows are left out),
-    ``W_O`` (layer, head, d_head, d_model) the heads' write weights, ``W_U`` (d_model, d_vocab); ``cap``: the
-    final soft-cap applied to each variant's logits (0: none).
+    ``lg`` (b, q, d_vocab) pre-cap logits, ``z`` (b, q, head, d_head) of the layer, ``scale`` (b, q) (the layer's
+    ``ln_final_scale * ln1_post_scale`` on post-norm models), ``nxt`` (b, q) with -1 where there is no real next
+    token (left out), ``W_O`` (head, d_head, d_model) the layer's write weights, ``W_U`` (d_model, d_vocab);
+    ``cap``: the final soft-cap applied to each variant's logits (0: none). BLAS runs single-threaded: dask runs
+    one block per core.
     """
-    n_tok = lg.shape[0] * lg.shape[1]
-    nxt1 = nxt.reshape(n_tok)
-    out = np.zeros((1 + len(head_idx), 2, edges.size - 1), np.int64)
-    rows = np.flatnonzero(nxt1 >= 0) if (nxt1 < 0).any() else None  # None: every row (no padding here)
-
-    def real(x: np.ndarray) -> np.ndarray:  # (n_tok, ...) -> the rows with a real next token
-        return x if rows is None else x[rows]
-
-    if rows is not None and rows.size == 0:
+    rows, lg2, nxt1 = _real_rows(lg, nxt)
+    out = np.zeros((len(heads), 2, edges.size - 1), np.int64)
+    n = len(nxt1)
+    if n == 0:
         return out
-    lg2 = real(np.ascontiguousarray(lg, dtype=np.float32).reshape(n_tok, -1))
-    nxt1 = real(nxt1)
-    buf = np.empty_like(lg2)
-    np.copyto(buf, lg2)
-    out[0] = _bin_counts(_maths.softcap(buf, cap), nxt1, top_k, edges)
-    inv = real((1.0 / scale.astype(np.float32)).reshape(n_tok, 1)) if scale.ndim == 2 else None
-    for i, (li, h) in enumerate(head_idx):
-        inv_h = inv if inv is not None else real((1.0 / scale[:, li].astype(np.float32)).reshape(n_tok, 1))
-        zh = real(z[:, li, :, h, :].astype(np.float32).reshape(n_tok, -1)) * inv_h
-        _maths.head_unembed(zh, W_O[li, h], W_U, out=buf)
-        np.subtract(lg2, buf, out=buf)
-        out[1 + i] = _bin_counts(_maths.softcap(buf, cap), nxt1, top_k, edges)
+    inv = (1.0 / scale.astype(np.float32)).reshape(-1, 1)
+    z2 = z.astype(np.float32).reshape(nxt.size, z.shape[-2], z.shape[-1])
+    inv, z2 = (inv, z2) if rows is None else (inv[rows], z2[rows])
+    buf = np.empty((min(n, ROW_TILE), W_U.shape[1]), np.float32)
+    with threadpool_limits(limits=1, user_api="blas"):
+        for i, h in enumerate(heads):
+            zh = z2[:, h] * inv  # (n_real, d_head): result / scale = zh @ W_O[h]
+            w_ou = W_O[h] @ W_U if _maths.ou_first(n, *W_O[h].shape, W_U.shape[1]) else None  # once per head
+            for r in range(0, n, ROW_TILE):  # the vocabulary-sized work a few rows at a time, in cache
+                bf = buf[: min(ROW_TILE, n - r)]
+                if w_ou is not None:
+                    np.matmul(zh[r : r + ROW_TILE], w_ou, out=bf)
+                else:
+                    np.matmul(zh[r : r + ROW_TILE] @ W_O[h], W_U, out=bf)
+                np.subtract(lg2[r : r + ROW_TILE], bf, out=bf)
+                out[i] += _bin_counts(_maths.softcap(bf, cap), nxt1[r : r + ROW_TILE], top_k, edges)
     return out
 
 
 def _counts(ds: xr.Dataset, head_idx: list[tuple[int, int]], top_k: int, n_bins: int) -> Any:
-    """(variant, 2, bin) counts of predictions and of correct ones per bin: the baseline, then each head removed."""
+    """(variant, 2, bin) counts of predictions and of correct ones per bin: the baseline, then each head removed.
+
+    One task per batch block for the baseline and one per (batch block, layer) for that layer's chosen heads;
+    batch blocks group the store's chunks (``_apply.vocab_rows``)."""
     n_pos = ds.sizes["pos"]
     q = slice(0, n_pos - 1)
+    rows = vocab_rows(ds)
     lg = _maths.logits(ds, capped=False).isel(pos=q).transpose("batch", "pos", "d_vocab")
-    batch_chunks = lg.chunks[0] if lg.chunks else (ds.sizes["batch"],)
-    z = ds["z"].isel(pos=q).transpose("batch", "layer", "pos", "head", "d_head").data
+    lg_d = dsa.asarray(lg.data).rechunk({0: rows, 1: -1, 2: -1})
+    batch_chunks = lg_d.chunks[0]
+    z = dsa.asarray(ds["z"].isel(pos=q).transpose("batch", "layer", "pos", "head", "d_head").data)
+    z = z.rechunk({0: batch_chunks, 1: 1, 2: -1, 3: -1, 4: -1})
     w_write, inv_post = _maths.head_writes(ds, "calibration")
     scale_da = _maths.f32(ds["ln_final_scale"])
     if inv_post is not None:  # post-norm: ln_final_scale * ln1_post_scale per layer
         scale_da = (scale_da / inv_post).transpose("batch", "layer", "pos")
-    scale = scale_da.isel(pos=q).transpose("batch", ..., "pos").data
-    nxt = _maths.next_tokens(ds).isel(pos=q).transpose("batch", "pos").data  # -1: no real next token
-    lg_d = dsa.asarray(lg.data).rechunk({0: batch_chunks, 1: -1, 2: -1})
-    z = dsa.asarray(z).rechunk({0: batch_chunks, 1: -1, 2: -1, 3: -1, 4: -1})
-    scale = dsa.asarray(scale).rechunk({0: batch_chunks, **{i: -1 for i in range(1, scale.ndim)}})
-    nxt = dsa.asarray(nxt).rechunk({0: batch_chunks, 1: -1})
+    scale = dsa.asarray(scale_da.isel(pos=q).transpose("batch", ..., "pos").data)
+    per_layer = scale.ndim == 3
+    scale = scale.rechunk({0: batch_chunks, **({1: 1, 2: -1} if per_layer else {1: -1})})
+    nxt = dsa.asarray(_maths.next_tokens(ds).isel(pos=q).transpose("batch", "pos").data)  # -1: no real next
+    nxt = nxt.rechunk({0: batch_chunks, 1: -1})
     W_U = dask.delayed(np.ascontiguousarray)(_maths.f32(ds["W_U"]).transpose("d_model", "d_vocab").data)
-    W_O = dask.delayed(np.ascontiguousarray)(w_write.transpose("layer", "head", "d_head", "d_model").data)
+    W_O = _maths.f32(w_write).transpose("layer", "head", "d_head", "d_model").data
     edges = np.arange(n_bins + 1, dtype=np.float32) / np.float32(n_bins)
+    cap = ds.hs.config.final_logit_softcap
+    by_layer: dict[int, list[int]] = {}
+    for li, h in head_idx:
+        by_layer.setdefault(li, []).append(h)
+    order = [(li, h) for li, hs in by_layer.items() for h in hs]  # the rows of the per-layer tasks' results
 
-    n_var = 1 + len(head_idx)
-    parts = []
+    def part(task: Any, n: int) -> Any:
+        return dsa.from_delayed(task, shape=(n, 2, n_bins), dtype=np.int64)
+
+    base, heads = [], []
     for i in range(len(batch_chunks)):
-        task = dask.delayed(_block_counts, pure=True)(
-            lg_d.blocks[i, 0, 0], z.blocks[i, 0, 0, 0, 0], scale.blocks[(i,) + (0,) * (scale.ndim - 1)], nxt.blocks[i, 0],
-            W_O, W_U, head_idx, top_k, edges, ds.hs.config.final_logit_softcap,
-        )  # fmt: skip
-        parts.append(dsa.from_delayed(task, shape=(n_var, 2, n_bins), dtype=np.int64))
-    return dsa.stack(parts).sum(0)
+        base.append(
+            part(dask.delayed(_base_counts, pure=True)(lg_d.blocks[i, 0, 0], nxt.blocks[i, 0], top_k, edges, cap), 1)
+        )
+        heads.append(dsa.concatenate([
+            part(dask.delayed(_layer_counts, pure=True)(
+                lg_d.blocks[i, 0, 0], z.blocks[i, li, 0, 0, 0][:, 0], scale.blocks[i, li, 0][:, 0] if per_layer
+                else scale.blocks[i, 0], nxt.blocks[i, 0], W_O[li], W_U, hs, top_k, edges, cap,
+            ), len(hs))
+            for li, hs in by_layer.items()
+        ]))  # fmt: skip
+    head_counts = dsa.stack(heads).sum(0)[[order.index(x) for x in head_idx]]
+    return dsa.concatenate([dsa.stack(base).sum(0), head_counts])
 
 
 def _curves(counts: Any, n_bins: int) -> tuple[xr.Dataset, dict[str, xr.DataArray]]:
