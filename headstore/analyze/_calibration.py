@@ -166,7 +166,9 @@ def _layer_counts(
     with threadpool_limits(limits=1, user_api="blas"):
         for i, h in enumerate(heads):
             zh = z2[:, h] * inv  # (n_real, d_head): result / scale = zh @ W_O[h]
-            w_ou = W_O[h] @ W_U if _maths.ou_first(n, *W_O[h].shape, W_U.shape[1]) else None  # once per head
+            w_ou = (
+                W_O[h] @ W_U if _maths.ou_first(n, W_O.shape[1], W_O.shape[2], W_U.shape[1]) else None
+            )  # once per head
             for r in range(0, n, ROW_TILE):  # the vocabulary-sized work a few rows at a time, in cache
                 bf = buf[: min(ROW_TILE, n - r)]
                 if w_ou is not None:

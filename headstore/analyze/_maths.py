@@ -213,7 +213,7 @@ def head_unembed(x: np.ndarray, w_o: np.ndarray, w_u: np.ndarray, out: np.ndarra
     ``(x @ W_O) @ W_U`` costs ``n d_model (d_head + d_vocab)`` flops, ``x @ (W_O @ W_U)`` costs
     ``d_head d_vocab (d_model + n)``: the second wins once ``n`` is above about ``d_head``.
     """
-    if ou_first(x.shape[0], *w_o.shape, w_u.shape[1]):
+    if ou_first(x.shape[0], w_o.shape[0], w_o.shape[1], w_u.shape[1]):
         return np.matmul(x, w_o @ w_u, out=out)
     return np.matmul(x @ w_o, w_u, out=out)
 

@@ -86,8 +86,8 @@ def _token_loss_inplace(lg: np.ndarray, nxt: np.ndarray, cap: float = 0.0) -> np
 def _unembed(x: np.ndarray, w_u: np.ndarray) -> np.ndarray:
     """(..., d_model) @ (d_model, d_vocab) as one 2-D matmul (numpy loops over the leading axes of a
     stacked one: half the speed)."""
-    w_u = w_u.reshape(w_u.shape[-2:])
-    return (x.reshape(-1, x.shape[-1]) @ w_u).reshape(*x.shape[:-1], w_u.shape[-1])
+    w2 = w_u.reshape(w_u.shape[-2], w_u.shape[-1])
+    return (x.reshape(-1, x.shape[-1]) @ w2).reshape(*x.shape[:-1], w2.shape[-1])
 
 
 def _tiles(n_batch: int, n_pos: int, rows: int) -> list[tuple[slice, slice, int, int]]:
@@ -146,16 +146,16 @@ def _block_losses_1(
     u, uw = lead_axes(u, 2)[:, 0], lead_axes(uw, 2)[:, 0]  # batch, pos, d_model | d_vocab
     v, pattern, z = lead_axes(v, 3), lead_axes(pattern, 3), lead_axes(z, 3)
     w_o = lead_axes(w_o, 3)[0]  # layer, head, d_head, d_model
-    w_u = w_u.reshape(w_u.shape[-2:])
+    w_u = w_u.reshape(w_u.shape[-2], w_u.shape[-1])
     n_batch, n_layer, n_head, n_pos = v.shape[0], v.shape[1], v.shape[2], v.shape[3]
     out = np.empty((n_batch, n_layer, len(MODES), n_head, n_pos), dtype=np.float32)
     uu = (u * u).sum(-1)  # batch, pos
     inv_uu = np.divide(1.0, uu, out=np.zeros_like(uu), where=uu > 0)  # a zero direction projects to zero
     inv_scale = 1.0 / scale[..., None]
     tiles = _tiles(n_batch, n_pos, ROW_TILE)
-    rows = min(n_batch, max(1, ROW_TILE // n_pos)) * min(n_pos, ROW_TILE)
-    d_new, d_orig, buf = (np.empty((rows, w_u.shape[-1]), np.float32) for _ in range(3))
-    d_head, (d_model, d_vocab) = z.shape[-1], w_u.shape
+    d_head, d_model, d_vocab = z.shape[-1], w_u.shape[-2], w_u.shape[-1]
+    rows = max(nb * nq for _, _, nb, nq in tiles)
+    d_new, d_orig, buf = (np.empty((rows, d_vocab), np.float32) for _ in range(3))
     per_head_ou = ou_first(n_batch * n_pos, d_head, d_model, d_vocab)  # the cheaper order for the whole block
     for li in range(n_layer):
         for h in range(n_head):
