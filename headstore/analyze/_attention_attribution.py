@@ -78,31 +78,42 @@ def components(ds: xr.Dataset, layer: int, pos: xr.DataArray) -> xr.DataArray:
     """(batch, component, d_model) the parts of ``resid_pre[b, layer, pos[b]]`` (module docstring), in the order
     the residual stream receives them; they sum to it exactly."""
     cfg = ds.hs.config
-    earlier = list(range(layer))
     resid = f32(ds["resid_pre"]).sel(layer=list(range(layer + 1))).isel(pos=pos)  # (batch, layer, d_model)
     embed = resid.sel(layer=0)
     pieces = [_named(embed, ["embed"])]
     if "W_pos" in ds and cfg.positional_embedding_type != "rotary":
         pos_embed = f32(ds["W_pos"]).isel(n_ctx=pos)
         pieces = [_named(embed - pos_embed, ["embed"]), _named(pos_embed, ["pos_embed"])]
-    result = f32(ds["result"]).sel(layer=earlier).isel(pos=pos)  # (batch, layer, head, d_model)
-    b_o = f32(ds["b_O"]).sel(layer=earlier) + xr.zeros_like(resid.sel(layer=earlier))  # (batch, layer, d_model)
-    if cfg.post_norm:  # each layer's write passes its frozen post-attention norm
-        post = f32(ds["ln1_post_w"]).sel(layer=earlier) / f32(ds["ln1_post_scale"]).sel(layer=earlier).isel(pos=pos)
-        result, b_o = result * post, b_o * post
-    attn = result.sum("head") + b_o
-    for L in earlier:
-        mlp = resid.sel(layer=L + 1) - resid.sel(layer=L) - attn.sel(layer=L)
-        heads = result.sel(layer=L).rename(head="component")
-        pieces += [
-            _named(heads, [f"a{L}.h{h}" for h in range(cfg.n_heads)]),
-            _named(b_o.sel(layer=L), [f"a{L}.b_O"]),
-            _named(mlp, [f"m{L}"]),
-        ]
+    if layer > 0:
+        pieces.append(_writes(ds, resid, pos))
     out = xr.concat(pieces, dim="component", join="override", coords="minimal", compat="override").transpose(
         "batch", "component", "d_model"
     )
     return out.chunk({"component": -1}) if out.chunks is not None else out
+
+
+def _writes(ds: xr.Dataset, resid: xr.DataArray, pos: xr.DataArray) -> xr.DataArray:
+    """(batch, component, d_model) what each layer before ``resid``'s (batch, layer, d_model) last writes, layer by
+    layer: ``a{L}.h0 .. a{L}.h{H-1}, a{L}.b_O, m{L}``, built at once over ``layer`` and flattened::
+
+        m{L}[b] = resid[b, L+1] - resid[b, L] - (sum_head a{L}.h[b, head] + a{L}.b_O[b])
+    """
+    earlier = [int(L) for L in resid["layer"].values[:-1]]
+    result = f32(ds["result"]).sel(layer=earlier).isel(pos=pos)  # (batch, layer, head, d_model)
+    b_o = f32(ds["b_O"]).sel(layer=earlier) + xr.zeros_like(resid.sel(layer=earlier))  # (batch, layer, d_model)
+    if ds.hs.config.post_norm:  # each layer's write passes its frozen post-attention norm
+        post = f32(ds["ln1_post_w"]).sel(layer=earlier) / f32(ds["ln1_post_scale"]).sel(layer=earlier).isel(pos=pos)
+        result, b_o = result * post, b_o * post
+    nxt = resid.isel(layer=slice(1, None)).assign_coords(layer=earlier)
+    mlp = nxt - resid.sel(layer=earlier) - (result.sum("head") + b_o)
+    slots = xr.concat(
+        [result.drop_vars("head", errors="ignore").rename(head="slot"), b_o.expand_dims(slot=1), mlp.expand_dims(slot=1)],
+        dim="slot", join="override", coords="minimal", compat="override",
+    )  # fmt: skip
+    flat = slots.stack(component=("layer", "slot"), create_index=False)  # layer-major: each layer's slots in turn
+    heads = range(ds.hs.config.n_heads)
+    names = [n for L in earlier for n in (*(f"a{L}.h{h}" for h in heads), f"a{L}.b_O", f"m{L}")]
+    return _named(flat.transpose("batch", "component", "d_model"), names)
 
 
 def _normalize(x: xr.DataArray, ds: xr.Dataset, scale: xr.DataArray | None) -> xr.DataArray:

@@ -99,16 +99,30 @@ def end_pattern(q: xr.DataArray, k: xr.DataArray, end: xr.DataArray, ds: xr.Data
     return causal_softmax(scores, valid, "pos").rename(pos="key_pos")
 
 
-def _post_norm_change(clean: xr.Dataset, corrupt: xr.Dataset, layer: int, heads: list[int],
-                      end: xr.DataArray) -> xr.DataArray:  # fmt: skip
-    """(batch, d_model) how much a post-norm layer's write to the residual changes at ``end`` when ``heads`` take
-    their corrupt outputs: ``post(S + delta) - post(S)``."""
-    c = f32(corrupt["result"].sel(layer=layer).isel(head=heads, pos=end)).sum("head")
-    o = f32(clean["result"].sel(layer=layer).isel(head=heads, pos=end)).sum("head")
-    cfg = clean.hs.config
-    total = f32(clean["result"].sel(layer=layer).isel(pos=end)).sum("head") + f32(clean["b_O"].sel(layer=layer))
-    gain = f32(clean["ln1_post_w"].sel(layer=layer))
-    return (rms_normalize(total - o + c, "d_model", cfg.eps) - rms_normalize(total, "d_model", cfg.eps)) * gain
+def senders_change(clean: xr.Dataset, corrupt: xr.Dataset, senders: list[tuple[int, int]],
+                   end: xr.DataArray) -> xr.DataArray:  # fmt: skip
+    """(batch, d_model) the change to the residual at ``end`` when ``senders`` take their corrupt outputs, read
+    once over the sender layers with a (layer, head) mask ``m`` of the senders::
+
+        delta[b, layer] = sum_head m * (result_corrupt - result_clean)[b, layer, end[b], head]
+        change[b] = sum_layer delta                                    (pre-norm models)
+        change[b] = sum_layer g * (post(S + delta) - post(S))          (post-norm: S = sum_head result_clean + b_O,
+                                                                        post(x) = x / sqrt(mean_d_model x^2 + eps))
+    """
+    layers = sorted({L for L, _ in senders})
+    m = np.zeros((len(layers), clean.hs.config.n_heads), bool)
+    for L, h in senders:
+        m[layers.index(L), h] = True  # heads by position, as isel(head=h)
+    mask = xr.DataArray(m, dims=("layer", "head"), coords={"layer": layers})
+    c = f32(corrupt["result"].sel(layer=layers).isel(pos=end))  # (batch, layer, head, d_model)
+    o = f32(clean["result"].sel(layer=layers).isel(pos=end))
+    delta = xr.where(mask, c - o, np.float32(0)).sum("head")  # (batch, layer, d_model)
+    if clean.hs.config.post_norm:  # each sender layer's write passes its post-attention norm, recomputed
+        eps = clean.hs.config.eps
+        total = o.sum("head") + f32(clean["b_O"].sel(layer=layers))
+        gain = f32(clean["ln1_post_w"].sel(layer=layers))
+        delta = (rms_normalize(total + delta, "d_model", eps) - rms_normalize(total, "d_model", eps)) * gain
+    return delta.sum("layer")
 
 
 def _io_minus_s1(pattern_end: xr.DataArray, io: xr.DataArray, s1: xr.DataArray) -> xr.DataArray:
@@ -153,15 +167,7 @@ def path_patch_query(
     _args.check_causal(clean, s1_da, "s1", end_da, "end")
 
     resid = f32(clean["resid_pre"].sel(layer=l_r).isel(pos=end_da))  # (batch, d_model)
-    patched_resid = resid
-    if clean.hs.config.post_norm:  # one change per sender layer, through its post-attention norm
-        for L in sorted({L for L, _ in snd}):
-            patched_resid = patched_resid + _post_norm_change(clean, corrupt, L, [h for s, h in snd if s == L], end_da)
-    else:
-        for L, h in snd:
-            c = f32(corrupt["result"].sel(layer=L).isel(head=h, pos=end_da))
-            o = f32(clean["result"].sel(layer=L).isel(head=h, pos=end_da))
-            patched_resid = patched_resid + (c - o)
+    patched_resid = resid + senders_change(clean, corrupt, snd, end_da) if snd else resid
     kv = clean.hs.kv_head(h_r)
     k = f32(clean["k"].sel(layer=l_r).isel(kv_head=kv))  # (batch, pos, d_head), post-rotary
     pat_clean = end_pattern(end_query(resid, clean, l_r, h_r, end_da), k, end_da, clean, l_r)
