@@ -670,17 +670,17 @@ BIAS_FREE = ("llama", "gemma", "gemma-2", "qwen3", "mistral", "phi-3", "olmo-2")
 
 
 @pytest.mark.parametrize("family", BIAS_FREE)
-@torch.inference_mode()
 def test_circuits_equal_a_one_token_forward(family: str, family_run: Callable[[str], Run]) -> None:
     """On a one-token sequence layer 0 reads the token alone, at position 0 where rotary is the identity:
     ``C_QK[t, t]`` is the live ``q . k`` (after the model's q/k norms) and ``C_OV[t, o]`` the live head output
     (through the post-attention norm's gain on post-norm models) normalised and unembedded."""
-    run = family_run(family)
+    run = family_run(family)  # booted and extracted outside inference mode (a first use extracts with gradients)
     ds = run.ds
     assert all(float(np.abs(ds[b].values).max()) == 0 for b in ("b_Q", "b_K", "b_V")), "not bias-free"
     t, o = 5, 7
     res = A.circuits(ds, query_token=t, key_token=t, src_token=t, out_token=o)
-    _, cache = run.model.bridge.run_with_cache(torch.tensor([[t]]))
+    with torch.inference_mode():
+        _, cache = run.model.bridge.run_with_cache(torch.tensor([[t]]))
     rot = "rot_" if "blocks.0.attn.hook_rot_q" in cache else ""
     q, k = cache[f"blocks.0.attn.hook_{rot}q"][0, 0], cache[f"blocks.0.attn.hook_{rot}k"][0, 0]
     kv = np.arange(ds.sizes["head"]) // (ds.sizes["head"] // ds.sizes["kv_head"])

@@ -135,13 +135,25 @@ def _ranked(ds: xr.Dataset, scores: np.ndarray, target: int, prefix: str, top_k:
 
 
 def _ov_column(ds: xr.Dataset, out: int, embedding: str = "W_E") -> np.ndarray:
-    """(layer, head, d_vocab): ``C_OV[:, out]`` for every head, one head at a time."""
+    """(layer, head, d_vocab): ``C_OV[:, out]`` for every head, through ``d_head``-wide factors.
+
+    With ``y = x_v @ W`` (``x_v = ln1(E) @ W_V``, ``W = W_O[L, h]``, ``M = d_model``) and ``u = W_U[:, out]``:
+    ``y . u = x_v @ (W u)``; LN's row mean ``x_v @ (W 1) / M`` enters as ``- mean * sum(u)``; the row's squared
+    norm (centred for LN) is ``x_v G x_v^T`` with ``G = W W^T`` (LN: ``- (W 1)(W 1)^T / M``), so
+    ``C_OV[:, out] = (y . u - mean sum(u)) / sqrt(x_v G x_v^T / M + eps)``: no ``(d_vocab, d_model)`` product.
+    """
     x = _ln1(ds, _embedding(ds, embedding))
-    W_V, W_O, u = _w(ds, "W_V"), _w_write(ds), _w(ds, "W_U")[:, out]
+    W_V, W_O, u = _w(ds, "W_V"), _w_write(ds), _w(ds, "W_U")[:, out].astype(np.float64)
+    cfg = ds.hs.config
+    ln, m = cfg.normalization_type == "LN", u.shape[0]
     res = np.zeros((ds.sizes["layer"], ds.sizes["head"], x.shape[0]), np.float32)
     for L, h, xv in _per_kv_head(ds, x, W_V):
-        y = xv @ W_O[L, h]  # (d_vocab, d_model)
-        res[L, h] = normalize_rows(y, ds) @ u
+        w = W_O[L, h].astype(np.float64)  # d_head, d_model
+        w1 = w.sum(1)
+        gram = w @ w.T - (np.outer(w1, w1) / m if ln else 0.0)
+        x64 = xv.astype(np.float64)
+        dot = x64 @ (w @ u) - ((x64 @ w1) * (u.sum() / m) if ln else 0.0)
+        res[L, h] = dot / np.sqrt(((x64 @ gram) * x64).sum(-1) / m + cfg.eps)
     return res
 
 
@@ -161,8 +173,8 @@ def _qk_row(ds: xr.Dataset, query: int, embedding: str = "W_E") -> np.ndarray:
     res = np.zeros((ds.sizes["layer"], ds.sizes["head"], x.shape[0]), np.float32)
     if not ds.hs.config.qk_norm:
         W_Q, W_K = _w(ds, "W_Q"), _w(ds, "W_K")
-        for L, h, xk in _per_kv_head(ds, x, W_K):
-            res[L, h] = xk @ (x[query] @ W_Q[L, h])
+        for L, h, g in _heads(ds):  # (x @ W_K) @ q = x @ (W_K @ q): no (d_vocab, d_head) product
+            res[L, h] = x @ (W_K[L, g] @ (x[query] @ W_Q[L, h]))
         return res
     kv = kv_index(ds).values
     for L in range(ds.sizes["layer"]):
@@ -178,8 +190,8 @@ def _qk_column(ds: xr.Dataset, key: int, embedding: str = "W_E") -> np.ndarray:
     res = np.zeros((ds.sizes["layer"], ds.sizes["head"], x.shape[0]), np.float32)
     if not ds.hs.config.qk_norm:
         W_Q, W_K = _w(ds, "W_Q"), _w(ds, "W_K")
-        for L, h, g in _heads(ds):
-            res[L, h] = (x @ W_Q[L, h]) @ (x[key] @ W_K[L, g])
+        for L, h, g in _heads(ds):  # (x @ W_Q) @ k = x @ (W_Q @ k)
+            res[L, h] = x @ (W_Q[L, h] @ (x[key] @ W_K[L, g]))
         return res
     kv = kv_index(ds).values
     for L in range(ds.sizes["layer"]):
