@@ -125,8 +125,8 @@ def cost(name: str, z: dict[str, int], params: dict[str, Any]) -> tuple[float, f
         unembed = 2 * min(t * M * (D + V), D * V * (M + t))
         f = 2 * t * M * V + 6 * t * V + n_h * (unembed + 6 * t * V)
         x = (n_h + 1) * t * V
-    elif name == "circuits":  # ln1(E) @ W_V / W_K per kv head, @ W_O and @ W_Q per head (d_vocab rows), norms
-        f = 2 * L * K * 2 * V * M * D + L * H * (2 * 2 * V * D * M + 8 * V * M) + 20 * V * M
+    elif name == "circuits":  # ln1(E) @ W_V per kv head; per head x_v @ G (d_head^2), two matvecs over (V, M)
+        f = 2 * L * K * V * M * D + L * H * (2 * V * D * D + 4 * V * D + 2 * 2 * V * M) + 20 * V * M
     elif name == "composition":  # per kind: every earlier head's P (D x M) @ every later head's S (M x D)
         n_k = len(params.get("kinds", "QKV"))
         pairs = 2 * M * (H * D) ** 2 * L * (L - 1) / 2

@@ -136,7 +136,8 @@ def test_ioi_positions_and_tokens_as_arguments(make_store: Callable[..., Path]) 
     one = ioi(a, end=int(a["end_pos"][0]), io=int(a["io_pos"][0]), s1=int(a["s1_pos"][0])).compute()
     first = ioi(a.isel(batch=[0])).compute()
     np.testing.assert_array_equal(one["attn_diff"].isel(batch=[0]).values, first["attn_diff"].values)
-    np.testing.assert_array_equal(one["logit_diff"].isel(batch=[0]).values, first["logit_diff"].values)
+    # the logits are a BLAS product per block: one row alone may round differently from the batch (1 ulp)
+    np.testing.assert_allclose(one["logit_diff"].isel(batch=[0]).values, first["logit_diff"].values, rtol=1e-6)
 
 
 def test_ioi_refusals(make_store: Callable[..., Path]) -> None:

@@ -133,7 +133,7 @@ def _qk_norm(ds: xr.Dataset, x: xr.DataArray, layer: int, idx: int, side: Side) 
     weight, bias, gain, dim = side
     if not cfg.qk_norm:
         return None
-    y = xr.dot(x, f32(ds[weight].sel(layer=layer)), dim="d_model") + f32(ds[bias].sel(layer=layer))
+    y = xr.dot(x, f32(ds[weight].sel(layer=layer)), dim="d_model", optimize=True) + f32(ds[bias].sel(layer=layer))
     if cfg.qk_norm == "full":  # OLMo-2: one norm over every head's query (key)
         factor = 1.0 / np.sqrt((y * y).mean([dim, "d_head"]) + np.float32(cfg.eps))
     else:
@@ -165,7 +165,7 @@ def side_shares(ds: xr.Dataset, layer: int, idx: int, pos: xr.DataArray, side: S
     w = f32(ds[weight].sel(layer=layer).isel({dim: idx}))
     b = f32(ds[bias].sel(layer=layer).isel({dim: idx}))
     shares = xr.concat(
-        [xr.dot(x, w, dim="d_model").drop_vars([dim, "layer"], errors="ignore"), _named(b, [bias])],
+        [xr.dot(x, w, dim="d_model", optimize=True).drop_vars([dim, "layer"], errors="ignore"), _named(b, [bias])],
         dim="component", join="override", coords="minimal", compat="override",
     )  # fmt: skip
     shares = _norm_and_rotate(ds, shares, _qk_norm(ds, x.sum("component"), layer, idx, side), pos)
@@ -280,7 +280,7 @@ def attention_attribution(
     scale = np.float32(cfg.score_scale)
     q = side_shares(ds, layer, h, q_pos, QUERY).rename(component="q_component")
     key = side_shares(ds, layer, kv, k_pos, KEY).rename(component="k_component")
-    terms = xr.dot(q, key, dim="d_head") * scale
+    terms = xr.dot(q, key, dim="d_head", optimize=True) * scale
     score = xr.dot(_whole(ds, layer, h, q_pos, QUERY), _whole(ds, layer, kv, k_pos, KEY), dim="d_head") * scale
     out = xr.Dataset({"terms": terms.transpose("batch", "q_component", "k_component"), "score": score})
     out["mean_terms"] = terms.mean("batch")
@@ -290,7 +290,7 @@ def attention_attribution(
     if "q" in ds and "k" in ds:
         q_st = f32(ds["q"].sel(layer=layer).isel(head=h, pos=q_pos))
         k_st = f32(ds["k"].sel(layer=layer).isel(kv_head=kv, pos=k_pos))
-        out["score_stored"] = xr.dot(q_st, k_st, dim="d_head") * scale
+        out["score_stored"] = xr.dot(q_st, k_st, dim="d_head", optimize=True) * scale
     if "pattern" in ds:
         out["attention"] = f32(ds["pattern"].sel(layer=layer).isel(head=h, query_pos=q_pos, key_pos=k_pos))
     out["query_pos"], out["key_pos"] = q_pos, k_pos

@@ -44,7 +44,7 @@ def attribution_patching(clean: xr.Dataset, corrupt: xr.Dataset, *, per_position
     ``ioi-abc`` with the same ``--seed`` and ``--n-seq``). Lazy: sums stream over the stores' batch chunks."""
     metric = check_pair(clean, corrupt, NAME, REQUIRES)
     dz = f32(corrupt["z"]) - f32(clean["z"])
-    per = xr.dot(dz, f32(clean["grad_z"]), dim="d_head")  # (batch, layer, pos, head)
+    per = xr.dot(dz, f32(clean["grad_z"]), dim="d_head", optimize=True)  # (batch, layer, pos, head)
     per_sequence = per.sum("pos").transpose("layer", "head", "batch")
     out = xr.Dataset({"score": per_sequence.mean("batch"), "per_sequence": per_sequence})
     if per_position:

@@ -148,14 +148,15 @@ def _layer_counts(
 ) -> np.ndarray:
     """One (batch block, layer) -> (len(heads), 2, n_bins) counts with each head's direct effect removed.
 
-    ``lg`` (b, q, d_vocab) pre-cap logits, ``z`` (b, q, head, d_head) of the layer, ``scale`` (b, q) (the layer's
-    ``ln_final_scale * ln1_post_scale`` on post-norm models), ``nxt`` (b, q) with -1 where there is no real next
-    token (left out), ``W_O`` (head, d_head, d_model) the layer's write weights, ``W_U`` (d_model, d_vocab);
+    ``lg`` (b, q, d_vocab) pre-cap logits, ``z`` (b, 1, q, head, d_head) of the layer, ``scale`` (b, q) or (b, 1, q)
+    (the layer's ``ln_final_scale * ln1_post_scale`` on post-norm models), ``nxt`` (b, q) with -1 where there is no
+    real next token (left out), ``W_O`` (1, head, d_head, d_model) the layer's write weights, ``W_U`` (d_model, d_vocab);
     ``cap``: the final soft-cap applied to each variant's logits (0: none). BLAS runs single-threaded: dask runs
     one block per core.
     """
     rows, lg2, nxt1 = _real_rows(lg, nxt)
     out = np.zeros((len(heads), 2, edges.size - 1), np.int64)
+    W_O = W_O.reshape(W_O.shape[-3], W_O.shape[-2], W_O.shape[-1])  # a (1, head, ...) block: the layer's
     n = len(nxt1)
     if n == 0:
         return out
@@ -214,15 +215,15 @@ def _counts(ds: xr.Dataset, head_idx: list[tuple[int, int]], top_k: int, n_bins:
     def part(task: Any, n: int) -> Any:
         return dsa.from_delayed(task, shape=(n, 2, n_bins), dtype=np.int64)
 
+    # each block once as a Delayed (a dask array handed to several delayed calls is optimised, and computed, per call)
+    lg_b, z_b, scale_b, nxt_b, w_o = (a.to_delayed() for a in (lg_d, z, scale, nxt, dsa.asarray(W_O).rechunk({0: 1})))
     base, heads = [], []
     for i in range(len(batch_chunks)):
-        base.append(
-            part(dask.delayed(_base_counts, pure=True)(lg_d.blocks[i, 0, 0], nxt.blocks[i, 0], top_k, edges, cap), 1)
-        )
+        base.append(part(dask.delayed(_base_counts, pure=True)(lg_b[i, 0, 0], nxt_b[i, 0], top_k, edges, cap), 1))
         heads.append(dsa.concatenate([
             part(dask.delayed(_layer_counts, pure=True)(
-                lg_d.blocks[i, 0, 0], z.blocks[i, li, 0, 0, 0][:, 0], scale.blocks[i, li, 0][:, 0] if per_layer
-                else scale.blocks[i, 0], nxt.blocks[i, 0], W_O[li], W_U, hs, top_k, edges, cap,
+                lg_b[i, 0, 0], z_b[i, li, 0, 0, 0], scale_b[i, li, 0] if per_layer else scale_b[i, 0], nxt_b[i, 0],
+                w_o[li, 0, 0, 0], W_U, hs, top_k, edges, cap,
             ), len(hs))
             for li, hs in by_layer.items()
         ]))  # fmt: skip

@@ -127,12 +127,12 @@ def logit_attribution(
     _, inv_post = head_writes(ds, "logit-attribution")
     if inv_post is not None:  # post-norm: what the head adds, through its layer's frozen post-attention norm
         res_dest = res_dest * f32(ds["ln1_post_w"]) * inv_post.isel(pos=dest_da)
-    from_result = (xr.dot(res_dest, u_c, dim="d_model") * inv).transpose("batch", "layer", "head")
+    from_result = (xr.dot(res_dest, u_c, dim="d_model", optimize=True) * inv).transpose("batch", "layer", "head")
     resid = f32(ds["resid_final"]).isel(pos=dest_da)  # (batch, d_model)
     scale = f32(ds["ln_final_scale"]).isel(pos=dest_da)
     b_U = f32(ds["b_U"]).isel(d_vocab=tgt_da)
-    logit = xr.dot(normalize_final(resid, scale, ds.hs.config), u, dim="d_model") + b_U
-    other = xr.dot(resid - res_dest.sum(["layer", "head"]), u_c, dim="d_model") * inv
+    logit = xr.dot(normalize_final(resid, scale, ds.hs.config), u, dim="d_model", optimize=True) + b_U
+    other = xr.dot(resid - res_dest.sum(["layer", "head"]), u_c, dim="d_model", optimize=True) * inv
     recon = logit - (per.sum(["layer", "head"], skipna=False) + other + b_U)
 
     b_V_zero = bool((np.asarray(ds["b_V"].values) == 0).all())

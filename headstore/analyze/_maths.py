@@ -159,8 +159,8 @@ def causal_softmax(scores: xr.DataArray, valid: xr.DataArray, dim: str) -> xr.Da
 def attention_scores(q: xr.DataArray, k: xr.DataArray, scale: float | None = None) -> xr.DataArray:
     """``q . k * scale`` over ``d_head`` (``scale`` None: ``1 / sqrt(d_head)``)."""
     if scale is None:
-        return xr.dot(q, k, dim="d_head") / np.float32(math.sqrt(q.sizes["d_head"]))
-    return xr.dot(q, k, dim="d_head") * np.float32(scale)
+        return xr.dot(q, k, dim="d_head", optimize=True) / np.float32(math.sqrt(q.sizes["d_head"]))
+    return xr.dot(q, k, dim="d_head", optimize=True) * np.float32(scale)
 
 
 def rotate(q: xr.DataArray, cos: xr.DataArray, sin: xr.DataArray, style: str = "half") -> xr.DataArray:
@@ -253,8 +253,8 @@ def source_contributions(ds: xr.Dataset, dest: xr.DataArray, target: xr.DataArra
     v = f32(per_head(ds["v"], ds))
     if "b_V" in ds:
         v = v - f32(per_head(ds["b_V"], ds))
-    wou = xr.dot(w_write, u, dim="d_model")  # (layer, head, d_head, batch)
-    through = xr.dot(v, wou, dim="d_head").rename(pos="key_pos")  # (batch, layer, key_pos, head)
+    wou = xr.dot(w_write, u, dim="d_model", optimize=True)  # (layer, head, d_head, batch)
+    through = xr.dot(v, wou, dim="d_head", optimize=True).rename(pos="key_pos")  # (batch, layer, key_pos, head)
     pat = f32(ds["pattern"]).isel(query_pos=dest)  # (batch, layer, head, key_pos)
     contrib = (pat * through * inv).transpose("batch", "layer", "head", "key_pos")
     return contrib.drop_vars([c for c in ("query_pos", "pos", "d_vocab") if c in contrib.coords])

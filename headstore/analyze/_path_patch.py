@@ -69,7 +69,7 @@ def end_query(resid: xr.DataArray, ds: xr.Dataset, layer: int, head: int, end: x
 
     def queries(x: xr.DataArray, w: xr.DataArray, b: xr.DataArray) -> xr.DataArray:
         x = normalize(x, ds) if cfg.pre_norm else f32(x)
-        return xr.dot(x, w, dim="d_model") + b
+        return xr.dot(x, w, dim="d_model", optimize=True) + b
 
     if cfg.qk_norm == "full":  # (batch, head, d_head): every head's query, the receiver's patched
         q_all = queries(resid if clean_resid is None else clean_resid, w_q, b_q)

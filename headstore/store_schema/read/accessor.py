@@ -39,7 +39,8 @@ def final_logits(ds: xr.Dataset, resid: xr.DataArray, scale: xr.DataArray, *, ca
     """``logits[..., d_vocab] = cap(normalize_final(resid, scale) @ W_U + b_U)``: ``cap`` is the model's final
     soft-cap (``config.final_logit_softcap``; none on most models), left out with ``capped=False``."""
     w_u = ds["W_U"] if ds["W_U"].dtype == np.float32 else ds["W_U"].astype(np.float32)
-    pre = xr.dot(normalize_final(resid, scale, ds.hs.config), w_u, dim="d_model") + ds["b_U"]
+    # optimize: BLAS (tensordot) per block; numpy's plain einsum loop ran this product at ~6 GFLOP/s
+    pre = xr.dot(normalize_final(resid, scale, ds.hs.config), w_u, dim="d_model", optimize=True) + ds["b_U"]
     return softcap(pre, ds.hs.config.final_logit_softcap) if capped else pre
 
 
