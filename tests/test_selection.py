@@ -107,6 +107,9 @@ def test_every_analyzer_keeps_sequence_labels_and_refuses_a_head_cut(
             want = np.take(want, rows, axis=sub[v].dims.index("batch"))
             if got.dtype.kind == "f":  # a subset changes BLAS's blocking of the products, so their summation order
                 scale = float(np.nanmax(np.abs(want), initial=0.0))
+                if v == "reconstruction_error":  # rounding noise itself: it varies at the ulp of what it checks
+                    scale = max(float(np.nanmax(np.abs(whole[w].values))) for w in per_sequence
+                                if whole[w].dtype.kind == "f")  # fmt: skip
                 np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * scale, err_msg=v)
             else:
                 np.testing.assert_array_equal(got, want, err_msg=v)
@@ -152,4 +155,8 @@ def test_two_stores_pair_sequence_for_sequence(make_store: Callable[..., Path]) 
         for v in got.data_vars:
             if "batch" in got[v].dims:
                 want = whole[v].isel(batch=[0, 1, 5]).transpose(*got[v].dims).values
-                np.testing.assert_array_equal(got[v].values, want, err_msg=v)
+                if want.dtype.kind == "f":  # a subset changes BLAS's blocking of the products (1 ulp)
+                    atol = 1e-6 * float(np.nanmax(np.abs(want), initial=0.0))
+                    np.testing.assert_allclose(got[v].values, want, rtol=1e-6, atol=atol, err_msg=v)
+                else:
+                    np.testing.assert_array_equal(got[v].values, want, err_msg=v)
