@@ -195,6 +195,20 @@ def _block_losses_1(
     return out
 
 
+def _clean_losses(clean: xr.DataArray, nxt: xr.DataArray, cap: float) -> xr.DataArray:
+    """(batch, pos) the clean run's next-token losses, NaN where there is no real next token."""
+    return xr.apply_ufunc(
+        _token_loss,
+        clean.chunk({"pos": -1, "d_vocab": -1}),  # xr.dot may split pos (it does from ~40 positions on)
+        nxt,
+        kwargs={"cap": cap},
+        input_core_dims=[["pos", "d_vocab"], ["pos"]],
+        output_core_dims=[["pos"]],
+        dask="parallelized",
+        output_dtypes=[np.float32],
+    )
+
+
 def projection_loss(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Dataset:
     """Per-token loss after keeping only the projection / only the perpendicular part / nothing, per head.
 
@@ -210,16 +224,7 @@ def projection_loss(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datase
     if inv_post is not None:
         scale = scale / inv_post  # (batch, layer, pos): ln_final_scale * ln1_post_scale
     w_u = f32(ds["W_U"])
-    loss_original = xr.apply_ufunc(
-        _token_loss,
-        clean.chunk({"pos": -1, "d_vocab": -1}),  # xr.dot may split pos (it does from ~40 positions on)
-        nxt,
-        kwargs={"cap": cap},
-        input_core_dims=[["pos", "d_vocab"], ["pos"]],
-        output_core_dims=[["pos"]],
-        dask="parallelized",
-        output_dtypes=[np.float32],
-    )
+    loss_original = _clean_losses(clean, nxt, cap)
     # one block = a group of the store's batch chunks x one layer, whole along every other dim
     block = _group_blocks(ds)
     u = block(unembed_columns(ds))
