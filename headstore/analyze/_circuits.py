@@ -112,12 +112,26 @@ def _per_kv_head(ds: xr.Dataset, x: np.ndarray, W: np.ndarray) -> Iterator[tuple
         yield L, h, prod
 
 
+def _top_ids(scores: np.ndarray, k: int) -> np.ndarray:
+    """(..., n) -> (..., k) ids of the k largest per row, largest first, ties by id: ``argsort(-scores,
+    stable)[..., :k]``, sorting only the entries at or above each row's k-th largest value."""
+    flat = scores.reshape(-1, scores.shape[-1])
+    if np.isnan(flat).any():
+        return np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+    kth = -np.partition(-flat, k - 1, axis=-1)[:, k - 1]
+    out = np.empty((len(flat), k), np.int64)
+    for i, row in enumerate(flat):
+        cand = np.flatnonzero(row >= kth[i])
+        out[i] = cand[np.argsort(-row[cand], kind="stable")[:k]]
+    return out.reshape(*scores.shape[:-1], k)
+
+
 def _ranked(ds: xr.Dataset, scores: np.ndarray, target: int, prefix: str, top_k: int) -> xr.Dataset:
     """scores (layer, head, d_vocab) -> rank/percentile of ``target`` and the top_k entries."""
     n = scores.shape[-1]
     rank = (scores > scores[..., target : target + 1]).sum(-1)
     k = min(top_k, n)
-    top = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+    top = _top_ids(scores, k)
     coords = {c: ds[c].values for c in ("layer", "head") if c in ds.coords}
     vocab = ds.hs.vocab
     dims3 = ("layer", "head", "top")
@@ -173,9 +187,9 @@ def _qk_row(ds: xr.Dataset, query: int, embedding: str = "W_E") -> np.ndarray:
     res = np.zeros((ds.sizes["layer"], ds.sizes["head"], x.shape[0]), np.float32)
     if not ds.hs.config.qk_norm:
         W_Q, W_K = _w(ds, "W_Q"), _w(ds, "W_K")
-        for L, h, g in _heads(ds):  # (x @ W_K) @ q = x @ (W_K @ q): no (d_vocab, d_head) product
-            res[L, h] = x @ (W_K[L, g] @ (x[query] @ W_Q[L, h]))
-        return res
+        # (x @ W_K) @ q = x @ (W_K @ q): every head's d_model vector, then one product with x
+        vecs = np.stack([W_K[L, g] @ (x[query] @ W_Q[L, h]) for L, h, g in _heads(ds)], 1)  # d_model, heads
+        return (x @ vecs).T.reshape(res.shape)
     kv = kv_index(ds).values
     for L in range(ds.sizes["layer"]):
         q, k = _queries(ds, x[query : query + 1], L)[0], _keys(ds, x, L)  # (head, d_head), (d_vocab, kv, d_head)
@@ -190,9 +204,8 @@ def _qk_column(ds: xr.Dataset, key: int, embedding: str = "W_E") -> np.ndarray:
     res = np.zeros((ds.sizes["layer"], ds.sizes["head"], x.shape[0]), np.float32)
     if not ds.hs.config.qk_norm:
         W_Q, W_K = _w(ds, "W_Q"), _w(ds, "W_K")
-        for L, h, g in _heads(ds):  # (x @ W_Q) @ k = x @ (W_Q @ k)
-            res[L, h] = x @ (W_Q[L, h] @ (x[key] @ W_K[L, g]))
-        return res
+        vecs = np.stack([W_Q[L, h] @ (x[key] @ W_K[L, g]) for L, h, g in _heads(ds)], 1)  # (x @ W_Q) @ k
+        return (x @ vecs).T.reshape(res.shape)
     kv = kv_index(ds).values
     for L in range(ds.sizes["layer"]):
         q, k = _queries(ds, x, L), _keys(ds, x[key : key + 1], L)[0]  # (d_vocab, head, d_head), (kv, d_head)

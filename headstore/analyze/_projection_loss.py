@@ -142,7 +142,8 @@ def _block_losses_1(
     cap: float,
     gram: bool,
 ) -> np.ndarray:
-    lg, nxt, scale = lead_axes(lg, 2)[:, 0], lead_axes(nxt, 1)[:, 0], lead_axes(scale, 1)[:, 0]
+    lg = np.ascontiguousarray(lead_axes(lg, 2)[:, 0])  # tiles of rows read whole rows (a no-op where C order)
+    nxt, scale = lead_axes(nxt, 1)[:, 0], lead_axes(scale, 1)[:, 0]
     u, uw = lead_axes(u, 2)[:, 0], lead_axes(uw, 2)[:, 0]  # batch, pos, d_model | d_vocab
     v, pattern, z = lead_axes(v, 3), lead_axes(pattern, 3), lead_axes(z, 3)
     w_o = lead_axes(w_o, 3)[0]  # layer, head, d_head, d_model
