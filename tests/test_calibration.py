@@ -204,14 +204,14 @@ def test_cli_outputs(make_store, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("n", [2, 500])  # below / above the size where W_O @ W_U first is cheaper
-def test_head_unembed_either_order_equals_float64(n: int) -> None:
-    from headstore.analyze._maths import head_unembed
+def test_head_unembedder_either_order_equals_float64(n: int) -> None:
+    from headstore.analyze._maths import head_unembedder
 
     rng = np.random.default_rng(n)
     x, w_o, w_u = (rng.standard_normal(s).astype(np.float32) for s in ((n, 8), (8, 32), (32, 1000)))
     want = x.astype(np.float64) @ w_o.astype(np.float64) @ w_u.astype(np.float64)
     out = np.empty((n, 1000), np.float32)
-    got = head_unembed(x, w_o, w_u, out=out)
+    got = head_unembedder(w_o, w_u, n)(x, out)
     assert got is out
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 

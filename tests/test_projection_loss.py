@@ -137,7 +137,7 @@ def test_matches_online_hooks(
     import headstore.analyze._projection_loss as pl
 
     monkeypatch.setattr(pl, "GRAM_MAX_POS_PER_D_MODEL", 1e9 if gram else 0.0)
-    monkeypatch.setattr(pl, "ROW_TILE", row_tile)
+    monkeypatch.setattr(ap, "VOCAB_ROW_TILE", row_tile)
     monkeypatch.setattr(ap, "VOCAB_BLOCK_BYTES", 1 if row_tile < 32 else 1 << 30)
     ds = open_store(ioi_store(model))
     toks = ds["tokens"].values

@@ -17,7 +17,7 @@ Seed 003 (``measure_calibration`` / ``measure_calibration_minus_heads``), offlin
 - for head ``(L, h)`` the same is done on ``logits - (result[b, L, q, h] / ln_final_scale) @ W_U``
   (the seed's direct-effect removal: the head's output is taken out through the frozen scale, and
   not centred, exactly as in the seed), with ``result = z @ W_O[L, h]`` multiplied in the cheaper
-  order (``_maths.head_unembed``);
+  order (``_maths.head_unembedder``);
 - the model's own non-linearities: under a final soft-cap (Gemma-2) the head is removed from the pre-cap
   logits and the probabilities are taken of ``c * tanh(logits / c)``, the model's logits; on post-norm
   models (Gemma-2, OLMo-2) a head writes through its layer's frozen post-attention norm
@@ -47,7 +47,7 @@ import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
-from headstore.analyze import _args, _maths
+from headstore.analyze import _apply, _args, _maths
 from headstore.analyze._apply import vocab_rows
 from headstore.analyze.registry import AnalyzerSpec, register_analyzer
 from headstore.analyze.types import Heads
@@ -111,26 +111,22 @@ def _bin_counts(logit_rows: np.ndarray, nxt: np.ndarray, top_k: int, edges: np.n
     return np.stack([freq, corr]).astype(np.int64)
 
 
-ROW_TILE = 32  # token rows of vocabulary-sized work at a time: 32 x 49,152 float32 = 6 MiB, in L3
-
-
 def _real_rows(lg: np.ndarray, nxt: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """``(rows, lg2, nxt1)``: the flat (b q) rows with a real next token (None: all), their logits (float32,
-    (n_real, d_vocab)) and next ids."""
-    n_tok = nxt.size
-    nxt1 = nxt.reshape(n_tok)
+    """``(rows, lg2, nxt1)``: the flat (b q) rows with a real next token (None: all), every row's logits (float32,
+    (b q, d_vocab), not copied where they are so already) and the real rows' next ids."""
+    nxt1 = nxt.reshape(nxt.size)
     rows = np.flatnonzero(nxt1 >= 0) if (nxt1 < 0).any() else None
-    lg2 = np.ascontiguousarray(lg, dtype=np.float32).reshape(n_tok, -1)
-    return rows, (lg2 if rows is None else lg2[rows]), (nxt1 if rows is None else nxt1[rows])
+    lg2 = np.ascontiguousarray(lg, dtype=np.float32).reshape(nxt.size, -1)
+    return rows, lg2, (nxt1 if rows is None else nxt1[rows])
 
 
 def _base_counts(lg: np.ndarray, nxt: np.ndarray, top_k: int, edges: np.ndarray, cap: float = 0.0) -> np.ndarray:
     """One batch block -> (1, 2, n_bins): the baseline's counts. ``lg`` (b, q, d_vocab) pre-cap logits, ``nxt``
     (b, q) with -1 where there is no real next token (left out)."""
-    _, lg2, nxt1 = _real_rows(lg, nxt)
+    rows, lg2, nxt1 = _real_rows(lg, nxt)
     out = np.zeros((1, 2, edges.size - 1), np.int64)
     if len(nxt1):
-        out[0] = _bin_counts(_maths.softcap(lg2.copy(), cap), nxt1, top_k, edges)
+        out[0] = _bin_counts(_maths.softcap(lg2.copy() if rows is None else lg2[rows], cap), nxt1, top_k, edges)
     return out
 
 
@@ -157,27 +153,22 @@ def _layer_counts(
     rows, lg2, nxt1 = _real_rows(lg, nxt)
     out = np.zeros((len(heads), 2, edges.size - 1), np.int64)
     W_O = W_O.reshape(W_O.shape[-3], W_O.shape[-2], W_O.shape[-1])  # a (1, head, ...) block: the layer's
-    n = len(nxt1)
+    n, tile = len(nxt1), _apply.VOCAB_ROW_TILE
     if n == 0:
         return out
     inv = (1.0 / scale.astype(np.float32)).reshape(-1, 1)
     z2 = z.astype(np.float32).reshape(nxt.size, z.shape[-2], z.shape[-1])
     inv, z2 = (inv, z2) if rows is None else (inv[rows], z2[rows])
-    buf = np.empty((min(n, ROW_TILE), W_U.shape[1]), np.float32)
+    buf = np.empty((min(n, tile), W_U.shape[1]), np.float32)
     with threadpool_limits(limits=1, user_api="blas"):
         for i, h in enumerate(heads):
             zh = z2[:, h] * inv  # (n_real, d_head): result / scale = zh @ W_O[h]
-            w_ou = (
-                W_O[h] @ W_U if _maths.ou_first(n, W_O.shape[1], W_O.shape[2], W_U.shape[1]) else None
-            )  # once per head
-            for r in range(0, n, ROW_TILE):  # the vocabulary-sized work a few rows at a time, in cache
-                bf = buf[: min(ROW_TILE, n - r)]
-                if w_ou is not None:
-                    np.matmul(zh[r : r + ROW_TILE], w_ou, out=bf)
-                else:
-                    np.matmul(zh[r : r + ROW_TILE] @ W_O[h], W_U, out=bf)
-                np.subtract(lg2[r : r + ROW_TILE], bf, out=bf)
-                out[i] += _bin_counts(_maths.softcap(bf, cap), nxt1[r : r + ROW_TILE], top_k, edges)
+            unembed = _maths.head_unembedder(W_O[h], W_U, n)
+            for r in range(0, n, tile):  # the vocabulary-sized work a few rows at a time, in cache
+                bf = buf[: min(tile, n - r)]
+                unembed(zh[r : r + tile], bf)
+                np.subtract(lg2[r : r + tile] if rows is None else lg2[rows[r : r + tile]], bf, out=bf)
+                out[i] += _bin_counts(_maths.softcap(bf, cap), nxt1[r : r + tile], top_k, edges)
     return out
 
 

@@ -7,7 +7,7 @@ No torch, no model: everything is computed from a store's Dataset (``ds.hs`` giv
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import xarray as xr
@@ -16,6 +16,7 @@ from headstore.store_schema import HeadstoreError
 from headstore.store_schema.attention import softcap as softcap
 from headstore.store_schema.layout import FIELDS
 from headstore.store_schema.read.accessor import final_logits as final_logits
+from headstore.store_schema.read.accessor import matmul_rows as matmul_rows
 from headstore.store_schema.read.accessor import normalize_final as normalize_final
 from headstore.store_schema.selection import check_all_heads
 from headstore.store_schema.selection import sequence_lengths as sequence_lengths
@@ -207,20 +208,16 @@ def top_k(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, vals
 
 
-def head_unembed(x: np.ndarray, w_o: np.ndarray, w_u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """numpy ``x @ W_O[L, h] @ W_U``: (n, d_head) -> (n, d_vocab), multiplied in the cheaper order.
-
-    ``(x @ W_O) @ W_U`` costs ``n d_model (d_head + d_vocab)`` flops, ``x @ (W_O @ W_U)`` costs
-    ``d_head d_vocab (d_model + n)``: the second wins once ``n`` is above about ``d_head``.
-    """
-    if ou_first(x.shape[0], w_o.shape[0], w_o.shape[1], w_u.shape[1]):
-        return np.matmul(x, w_o @ w_u, out=out)
-    return np.matmul(x @ w_o, w_u, out=out)
-
-
-def ou_first(n: int, d_head: int, d_model: int, d_vocab: int) -> bool:
-    """Whether ``x @ (W_O @ W_U)`` costs fewer flops than ``(x @ W_O) @ W_U`` for ``n`` rows of ``x``."""
-    return d_head * d_vocab * (d_model + n) < n * d_model * (d_head + d_vocab)
+def head_unembedder(w_o: np.ndarray, w_u: np.ndarray, n: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """numpy ``(x, out) -> x @ W_O[L, h] @ W_U`` into ``out``, for ``n`` rows of ``x`` in all (taken a tile at a time),
+    multiplied in the cheaper order: ``(x @ W_O) @ W_U`` costs ``n d_model (d_head + d_vocab)`` flops,
+    ``x @ (W_O @ W_U)`` costs ``d_head d_vocab (d_model + n)`` (``W_O @ W_U`` made here, once): the second wins once
+    ``n`` is above about ``d_head``."""
+    (d_head, d_model), d_vocab = w_o.shape, w_u.shape[1]
+    if d_head * d_vocab * (d_model + n) < n * d_model * (d_head + d_vocab):
+        w_ou = w_o @ w_u
+        return lambda x, out: np.matmul(x, w_ou, out=out)
+    return lambda x, out: np.matmul(x @ w_o, w_u, out=out)
 
 
 def logit_direction(ds: xr.Dataset, target: xr.DataArray) -> xr.DataArray:

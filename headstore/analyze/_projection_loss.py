@@ -34,14 +34,16 @@ import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
+from headstore.analyze import _apply
 from headstore.analyze._apply import apply_blocks, vocab_rows
 from headstore.analyze._maths import (
     f32,
+    head_unembedder,
     head_writes,
     lead_axes,
     logits,
+    matmul_rows,
     next_tokens,
-    ou_first,
     per_head,
     require,
     softcap,
@@ -52,7 +54,6 @@ from headstore.analyze.registry import AnalyzerSpec, register_analyzer
 REQUIRES = ("tokens", "v", "pattern", "z", "ln_final_scale", "resid_final", "W_O", "W_U", "b_U")
 MODES = ("project", "perpendicular", "ablation")
 GRAM_MAX_POS_PER_D_MODEL = 1.0  # unembed the source tokens once per batch group while seq_len < d_model (fewer flops)
-ROW_TILE = 32  # token rows of vocabulary-sized work at a time: 32 x 49,152 float32 = 6 MiB an array, in L3
 
 
 def _group_blocks(ds: xr.Dataset) -> Callable[[xr.DataArray], xr.DataArray]:
@@ -81,13 +82,6 @@ def _token_loss_inplace(lg: np.ndarray, nxt: np.ndarray, cap: float = 0.0) -> np
     np.exp(lg, out=lg)
     lse = np.log(lg.sum(axis=-1)) + m[..., 0]
     return np.where(nxt < 0, np.nan, lse - picked).astype(np.float32)
-
-
-def _unembed(x: np.ndarray, w_u: np.ndarray) -> np.ndarray:
-    """(..., d_model) @ (d_model, d_vocab) as one 2-D matmul (numpy loops over the leading axes of a
-    stacked one: half the speed)."""
-    w2 = w_u.reshape(w_u.shape[-2], w_u.shape[-1])
-    return (x.reshape(-1, x.shape[-1]) @ w2).reshape(*x.shape[:-1], w2.shape[-1])
 
 
 def _tiles(n_batch: int, n_pos: int, rows: int) -> list[tuple[slice, slice, int, int]]:
@@ -153,11 +147,10 @@ def _block_losses_1(
     uu = (u * u).sum(-1)  # batch, pos
     inv_uu = np.divide(1.0, uu, out=np.zeros_like(uu), where=uu > 0)  # a zero direction projects to zero
     inv_scale = 1.0 / scale[..., None]
-    tiles = _tiles(n_batch, n_pos, ROW_TILE)
+    tiles = _tiles(n_batch, n_pos, _apply.VOCAB_ROW_TILE)
     d_head, d_model, d_vocab = z.shape[-1], w_u.shape[-2], w_u.shape[-1]
     rows = max(nb * nq for _, _, nb, nq in tiles)
     d_new, d_orig, buf = (np.empty((rows, d_vocab), np.float32) for _ in range(3))
-    per_head_ou = ou_first(n_batch * n_pos, d_head, d_model, d_vocab)  # the cheaper order for the whole block
     for li in range(n_layer):
         for h in range(n_head):
             pre = v[:, li, h] @ w_o[li, h]  # batch, key_pos, d_model
@@ -169,7 +162,7 @@ def _block_losses_1(
             # ``uw`` is shared by every head and layer (short sequences); else new is unembedded per head
             src = a if gram else np.einsum("bqk,bkd->bqd", a, u) * inv_scale  # else new: batch, pos, d_model
             zs = z[:, li, h] * inv_scale  # batch, pos, d_head: result_orig / scale = zs @ W_O
-            w_ou = w_o[li, h] @ w_u if per_head_ou else None  # d_head, d_vocab: once per head and block
+            unembed = head_unembedder(w_o[li, h], w_u, n_batch * n_pos)  # the cheaper order for the whole block
             for bs, qs, nb, nq in tiles:  # the vocabulary-sized work a few rows at a time, in cache
                 n = nb * nq
                 dn, do, bf = d_new[:n], d_orig[:n], buf[:n]
@@ -179,11 +172,7 @@ def _block_losses_1(
                     dn *= inv_scale[bs, qs].reshape(n, 1)
                 else:
                     np.matmul(src[bs, qs].reshape(n, d_model), w_u, out=dn)
-                zt = zs[bs, qs].reshape(n, d_head)
-                if w_ou is not None:
-                    np.matmul(zt, w_ou, out=do)
-                else:
-                    np.matmul(zt @ w_o[li, h], w_u, out=do)
+                unembed(zs[bs, qs].reshape(n, d_head), do)
                 lt, t = lg[bs, qs].reshape(n, d_vocab), nxt[bs, qs].reshape(n)
                 # the three deltas (new - orig, -new, -orig) are linear in these two products
                 np.add(lt, dn, out=bf)
@@ -200,7 +189,7 @@ def _clean_losses(clean: xr.DataArray, nxt: xr.DataArray, cap: float) -> xr.Data
     """(batch, pos) the clean run's next-token losses, NaN where there is no real next token."""
     return xr.apply_ufunc(
         _token_loss,
-        clean.chunk({"pos": -1, "d_vocab": -1}),  # xr.dot may split pos (it does from ~40 positions on)
+        clean.chunk({"pos": -1, "d_vocab": -1}),  # whole sequences and vocabulary in each block
         nxt,
         kwargs={"cap": cap},
         input_core_dims=[["pos", "d_vocab"], ["pos"]],
@@ -231,11 +220,10 @@ def projection_loss(ds: xr.Dataset, *, only_negative: bool = False) -> xr.Datase
     u = block(unembed_columns(ds))
     gram = ds.sizes["pos"] < ds.sizes["d_model"] * GRAM_MAX_POS_PER_D_MODEL
     # the source tokens' unembedding u @ W_U, once per batch group (shared by every layer's block)
-    (uw,) = (
-        [apply_blocks(_unembed, u, w_u, input_core_dims=[["d_model"], ["d_model", "d_vocab"]],
-                      output_core_dims=[["d_vocab"]], output_dtypes=[np.float32])]
-        if gram else [u]
-    )  # fmt: skip
+    uw = apply_blocks(
+        matmul_rows, u, w_u, input_core_dims=[["d_model"], ["d_model", "d_vocab"]],
+        output_core_dims=[["d_vocab"]], output_dtypes=[np.float32],
+    ) if gram else u  # fmt: skip
     loss = apply_blocks(
         _block_losses,
         *(block(x) for x in (clean, nxt, scale)),

@@ -35,7 +35,7 @@ def normalize_final(resid: xr.DataArray, scale: xr.DataArray, config: ModelConfi
     return resid / scale
 
 
-def _matmul_rows(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def matmul_rows(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """(..., m) @ (m, n) -> (..., n) as one 2-D product."""
     w2 = w.reshape(w.shape[-2], w.shape[-1])
     return (x.reshape(-1, x.shape[-1]) @ w2).reshape(*x.shape[:-1], w2.shape[-1])
@@ -49,7 +49,7 @@ def final_logits(ds: xr.Dataset, resid: xr.DataArray, scale: xr.DataArray, *, ca
     # one BLAS product per block, (rows, d_vocab) in C order: numpy's plain einsum loop (xr.dot) ran it at ~6
     # GFLOP/s, and its BLAS path (optimize=True) returns d_vocab as the slowest axis, which kernels then stride over
     pre = xr.apply_ufunc(
-        _matmul_rows, x, w_u, input_core_dims=[["d_model"], ["d_model", "d_vocab"]], output_core_dims=[["d_vocab"]],
+        matmul_rows, x, w_u, input_core_dims=[["d_model"], ["d_model", "d_vocab"]], output_core_dims=[["d_vocab"]],
         dask="parallelized", output_dtypes=[np.result_type(x.dtype, w_u.dtype)],
     ) + ds["b_U"]  # fmt: skip
     return softcap(pre, ds.hs.config.final_logit_softcap) if capped else pre
